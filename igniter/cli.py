@@ -1,0 +1,271 @@
+"""The ``igniter`` command: a Hydra app with validation up front, plus subcommands.
+
+``igniter [overrides]``          compose, validate, train (Hydra run dir)
+``igniter -m [sweep overrides]`` validate every sweep point, then Hydra multirun
+``igniter check [overrides]``    compose, validate, build everything, print the plan
+``igniter --cfg job``            Hydra's resolved-config print (and other Hydra flags)
+
+Every config problem is reported at once, one line each, with exit status 2
+and no traceback, before any process is spawned or job submitted.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import itertools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from igniter.config import CONFIG_MODULE, register_schema
+from igniter.errors import EXIT_CONFIG, ConfigError, Problem
+from igniter.registry import suggest
+
+__all__ = ["main", "compose_config", "sweep_points", "config_problems", "launch"]
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
+
+
+def _subcommand(name: str) -> Callable:
+    def register(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+        SUBCOMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _config_groups() -> set[str]:
+    root = importlib.resources.files(CONFIG_MODULE)
+    return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
+
+
+def _with_config_dir(overrides: Sequence[str], config_dir: str | None) -> list[str]:
+    overrides = list(overrides)
+    if config_dir:
+        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    return overrides
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: str | None = None) -> DictConfig:
+    """Compose the config as ``igniter`` would, without creating a run directory.
+
+    Raises:
+        hydra.errors.ConfigCompositionException / omegaconf errors: unknown key,
+            wrong type, unknown config-group option (see :func:`config_problems`).
+    """
+    from hydra import compose, initialize_config_module
+
+    register_schema()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name=config_name, overrides=_with_config_dir(overrides, config_dir))
+
+
+def _parse(overrides: Sequence[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
+    """Expand ``a=1,2 b=x,y`` into the override lists of every multirun job (cartesian product)."""
+    choices = []
+    for o in _parse(overrides):
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # e.g. glob sweeps: validated by Hydra itself later
+                values = []
+            key = o.get_key_element()
+            choices.append([f"{key}={v}" for v in values] or [o.input_line])
+        else:
+            choices.append([o.input_line])
+    return [list(p) for p in itertools.product(*choices)]
+
+
+def _omegaconf_cause(exc: BaseException) -> Any:
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _sibling_suggestion(base: DictConfig | None, full_key: str) -> str:
+    if base is None:
+        return ""
+    parent, _, leaf = full_key.rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    if isinstance(node, DictConfig):
+        keys = [str(k) for k in node.keys()]
+        return f"{suggest(leaf, keys)} Keys of '{parent or '<root>'}': {', '.join(keys)}."
+    return ""
+
+
+def _composition_problem(override: Any, exc: BaseException, base: DictConfig | None) -> Problem:
+    from hydra.errors import MissingConfigException
+
+    key = override.key_or_group if override is not None else "command line"
+    value = override.value() if override is not None else None
+    if isinstance(exc, MissingConfigException) and exc.options is not None:
+        options = list(exc.options)
+        return Problem(key, f"no such option in config group '{key}' (available: {', '.join(options)}).{suggest(str(value), options)}", value)
+    cause = _omegaconf_cause(exc)
+    if cause is not None:
+        msg = str(getattr(cause, "msg", cause)).splitlines()[0]
+        hint = _sibling_suggestion(base, cause.full_key) if "not in struct" in msg or "not found" in msg else ""
+        return Problem(str(cause.full_key), f"{msg}.{hint}".replace("..", "."), value)
+    return Problem(key, " ".join(str(exc).split()), value)
+
+
+def config_problems(overrides: Sequence[str], config_name: str = "config", config_dir: str | None = None) -> tuple[DictConfig | None, list[Problem]]:
+    """Compose and validate one job's config.
+
+    Returns:
+        ``(cfg, problems)``; ``cfg`` is ``None`` when composition itself failed. A
+        failing composition is retried one override at a time so every bad
+        override is reported, not just the first.
+    """
+    from hydra.errors import OverrideParseException
+
+    from igniter.validate import validate
+
+    try:
+        parsed = _parse(overrides)
+    except OverrideParseException as e:
+        return None, [Problem("command line", " ".join(str(e).split()))]
+    try:
+        cfg = compose_config(overrides, config_name, config_dir)
+    except Exception as first:
+        groups = _config_groups()
+        group_overrides = [o.input_line for o in parsed if o.key_or_group.split("@")[0].lstrip("~+") in groups]
+        try:
+            base = compose_config(group_overrides, config_name, config_dir)
+        except Exception:
+            base = None
+        problems = []
+        for o in parsed:
+            trial = [o.input_line] if o.input_line in group_overrides else group_overrides + [o.input_line]
+            try:
+                compose_config(trial, config_name, config_dir)
+            except Exception as e:
+                problems.append(_composition_problem(o, e, base))
+        return None, problems or [_composition_problem(None, first, base)]
+    return cfg, validate(cfg)
+
+
+def _report(problems: list[Problem], header: str = "invalid configuration") -> int:
+    print(str(ConfigError(problems, header)), file=sys.stderr)
+    print("igniter: nothing was run. Fix the keys above (see `igniter --cfg job`).", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _hydra_args(argv: Sequence[str]) -> Any:
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(list(argv))
+
+
+def _prevalidate(args: Any) -> int:
+    points = sweep_points(args.overrides) if args.multirun else [args.overrides]
+    all_problems: list[Problem] = []
+    for point in points:
+        _, problems = config_problems(point, args.config_name or "config", args.config_dir)
+        if problems and len(points) > 1:
+            problems = [Problem(p.key, f"{p.expected} [sweep point: {' '.join(point)}]", p.value) for p in problems]
+        all_problems.extend(problems)
+    return _report(all_problems) if all_problems else 0
+
+
+def plain_config(cfg: DictConfig) -> DictConfig:
+    """The resolved config as a plain (struct) ``DictConfig``: no Hydra resolvers needed,
+    safe to pickle into spawned processes."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def launch(cfg: DictConfig, output_dir: Path) -> None:
+    """Save the resolved config in ``output_dir`` and start the runner's processes."""
+    from igniter.distributed import make_runner
+    from igniter.io import atomic_write
+    from igniter.run import train
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg = plain_config(cfg)
+    text = OmegaConf.to_yaml(cfg)
+    atomic_write(output_dir / "config.yaml", lambda f: f.write(text), binary=False)
+    make_runner(cfg.runner).launch(train, cfg, output_dir)
+
+
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        launch(cfg, output_dir)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+@_subcommand("check")
+def check(argv: list[str]) -> int:
+    """``igniter check [overrides]``: validate, build every component on CPU, print the plan."""
+    from igniter.build import import_modules
+    from igniter.distributed import make_runner
+    from igniter.run import build_run
+    from igniter.registry import RegistryError
+
+    args = _hydra_args(argv)
+    cfg, problems = config_problems(args.overrides, args.config_name or "config", args.config_dir)
+    if problems or cfg is None:
+        return _report(problems)
+    cfg = plain_config(cfg)
+    try:
+        import_modules(cfg.imports)
+        ctx = build_run(cfg, Path("."))
+    except (ConfigError, RegistryError) as e:
+        return _report(getattr(e, "problems", [Problem("?", str(e))]), "cannot build the run")
+    runner = make_runner(cfg.runner)
+    loader = cfg.data.loader
+    world = runner.world_size
+    per_epoch = len(ctx.train_loader) if cfg.trainer.epoch_length is None else cfg.trainer.epoch_length
+    n_params = sum(p.numel() for p in ctx.model.parameters())
+    lines = [
+        "igniter check: configuration is valid and every component builds.",
+        f"  model      {cfg.model.name} ({type(ctx.model).__name__}): {n_params:,} parameters",
+        f"  data       train {cfg.data.train.name}: {len(ctx.train_set):,} samples"
+        + (f" | val {cfg.data.val.name}: {len(ctx.val_set):,} samples" if ctx.val_set is not None else ""),
+        f"  runner     {cfg.runner.name}: world size {world}, backend {cfg.runner.backend or 'auto'}",
+        f"  batch      global {loader.batch_size}, per process {loader.batch_size // world}",
+        f"  schedule   {per_epoch} iterations/epoch x {cfg.trainer.max_epochs} epochs = {per_epoch * cfg.trainer.max_epochs} iterations",
+        f"  optimizer  {cfg.solver.name} lr={cfg.solver.lr}" + (f", scheduler {cfg.solver.scheduler.name}" if cfg.solver.scheduler.name else ""),
+        f"  handlers   {', '.join(f'{h.name}@{h.event}' for h in cfg.handlers) or 'none'}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+_PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "version")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``igniter`` and ``python -m igniter``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        sys.exit(SUBCOMMANDS[argv[0]](argv[1:]))
+    args = _hydra_args(argv)
+    if not any(getattr(args, flag, None) for flag in _PASS_THROUGH):
+        status = _prevalidate(args)
+        if status:
+            sys.exit(status)
+    import hydra
+
+    register_schema()
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()

@@ -1,0 +1,247 @@
+"""The typed configuration schema, registered in Hydra's ConfigStore.
+
+Every section a run needs is a dataclass; the YAML files in ``configs/``
+(shipped inside the package as ``igniter.configs``) fill them in. Hydra
+rejects unknown keys and wrong types while composing; :mod:`igniter.validate`
+checks the values (ranges, registry names, paths, world size).
+
+Batch sizes are *global*: the number of samples in one optimizer step summed
+over all processes. Each process loads ``batch_size / world_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+__all__ = [
+    "TransformConfig",
+    "DatasetConfig",
+    "LoaderConfig",
+    "DataConfig",
+    "ModelConfig",
+    "SchedulerConfig",
+    "SolverConfig",
+    "TrainerConfig",
+    "EvaluationConfig",
+    "HandlerConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "RunnerConfig",
+    "IgniterConfig",
+    "CONFIG_MODULE",
+    "register_schema",
+]
+
+#: Python package holding the YAML config tree (``configs/`` in the repository).
+CONFIG_MODULE = "igniter.configs"
+
+
+@dataclass
+class TransformConfig:
+    """One per-sample transform from the transforms registry, with its keyword arguments."""
+
+    name: str = MISSING
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    """A dataset from the dataset registry.
+
+    ``root`` is a directory (checked to exist before anything runs) for
+    datasets that read files; ``subset`` keeps a seeded random subset of that
+    many samples (quick runs and tests).
+    """
+
+    name: str = MISSING
+    split: str = "train"
+    root: Optional[str] = None
+    subset: Optional[int] = None
+    params: Dict[str, Any] = field(default_factory=dict)
+    transforms: List[TransformConfig] = field(default_factory=list)
+
+
+@dataclass
+class LoaderConfig:
+    """Data loading. ``batch_size`` and ``val_batch_size`` are global (all processes together)."""
+
+    batch_size: int = 32
+    val_batch_size: Optional[int] = None
+    num_workers: int = 0
+    shuffle: bool = True
+    drop_last: bool = True
+    pin_memory: bool = False
+    collate_fn: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Train/val datasets and loading. ``root`` is a shared data directory the
+    dataset configs may refer to as ``${data.root}``."""
+
+    root: Optional[str] = None
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: Optional[DatasetConfig] = None
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass
+class ModelConfig:
+    """A model from the model registry, built as ``factory(**params)``."""
+
+    name: str = MISSING
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerConfig:
+    """An LR scheduler from the solver registry or ``torch.optim.lr_scheduler``.
+
+    ``step_on``: ``epoch`` (after every epoch) or ``iteration`` (after every step).
+    """
+
+    name: Optional[str] = None
+    step_on: str = "epoch"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SolverConfig:
+    """The optimizer: a solver-registry name or a ``torch.optim`` class name."""
+
+    name: str = "Adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    params: Dict[str, Any] = field(default_factory=dict)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class TrainerConfig:
+    """The training engine.
+
+    ``step`` and ``loss`` name entries of the function registry; ``engine`` an
+    entry of the engine registry. ``epoch_length`` caps iterations per epoch
+    (``None``: one pass over the data). ``grad_clip_norm`` clips the global L2
+    norm of the gradients. ``custom_events`` are dotted paths to
+    ``ignite.engine.EventEnum`` classes registered on the trainer.
+    """
+
+    engine: str = "supervised_trainer"
+    step: str = "supervised"
+    loss: str = "cross_entropy"
+    max_epochs: int = 10
+    epoch_length: Optional[int] = None
+    grad_clip_norm: Optional[float] = None
+    seed: int = 0
+    deterministic: bool = False
+    custom_events: List[str] = field(default_factory=list)
+
+
+@dataclass
+class EvaluationConfig:
+    """Validation: run every ``every`` epochs with ``metrics`` (function registry).
+
+    ``monitor``/``mode`` pick the metric for best checkpoints and early
+    stopping (``patience`` evaluations without improvement; ``None`` = off).
+    """
+
+    engine: str = "supervised_evaluator"
+    step: str = "supervised_eval"
+    every: int = 1
+    metrics: List[str] = field(default_factory=lambda: ["accuracy", "loss"])
+    monitor: Optional[str] = "accuracy"
+    mode: str = "max"
+    patience: Optional[int] = None
+
+
+@dataclass
+class HandlerConfig:
+    """An event handler from the event-handler registry attached to an engine event.
+
+    ``event`` uses Ignite's names and filters, combined with ``|``, e.g.
+    ``"ITERATION_COMPLETED(every=10) | EPOCH_COMPLETED(once=2)"``; names of the
+    trainer's ``custom_events`` are accepted too. ``engine``: ``trainer`` or
+    ``evaluator``.
+    """
+
+    name: str = MISSING
+    event: str = "EPOCH_COMPLETED"
+    engine: str = "trainer"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints (model, optimizer, scheduler, trainer state) written by an io-registry saver.
+
+    Saved every ``every_epochs`` epochs (and every ``every_iterations``
+    iterations when set); the last ``n_saved`` are kept, plus the ``n_best``
+    best by ``evaluation.monitor``.
+    """
+
+    enabled: bool = True
+    saver: str = "disk"
+    every_epochs: int = 1
+    every_iterations: Optional[int] = None
+    n_saved: int = 2
+    n_best: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    """Console, file and experiment logging.
+
+    ``progress_bar``: ``None`` shows it only when stdout is a terminal.
+    ``log_every``: iterations between training-loss log lines and TensorBoard
+    scalars. ``loggers``: io-registry names (``tensorboard``).
+    """
+
+    level: str = "INFO"
+    progress_bar: Optional[bool] = None
+    log_every: int = 50
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class RunnerConfig:
+    """How processes are launched and joined (see :mod:`igniter.distributed`).
+
+    ``backend``: ``gloo``, ``nccl`` or ``None`` (nccl when CUDA is available,
+    gloo otherwise). ``timeout_s``: collective-operation timeout in seconds.
+    """
+
+    name: str = "single"
+    backend: Optional[str] = None
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: Optional[int] = None
+    timeout_s: float = 600.0
+
+
+@dataclass
+class IgniterConfig:
+    """The whole run. ``imports`` are modules imported before building (user registries)."""
+
+    imports: List[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    handlers: List[HandlerConfig] = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    output_dir: Optional[str] = None
+
+
+def register_schema() -> None:
+    """Store the schema as ``igniter_schema`` (the base of ``configs/config.yaml``)."""
+    ConfigStore.instance().store(name="igniter_schema", node=IgniterConfig)

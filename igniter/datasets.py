@@ -1,0 +1,145 @@
+"""Built-in datasets: ``digits`` (bundled with scikit-learn) and ``mnist`` (IDX files).
+
+Both return ``(x, y)`` pairs: ``x`` a float32 tensor, ``y`` an int64 scalar
+tensor, and apply an optional per-sample ``transform`` to ``x``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from igniter.registry import dataset_registry
+
+__all__ = ["TensorPairDataset", "digits", "mnist", "read_idx", "MNIST_FILES"]
+
+Transform = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+class TensorPairDataset(Dataset):
+    """In-memory ``(x[i], y[i])`` pairs with a per-sample transform on ``x``.
+
+    Args:
+        x: inputs, shape ``[N, ...]``, float32.
+        y: labels, shape ``[N]``, int64.
+        transform: applied to each ``x[i]`` on access.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Transform = None) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"inputs and labels differ in length: {len(x)} vs {len(y)}")
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[index]
+        return (self.transform(x) if self.transform else x), self.y[index]
+
+
+@dataset_registry("digits")
+def digits(split: str = "train", val_fraction: float = 0.2, split_seed: int = 0, transform: Transform = None) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits (1797 samples; UCI optdigits test set).
+
+    Returns ``x`` of shape ``[64]`` scaled to ``[0, 1]`` (pixel / 16) and ``y`` in 0-9.
+    The split is a fixed permutation drawn with ``split_seed``: ``val`` holds
+    ``round(1797 * val_fraction)`` samples (360 by default), ``train`` the rest.
+
+    Raises:
+        ValueError: ``split`` is not ``train`` or ``val``.
+        ImportError: scikit-learn is not installed (``pip install igniter[examples]``).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"digits: split must be 'train' or 'val', got '{split}'")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install 'igniter[examples]'") from e
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.data.astype(np.float32) / 16.0)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    n_val = round(len(y) * val_fraction)
+    index = order[:n_val] if split == "val" else order[n_val:]
+    return TensorPairDataset(x[index], y[index], transform)
+
+
+#: IDX file stems per split, as torchvision names them.
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not) into a uint8 array.
+
+    Format (LeCun et al., the MNIST database): big-endian magic ``0x00000803``
+    (images, 3 dims) or ``0x00000801`` (labels, 1 dim), one uint32 per
+    dimension, then the raw bytes.
+
+    Raises:
+        ValueError: the header is not a uint8 IDX header or the payload is short.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08 or ndim not in (1, 3):
+        raise ValueError(f"{path}: not a uint8 IDX file (header {data[:4].hex()})")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: expected {int(np.prod(shape))} bytes of data for shape {shape}, found {payload.size}")
+    return payload.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for folder in (root / "MNIST" / "raw", root / "raw", root):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def mnist_candidates(root: str | Path, split: str) -> list[Path]:
+    """Every path :func:`mnist` looks at for ``split``, for error messages."""
+    root = Path(root)
+    return [
+        folder / name
+        for stem in MNIST_FILES[split]
+        for folder in (root / "MNIST" / "raw", root / "raw", root)
+        for name in (stem, stem + ".gz")
+    ]
+
+
+@dataset_registry("mnist")
+def mnist(root: str, split: str = "train", transform: Transform = None) -> Dataset:
+    """MNIST read from IDX files, without torchvision.
+
+    Looks for torchvision's layout ``root/MNIST/raw/<stem>[.gz]`` (also
+    ``root/raw`` and ``root`` itself). Returns ``x`` of shape ``[1, 28, 28]``
+    scaled to ``[0, 1]`` and ``y`` in 0-9; ``train`` has 60,000 samples,
+    ``test`` 10,000.
+
+    Raises:
+        ValueError: unknown ``split``.
+        FileNotFoundError: a file is missing; the message lists every path tried.
+    """
+    if split not in MNIST_FILES:
+        raise ValueError(f"mnist: split must be one of {sorted(MNIST_FILES)}, got '{split}'")
+    paths = [_find_idx(Path(root), stem) for stem in MNIST_FILES[split]]
+    if None in paths:
+        tried = "\n  ".join(str(p) for p in mnist_candidates(root, split))
+        raise FileNotFoundError(f"mnist: {split} IDX files not found under '{root}'. Looked for:\n  {tried}")
+    images, labels = (read_idx(p) for p in paths)  # type: ignore[arg-type]
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return TensorPairDataset(x, y, transform)

@@ -1,0 +1,29 @@
+"""Built-in entries of the engine registry: trainer and evaluator factories.
+
+An engine factory is called with ``process_function`` (from a step factory)
+and, if its signature asks, ``deterministic`` (``trainer.deterministic``); it
+returns an ``ignite.engine.Engine``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ignite.engine import DeterministicEngine, Engine
+
+from igniter.registry import engine_registry
+
+__all__ = ["supervised_trainer", "supervised_evaluator"]
+
+
+@engine_registry("supervised_trainer")
+def supervised_trainer(process_function: Callable[[Engine, Any], Any], deterministic: bool = False) -> Engine:
+    """The trainer: ``ignite.engine.DeterministicEngine`` when ``deterministic``
+    (reproducible data flow and RNG states on resume), else a plain ``Engine``."""
+    return DeterministicEngine(process_function) if deterministic else Engine(process_function)
+
+
+@engine_registry("supervised_evaluator")
+def supervised_evaluator(process_function: Callable[[Engine, Any], Any]) -> Engine:
+    """The evaluator: a plain ``Engine`` running the eval step once over the validation set."""
+    return Engine(process_function)

@@ -1,0 +1,41 @@
+"""Errors igniter reports to the user as one line per problem, exit status 2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+__all__ = ["Problem", "ConfigError", "EXIT_CONFIG"]
+
+#: Exit status for bad input: config, checkpoint, dataset path, environment.
+EXIT_CONFIG = 2
+
+_NOTHING = object()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the config: the dotted ``key``, the bad ``value``
+    and what is ``expected`` (with a did-you-mean where one exists)."""
+
+    key: str
+    expected: str
+    value: Any = _NOTHING
+
+    def __str__(self) -> str:
+        shown = "" if self.value is _NOTHING else f" = {self.value!r}"
+        return f"{self.key}{shown}: {self.expected}"
+
+
+class ConfigError(Exception):
+    """The config (or an input it names) is invalid. ``problems`` lists every problem found."""
+
+    def __init__(self, problems: Iterable[Problem], header: str = "invalid configuration") -> None:
+        self.problems = list(problems)
+        self.header = header
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        return f"igniter: {self.header} ({n} problem{'s' if n != 1 else ''}):\n{lines}"

@@ -1,0 +1,203 @@
+"""Event handlers: the event-handler registry's built-ins and the standard run handlers.
+
+A registered event handler is a factory ``factory(**params) -> handler`` that
+may also ask for ``ctx`` (the :class:`igniter.run.RunContext`: model,
+optimizer, engines, output dir, rank...). The returned ``handler(engine)`` is
+attached to the event named in ``handlers[i].event``. Example config::
+
+    handlers:
+      - name: log_state
+        event: "ITERATION_COMPLETED(every=100) | EPOCH_COMPLETED(once=2)"
+
+The standard handlers every run gets (progress, metrics record, checkpoints)
+are wired by the ``attach_*`` functions below; all are Ignite handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
+
+from igniter.io import atomic_write
+from igniter.registry import event_handler_registry, io_registry
+
+__all__ = [
+    "log_state",
+    "terminate_on_nan",
+    "early_stopping",
+    "MetricsRecord",
+    "attach_progress",
+    "attach_throughput",
+    "attach_checkpoints",
+]
+
+logger = logging.getLogger("igniter")
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
+@event_handler_registry("log_state")
+def log_state(message: str = "") -> Callable[[Engine], None]:
+    """Log ``message``, the epoch, iteration, the step output and metrics of the engine (INFO)."""
+
+    def handler(engine: Engine) -> None:
+        out = engine.state.output
+        parts = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        if isinstance(out, dict):
+            parts.update({k: _scalar(v) for k, v in out.items()})
+        parts.update({k: _scalar(v) for k, v in engine.state.metrics.items()})
+        logger.info("%s%s", f"{message} " if message else "", _fmt(parts))
+
+    return handler
+
+
+@event_handler_registry("terminate_on_nan")
+def terminate_on_nan() -> Callable[[Engine], None]:
+    """Stop training when the step output holds NaN or infinity (``ignite.handlers.TerminateOnNan``)."""
+    return TerminateOnNan()
+
+
+@event_handler_registry("early_stopping")
+def early_stopping(ctx: Any, patience: int, min_delta: float = 0.0) -> Callable[[Engine], None]:
+    """Stop the trainer after ``patience`` evaluations without improving ``evaluation.monitor``
+    (``ignite.handlers.EarlyStopping``). Attach it to the evaluator's ``COMPLETED``."""
+    sign = 1.0 if ctx.cfg.evaluation.mode == "max" else -1.0
+    metric = ctx.cfg.evaluation.monitor
+    return EarlyStopping(patience, lambda e: sign * float(e.state.metrics[metric]), ctx.trainer, min_delta=min_delta)
+
+
+class MetricsRecord:
+    """Collects per-epoch validation metrics and writes ``metrics.json`` (rank 0).
+
+    Layout: ``{"status", "epochs": [{"epoch", "iteration", <metric>: value}],
+    "final": {...}, "best": {...}, "wall_time_s", "train_time_s",
+    "samples_per_s", "world_size", "global_batch_size",
+    "per_process_batch_size", "iterations"}``. Written atomically after every
+    evaluation and at the end, so a crash leaves the history so far.
+    """
+
+    def __init__(self, path: Path, monitor: str | None, mode: str, static: dict[str, Any]) -> None:
+        self.path, self.monitor, self.mode = Path(path), monitor, mode
+        self.data: dict[str, Any] = {"status": "running", **static, "epochs": [], "final": {}, "best": {}}
+
+    def add_epoch(self, epoch: int, iteration: int, metrics: dict[str, Any]) -> None:
+        row = {"epoch": epoch, "iteration": iteration, **{k: _scalar(v) for k, v in metrics.items()}}
+        self.data["epochs"].append(row)
+        self.data["final"] = dict(row)
+        if self.monitor in row:
+            best = self.data["best"].get(self.monitor)
+            better = best is None or (row[self.monitor] > best if self.mode == "max" else row[self.monitor] < best)
+            if better:
+                self.data["best"] = dict(row)
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+
+    def write(self) -> None:
+        text = json.dumps(self.data, indent=2, default=float)
+        atomic_write(self.path, lambda f: f.write(text), binary=False)
+
+
+def attach_progress(ctx: Any) -> None:
+    """Rank 0 progress: Ignite's tqdm ``ProgressBar`` on a terminal, else a log line
+    every ``logging.log_every`` iterations (as under SLURM, where stdout is a file)."""
+    trainer, cfg = ctx.trainer, ctx.cfg
+    show_bar = cfg.logging.progress_bar
+    if show_bar is None:
+        show_bar = sys.stdout.isatty()
+    if show_bar:
+        bar = ProgressBar(persist=True, mininterval=0.5)
+        bar.attach(trainer, output_transform=lambda out: {"loss": out["loss"]} if isinstance(out, dict) else out)
+        return
+    every = cfg.logging.log_every
+
+    @trainer.on(Events.ITERATION_COMPLETED(every=every))
+    def _log_line(engine: Engine) -> None:
+        out = engine.state.output
+        loss = _scalar(out["loss"]) if isinstance(out, dict) and "loss" in out else None
+        length = engine.state.epoch_length or 0
+        in_epoch = (engine.state.iteration - 1) % length + 1 if length else engine.state.iteration
+        logger.info(
+            "epoch %d/%d iteration %d/%d loss %s",
+            engine.state.epoch,
+            engine.state.max_epochs,
+            in_epoch,
+            length,
+            f"{loss:.4f}" if loss is not None else "-",
+        )
+
+
+def attach_throughput(trainer: Engine, global_batch_size: int) -> None:
+    """Set ``trainer.state.samples_per_s`` (global samples / epoch time, s) at every epoch end,
+    and accumulate ``train_time_s`` / ``samples`` over the run."""
+    trainer.state.train_time_s = 0.0
+    trainer.state.samples = 0
+    trainer.state.samples_per_s = float("nan")
+    epoch_start = {"t": 0.0, "it": 0}
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _start(engine: Engine) -> None:
+        epoch_start["t"], epoch_start["it"] = time.perf_counter(), engine.state.iteration
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _end(engine: Engine) -> None:
+        seconds = time.perf_counter() - epoch_start["t"]
+        samples = (engine.state.iteration - epoch_start["it"]) * global_batch_size
+        engine.state.train_time_s += seconds
+        engine.state.samples += samples
+        engine.state.samples_per_s = samples / seconds if seconds > 0 else math.nan
+
+
+def attach_checkpoints(ctx: Any) -> list[Checkpoint]:
+    """Ignite ``Checkpoint``s of model, optimizer, scheduler and trainer state through
+    the io-registry saver ``checkpoint.saver`` into ``<run dir>/checkpoints``.
+
+    Keeps the last ``checkpoint.n_saved`` (``last_*.pt``, every
+    ``checkpoint.every_epochs`` epochs and, if set, every
+    ``checkpoint.every_iterations`` iterations) and the ``checkpoint.n_best``
+    best by ``evaluation.monitor`` (``best_*.pt``). Every rank must call this
+    (Ignite gathers state collectively); only rank 0 writes.
+    """
+    cfg = ctx.cfg.checkpoint
+    if not cfg.enabled:
+        return []
+    saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(ctx.output_dir / "checkpoints"))
+    to_save: dict[str, Any] = {"model": ctx.model, "optimizer": ctx.optimizer, "trainer": ctx.trainer}
+    if ctx.scheduler is not None:
+        to_save["lr_scheduler"] = ctx.scheduler
+    step = global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED)
+    last = Checkpoint(to_save, saver, filename_prefix="last", n_saved=cfg.n_saved, global_step_transform=step)
+    event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
+    if cfg.every_iterations:
+        event = event | Events.ITERATION_COMPLETED(every=cfg.every_iterations)
+    ctx.trainer.add_event_handler(event, last)
+    handlers = [last]
+    monitor = ctx.cfg.evaluation.monitor
+    if ctx.evaluator is not None and monitor and cfg.n_best > 0:
+        best = Checkpoint(
+            {"model": ctx.model},
+            saver,
+            filename_prefix="best",
+            n_saved=cfg.n_best,
+            score_function=Checkpoint.get_default_score_fn(monitor, 1.0 if ctx.cfg.evaluation.mode == "max" else -1.0),
+            score_name=monitor,
+            global_step_transform=step,
+        )
+        ctx.evaluator.add_event_handler(Events.COMPLETED, best)
+        handlers.append(best)
+    return handlers

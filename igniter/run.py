@@ -1,0 +1,307 @@
+"""One process's share of a run: build every component, wire the handlers, train.
+
+:func:`build_run` builds (also used by ``igniter check``); :func:`train` is what
+a runner executes in every process. The process group, if any, already exists
+(the runner made it), so ``idist`` reports this process's rank and world size.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.utils import manual_seed
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from igniter.build import (
+    build_dataset,
+    build_metrics,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    call_with,
+    import_modules,
+    import_object,
+)
+from igniter.distributed.sampler import ShardedSampler
+from igniter.events import parse_event
+from igniter.handlers import MetricsRecord, attach_checkpoints, attach_progress, attach_throughput
+from igniter.registry import engine_registry, event_handler_registry, function_registry, io_registry
+
+__all__ = ["RunContext", "build_run", "train", "setup_logging"]
+
+logger = logging.getLogger("igniter")
+
+
+@dataclass
+class RunContext:
+    """Everything a run built, handed to handler and logger factories as ``ctx``."""
+
+    cfg: DictConfig
+    output_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: Any
+    train_set: Dataset
+    val_set: Dataset | None
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    trainer: Engine
+    evaluator: Engine | None
+    custom_events: list = field(default_factory=list)
+
+    @property
+    def per_process_batch_size(self) -> int:
+        return self.cfg.data.loader.batch_size // self.world_size
+
+
+class _ConsoleFilter(logging.Filter):
+    """igniter's own INFO lines, and warnings from everyone else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("igniter") or record.levelno >= logging.WARNING
+
+
+def setup_logging(output_dir: Path, rank: int, level: str = "INFO") -> None:
+    """Every rank appends to ``<run dir>/rank{rank}.log``; only rank 0 also logs to stdout."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(output_dir / f"rank{rank}.log", mode="a")
+    file_handler.setFormatter(fmt)
+    root.addHandler(file_handler)
+    if rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("[igniter] %(message)s"))
+        console.addFilter(_ConsoleFilter())
+        root.addHandler(console)
+    root.setLevel(level)
+
+
+def make_loader(dataset: Dataset, batch_size: int, cfg: DictConfig, train: bool, seed: int) -> DataLoader:
+    """A loader of ``batch_size / world_size`` samples per process over a :class:`ShardedSampler`.
+
+    Training drops the last partial global batch (``drop_last``) or pads it
+    like ``DistributedSampler``; evaluation shards without padding so every
+    sample counts exactly once.
+    """
+    world_size, rank = idist.get_world_size(), idist.get_rank()
+    tail = ("drop" if cfg.drop_last else "pad") if train else "none"
+    sampler = ShardedSampler(dataset, world_size, rank, batch_size, shuffle=cfg.shuffle and train, seed=seed, tail=tail)
+    collate = function_registry.get(cfg.collate_fn, "data.loader.collate_fn") if cfg.collate_fn else None
+    kwargs: dict[str, Any] = {"collate_fn": collate} if collate else {}
+    return idist.auto_dataloader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory,
+        drop_last=False,
+        persistent_workers=cfg.num_workers > 0,
+        **kwargs,
+    )
+
+
+def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
+    """Build model, data, solver and engines for this process (no handlers, no training).
+
+    Raises:
+        ConfigError: a component cannot be built (the message names its config key).
+        RegistryError: a name is not registered.
+    """
+    import_modules(cfg.imports)
+    manual_seed(cfg.trainer.seed)  # same initial weights on every rank
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = idist.device()
+    model = idist.auto_model(build_model(cfg.model), sync_bn=False)
+    optimizer = idist.auto_optim(build_optimizer(cfg.solver, model))
+    scheduler = build_scheduler(cfg.solver.scheduler, optimizer)
+    loss_fn = function_registry.get(cfg.trainer.loss, "trainer.loss")
+    loader_cfg = cfg.data.loader
+
+    train_set = build_dataset(cfg.data.train, "data.train")
+    train_loader = make_loader(train_set, loader_cfg.batch_size, loader_cfg, True, cfg.trainer.seed)
+    val_set = build_dataset(cfg.data.val, "data.val") if cfg.data.val is not None else None
+    val_loader = None
+    if val_set is not None:
+        val_batch = loader_cfg.val_batch_size or loader_cfg.batch_size
+        val_loader = make_loader(val_set, val_batch, loader_cfg, False, cfg.trainer.seed)
+
+    available = {
+        "model": model,
+        "optimizer": optimizer,
+        "loss_fn": loss_fn,
+        "device": device,
+        "grad_clip_norm": cfg.trainer.grad_clip_norm,
+        "deterministic": cfg.trainer.deterministic,
+    }
+    step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available)
+    trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step})
+    custom_events = [import_object(path) for path in cfg.trainer.custom_events]
+    for enum in custom_events:
+        trainer.register_events(*enum)
+    evaluator = None
+    if val_loader is not None:
+        # Evaluate the unwrapped module: DDP's forward may sync buffers, and shards can differ by one batch.
+        eval_available = {**available, "model": getattr(model, "module", model)}
+        eval_step = call_with(function_registry.get(cfg.evaluation.step, "evaluation.step"), eval_available)
+        evaluator = call_with(
+            engine_registry.get(cfg.evaluation.engine, "evaluation.engine"), {"process_function": eval_step}
+        )
+        for name, metric in build_metrics(cfg.evaluation.metrics, available).items():
+            metric.attach(evaluator, name)
+    return RunContext(
+        cfg=cfg,
+        output_dir=output_dir,
+        rank=idist.get_rank(),
+        world_size=idist.get_world_size(),
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        train_set=train_set,
+        val_set=val_set,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        trainer=trainer,
+        evaluator=evaluator,
+        custom_events=custom_events,
+    )
+
+
+def _attach_user_handlers(ctx: RunContext) -> None:
+    for i, spec in enumerate(ctx.cfg.handlers):
+        factory = event_handler_registry.get(spec.name, f"handlers[{i}].name")
+        handler = call_with(factory, {"ctx": ctx}, dict(spec.params))
+        engine = ctx.trainer if spec.engine == "trainer" else ctx.evaluator
+        if engine is None:
+            raise RuntimeError(f"handlers[{i}]: engine 'evaluator' needs data.val")
+        engine.add_event_handler(parse_event(spec.event, ctx.custom_events), handler)
+
+
+def _wire(ctx: RunContext, record: MetricsRecord | None) -> None:
+    """Attach the standard handlers. Order matters: sampler epoch, scheduler,
+    throughput, evaluation, then checkpoints and loggers that read their results."""
+    cfg, trainer, evaluator = ctx.cfg, ctx.trainer, ctx.evaluator
+    samplers = [ctx.train_loader.sampler]
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _set_epoch(engine: Engine) -> None:
+        for s in samplers:
+            if hasattr(s, "set_epoch"):
+                s.set_epoch(engine.state.epoch - 1)
+
+    if ctx.scheduler is not None:
+        event = Events.ITERATION_COMPLETED if cfg.solver.scheduler.step_on == "iteration" else Events.EPOCH_COMPLETED
+        trainer.add_event_handler(event, lambda _: ctx.scheduler.step())
+
+    attach_throughput(trainer, cfg.data.loader.batch_size)
+    if evaluator is not None:
+        last_eval = {"epoch": 0}
+
+        def _evaluate(engine: Engine) -> None:
+            if last_eval["epoch"] == engine.state.epoch:
+                return
+            last_eval["epoch"] = engine.state.epoch
+            evaluator.run(ctx.val_loader)
+            metrics = {k: v for k, v in evaluator.state.metrics.items()}
+            logger.info("epoch %d validation: %s", engine.state.epoch, _fmt_metrics(metrics))
+            if record is not None:
+                record.add_epoch(engine.state.epoch, engine.state.iteration, metrics)
+                record.update(iterations=engine.state.iteration)
+                record.write()
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=cfg.evaluation.every), _evaluate)
+        trainer.add_event_handler(Events.COMPLETED, _evaluate)
+        if cfg.evaluation.patience is not None:
+            factory = event_handler_registry.get("early_stopping")
+            evaluator.add_event_handler(Events.COMPLETED, factory(ctx, patience=cfg.evaluation.patience))
+    attach_checkpoints(ctx)
+    if ctx.rank == 0:
+        attach_progress(ctx)
+
+
+def _fmt_metrics(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)))
+
+
+def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Train and evaluate in this process; rank 0 writes ``metrics.json`` and prints the summary.
+
+    Returns:
+        The ``metrics.json`` content (on every rank; only rank 0 writes it).
+    """
+    output_dir = Path(output_dir)
+    rank = idist.get_rank()
+    setup_logging(output_dir, rank, cfg.logging.level)
+    start = time.perf_counter()
+    ctx = build_run(cfg, output_dir)
+    per_process = ctx.per_process_batch_size
+    if rank == 0:
+        logger.info(
+            "run dir %s | world size %d, backend %s, device %s | global batch %d, per-process batch %d",
+            output_dir,
+            ctx.world_size,
+            idist.backend() or "none",
+            ctx.device,
+            cfg.data.loader.batch_size,
+            per_process,
+        )
+    static = {
+        "world_size": ctx.world_size,
+        "backend": idist.backend(),
+        "global_batch_size": cfg.data.loader.batch_size,
+        "per_process_batch_size": per_process,
+    }
+    record = MetricsRecord(output_dir / "metrics.json", cfg.evaluation.monitor, cfg.evaluation.mode, static) if rank == 0 else None
+    _wire(ctx, record)
+    _attach_user_handlers(ctx)
+    loggers = [call_with(io_registry.get(name, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, name in enumerate(cfg.logging.loggers)] if rank == 0 else []
+    try:
+        ctx.trainer.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs, epoch_length=cfg.trainer.epoch_length)
+    finally:
+        for lg in loggers:
+            lg.close()
+    state = ctx.trainer.state
+    wall = time.perf_counter() - start
+    summary = {
+        "status": "completed",
+        "epochs_completed": state.epoch,
+        "iterations": state.iteration,
+        "wall_time_s": wall,
+        "train_time_s": state.train_time_s,
+        "samples_per_s": state.samples / state.train_time_s if state.train_time_s > 0 else None,
+    }
+    if record is None:
+        return summary
+    record.update(**summary)
+    record.write()
+    final = record.data["final"]
+    logger.info(
+        "done: %d epochs, %d iterations in %.1f s (training %.1f s, %.0f samples/s, world size %d) | final %s",
+        state.epoch,
+        state.iteration,
+        wall,
+        state.train_time_s,
+        summary["samples_per_s"] or 0.0,
+        ctx.world_size,
+        _fmt_metrics({k: v for k, v in final.items() if k not in ("epoch", "iteration")}),
+    )
+    return record.data

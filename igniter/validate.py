@@ -1,0 +1,238 @@
+"""Check a composed config before anything is built, spawned or submitted.
+
+Hydra already rejects unknown keys and wrong types while composing (the schema
+is typed); :func:`validate` checks values: ranges, registry names and the
+parameters their factories accept, event specifications, dataset roots, and
+the batch size against the runner's world size. It builds nothing expensive
+(no dataset is loaded), so a typo fails in about a second on a login node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from igniter.build import accepted_params, dataset_kwargs, import_modules, import_object, optimizer_factory, plain, scheduler_factory
+from igniter.distributed.runners import make_runner
+from igniter.errors import ConfigError, Problem
+from igniter.events import EventSpecError, parse_event
+from igniter.registry import (
+    Registry,
+    RegistryError,
+    dataset_registry,
+    engine_registry,
+    event_handler_registry,
+    function_registry,
+    io_registry,
+    model_registry,
+    suggest,
+    transforms_registry,
+)
+
+__all__ = ["validate", "check_config"]
+
+# Arguments igniter itself passes to factories; not for users to set in params.
+_DATASET_ARGS = {"transform"}
+_OPTIMIZER_ARGS = {"params", "lr", "weight_decay"}
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, key: str, expected: str, value: Any = None) -> None:
+        self.problems.append(Problem(key, expected, value))
+
+    def positive(self, key: str, value: Any, allow_none: bool = False, strict: bool = True) -> None:
+        if value is None and allow_none:
+            return
+        bad = value is None or (value <= 0 if strict else value < 0)
+        if bad:
+            self.add(key, f"expected a {'positive' if strict else 'non-negative'} number", value)
+
+    def choice(self, key: str, value: Any, choices: Iterable[str]) -> None:
+        choices = list(choices)
+        if value not in choices:
+            self.add(key, f"expected one of {', '.join(choices)}.{suggest(str(value), choices)}", value)
+
+    def name(self, registry: Registry, key: str, value: Any) -> Callable | None:
+        if value in registry:
+            return registry.get(value)
+        self.add(
+            key,
+            f"no such {registry.name} (registered: {', '.join(registry.names()) or 'none'}).{suggest(str(value), registry.names())}",
+            value,
+        )
+        return None
+
+    def params(self, fn: Callable | None, params: dict, key: str, reserved: set[str] = frozenset()) -> None:
+        if fn is None:
+            return
+        names, var_kw = accepted_params(fn)
+        names -= set(reserved)
+        for p in params:
+            if p in reserved:
+                self.add(f"{key}.{p}", "is set by igniter; do not pass it in params", params[p])
+            elif not var_kw and p not in names:
+                accepted = sorted(names)
+                self.add(
+                    f"{key}.{p}",
+                    f"{getattr(fn, '__name__', fn)} has no parameter '{p}' "
+                    f"(accepted: {', '.join(accepted) or 'none'}).{suggest(p, accepted)}",
+                    params[p],
+                )
+
+
+def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
+    factory = c.name(dataset_registry, f"{key}.name", cfg.name)
+    kwargs = dataset_kwargs(cfg)
+    c.params(factory, kwargs, key, _DATASET_ARGS)
+    if cfg.root is not None and not os.path.isdir(cfg.root):
+        c.add(f"{key}.root", "directory does not exist", cfg.root)
+    c.positive(f"{key}.subset", cfg.subset, allow_none=True)
+    for i, t in enumerate(cfg.transforms):
+        fn = c.name(transforms_registry, f"{key}.transforms[{i}].name", t.name)
+        c.params(fn, plain(t.params), f"{key}.transforms[{i}].params")
+
+
+def _check_solver(c: _Checker, cfg: DictConfig) -> None:
+    try:
+        c.params(optimizer_factory(cfg.name), plain(cfg.params), "solver.params", _OPTIMIZER_ARGS)
+    except RegistryError as e:
+        c.add("solver.name", f"no such optimizer. {e}", cfg.name)
+    c.positive("solver.lr", cfg.lr)
+    c.positive("solver.weight_decay", cfg.weight_decay, strict=False)
+    sched = cfg.scheduler
+    if sched.name is not None:
+        try:
+            c.params(scheduler_factory(sched.name), plain(sched.params), "solver.scheduler.params", {"optimizer"})
+        except RegistryError as e:
+            c.add("solver.scheduler.name", f"no such scheduler. {e}", sched.name)
+    c.choice("solver.scheduler.step_on", sched.step_on, ["epoch", "iteration"])
+
+
+def _custom_events(c: _Checker, paths: Iterable[str]) -> list:
+    from ignite.engine import EventEnum
+
+    enums = []
+    for i, path in enumerate(paths):
+        try:
+            obj = import_object(path)
+        except Exception as e:
+            c.add(f"trainer.custom_events[{i}]", f"cannot import: {e}", path)
+            continue
+        if isinstance(obj, type) and issubclass(obj, EventEnum):
+            enums.append(obj)
+        else:
+            c.add(f"trainer.custom_events[{i}]", "expected an ignite.engine.EventEnum subclass", path)
+    return enums
+
+
+def _check_run(c: _Checker, cfg: DictConfig) -> None:
+    t = cfg.trainer
+    c.name(engine_registry, "trainer.engine", t.engine)
+    c.name(function_registry, "trainer.step", t.step)
+    c.name(function_registry, "trainer.loss", t.loss)
+    c.positive("trainer.max_epochs", t.max_epochs)
+    c.positive("trainer.epoch_length", t.epoch_length, allow_none=True)
+    c.positive("trainer.grad_clip_norm", t.grad_clip_norm, allow_none=True)
+    custom = _custom_events(c, t.custom_events)
+
+    e = cfg.evaluation
+    c.name(engine_registry, "evaluation.engine", e.engine)
+    c.name(function_registry, "evaluation.step", e.step)
+    c.positive("evaluation.every", e.every)
+    c.positive("evaluation.patience", e.patience, allow_none=True)
+    for i, m in enumerate(e.metrics):
+        c.name(function_registry, f"evaluation.metrics[{i}]", m)
+    if e.monitor is not None:
+        c.choice("evaluation.monitor", e.monitor, list(e.metrics))
+    c.choice("evaluation.mode", e.mode, ["max", "min"])
+    if e.patience is not None and e.monitor is None:
+        c.add("evaluation.patience", "early stopping needs evaluation.monitor", e.patience)
+
+    for i, h in enumerate(cfg.handlers):
+        fn = c.name(event_handler_registry, f"handlers[{i}].name", h.name)
+        c.params(fn, plain(h.params), f"handlers[{i}].params", {"ctx"})
+        c.choice(f"handlers[{i}].engine", h.engine, ["trainer", "evaluator"])
+        try:
+            parse_event(h.event, custom)
+        except EventSpecError as err:
+            c.add(f"handlers[{i}].event", str(err), h.event)
+
+    k = cfg.checkpoint
+    c.name(io_registry, "checkpoint.saver", k.saver)
+    c.positive("checkpoint.every_epochs", k.every_epochs)
+    c.positive("checkpoint.every_iterations", k.every_iterations, allow_none=True)
+    c.positive("checkpoint.n_saved", k.n_saved)
+    c.positive("checkpoint.n_best", k.n_best, strict=False)
+
+    lg = cfg.logging
+    c.choice("logging.level", lg.level, ["DEBUG", "INFO", "WARNING", "ERROR"])
+    c.positive("logging.log_every", lg.log_every)
+    for i, name in enumerate(lg.loggers):
+        c.name(io_registry, f"logging.loggers[{i}]", name)
+
+
+def _check_data(c: _Checker, cfg: DictConfig, world_size: int) -> None:
+    _check_dataset(c, cfg.data.train, "data.train")
+    if cfg.data.val is not None:
+        _check_dataset(c, cfg.data.val, "data.val")
+    ld = cfg.data.loader
+    for key in ("batch_size", "val_batch_size"):
+        value = ld[key]
+        c.positive(f"data.loader.{key}", value, allow_none=key == "val_batch_size")
+        if isinstance(value, int) and value > 0 and value % world_size:
+            c.add(
+                f"data.loader.{key}",
+                f"the global batch size must be divisible by the world size {world_size} "
+                f"(runner.nproc_per_node x runner.nnodes); try {max(world_size, value // world_size * world_size)}",
+                value,
+            )
+    c.positive("data.loader.num_workers", ld.num_workers, strict=False)
+    if ld.collate_fn is not None:
+        c.name(function_registry, "data.loader.collate_fn", ld.collate_fn)
+
+
+def validate(cfg: DictConfig) -> list[Problem]:
+    """Every problem in ``cfg``, each naming its dotted key, value and what is expected.
+
+    Imports ``cfg.imports`` first so user-registered names are known.
+    """
+    c = _Checker()
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        c.add(key, "required value is missing (???); set it on the command line, e.g. " f"{key}=...")
+    if c.problems:
+        return c.problems
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        return [Problem(str(getattr(e, "full_key", "") or "?"), f"cannot resolve interpolation: {getattr(e, 'msg', e)}")]
+    try:
+        import_modules(cfg.imports)
+    except ConfigError as e:
+        return e.problems
+    model = c.name(model_registry, "model.name", cfg.model.name)
+    c.params(model, plain(cfg.model.params), "model.params")
+    runner = None
+    try:
+        runner = make_runner(cfg.runner)
+        c.problems.extend(runner.validate())
+    except RegistryError as e:
+        c.add("runner.name", str(e), cfg.runner.name)
+    _check_data(c, cfg, runner.world_size if runner else 1)
+    _check_solver(c, cfg.solver)
+    _check_run(c, cfg)
+    return c.problems
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every problem :func:`validate` finds."""
+    logging.getLogger("igniter").debug("validating config")
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
