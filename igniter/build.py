@@ -24,6 +24,7 @@ from igniter.registry import (
     function_registry,
     model_registry,
     solver_registry,
+    suggest,
     transforms_registry,
 )
 
@@ -74,15 +75,16 @@ def import_object(dotted: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def accepted_params(fn: Callable) -> tuple[set[str], bool]:
-    """Names ``fn`` accepts as keywords, and whether it takes ``**kwargs``."""
+def accepted_params(fn: Callable) -> tuple[set[str], bool, set[str]]:
+    """Names ``fn`` accepts as keywords, whether it takes ``**kwargs``, and the
+    names it requires (no default)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
-        return set(), True
-    names = {p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return set(), True, set()
+    named = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    return names, var_kw
+    return {p.name for p in named}, var_kw, {p.name for p in named if p.default is p.empty}
 
 
 def call_with(fn: Callable, available: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> Any:
@@ -90,7 +92,7 @@ def call_with(fn: Callable, available: Mapping[str, Any], params: Mapping[str, A
 
     Lets a factory ask only for what it needs (``model``, ``device``, ``ctx``...).
     """
-    names, _ = accepted_params(fn)
+    names, _, _ = accepted_params(fn)
     kwargs = {k: v for k, v in available.items() if k in names}
     kwargs.update(params or {})
     return fn(**kwargs)
@@ -129,9 +131,13 @@ def build_transform(specs: Sequence[DictConfig], key: str) -> Callable[[torch.Te
     return compose
 
 
-def dataset_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Keyword arguments igniter passes to a dataset factory besides ``transform``."""
-    kwargs = {"split": cfg.split, **plain(cfg.params)}
+def dataset_kwargs(cfg: DictConfig, factory: Callable) -> dict[str, Any]:
+    """Keyword arguments for a dataset factory besides ``transform``: ``params``,
+    ``split`` (if the factory takes it) and ``root`` (if set)."""
+    names, var_kw, _ = accepted_params(factory)
+    kwargs = plain(cfg.params)
+    if "split" in names or var_kw:
+        kwargs["split"] = cfg.split
     if cfg.root is not None:
         kwargs["root"] = cfg.root
     return kwargs
@@ -147,7 +153,10 @@ def build_dataset(cfg: DictConfig, key: str) -> Dataset:
     factory = dataset_registry.get(cfg.name, f"{key}.name")
     transform = build_transform(cfg.transforms, f"{key}.transforms")
     try:
-        dataset = factory(transform=transform, **dataset_kwargs(cfg))
+        kwargs = dataset_kwargs(cfg, factory)
+        if transform is not None:
+            kwargs["transform"] = transform
+        dataset = factory(**kwargs)
     except Exception as e:
         raise _build_error(key, e, cfg.name) from e
     if cfg.subset is not None and cfg.subset < len(dataset):
@@ -162,11 +171,11 @@ def _lookup(name: str, registry: Registry, module: Any, key: str) -> Callable:
     obj = getattr(module, name, None)
     if inspect.isclass(obj):
         return obj
-    torch_names = sorted(n for n in dir(module) if inspect.isclass(getattr(module, n)) and not n.startswith("_"))
+    in_torch = sorted(n for n in dir(module) if inspect.isclass(getattr(module, n)) and not n.startswith("_"))
     raise RegistryError(
-        registry.missing_message(name, key).replace(
-            "Registered:", f"Not in {module.__name__} either ({', '.join(torch_names)}). Registered:"
-        )
+        f"{registry.name} registry has no '{name}' (asked for by '{key}') and {module.__name__} has no class of "
+        f"that name.{suggest(name, registry.names() + in_torch)} Registered: {', '.join(registry.names()) or '(none)'}; "
+        f"{module.__name__}: {', '.join(in_torch)}."
     )
 
 

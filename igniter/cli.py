@@ -108,6 +108,7 @@ def _sibling_suggestion(base: DictConfig | None, full_key: str) -> str:
 
 def _composition_problem(override: Any, exc: BaseException, base: DictConfig | None) -> Problem:
     from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     key = override.key_or_group if override is not None else "command line"
     value = override.value() if override is not None else None
@@ -117,7 +118,7 @@ def _composition_problem(override: Any, exc: BaseException, base: DictConfig | N
     cause = _omegaconf_cause(exc)
     if cause is not None:
         msg = str(getattr(cause, "msg", cause)).splitlines()[0]
-        hint = _sibling_suggestion(base, cause.full_key) if "not in struct" in msg or "not found" in msg else ""
+        hint = _sibling_suggestion(base, cause.full_key) if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) else ""
         return Problem(str(cause.full_key), f"{msg}.{hint}".replace("..", "."), value)
     return Problem(key, " ".join(str(exc).split()), value)
 
@@ -147,14 +148,21 @@ def config_problems(overrides: Sequence[str], config_name: str = "config", confi
             base = compose_config(group_overrides, config_name, config_dir)
         except Exception:
             base = None
-        problems = []
+        problems, good = [], []
         for o in parsed:
             trial = [o.input_line] if o.input_line in group_overrides else group_overrides + [o.input_line]
             try:
                 compose_config(trial, config_name, config_dir)
+                good.append(o.input_line)
             except Exception as e:
                 problems.append(_composition_problem(o, e, base))
-        return None, problems or [_composition_problem(None, first, base)]
+        if not problems:
+            return None, [_composition_problem(None, first, base)]
+        try:  # report the value problems of the overrides that did compose, too
+            problems += validate(compose_config(good, config_name, config_dir))
+        except Exception:
+            pass
+        return None, problems
     return cfg, validate(cfg)
 
 

@@ -50,7 +50,7 @@ def digits(split: str = "train", val_fraction: float = 0.2, split_seed: int = 0,
 
     Returns ``x`` of shape ``[64]`` scaled to ``[0, 1]`` (pixel / 16) and ``y`` in 0-9.
     The split is a fixed permutation drawn with ``split_seed``: ``val`` holds
-    ``round(1797 * val_fraction)`` samples (360 by default), ``train`` the rest.
+    ``round(1797 * val_fraction)`` samples (359 by default), ``train`` the rest.
 
     Raises:
         ValueError: ``split`` is not ``train`` or ``val``.

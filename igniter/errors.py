@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["Problem", "ConfigError", "EXIT_CONFIG"]
+__all__ = ["Problem", "ConfigError", "EXIT_CONFIG", "NO_VALUE"]
 
 #: Exit status for bad input: config, checkpoint, dataset path, environment.
 EXIT_CONFIG = 2
 
-_NOTHING = object()
+#: ``Problem.value`` when there is no value to show (e.g. a required key left out).
+NO_VALUE: Any = object()
 
 
 @dataclass(frozen=True)
@@ -20,10 +21,10 @@ class Problem:
 
     key: str
     expected: str
-    value: Any = _NOTHING
+    value: Any = NO_VALUE
 
     def __str__(self) -> str:
-        shown = "" if self.value is _NOTHING else f" = {self.value!r}"
+        shown = "" if self.value is NO_VALUE else f" = {self.value!r}"
         return f"{self.key}{shown}: {self.expected}"
 
 

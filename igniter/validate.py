@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from igniter.build import accepted_params, dataset_kwargs, import_modules, import_object, optimizer_factory, plain, scheduler_factory
 from igniter.distributed.runners import make_runner
-from igniter.errors import ConfigError, Problem
+from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, parse_event
 from igniter.registry import (
     Registry,
@@ -44,7 +44,7 @@ class _Checker:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
 
-    def add(self, key: str, expected: str, value: Any = None) -> None:
+    def add(self, key: str, expected: str, value: Any = NO_VALUE) -> None:
         self.problems.append(Problem(key, expected, value))
 
     def positive(self, key: str, value: Any, allow_none: bool = False, strict: bool = True) -> None:
@@ -69,11 +69,17 @@ class _Checker:
         )
         return None
 
-    def params(self, fn: Callable | None, params: dict, key: str, reserved: set[str] = frozenset()) -> None:
+    def params(self, fn: Callable | None, params: dict, key: str, reserved: set[str] = frozenset(), top: str = "") -> None:
+        """Check ``params`` (config key ``key``) against ``fn``'s signature: unknown
+        names, names igniter sets itself, and required names left out (reported
+        under ``top.<name>`` when ``top`` is given, e.g. a dataset's ``root``)."""
         if fn is None:
             return
-        names, var_kw = accepted_params(fn)
+        names, var_kw, required = accepted_params(fn)
         names -= set(reserved)
+        for p in sorted(required - set(reserved) - set(params)):
+            where = f"{top}.{p}" if top and p == "root" else f"{key}.{p}"
+            self.add(where, f"{getattr(fn, '__name__', fn)} requires '{p}'")
         for p in params:
             if p in reserved:
                 self.add(f"{key}.{p}", "is set by igniter; do not pass it in params", params[p])
@@ -89,8 +95,10 @@ class _Checker:
 
 def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
     factory = c.name(dataset_registry, f"{key}.name", cfg.name)
-    kwargs = dataset_kwargs(cfg)
-    c.params(factory, kwargs, key, _DATASET_ARGS)
+    if factory is not None:
+        c.params(factory, dataset_kwargs(cfg, factory), f"{key}.params", _DATASET_ARGS, top=key)
+        if cfg.transforms and "transform" not in accepted_params(factory)[0]:
+            c.add(f"{key}.transforms", f"dataset '{cfg.name}' takes no 'transform' argument", plain(cfg.transforms))
     if cfg.root is not None and not os.path.isdir(cfg.root):
         c.add(f"{key}.root", "directory does not exist", cfg.root)
     c.positive(f"{key}.subset", cfg.subset, allow_none=True)
@@ -103,7 +111,7 @@ def _check_solver(c: _Checker, cfg: DictConfig) -> None:
     try:
         c.params(optimizer_factory(cfg.name), plain(cfg.params), "solver.params", _OPTIMIZER_ARGS)
     except RegistryError as e:
-        c.add("solver.name", f"no such optimizer. {e}", cfg.name)
+        c.add("solver.name", str(e), cfg.name)
     c.positive("solver.lr", cfg.lr)
     c.positive("solver.weight_decay", cfg.weight_decay, strict=False)
     sched = cfg.scheduler
@@ -111,7 +119,7 @@ def _check_solver(c: _Checker, cfg: DictConfig) -> None:
         try:
             c.params(scheduler_factory(sched.name), plain(sched.params), "solver.scheduler.params", {"optimizer"})
         except RegistryError as e:
-            c.add("solver.scheduler.name", f"no such scheduler. {e}", sched.name)
+            c.add("solver.scheduler.name", str(e), sched.name)
     c.choice("solver.scheduler.step_on", sched.step_on, ["epoch", "iteration"])
 
 

@@ -79,6 +79,15 @@ class Runner:
 class SingleRunner(Runner):
     """One process, no process group: the CPU, or the first GPU when CUDA is available."""
 
+    def validate(self) -> list[Problem]:
+        problems = super().validate()
+        for key in ("nproc_per_node", "nnodes"):
+            if self.cfg[key] != 1:
+                problems.append(
+                    Problem(f"runner.{key}", "the single runner runs one process; choose runner=spawn or torchrun", self.cfg[key])
+                )
+        return problems
+
 
 def make_runner(cfg: DictConfig) -> Runner:
     """The runner named by ``cfg.name``. Raises ``RegistryError`` if unknown."""

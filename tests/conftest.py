@@ -1,0 +1,52 @@
+"""Shared helpers: run the real ``igniter`` command in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+FIXTURES = TESTS / "fixtures"
+REPO = TESTS.parent
+MNIST_ROOT = (REPO.parent / "shared" / "data").resolve()
+
+
+def igniter_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("HYDRA_FULL_ERROR", "0")
+    return env
+
+
+def run_igniter(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m igniter *args`` in ``cwd``; returns the completed process (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=cwd,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _fixture_package_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(FIXTURES))
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    if not (MNIST_ROOT / "MNIST" / "raw").is_dir():
+        pytest.skip(f"MNIST not found at {MNIST_ROOT}/MNIST/raw (the shared data directory beside the checkout)")
+    return MNIST_ROOT

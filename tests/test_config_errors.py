@@ -1,0 +1,72 @@
+"""Bad configs: exit status 2, every bad key named, nothing run, no checkpoint written."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_igniter
+from igniter.cli import main
+
+BAD_CONFIGS = [
+    # (overrides, keys that must be named in the message)
+    (["solver.lrr=0.1"], ["solver.lrr", "Did you mean 'lr'"]),
+    (["trainer.max_epochs=abc"], ["trainer.max_epochs"]),
+    (["trainer.max_epochs=0"], ["trainer.max_epochs"]),
+    (["data.loader.batch_size=-8"], ["data.loader.batch_size"]),
+    (["model=mlpp"], ["model", "Did you mean 'mlp'"]),
+    (["model.name=lenett"], ["model.name", "Did you mean 'lenet'"]),
+    (["solver.name=Adamm"], ["solver.name", "Did you mean 'Adam'"]),
+    (["solver.scheduler.name=StepLRR"], ["solver.scheduler.name", "Did you mean 'StepLR'"]),
+    (["experiment=mnist", "data.root=/definitely/not/here"], ["data.train.root", "data.val.root"]),
+    (["experiment=mnist"], ["data.train.root"]),
+    (["evaluation.metrics=[acuracy]", "evaluation.monitor=acuracy"], ["evaluation.metrics[0]", "Did you mean 'accuracy'"]),
+    (["handlers=[{name:log_state,event:EPOCH_COMPLETD}]"], ["handlers[0].event", "EPOCH_COMPLETED"]),
+    (["handlers=[{name:log_stat}]"], ["handlers[0].name", "Did you mean 'log_state'"]),
+    (["+model.params.hiden=3"], ["model.params.hiden"]),
+    (["imports=[no_such_module_xyz]"], ["imports[0]"]),
+    (["runner.nproc_per_node=4"], ["runner.nproc_per_node", "runner=spawn"]),
+    (["data.loader.num_workers=-1", "checkpoint.n_saved=0"], ["data.loader.num_workers", "checkpoint.n_saved"]),
+    (["runner.backend=nccl"], ["runner.backend"]),
+    (["checkpoint.saver=s3"], ["checkpoint.saver"]),
+]
+
+
+@pytest.mark.parametrize("overrides, needles", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_bad_config_exits_2_names_key_and_writes_nothing(overrides, needles, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(overrides)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [], "a bad config must not create a run directory or checkpoints"
+
+
+def test_every_problem_reported_at_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["solver.lrr=1", "trainer.max_epoch=2", "model.name=nope", "data.loader.batch_size=0"])
+    err = capsys.readouterr().err
+    assert "(4 problems)" in err
+    for key in ("solver.lrr", "trainer.max_epoch", "model.name", "data.loader.batch_size"):
+        assert f"  {key}" in err
+
+
+def test_real_command_exit_code_and_no_traceback(tmp_path):
+    proc = run_igniter(["trainer.max_epochs=-1", "solver.lr=0"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "trainer.max_epochs = -1" in proc.stderr and "solver.lr = 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_multirun_validates_every_sweep_point_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["-m", "solver.lr=0.01,-1", "trainer.max_epochs=1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "solver.lr = -1" in err and "sweep point" in err
+    assert not (tmp_path / "multirun").exists()
