@@ -205,6 +205,7 @@ def launch(cfg: DictConfig, output_dir: Path) -> None:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg = plain_config(cfg)
+    cfg.output_dir = str(output_dir)
     text = OmegaConf.to_yaml(cfg)
     atomic_write(output_dir / "config.yaml", lambda f: f.write(text), binary=False)
     make_runner(cfg.runner).launch(train, cfg, output_dir)

@@ -227,7 +227,8 @@ class RunnerConfig:
 
 @dataclass
 class IgniterConfig:
-    """The whole run. ``imports`` are modules imported before building (user registries)."""
+    """The whole run. ``imports`` are modules imported before building (user registries);
+    ``output_dir`` is the run directory (Hydra's ``hydra.run.dir`` follows it)."""
 
     imports: List[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -239,7 +240,7 @@ class IgniterConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
-    output_dir: Optional[str] = None
+    output_dir: str = "outputs"
 
 
 def register_schema() -> None:

@@ -27,6 +27,7 @@ __all__ = ["Runner", "SingleRunner", "make_runner", "default_backend"]
 for _name in ("Parallel", "auto_dataloader", "auto_model", "auto_optim"):
     prefix = "ignite.distributed.launcher." if _name == "Parallel" else "ignite.distributed.auto."
     logging.getLogger(prefix + _name)
+logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)  # logs before rank logs exist
 
 
 def default_backend() -> str:

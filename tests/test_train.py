@@ -1,0 +1,70 @@
+"""Real training runs through the command line, on the embedded digits data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import read_metrics, run_igniter
+from igniter.models import MLP
+
+
+def only_run_dir(cwd: Path) -> Path:
+    runs = [p for p in (cwd / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_default_run_reaches_95_percent_and_writes_outputs(tmp_path):
+    proc = run_igniter([], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run_dir(tmp_path)
+    metrics = read_metrics(run)
+    assert metrics["status"] == "completed"
+    assert metrics["final"]["accuracy"] >= 0.95, metrics["final"]
+    assert len(metrics["epochs"]) == 20 and metrics["samples_per_s"] > 0 and metrics["wall_time_s"] > 0
+    assert "world size 1" in proc.stdout and "samples/s" in proc.stdout
+    for name in ("config.yaml", "rank0.log", "checkpoints", "tb"):
+        assert (run / name).exists(), name
+    # TensorBoard: training loss, learning rate and validation metrics
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "lr/group_0", "val/accuracy", "val/loss"} <= tags, tags
+    # the newest checkpoint loads into a fresh model with equal weights
+    last = max((run / "checkpoints").glob("last_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    state = torch.load(last, weights_only=True)
+    assert set(state) >= {"model", "optimizer", "trainer"}
+    fresh = MLP(64, [128], 10)
+    fresh.load_state_dict(state["model"])
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, state["model"][name]), name
+    assert state["trainer"]["iteration"] == metrics["iterations"]
+    # the best checkpoint is the best epoch's model
+    assert len(list((run / "checkpoints").glob("best_model_*.pt"))) == 1
+
+
+def test_cfg_job_prints_resolved_config(tmp_path):
+    proc = run_igniter(["--cfg", "job", "solver.lr=0.5", "experiment=mnist", "data.root=/x"], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.5" in proc.stdout and "name: lenet" in proc.stdout and "root: /x" in proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_local_sweep_runs_every_point(tmp_path):
+    proc = run_igniter(["-m", "solver.lr=0.01,0.02", "trainer.max_epochs=1", "checkpoint.enabled=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in (tmp_path / "multirun").glob("*/*/*") if (p / "metrics.json").exists())
+    assert len(runs) == 2
+    lrs = sorted(float(__import__("yaml").safe_load((r / "config.yaml").read_text())["solver"]["lr"]) for r in runs)
+    assert lrs == [0.01, 0.02]
+
+
+def test_explicit_output_dir(tmp_path):
+    out = tmp_path / "my_run"
+    proc = run_igniter([f"output_dir={out}", "trainer.max_epochs=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "metrics.json").exists()
+    assert not (tmp_path / "outputs").exists()
