@@ -1,0 +1,111 @@
+"""Datasets, transforms and the sharded sampler."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_igniter
+from igniter.datasets import digits, mnist, read_idx
+from igniter.distributed.sampler import ShardedSampler
+from igniter.transforms import normalize, random_shift
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, val = digits("train"), digits("val")
+    assert len(train) + len(val) == 1797 and len(val) == 359
+    x, y = train[0]
+    assert x.shape == (64,) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.dtype == torch.int64
+    assert torch.equal(digits("train").x, train.x)  # same split every time
+    train_rows = {tuple(r.tolist()) for r in train.x}
+    assert sum(tuple(r.tolist()) in train_rows for r in val.x) < 5  # (digits has a few duplicate images)
+
+
+def test_mnist_reads_idx_in_torchvision_layout(mnist_root):
+    test = mnist(str(mnist_root), "test")
+    assert len(test) == 10_000
+    x, y = test[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert int(y) == 7  # the first MNIST test image is a 7
+    counts = torch.bincount(mnist(str(mnist_root), "train").y, minlength=10).tolist()
+    assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_mnist_uncompressed_and_missing_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8).numpy()
+    (raw / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">HBBIII", 0, 8, 3, 3, 28, 28) + images.tobytes())
+    with gzip.open(raw / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, 3) + bytes([1, 2, 3]))
+    ds = mnist(str(tmp_path), "test")
+    assert len(ds) == 3 and torch.equal(ds.y, torch.tensor([1, 2, 3]))
+    assert torch.allclose(ds[0][0][0], torch.from_numpy(images[0]).float() / 255)
+    with pytest.raises(FileNotFoundError) as info:
+        mnist(str(tmp_path), "train")
+    assert "train-images-idx3-ubyte.gz" in str(info.value) and str(raw) in str(info.value)
+
+
+def test_read_idx_rejects_truncated_file(tmp_path):
+    path = tmp_path / "bad-idx1-ubyte"
+    path.write_bytes(struct.pack(">HBBI", 0, 8, 1, 10) + bytes(5))
+    with pytest.raises(ValueError, match="expected 10 bytes"):
+        read_idx(path)
+
+
+def test_transforms():
+    x = torch.full((1, 4, 4), 0.5)
+    assert torch.allclose(normalize([0.5], [0.25])(x), torch.zeros_like(x))
+    shifted = random_shift(2)(torch.ones(1, 6, 6))
+    assert shifted.shape == (1, 6, 6) and 16 <= int(shifted.sum()) <= 36
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_sharded_sampler_global_batches_do_not_depend_on_world_size(world_size):
+    n, global_batch = 103, 8
+    data = list(range(n))
+    reference = list(ShardedSampler(data, 1, 0, global_batch, shuffle=True, seed=3))
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(world_size):
+            s = ShardedSampler(data, world_size, rank, global_batch, shuffle=True, seed=3)
+            s.set_epoch(epoch)
+            per_rank.append(list(s))
+        single = ShardedSampler(data, 1, 0, global_batch, shuffle=True, seed=3)
+        single.set_epoch(epoch)
+        single = list(single)
+        b = global_batch // world_size
+        steps = len(single) // global_batch
+        assert steps == n // global_batch and all(len(r) == steps * b for r in per_rank)
+        for t in range(steps):
+            union = sorted(i for r in per_rank for i in r[t * b : (t + 1) * b])
+            assert union == sorted(single[t * global_batch : (t + 1) * global_batch])
+    s = ShardedSampler(data, 1, 0, global_batch, shuffle=True, seed=3)
+    s.set_epoch(1)
+    assert list(s) != reference  # reshuffled every epoch
+
+
+def test_sharded_sampler_eval_counts_every_sample_once():
+    data = list(range(11))
+    shards = [list(ShardedSampler(data, 3, r, 3, shuffle=False, tail="none")) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == data
+
+
+def test_mnist_subset_trains_lenet(tmp_path, mnist_root):
+    args = [
+        "experiment=mnist",
+        f"data.root={mnist_root}",
+        "data.train.subset=6000",
+        "data.val.subset=2000",
+        "trainer.max_epochs=2",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    proc = run_igniter(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["final"]["accuracy"] > 0.9, metrics["final"]
