@@ -178,15 +178,18 @@ def _hydra_args(argv: Sequence[str]) -> Any:
     return get_args_parser().parse_args(list(argv))
 
 
-def _prevalidate(args: Any) -> int:
+def _prevalidate(args: Any) -> tuple[int, list[DictConfig]]:
+    """Validate every job's config; returns ``(exit status, composed configs)``."""
     points = sweep_points(args.overrides) if args.multirun else [args.overrides]
     all_problems: list[Problem] = []
+    configs = []
     for point in points:
-        _, problems = config_problems(point, args.config_name or "config", args.config_dir)
+        cfg, problems = config_problems(point, args.config_name or "config", args.config_dir)
         if problems and len(points) > 1:
             problems = [Problem(p.key, f"{p.expected} [sweep point: {' '.join(point)}]", p.value) for p in problems]
         all_problems.extend(problems)
-    return _report(all_problems) if all_problems else 0
+        configs.append(cfg)
+    return (_report(all_problems) if all_problems else 0), configs
 
 
 def plain_config(cfg: DictConfig) -> DictConfig:
@@ -214,12 +217,34 @@ def launch(cfg: DictConfig, output_dir: Path) -> None:
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from igniter.distributed.runners import RankFailed
+
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         launch(cfg, output_dir)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    except RankFailed as e:
+        print(f"igniter: the run failed: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _secondary_launcher_overrides(cfg: DictConfig) -> list[str]:
+    """For a launcher that is not the job's primary one (node_rank > 0, torchrun rank > 0):
+    point Hydra at a throw-away directory, since the processes adopt rank 0's run
+    directory once the process group exists."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from igniter.distributed import make_runner
+
+    if make_runner(cfg.runner).is_primary:
+        return []
+    scratch = tempfile.mkdtemp(prefix="igniter-secondary-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 
 
 @_subcommand("check")
@@ -270,9 +295,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(SUBCOMMANDS[argv[0]](argv[1:]))
     args = _hydra_args(argv)
     if not any(getattr(args, flag, None) for flag in _PASS_THROUGH):
-        status = _prevalidate(args)
+        status, configs = _prevalidate(args)
         if status:
             sys.exit(status)
+        if not args.multirun:
+            argv += _secondary_launcher_overrides(configs[0])
     import hydra
 
     register_schema()

@@ -248,6 +248,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     Returns:
         The ``metrics.json`` content (on every rank; only rank 0 writes it).
     """
+    if idist.get_world_size() > 1:  # every process writes under rank 0's run directory
+        output_dir = idist.broadcast(str(output_dir), src=0, safe_mode=True)
     output_dir = Path(output_dir)
     rank = idist.get_rank()
     setup_logging(output_dir, rank, cfg.logging.level)

@@ -4,11 +4,33 @@ Every runner funnels into one call, ``idist.Parallel(...).run(fn, *args)``;
 the launch mode only changes the arguments that form the process group.
 Inside ``fn`` the code is the same for every mode (``idist.auto_model``,
 ``idist.auto_dataloader``, ``idist.auto_optim`` in :mod:`igniter.run`).
+
+==========  ==================================================================
+``single``  one process, no process group (CPU or one GPU)
+``spawn``   ``nproc_per_node`` processes started by igniter on this node; with
+            ``nnodes > 1`` run the same command on every node with its
+            ``node_rank`` and the same ``master_addr``/``master_port``
+``torchrun`` the processes were started by torchrun (or any launcher that sets
+            ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)
+==========  ==================================================================
+
+Examples:
+    .. code-block:: bash
+
+        igniter                                          # single
+        igniter runner=spawn runner.nproc_per_node=2     # 2 local processes, free port picked
+        torchrun --nproc-per-node 2 -m igniter runner=torchrun
+        # two nodes, one command each:
+        igniter runner=spawn runner.nnodes=2 runner.node_rank=0 runner.master_addr=10.0.0.1 runner.master_port=29500
+        igniter runner=spawn runner.nnodes=2 runner.node_rank=1 runner.master_addr=10.0.0.1 runner.master_port=29500
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from datetime import timedelta
 from typing import Any, Callable
 
 import ignite.distributed as idist
@@ -18,8 +40,17 @@ from omegaconf import DictConfig
 from igniter.errors import Problem
 from igniter.registry import runner_registry
 
-__all__ = ["Runner", "SingleRunner", "make_runner", "default_backend"]
-
+__all__ = [
+    "Runner",
+    "SingleRunner",
+    "SpawnRunner",
+    "TorchrunRunner",
+    "RankFailed",
+    "make_runner",
+    "default_backend",
+    "free_port",
+    "ENV_VARS",
+]
 
 # Ignite's idist helpers log through ``ignite.utils.setup_logger``, which leaves a
 # logger alone if it already exists. Creating them here makes their INFO lines go
@@ -29,10 +60,33 @@ for _name in ("Parallel", "auto_dataloader", "auto_model", "auto_optim"):
     logging.getLogger(prefix + _name)
 logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)  # logs before rank logs exist
 
+#: Variables torchrun sets in every worker (and that the torchrun runner reads).
+ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RankFailed(RuntimeError):
+    """A process of the run raised or died; ``rank`` is its global rank, ``details`` its traceback."""
+
+    def __init__(self, rank: int, details: str) -> None:
+        self.rank, self.details = rank, details
+        super().__init__(f"rank {rank} failed:\n{details}")
+
 
 def default_backend() -> str:
     """``nccl`` when CUDA is available, ``gloo`` otherwise."""
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read, close).
+
+    Another process can still take it before the rendezvous binds it; the OS
+    hands out ephemeral ports in sequence or at random, so two jobs started
+    together get different ports in practice.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _call(local_rank: int, fn: Callable[..., Any], *args: Any) -> None:
@@ -40,7 +94,7 @@ def _call(local_rank: int, fn: Callable[..., Any], *args: Any) -> None:
 
 
 class Runner:
-    """Base runner. Subclasses set how the process group is formed.
+    """Base runner: one process, no process group.
 
     Args:
         cfg: the ``runner`` config section (:class:`igniter.config.RunnerConfig`).
@@ -54,6 +108,16 @@ class Runner:
         """Total number of processes the run will have."""
         return 1
 
+    @property
+    def is_primary(self) -> bool:
+        """Whether this launcher owns the run directory (Hydra's output dir); other
+        launchers of the same job (node_rank > 0, torchrun ranks > 0) adopt rank 0's."""
+        return True
+
+    @property
+    def backend(self) -> str:
+        return self.cfg.backend or default_backend()
+
     def validate(self) -> list[Problem]:
         """Problems with ``runner.*`` settings, found without starting anything."""
         problems = []
@@ -64,6 +128,9 @@ class Runner:
             problems.append(Problem("runner.backend", "nccl needs CUDA GPUs and none is available; use gloo", backend))
         if self.cfg.timeout_s <= 0:
             problems.append(Problem("runner.timeout_s", "expected a positive number of seconds", self.cfg.timeout_s))
+        port = self.cfg.master_port
+        if port is not None and not 1024 <= port <= 65535:
+            problems.append(Problem("runner.master_port", "expected a port in 1024-65535 (or null: pick a free one)", port))
         return problems
 
     def parallel_kwargs(self) -> dict[str, Any]:
@@ -71,7 +138,11 @@ class Runner:
         return {"backend": None}
 
     def launch(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in every process of the run."""
+        """Run ``fn(*args)`` in every process of the run.
+
+        Raises:
+            RankFailed: a process raised or exited non-zero (the others are stopped).
+        """
         with idist.Parallel(**self.parallel_kwargs()) as parallel:
             parallel.run(_call, fn, *args)
 
@@ -88,6 +159,105 @@ class SingleRunner(Runner):
                     Problem(f"runner.{key}", "the single runner runs one process; choose runner=spawn or torchrun", self.cfg[key])
                 )
         return problems
+
+
+@runner_registry("spawn")
+class SpawnRunner(Runner):
+    """``nproc_per_node`` processes per node started with ``idist.Parallel`` (torch multiprocessing, spawn).
+
+    On one node the master port is picked free unless given. Across nodes run the
+    same command on each node with its ``node_rank``; ``master_addr`` is node 0's
+    address and ``master_port`` must be given. ``GLOO_SOCKET_IFNAME`` /
+    ``NCCL_SOCKET_IFNAME`` select the network interface as usual.
+    """
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg.nproc_per_node * self.cfg.nnodes
+
+    @property
+    def is_primary(self) -> bool:
+        return self.cfg.node_rank == 0
+
+    def validate(self) -> list[Problem]:
+        problems = super().validate()
+        cfg = self.cfg
+        for key in ("nproc_per_node", "nnodes"):
+            if cfg[key] < 1:
+                problems.append(Problem(f"runner.{key}", "expected at least 1", cfg[key]))
+        if cfg.nnodes >= 1 and not 0 <= cfg.node_rank < cfg.nnodes:
+            problems.append(Problem("runner.node_rank", f"expected 0 <= node_rank < nnodes ({cfg.nnodes})", cfg.node_rank))
+        if cfg.nnodes > 1 and cfg.master_port is None:
+            problems.append(Problem("runner.master_port", "multi-node runs need an explicit port, the same on every node"))
+        if self.backend == "nccl" and torch.cuda.is_available() and cfg.nproc_per_node > torch.cuda.device_count():
+            problems.append(
+                Problem("runner.nproc_per_node", f"more processes than the {torch.cuda.device_count()} GPUs of this node", cfg.nproc_per_node)
+            )
+        return problems
+
+    def parallel_kwargs(self) -> dict[str, Any]:
+        cfg = self.cfg
+        port = cfg.master_port if cfg.master_port is not None else free_port(cfg.master_addr)
+        return {
+            "backend": self.backend,
+            "nproc_per_node": cfg.nproc_per_node,
+            "nnodes": cfg.nnodes,
+            "node_rank": cfg.node_rank,
+            "master_addr": cfg.master_addr,
+            "master_port": port,
+            "timeout": timedelta(seconds=cfg.timeout_s),
+        }
+
+    def launch(self, fn: Callable[..., Any], *args: Any) -> None:
+        from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+        try:
+            super().launch(fn, *args)
+        except ProcessRaisedException as e:
+            raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
+        except ProcessExitedException as e:
+            raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
+
+
+@runner_registry("torchrun")
+class TorchrunRunner(Runner):
+    """Join a process group whose processes were started by torchrun (``torchrun
+    --nproc-per-node N -m igniter runner=torchrun ...``), or by any launcher that
+    sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+    """
+
+    @property
+    def world_size(self) -> int:
+        env = os.environ.get("WORLD_SIZE")
+        return int(env) if env else self.cfg.nproc_per_node * self.cfg.nnodes
+
+    @property
+    def is_primary(self) -> bool:
+        return os.environ.get("RANK", "0") == "0"
+
+    def validate(self) -> list[Problem]:
+        problems = super().validate()
+        missing = [v for v in ENV_VARS if v not in os.environ]
+        if missing:
+            problems.append(
+                Problem(
+                    "runner.name",
+                    f"runner 'torchrun' expects to be started by torchrun, but {', '.join(missing)} "
+                    "is not set: run `torchrun --nproc-per-node N -m igniter runner=torchrun ...`, "
+                    "or use runner=spawn to let igniter start the processes",
+                    "torchrun",
+                )
+            )
+        return problems
+
+    def launch(self, fn: Callable[..., Any], *args: Any) -> None:
+        # Parallel(backend=...) would initialize without our timeout: initialize here, then run.
+        idist.initialize(self.backend, timeout=timedelta(seconds=self.cfg.timeout_s))
+        try:
+            with idist.Parallel(backend=None) as parallel:
+                parallel.run(_call, fn, *args)
+        finally:
+            idist.finalize()
 
 
 def make_runner(cfg: DictConfig) -> Runner:
