@@ -232,7 +232,7 @@ def validate(cfg: DictConfig) -> list[Problem]:
         c.problems.extend(runner.validate())
     except RegistryError as e:
         c.add("runner.name", str(e), cfg.runner.name)
-    _check_data(c, cfg, runner.world_size if runner else 1)
+    _check_data(c, cfg, max(1, runner.world_size) if runner else 1)
     _check_solver(c, cfg.solver)
     _check_run(c, cfg)
     return c.problems
