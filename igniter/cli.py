@@ -118,7 +118,11 @@ def _composition_problem(override: Any, exc: BaseException, base: DictConfig | N
     cause = _omegaconf_cause(exc)
     if cause is not None:
         msg = str(getattr(cause, "msg", cause)).splitlines()[0]
-        hint = _sibling_suggestion(base, cause.full_key) if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) else ""
+        hint = ""
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+            hint = _sibling_suggestion(base, cause.full_key)
+            if override is not None and not override.input_line.startswith("+"):
+                hint += f" To add a new key, write +{override.input_line}"
         return Problem(str(cause.full_key), f"{msg}.{hint}".replace("..", "."), value)
     return Problem(key, " ".join(str(exc).split()), value)
 
@@ -218,6 +222,7 @@ def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from igniter.distributed.runners import RankFailed
+    from igniter.run import TrainingDiverged
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -228,6 +233,9 @@ def _task(cfg: DictConfig) -> None:
     except RankFailed as e:
         print(f"igniter: the run failed: {e}", file=sys.stderr)
         sys.exit(1)
+    except TrainingDiverged as e:
+        print(f"igniter: training diverged: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def _secondary_launcher_overrides(cfg: DictConfig) -> list[str]:

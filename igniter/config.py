@@ -124,8 +124,9 @@ class SolverConfig:
 class TrainerConfig:
     """The training engine.
 
-    ``step`` and ``loss`` name entries of the function registry; ``engine`` an
-    entry of the engine registry. ``epoch_length`` caps iterations per epoch
+    ``step`` and ``loss`` name entries of the function registry (``step_params``
+    are extra keyword arguments of the step factory); ``engine`` an entry of the
+    engine registry. ``epoch_length`` caps iterations per epoch
     (``None``: one pass over the data). ``grad_clip_norm`` clips the global L2
     norm of the gradients. ``custom_events`` are dotted paths to
     ``ignite.engine.EventEnum`` classes registered on the trainer.
@@ -133,6 +134,7 @@ class TrainerConfig:
 
     engine: str = "supervised_trainer"
     step: str = "supervised"
+    step_params: Dict[str, Any] = field(default_factory=dict)
     loss: str = "cross_entropy"
     max_epochs: int = 10
     epoch_length: Optional[int] = None
@@ -179,15 +181,19 @@ class HandlerConfig:
 class CheckpointConfig:
     """Checkpoints (model, optimizer, scheduler, trainer state) written by an io-registry saver.
 
-    Saved every ``every_epochs`` epochs (and every ``every_iterations``
-    iterations when set); the last ``n_saved`` are kept, plus the ``n_best``
-    best by ``evaluation.monitor``.
+    Saved every ``every_epochs`` epochs, and also every ``every_iterations``
+    iterations and/or once ``every_seconds`` seconds have passed since the last
+    save (checked every 10 iterations, decided by rank 0), when set. The last
+    ``n_saved`` are kept, plus the ``n_best`` best by ``evaluation.monitor``.
+    Files are written atomically and an old file is deleted only after its
+    successor is complete.
     """
 
     enabled: bool = True
     saver: str = "disk"
     every_epochs: int = 1
     every_iterations: Optional[int] = None
+    every_seconds: Optional[float] = None
     n_saved: int = 2
     n_best: int = 1
 
@@ -228,7 +234,12 @@ class RunnerConfig:
 @dataclass
 class IgniterConfig:
     """The whole run. ``imports`` are modules imported before building (user registries);
-    ``output_dir`` is the run directory (Hydra's ``hydra.run.dir`` follows it)."""
+    ``output_dir`` is the run directory (Hydra's ``hydra.run.dir`` follows it).
+
+    ``resume``: ``auto`` continues from the newest valid checkpoint in
+    ``<output_dir>/checkpoints`` if there is one (re-run the same command with
+    the same ``output_dir``); a path continues from that file; ``false`` starts over.
+    """
 
     imports: List[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -241,6 +252,7 @@ class IgniterConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     output_dir: str = "outputs"
+    resume: Optional[str] = "auto"
 
 
 def register_schema() -> None:

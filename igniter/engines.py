@@ -1,8 +1,7 @@
 """Built-in entries of the engine registry: trainer and evaluator factories.
 
 An engine factory is called with ``process_function`` (from a step factory)
-and, if its signature asks, ``deterministic`` (``trainer.deterministic``); it
-returns an ``ignite.engine.Engine``.
+and returns an ``ignite.engine.Engine``.
 """
 
 from __future__ import annotations
@@ -17,10 +16,11 @@ __all__ = ["supervised_trainer", "supervised_evaluator"]
 
 
 @engine_registry("supervised_trainer")
-def supervised_trainer(process_function: Callable[[Engine, Any], Any], deterministic: bool = False) -> Engine:
-    """The trainer: ``ignite.engine.DeterministicEngine`` when ``deterministic``
-    (reproducible data flow and RNG states on resume), else a plain ``Engine``."""
-    return DeterministicEngine(process_function) if deterministic else Engine(process_function)
+def supervised_trainer(process_function: Callable[[Engine, Any], Any]) -> Engine:
+    """The trainer: an ``ignite.engine.DeterministicEngine``, so that a run resumed in
+    the middle of an epoch sees the same batches and random streams as an
+    uninterrupted one (Ignite's "dataflow synchronization")."""
+    return DeterministicEngine(process_function)
 
 
 @engine_registry("supervised_evaluator")

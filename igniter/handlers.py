@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
 
 from igniter.io import atomic_write
 from igniter.registry import event_handler_registry, io_registry
+from igniter.resume import TrainerState
 
 __all__ = [
     "log_state",
@@ -38,6 +40,7 @@ __all__ = [
     "attach_progress",
     "attach_throughput",
     "attach_checkpoints",
+    "attach_nan_guard",
 ]
 
 logger = logging.getLogger("igniter")
@@ -94,6 +97,16 @@ class MetricsRecord:
     def __init__(self, path: Path, monitor: str | None, mode: str, static: dict[str, Any]) -> None:
         self.path, self.monitor, self.mode = Path(path), monitor, mode
         self.data: dict[str, Any] = {"status": "running", **static, "epochs": [], "final": {}, "best": {}}
+
+    def resume(self, iteration: int) -> None:
+        """Continue the history of an interrupted run: keep its rows up to ``iteration``."""
+        if not self.path.is_file():
+            return
+        old = json.loads(self.path.read_text())
+        for row in old.get("epochs", []):
+            if row["iteration"] <= iteration:
+                self.add_epoch(row["epoch"], row["iteration"], {k: v for k, v in row.items() if k not in ("epoch", "iteration")})
+        self.data["restarts"] = old.get("restarts", 0) + 1
 
     def add_epoch(self, epoch: int, iteration: int, metrics: dict[str, Any]) -> None:
         row = {"epoch": epoch, "iteration": iteration, **{k: _scalar(v) for k, v in metrics.items()}}
@@ -163,41 +176,94 @@ def attach_throughput(trainer: Engine, global_batch_size: int) -> None:
         engine.state.samples_per_s = samples / seconds if seconds > 0 else math.nan
 
 
-def attach_checkpoints(ctx: Any) -> list[Checkpoint]:
-    """Ignite ``Checkpoint``s of model, optimizer, scheduler and trainer state through
-    the io-registry saver ``checkpoint.saver`` into ``<run dir>/checkpoints``.
+def attach_nan_guard(trainer: Engine) -> None:
+    """Ignite's ``TerminateOnNan`` on the step output; records ``trainer.state.diverged``
+    = ``(iteration, loss)`` so checkpoints stop and the run exits non-zero."""
+    terminate = TerminateOnNan()
+    trainer.state.diverged = None
 
-    Keeps the last ``checkpoint.n_saved`` (``last_*.pt``, every
-    ``checkpoint.every_epochs`` epochs and, if set, every
-    ``checkpoint.every_iterations`` iterations) and the ``checkpoint.n_best``
-    best by ``evaluation.monitor`` (``best_*.pt``). Every rank must call this
-    (Ignite gathers state collectively); only rank 0 writes.
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _check(engine: Engine) -> None:
+        if engine.state.diverged is not None:
+            return
+        terminate(engine)
+        if engine.should_terminate:
+            out = engine.state.output
+            loss = _scalar(out["loss"]) if isinstance(out, dict) and "loss" in out else out
+            engine.state.diverged = (engine.state.iteration, loss)
+
+
+def _guarded(save: Checkpoint, trainer: Engine) -> Callable[[Engine], None]:
+    """Call ``save`` unless the run has diverged (a NaN state never overwrites a good checkpoint)."""
+
+    def handler(engine: Engine) -> None:
+        if getattr(trainer.state, "diverged", None) is None:
+            save(engine)
+
+    return handler
+
+
+def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
+    """Event filter: ``True`` when ``seconds`` have passed since it last said ``True``.
+
+    Rank 0's clock decides and the decision is broadcast, so every rank saves at
+    the same iteration (taking a checkpoint is collective).
+    """
+    last = {"t": time.monotonic()}
+
+    def event_filter(engine: Engine, event: int) -> bool:
+        if event % 10:
+            return False
+        due = time.monotonic() - last["t"] >= seconds
+        if idist.get_world_size() > 1:
+            due = bool(idist.broadcast(torch.tensor(int(due)), src=0).item())
+        if due:
+            last["t"] = time.monotonic()
+        return due
+
+    return event_filter
+
+
+def attach_checkpoints(ctx: Any) -> dict[str, Any]:
+    """Ignite ``Checkpoint``s through the io-registry saver ``checkpoint.saver`` into
+    ``<run dir>/checkpoints`` (contents: :mod:`igniter.resume`).
+
+    Keeps the last ``checkpoint.n_saved`` (``last_checkpoint_<iteration>.pt``) and
+    the ``checkpoint.n_best`` best by ``evaluation.monitor``
+    (``best_model_<iteration>_<metric>=<value>.pt``). Every rank must call this
+    (taking a checkpoint gathers every rank's RNG state); only rank 0 writes.
+
+    Returns:
+        The objects a resume loads into (``Checkpoint.load_objects``), empty when
+        checkpoints are disabled.
     """
     cfg = ctx.cfg.checkpoint
     if not cfg.enabled:
-        return []
+        return {}
     saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(ctx.output_dir / "checkpoints"))
-    to_save: dict[str, Any] = {"model": ctx.model, "optimizer": ctx.optimizer, "trainer": ctx.trainer}
+    step = global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED)
+    to_save: dict[str, Any] = {"model": ctx.model, "optimizer": ctx.optimizer, "trainer": TrainerState(ctx.trainer)}
     if ctx.scheduler is not None:
         to_save["lr_scheduler"] = ctx.scheduler
-    step = global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED)
-    last = Checkpoint(to_save, saver, filename_prefix="last", n_saved=cfg.n_saved, global_step_transform=step)
-    event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
-    if cfg.every_iterations:
-        event = event | Events.ITERATION_COMPLETED(every=cfg.every_iterations)
-    ctx.trainer.add_event_handler(event, last)
-    handlers = [last]
     monitor = ctx.cfg.evaluation.monitor
     if ctx.evaluator is not None and monitor and cfg.n_best > 0:
+        sign = 1.0 if ctx.cfg.evaluation.mode == "max" else -1.0
         best = Checkpoint(
             {"model": ctx.model},
             saver,
             filename_prefix="best",
             n_saved=cfg.n_best,
-            score_function=Checkpoint.get_default_score_fn(monitor, 1.0 if ctx.cfg.evaluation.mode == "max" else -1.0),
+            score_function=Checkpoint.get_default_score_fn(monitor, sign),
             score_name=monitor,
             global_step_transform=step,
         )
-        ctx.evaluator.add_event_handler(Events.COMPLETED, best)
-        handlers.append(best)
-    return handlers
+        ctx.evaluator.add_event_handler(Events.COMPLETED, _guarded(best, ctx.trainer))
+        to_save["best_checkpointer"] = best
+    last = Checkpoint(to_save, saver, filename_prefix="last", n_saved=cfg.n_saved, global_step_transform=step, include_self=True)
+    event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
+    if cfg.every_iterations:
+        event = event | Events.ITERATION_COMPLETED(every=cfg.every_iterations)
+    if cfg.every_seconds:
+        event = event | Events.ITERATION_COMPLETED(event_filter=_seconds_elapsed(cfg.every_seconds))
+    ctx.trainer.add_event_handler(event, _guarded(last, ctx.trainer))
+    return {**to_save, "checkpointer": last}

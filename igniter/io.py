@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
+import ignite.distributed as idist
 from ignite.engine import Events
 from ignite.handlers import DiskSaver, global_step_from_engine
 
@@ -49,14 +49,35 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
 
 
 class AtomicDiskSaver(DiskSaver):
-    """Ignite's ``DiskSaver`` (rank 0 writes) with fsync before the atomic rename.
+    """Ignite's ``DiskSaver`` (rank 0 writes) made crash-safe.
 
-    Ignite's own atomic mode renames a temporary file without fsync, so a power
-    loss can still leave a truncated checkpoint behind the final name.
+    * fsync before the atomic rename (Ignite's own atomic mode renames without
+      fsync, so a power loss could leave a truncated file behind the final name);
+    * ``remove`` is deferred until the next checkpoint is complete on disk:
+      Ignite's ``Checkpoint`` removes the oldest file *before* writing the new
+      one, so a kill in between would otherwise leave ``n_saved - 1`` files
+      (none with ``n_saved=1``);
+    * leftover temporary files of interrupted writes are deleted at start-up.
     """
+
+    def __init__(self, dirname: str, **kwargs: Any) -> None:
+        super().__init__(dirname, **kwargs)
+        self._pending_removal: list[str] = []
+        if idist.get_rank() == 0:
+            for stale in Path(dirname).glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         atomic_write(Path(path), lambda f: func(checkpoint, f, **self.kwargs))
+        pending, self._pending_removal = self._pending_removal, []
+        for filename in pending:
+            if filename != Path(path).name:
+                # missing_ok: a resumed run's handler may list files an earlier run already rotated out
+                (Path(self.dirname) / filename).unlink(missing_ok=True)
+
+    def remove(self, filename: str) -> None:
+        if idist.get_rank() == 0:  # only rank 0 writes, so only rank 0 removes
+            self._pending_removal.append(filename)
 
 
 @io_registry("disk")
@@ -75,7 +96,8 @@ def tensorboard(ctx: Any) -> Any:
     """
     from ignite.handlers.tensorboard_logger import TensorboardLogger
 
-    tb = TensorboardLogger(log_dir=str(ctx.output_dir / "tb"))
+    # purge_step: a resumed run hides the steps the interrupted run logged after its checkpoint.
+    tb = TensorboardLogger(log_dir=str(ctx.output_dir / "tb"), purge_step=ctx.trainer.state.iteration or None)
     every = Events.ITERATION_COMPLETED(every=ctx.cfg.logging.log_every)
     tb.attach_output_handler(ctx.trainer, event_name=every, tag="train", output_transform=lambda out: out)
     tb.attach_opt_params_handler(ctx.trainer, event_name=every, optimizer=ctx.optimizer, param_name="lr")

@@ -30,15 +30,22 @@ from igniter.build import (
     call_with,
     import_modules,
     import_object,
+    plain,
 )
 from igniter.distributed.sampler import ShardedSampler
 from igniter.events import parse_event
-from igniter.handlers import MetricsRecord, attach_checkpoints, attach_progress, attach_throughput
+from igniter.errors import ConfigError, Problem
+from igniter.handlers import MetricsRecord, attach_checkpoints, attach_nan_guard, attach_progress, attach_throughput
+from igniter.resume import CheckpointInvalid, check_checkpoint, select_checkpoint
 from igniter.registry import engine_registry, event_handler_registry, function_registry, io_registry
 
-__all__ = ["RunContext", "build_run", "train", "setup_logging"]
+__all__ = ["RunContext", "build_run", "train", "setup_logging", "TrainingDiverged"]
 
 logger = logging.getLogger("igniter")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
 
 @dataclass
@@ -149,9 +156,8 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
         "loss_fn": loss_fn,
         "device": device,
         "grad_clip_norm": cfg.trainer.grad_clip_norm,
-        "deterministic": cfg.trainer.deterministic,
     }
-    step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available)
+    step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
     trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step})
     custom_events = [import_object(path) for path in cfg.trainer.custom_events]
     for enum in custom_events:
@@ -196,7 +202,7 @@ def _attach_user_handlers(ctx: RunContext) -> None:
         engine.add_event_handler(parse_event(spec.event, ctx.custom_events), handler)
 
 
-def _wire(ctx: RunContext, record: MetricsRecord | None) -> None:
+def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
     """Attach the standard handlers. Order matters: sampler epoch, scheduler,
     throughput, evaluation, then checkpoints and loggers that read their results."""
     cfg, trainer, evaluator = ctx.cfg, ctx.trainer, ctx.evaluator
@@ -212,6 +218,7 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> None:
         event = Events.ITERATION_COMPLETED if cfg.solver.scheduler.step_on == "iteration" else Events.EPOCH_COMPLETED
         trainer.add_event_handler(event, lambda _: ctx.scheduler.step())
 
+    attach_nan_guard(trainer)
     attach_throughput(trainer, cfg.data.loader.batch_size)
     if evaluator is not None:
         last_eval = {"epoch": 0}
@@ -233,9 +240,49 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> None:
         if cfg.evaluation.patience is not None:
             factory = event_handler_registry.get("early_stopping")
             evaluator.add_event_handler(Events.COMPLETED, factory(ctx, patience=cfg.evaluation.patience))
-    attach_checkpoints(ctx)
+    to_load = attach_checkpoints(ctx)
     if ctx.rank == 0:
         attach_progress(ctx)
+    return to_load
+
+
+def _resume(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
+    """Load the checkpoint chosen by ``cfg.resume`` into ``to_load`` on every rank.
+
+    Rank 0 chooses (newest valid file) and broadcasts its choice, or its error, so
+    that no rank waits on a collective another rank never reaches.
+
+    Raises:
+        ConfigError: no valid checkpoint where one was expected (exit status 2).
+    """
+    if not to_load:
+        return None
+    required = tuple(k for k in to_load if k != "checkpointer") + ("checkpointer",)
+    directory = ctx.output_dir / "checkpoints"
+    choice, ckpt = "", None
+    if ctx.rank == 0:
+        try:
+            path, ckpt = select_checkpoint(ctx.cfg.resume, directory, ctx.model, required)
+            choice = str(path) if path else ""
+        except ConfigError as e:
+            choice = "ERROR:" + "\n".join(str(p) for p in e.problems)
+    if ctx.world_size > 1:
+        choice = idist.broadcast(choice, src=0, safe_mode=True)
+    if choice.startswith("ERROR:"):
+        lines = choice[len("ERROR:") :].split("\n")
+        raise ConfigError([Problem("resume", line) for line in lines], "cannot resume")
+    if not choice:
+        return None
+    if ckpt is None:  # ranks > 0 read the file rank 0 chose
+        try:
+            ckpt = check_checkpoint(Path(choice), ctx.model, required)
+        except CheckpointInvalid as e:
+            raise ConfigError([Problem("resume", f"{choice} {e}")], "cannot resume") from None
+    from ignite.handlers import Checkpoint
+
+    Checkpoint.load_objects({k: v for k, v in to_load.items() if k in ckpt}, ckpt)
+    logger.info("resumed from %s (epoch %d, iteration %d)", choice, ctx.trainer.state.epoch, ctx.trainer.state.iteration)
+    return Path(choice)
 
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:
@@ -273,28 +320,42 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         "per_process_batch_size": per_process,
     }
     record = MetricsRecord(output_dir / "metrics.json", cfg.evaluation.monitor, cfg.evaluation.mode, static) if rank == 0 else None
-    _wire(ctx, record)
+    to_load = _wire(ctx, record)
     _attach_user_handlers(ctx)
+    if _resume(ctx, to_load) is not None and record is not None:
+        record.resume(ctx.trainer.state.iteration)
     loggers = [call_with(io_registry.get(name, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, name in enumerate(cfg.logging.loggers)] if rank == 0 else []
     try:
-        ctx.trainer.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs, epoch_length=cfg.trainer.epoch_length)
+        done = ctx.trainer.state.epoch_length is not None and ctx.trainer._is_done(ctx.trainer.state)
+        if done and ctx.trainer.state.max_epochs >= cfg.trainer.max_epochs:
+            # Ignite would start a finished engine over; a finished run stays finished.
+            logger.info("the checkpoint is the end of training (epoch %d): nothing left to run", ctx.trainer.state.epoch)
+        else:
+            ctx.trainer.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs, epoch_length=cfg.trainer.epoch_length)
     finally:
         for lg in loggers:
             lg.close()
     state = ctx.trainer.state
     wall = time.perf_counter() - start
     summary = {
-        "status": "completed",
+        "status": "diverged" if state.diverged else "completed",
         "epochs_completed": state.epoch,
         "iterations": state.iteration,
         "wall_time_s": wall,
         "train_time_s": state.train_time_s,
         "samples_per_s": state.samples / state.train_time_s if state.train_time_s > 0 else None,
     }
+    if record is not None:
+        record.update(**summary)
+        record.write()
+    if state.diverged:
+        iteration, loss = state.diverged
+        raise TrainingDiverged(
+            f"the loss is {loss} at iteration {iteration} (epoch {state.epoch}): training stopped; "
+            "checkpoints stopped there, so the newest one on disk holds the last finite state"
+        )
     if record is None:
         return summary
-    record.update(**summary)
-    record.write()
     final = record.data["final"]
     logger.info(
         "done: %d epochs, %d iterations in %.1f s (training %.1f s, %.0f samples/s, world size %d) | final %s",

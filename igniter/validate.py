@@ -20,6 +20,7 @@ from igniter.build import accepted_params, dataset_kwargs, import_modules, impor
 from igniter.distributed.runners import make_runner
 from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, parse_event
+from igniter.resume import resume_mode
 from igniter.registry import (
     Registry,
     RegistryError,
@@ -38,6 +39,7 @@ __all__ = ["validate", "check_config"]
 # Arguments igniter itself passes to factories; not for users to set in params.
 _DATASET_ARGS = {"transform"}
 _OPTIMIZER_ARGS = {"params", "lr", "weight_decay"}
+STEP_ARGS = ("model", "optimizer", "loss_fn", "device", "grad_clip_norm")
 
 
 class _Checker:
@@ -143,7 +145,8 @@ def _custom_events(c: _Checker, paths: Iterable[str]) -> list:
 def _check_run(c: _Checker, cfg: DictConfig) -> None:
     t = cfg.trainer
     c.name(engine_registry, "trainer.engine", t.engine)
-    c.name(function_registry, "trainer.step", t.step)
+    step = c.name(function_registry, "trainer.step", t.step)
+    c.params(step, plain(t.step_params), "trainer.step_params", set(STEP_ARGS))
     c.name(function_registry, "trainer.loss", t.loss)
     c.positive("trainer.max_epochs", t.max_epochs)
     c.positive("trainer.epoch_length", t.epoch_length, allow_none=True)
@@ -233,6 +236,9 @@ def validate(cfg: DictConfig) -> list[Problem]:
     except RegistryError as e:
         c.add("runner.name", str(e), cfg.runner.name)
     _check_data(c, cfg, max(1, runner.world_size) if runner else 1)
+    resume = resume_mode(cfg.resume)
+    if resume not in (None, "auto") and not os.path.isfile(resume):
+        c.add("resume", "expected 'auto', false, or the path of an existing checkpoint file", cfg.resume)
     _check_solver(c, cfg.solver)
     _check_run(c, cfg)
     return c.problems

@@ -194,6 +194,7 @@ def test_two_spawn_jobs_at_once_both_finish(tmp_path):
 def test_dead_rank_ends_the_job(tmp_path):
     marker = f"output_dir={tmp_path / 'failing_run'}"
     args = ["imports=[my_project]", "trainer.step=fail_on_rank", *COMMON, "runner=spawn", "runner.nproc_per_node=2", marker]
+    before = igniter_processes()
     start = time.monotonic()
     proc = run_igniter(args, tmp_path, timeout=120)
     elapsed = time.monotonic() - start
@@ -202,8 +203,21 @@ def test_dead_rank_ends_the_job(tmp_path):
     assert "rank 1 failed" in proc.stderr
     assert "injected failure on rank 1 at iteration 5" in proc.stderr
     time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
-    assert left == [], f"processes left behind: {left}"
+    assert igniter_processes() - before == set(), "processes left behind"
+
+
+def igniter_processes() -> set[int]:
+    """PIDs of igniter launchers and of torch-multiprocessing workers (read from /proc)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "-m igniter" in cmdline or "multiprocessing.spawn" in cmdline:
+                pids.add(int(entry.name))
+    return pids
 
 
 @pytest.mark.parametrize(

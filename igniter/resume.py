@@ -1,0 +1,199 @@
+"""Checkpoint contents and resuming: the one place that knows how a run continues.
+
+A ``last_checkpoint_<iteration>.pt`` holds (all plain tensors and containers, so
+``torch.load(weights_only=True)`` reads it without running code from the file):
+
+``model``, ``optimizer``, ``lr_scheduler``
+    their ``state_dict()``s (DDP unwrapped by Ignite's ``Checkpoint``).
+``trainer``
+    epoch, iteration, epoch_length, max_epochs, the ``DeterministicEngine``
+    seed, and the RNG states (python, torch, numpy) of *every* rank as JSON
+    strings, gathered from all ranks when the checkpoint is taken.
+``checkpointer``, ``best_checkpointer``
+    the ``Checkpoint`` handlers' own lists of saved files, so "keep the last N"
+    keeps working across restarts.
+
+The data order needs no extra state: :class:`~igniter.distributed.ShardedSampler`
+permutes with ``seed + epoch`` and Ignite's ``DeterministicEngine`` skips the
+batches already consumed in the interrupted epoch (its ``ReproducibleBatchSampler``)
+and restores the RNG states mid-epoch. Resumed runs are therefore bit-identical
+to uninterrupted ones on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine
+
+from igniter.errors import ConfigError, Problem
+
+__all__ = [
+    "TrainerState",
+    "CheckpointInvalid",
+    "checkpoint_files",
+    "check_checkpoint",
+    "select_checkpoint",
+    "resume_mode",
+]
+
+logger = logging.getLogger("igniter")
+
+_STEP = re.compile(r"_(\d+)\.pt$")
+
+
+def _rng_json() -> str:
+    """This process's python, torch and numpy RNG states as a JSON string."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return json.dumps(
+        {
+            "python": [py[0], list(py[1]), py[2]],
+            "torch": torch.get_rng_state().tolist(),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        }
+    )
+
+
+def _rng_states(text: str) -> list[Any]:
+    """JSON from :func:`_rng_json` -> ``[python, torch, numpy]`` states, the layout of
+    Ignite's ``DeterministicEngine`` (``ignite.engine.deterministic._set_rng_states``)."""
+    d = json.loads(text)
+    py = (d["python"][0], tuple(d["python"][1]), d["python"][2])
+    tstate = torch.tensor(d["torch"], dtype=torch.uint8)
+    n = d["numpy"]
+    nstate = (n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4])
+    return [py, tstate, nstate]
+
+
+class TrainerState:
+    """The trainer's entry in a checkpoint: Ignite's engine state without its
+    numpy-bearing ``rng_states``, plus every rank's RNG states as JSON strings.
+
+    ``state_dict()`` is collective (``all_gather``): every rank must call it, as
+    every rank calls Ignite's ``Checkpoint``.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.engine.state_dict().items() if k != "rng_states"}
+        state["seed"] = int(getattr(self.engine.state, "seed", 0) or 0)
+        ranks = idist.all_gather(_rng_json()) if idist.get_world_size() > 1 else [_rng_json()]
+        state["rng"] = list(ranks)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        keys = ("iteration", "epoch", "epoch_length", "max_epochs")
+        loaded = {k: state[k] for k in keys if k in state and state[k] is not None}
+        loaded.update({k: None for k in self.engine.state_dict_user_keys})  # set below
+        self.engine.load_state_dict(loaded)
+        self.engine.state.seed = state["seed"]
+        rng = state["rng"]
+        if len(rng) == idist.get_world_size():
+            # DeterministicEngine restores these when resuming in the middle of an epoch.
+            self.engine.state.rng_states = _rng_states(rng[idist.get_rank()])
+        else:
+            logger.warning(
+                "checkpoint has RNG states of %d ranks, this run has %d: random streams restart", len(rng), idist.get_world_size()
+            )
+
+
+class CheckpointInvalid(Exception):
+    """A checkpoint file cannot be used; the message says why."""
+
+
+def checkpoint_files(directory: Path, prefix: str = "last_checkpoint") -> list[Path]:
+    """``<prefix>_<iteration>.pt`` files in ``directory``, newest (highest iteration) first.
+
+    Temporary files of interrupted writes (``.<name>.*.tmp``) never match.
+    """
+    files = [p for p in Path(directory).glob(f"{prefix}_*.pt") if _STEP.search(p.name)]
+    return sorted(files, key=lambda p: int(_STEP.search(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+
+
+def check_checkpoint(path: Path, model: torch.nn.Module, required: tuple[str, ...]) -> dict[str, Any]:
+    """Load ``path`` safely and check it fits ``model``.
+
+    Returns:
+        The loaded checkpoint (a dict of plain containers and tensors).
+
+    Raises:
+        CheckpointInvalid: unreadable or truncated file, a pickled object that is not
+            plain data (``weights_only`` refuses it, nothing is executed), missing
+            entries, or model keys/shapes that differ from ``model``'s.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0]
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            reason = "it contains pickled objects that are not plain tensors/containers; refused by torch.load(weights_only=True), nothing from it was run"
+        raise CheckpointInvalid(f"cannot be read: {reason}") from None
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointInvalid(f"holds a {type(ckpt).__name__}, not a dict of states")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise CheckpointInvalid(f"has no {', '.join(missing)} entry (has: {', '.join(map(str, ckpt))})")
+    expected = getattr(model, "module", model).state_dict()
+    got = ckpt["model"]
+    if set(got) != set(expected):
+        extra, absent = sorted(set(got) - set(expected)), sorted(set(expected) - set(got))
+        raise CheckpointInvalid(f"does not fit the model: unexpected keys {extra[:5]}, missing keys {absent[:5]}")
+    for k, v in expected.items():
+        if not isinstance(got[k], torch.Tensor) or got[k].shape != v.shape:
+            shape = tuple(got[k].shape) if isinstance(got[k], torch.Tensor) else type(got[k]).__name__
+            raise CheckpointInvalid(f"does not fit the model: '{k}' has shape {shape}, the model has {tuple(v.shape)}")
+    return ckpt
+
+
+def resume_mode(value: Any) -> str | None:
+    """Normalize ``cfg.resume``: ``"auto"``, a path, or ``None`` (off: ``false``/``null``/``none``)."""
+    if value is None or value is False or str(value).lower() in ("false", "none", "null", "no", "off", ""):
+        return None
+    return str(value)
+
+
+def select_checkpoint(resume: Any, directory: Path, model: torch.nn.Module, required: tuple[str, ...]) -> tuple[Path | None, dict | None]:
+    """Pick the checkpoint to resume from (call on rank 0).
+
+    ``auto``: the newest valid ``last_checkpoint_*.pt`` in ``directory`` (invalid
+    newer ones are reported with their path and reason, and skipped); ``None``
+    when there is none at all. A path: that file, which must be valid.
+
+    Raises:
+        ConfigError: checkpoints exist but none is valid, or the given file is invalid.
+    """
+    mode = resume_mode(resume)
+    if mode is None:
+        return None, None
+    if mode != "auto":
+        path = Path(mode)
+        if not path.is_file():
+            raise ConfigError([Problem("resume", "checkpoint file does not exist", mode)], "cannot resume")
+        try:
+            return path, check_checkpoint(path, model, required)
+        except CheckpointInvalid as e:
+            raise ConfigError([Problem("resume", f"{path} {e}", mode)], "cannot resume") from None
+    candidates = checkpoint_files(directory)
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = check_checkpoint(path, model, required)
+        except CheckpointInvalid as e:
+            logger.warning("skipping checkpoint %s: it %s", path, e)
+            problems.append(Problem("resume", f"{path} {e}", "auto"))
+            continue
+        return path, ckpt
+    if candidates:
+        raise ConfigError(problems + [Problem("resume", f"no valid checkpoint in {directory}; use resume=false to start over", "auto")], "cannot resume")
+    return None, None

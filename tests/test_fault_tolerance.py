@@ -1,0 +1,196 @@
+"""Crash safety and exact resume, on real processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import igniter_env, read_metrics, run_igniter
+from igniter.distributed.runners import free_port
+from igniter.resume import checkpoint_files
+
+# 6 epochs of 44 iterations on digits; a checkpoint every 10 iterations and every epoch.
+BASE = ["trainer.max_epochs=6", "checkpoint.every_iterations=10", "checkpoint.n_saved=2", "trainer.seed=3", "logging.progress_bar=false"]
+
+
+def final_model(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint_files(run / "checkpoints")[0], weights_only=True)["model"]
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max()}"
+
+
+def assert_all_checkpoints_load(run: Path) -> int:
+    files = list((run / "checkpoints").glob("*.pt")) if (run / "checkpoints").exists() else []
+    for f in files:
+        torch.load(f, weights_only=True)  # raises on a truncated or corrupted file
+    return len(files)
+
+
+def command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "igniter", *args]
+
+
+def kill_and_resume(args: list[str], cwd: Path, delays: list[float]) -> list[str]:
+    """Start the run, SIGKILL its whole process group after each delay, re-run the same
+    command; finally let it finish. Returns what happened in each trial."""
+    log = []
+    run = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
+    for delay in delays:
+        proc = subprocess.Popen(command(args), cwd=cwd, env=igniter_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=delay)
+            log.append(f"finished before {delay:.1f}s (rc {proc.returncode})")
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            break
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            n = assert_all_checkpoints_load(run)
+            log.append(f"killed at {delay:.1f}s with {n} checkpoint files")
+    proc = subprocess.run(command(args), cwd=cwd, env=igniter_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return log
+
+
+@pytest.mark.parametrize(
+    "extra, delays",
+    [
+        ([], (2.5, 6.0)),  # single process: start-up ~3 s, run ~12 s with slow saves
+        (["runner=spawn", "runner.nproc_per_node=2"], (6.0, 14.0)),  # 2 processes, gloo
+    ],
+    ids=["single", "spawn2"],
+)
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(extra, delays, tmp_path):
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    reference = tmp_path / "reference"
+    proc = run_igniter([*BASE, *extra, f"output_dir={reference}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    args = [*BASE, *extra, "imports=[my_project]", "checkpoint.saver=slow_disk", f"output_dir={run}"]
+    trials = [rng.uniform(delays[0], delays[1]) for _ in range(3)]
+    log = kill_and_resume(args, tmp_path, sorted(trials))
+    print("\n".join(log))
+    assert_bit_identical(final_model(reference), final_model(run))
+    metrics = read_metrics(run)
+    assert metrics["status"] == "completed" and [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert assert_all_checkpoints_load(run) >= 2
+    assert not list((run / "checkpoints").glob(".*.tmp")), "temporary files are cleaned up"
+    assert (run / "rank0.log").read_text().count("run dir") >= 2, "a resumed run appends to the same log"
+
+
+def test_resume_mid_epoch_is_bit_identical(tmp_path):
+    """Die at iteration 155 (epoch 4, 23rd of 44 iterations); the newest checkpoint is
+    iteration 150, mid-epoch; re-running the same command finishes the run."""
+    reference = tmp_path / "reference"
+    assert run_igniter([*BASE, f"output_dir={reference}"], tmp_path).returncode == 0
+    run = tmp_path / "run"
+    args = [*BASE, "imports=[my_project]", "trainer.step=die_once", "+trainer.step_params.rank=0", "+trainer.step_params.iteration=155", f"output_dir={run}"]
+    env = {**igniter_env(), "DIE_ONCE_MARKER": str(tmp_path / "died")}
+    first = subprocess.run(command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0 and (tmp_path / "died").exists()
+    assert int(checkpoint_files(run / "checkpoints")[0].stem.rsplit("_", 1)[1]) == 150
+    second = subprocess.run(command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "(epoch 3, iteration 150)" in second.stdout
+    assert_bit_identical(final_model(reference), final_model(run))
+
+
+def _write_checkpoints(run: Path, tmp_path: Path) -> list[Path]:
+    proc = run_igniter(["trainer.max_epochs=3", "checkpoint.n_saved=3", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = checkpoint_files(run / "checkpoints")
+    assert [int(f.stem.rsplit("_", 1)[1]) for f in files] == [132, 88, 44]
+    return files
+
+
+def test_truncated_and_wrong_model_checkpoints_fall_back_to_older_valid_one(tmp_path):
+    run = tmp_path / "run"
+    newest, middle, oldest = _write_checkpoints(run, tmp_path)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated
+    wrong = torch.load(middle, weights_only=True)
+    wrong["model"]["net.0.weight"] = torch.zeros(3, 3)  # wrong architecture
+    torch.save(wrong, middle)
+    proc = run_igniter(["trainer.max_epochs=4", "checkpoint.n_saved=3", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert f"skipping checkpoint {newest}" in out and "cannot be read" in out
+    assert f"skipping checkpoint {middle}" in out and "does not fit the model" in out
+    assert f"resumed from {oldest} (epoch 1, iteration 44)" in out
+    assert read_metrics(run)["iterations"] == 176
+
+
+def test_no_valid_checkpoint_exits_2(tmp_path):
+    run = tmp_path / "run"
+    for f in _write_checkpoints(run, tmp_path):
+        f.write_bytes(b"garbage")
+    proc = run_igniter(["trainer.max_epochs=4", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no valid checkpoint in" in proc.stderr and "resume=false" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickled_code_in_checkpoint_is_refused(tmp_path):
+    run = tmp_path / "run"
+    newest = _write_checkpoints(run, tmp_path)[0]
+    ckpt = torch.load(newest, weights_only=True)
+    ckpt["extra"] = Exploit()
+    torch.save(ckpt, newest)
+    proc = run_igniter([f"resume={newest}", "trainer.max_epochs=4", f"output_dir={tmp_path / 'other'}"], tmp_path)
+    assert proc.returncode == 2
+    assert str(newest) in proc.stderr and "weights_only" in proc.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "other" / "PWNED").exists()
+
+
+def test_nan_stops_run_keeps_last_finite_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["imports=[my_project]", "trainer.step=nan_at", "trainer.max_epochs=3", "checkpoint.every_iterations=10", f"output_dir={run}"]
+    proc = run_igniter(args, tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "loss is nan at iteration 30" in proc.stderr
+    newest = checkpoint_files(run / "checkpoints")[0]
+    ckpt = torch.load(newest, weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 20
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert read_metrics(run)["status"] == "diverged"
+
+
+def test_torchrun_max_restarts_resumes_after_worker_killed(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    common = [*BASE[:1], "trainer.max_epochs=2", "checkpoint.every_iterations=10", "trainer.seed=3", "runner=torchrun"]
+    ref = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *common, f"output_dir={tmp_path / 'ref'}"],
+        cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    marker = tmp_path / "died"
+    args = [*common, "imports=[my_project]", "trainer.step=die_once", "+trainer.step_params.rank=1", "+trainer.step_params.iteration=25", f"output_dir={tmp_path / 'run'}"]
+    env = {**igniter_env(), "DIE_ONCE_MARKER": str(marker)}
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--max-restarts", "2", "--master-port", str(free_port()), "-m", "igniter", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.exists(), "the worker was killed once"
+    assert "resumed from" in (tmp_path / "run" / "rank0.log").read_text()
+    assert_bit_identical(final_model(tmp_path / "ref"), final_model(tmp_path / "run"))
