@@ -177,7 +177,7 @@ def test_nan_stops_run_keeps_last_finite_checkpoint(tmp_path):
 
 def test_torchrun_max_restarts_resumes_after_worker_killed(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    common = [*BASE[:1], "trainer.max_epochs=2", "checkpoint.every_iterations=10", "trainer.seed=3", "runner=torchrun"]
+    common = ["trainer.max_epochs=2", "checkpoint.every_iterations=10", "trainer.seed=3", "runner=torchrun", "runner.timeout_s=60"]
     ref = subprocess.run(
         [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *common, f"output_dir={tmp_path / 'ref'}"],
         cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=600,
@@ -187,7 +187,10 @@ def test_torchrun_max_restarts_resumes_after_worker_killed(tmp_path):
     args = [*common, "imports=[my_project]", "trainer.step=die_once", "+trainer.step_params.rank=1", "+trainer.step_params.iteration=25", f"output_dir={tmp_path / 'run'}"]
     env = {**igniter_env(), "DIE_ONCE_MARKER": str(marker)}
     proc = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--max-restarts", "2", "--master-port", str(free_port()), "-m", "igniter", *args],
+        # c10d rendezvous: every restart is a new rendezvous round (static rendezvous can hand
+        # restarted workers the dead workers' addresses)
+        [torchrun, "--nproc-per-node", "2", "--max-restarts", "2", "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "igniter", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
