@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from igniter.config import CONFIG_MODULE, register_schema
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
@@ -48,8 +48,11 @@ def _with_config_dir(overrides: Sequence[str], config_dir: str | None) -> list[s
     return overrides
 
 
-def compose_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: str | None = None) -> DictConfig:
-    """Compose the config as ``igniter`` would, without creating a run directory.
+def compose_config(
+    overrides: Sequence[str] = (), config_name: str = "config", config_dir: str | None = None, with_hydra: bool = False
+) -> DictConfig:
+    """Compose the config as ``igniter`` would, without creating a run directory
+    (``with_hydra``: keep the ``hydra`` node, e.g. to read the launcher settings).
 
     Raises:
         hydra.errors.ConfigCompositionException / omegaconf errors: unknown key,
@@ -59,7 +62,7 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config", c
 
     register_schema()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=_with_config_dir(overrides, config_dir))
+        return compose(config_name=config_name, overrides=_with_config_dir(overrides, config_dir), return_hydra_config=with_hydra)
 
 
 def _parse(overrides: Sequence[str]) -> list[Any]:
@@ -121,7 +124,7 @@ def _composition_problem(override: Any, exc: BaseException, base: DictConfig | N
         hint = ""
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
             hint = _sibling_suggestion(base, cause.full_key)
-            if override is not None and not override.input_line.startswith("+"):
+            if "Did you mean" not in hint and override is not None and not override.input_line.startswith("+"):
                 hint += f" To add a new key, write +{override.input_line}"
         return Problem(str(cause.full_key), f"{msg}.{hint}".replace("..", "."), value)
     return Problem(key, " ".join(str(exc).split()), value)
@@ -144,7 +147,7 @@ def config_problems(overrides: Sequence[str], config_name: str = "config", confi
     except OverrideParseException as e:
         return None, [Problem("command line", " ".join(str(e).split()))]
     try:
-        cfg = compose_config(overrides, config_name, config_dir)
+        cfg = compose_config(overrides, config_name, config_dir, with_hydra=True)
     except Exception as first:
         groups = _config_groups()
         group_overrides = [o.input_line for o in parsed if o.key_or_group.split("@")[0].lstrip("~+") in groups]
@@ -167,7 +170,47 @@ def config_problems(overrides: Sequence[str], config_name: str = "config", confi
         except Exception:
             pass
         return None, problems
-    return cfg, validate(cfg)
+    try:
+        launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    except Exception as e:
+        return None, [Problem("hydra.launcher", " ".join(str(e).split()))]
+    with open_dict(cfg):
+        del cfg["hydra"]
+    on_cluster = "submitit" in str(launcher.get("_target_", ""))
+    return cfg, validate(cfg, here=not on_cluster) + launcher_problems(launcher, cfg)
+
+
+def launcher_problems(launcher: dict[str, Any], cfg: DictConfig) -> list[Problem]:
+    """Launcher settings that would make a submitted job hang or run the wrong scale.
+
+    For Hydra's submitit launchers (``hydra/launcher=slurm`` or ``submitit_local``):
+    one task per process, so ``tasks_per_node`` and ``nodes`` must equal the
+    runner's ``nproc_per_node`` and ``nnodes``, a multi-task job needs
+    ``runner=slurm``, and GPU jobs need one GPU per task.
+    """
+    if "submitit" not in str(launcher.get("_target_", "")):
+        return []
+    problems = []
+    tasks, nodes = int(launcher.get("tasks_per_node") or 1), int(launcher.get("nodes") or 1)
+    runner = cfg.runner
+    if runner.name != "slurm":
+        if tasks * nodes > 1:
+            problems.append(
+                Problem("runner.name", f"a job of {tasks * nodes} SLURM tasks needs runner=slurm (one process per task)", runner.name)
+            )
+    else:
+        if tasks != runner.nproc_per_node:
+            problems.append(
+                Problem("hydra.launcher.tasks_per_node", f"must equal runner.nproc_per_node ({runner.nproc_per_node}): set the scale with runner.nproc_per_node only", tasks)
+            )
+        if nodes != runner.nnodes:
+            problems.append(Problem("hydra.launcher.nodes", f"must equal runner.nnodes ({runner.nnodes}): set runner.nnodes only", nodes))
+    gpus = launcher.get("gpus_per_node")
+    if gpus is not None and gpus != tasks:
+        problems.append(Problem("hydra.launcher.gpus_per_node", f"one GPU per task: set it to tasks_per_node ({tasks}) or null on CPU", gpus))
+    if runner.backend == "nccl" and not gpus:
+        problems.append(Problem("hydra.launcher.gpus_per_node", f"backend nccl needs GPUs: set hydra.launcher.gpus_per_node={tasks}"))
+    return problems
 
 
 def _report(problems: list[Problem], header: str = "invalid configuration") -> int:
@@ -183,17 +226,22 @@ def _hydra_args(argv: Sequence[str]) -> Any:
 
 
 def _prevalidate(args: Any) -> tuple[int, list[DictConfig]]:
-    """Validate every job's config; returns ``(exit status, composed configs)``."""
+    """Validate every job's config; returns ``(exit status, composed configs)``.
+
+    A problem found in some sweep points only names those points."""
     points = sweep_points(args.overrides) if args.multirun else [args.overrides]
-    all_problems: list[Problem] = []
+    found: dict[Problem, list[str]] = {}
     configs = []
     for point in points:
         cfg, problems = config_problems(point, args.config_name or "config", args.config_dir)
-        if problems and len(points) > 1:
-            problems = [Problem(p.key, f"{p.expected} [sweep point: {' '.join(point)}]", p.value) for p in problems]
-        all_problems.extend(problems)
+        for p in problems:
+            found.setdefault(p, []).append(" ".join(point))
         configs.append(cfg)
-    return (_report(all_problems) if all_problems else 0), configs
+    problems = [
+        p if len(where) == len(points) else Problem(p.key, f"{p.expected} [sweep point: {'; '.join(where)}]", p.value)
+        for p, where in found.items()
+    ]
+    return (_report(problems) if problems else 0), configs
 
 
 def plain_config(cfg: DictConfig) -> DictConfig:
@@ -204,8 +252,10 @@ def plain_config(cfg: DictConfig) -> DictConfig:
     return out
 
 
-def launch(cfg: DictConfig, output_dir: Path) -> None:
-    """Save the resolved config in ``output_dir`` and start the runner's processes."""
+def launch(cfg: DictConfig, output_dir: Path, job: dict[str, Any] | None = None) -> None:
+    """Save the resolved config in ``output_dir`` and start the runner's processes.
+
+    ``job``: Hydra's job id, number and overrides, recorded in ``metrics.json``."""
     from igniter.distributed import make_runner
     from igniter.io import atomic_write
     from igniter.run import train
@@ -215,7 +265,7 @@ def launch(cfg: DictConfig, output_dir: Path) -> None:
     cfg.output_dir = str(output_dir)
     text = OmegaConf.to_yaml(cfg)
     atomic_write(output_dir / "config.yaml", lambda f: f.write(text), binary=False)
-    make_runner(cfg.runner).launch(train, cfg, output_dir)
+    make_runner(cfg.runner).launch(train, cfg, output_dir, job or {})
 
 
 def _task(cfg: DictConfig) -> None:
@@ -224,9 +274,11 @@ def _task(cfg: DictConfig) -> None:
     from igniter.distributed.runners import RankFailed
     from igniter.run import TrainingDiverged
 
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    job = {"id": str(hydra_cfg.job.get("id") or ""), "num": hydra_cfg.job.get("num"), "overrides": list(hydra_cfg.overrides.task)}
     try:
-        launch(cfg, output_dir)
+        launch(cfg, output_dir, job)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         sys.exit(EXIT_CONFIG)

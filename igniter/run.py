@@ -32,6 +32,7 @@ from igniter.build import (
     import_object,
     plain,
 )
+from igniter.distributed import make_runner
 from igniter.distributed.sampler import ShardedSampler
 from igniter.events import parse_event
 from igniter.errors import ConfigError, Problem
@@ -289,8 +290,13 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)))
 
 
-def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate in this process; rank 0 writes ``metrics.json`` and prints the summary.
+
+    Args:
+        cfg: the resolved config.
+        output_dir: the run directory (rank 0's is used by every rank).
+        job: Hydra's job id/number/overrides, copied into ``metrics.json``.
 
     Returns:
         The ``metrics.json`` content (on every rank; only rank 0 writes it).
@@ -314,6 +320,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             per_process,
         )
     static = {
+        "job": job or {},
         "world_size": ctx.world_size,
         "backend": idist.backend(),
         "global_batch_size": cfg.data.loader.batch_size,
@@ -324,6 +331,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     _attach_user_handlers(ctx)
     if _resume(ctx, to_load) is not None and record is not None:
         record.resume(ctx.trainer.state.iteration)
+    ctx.trainer.state.stopped_by = None
+    make_runner(cfg.runner).attach(ctx.trainer, to_load.get("checkpointer"))
     loggers = [call_with(io_registry.get(name, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, name in enumerate(cfg.logging.loggers)] if rank == 0 else []
     try:
         done = ctx.trainer.state.epoch_length is not None and ctx.trainer._is_done(ctx.trainer.state)
@@ -337,8 +346,9 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             lg.close()
     state = ctx.trainer.state
     wall = time.perf_counter() - start
+    status = "diverged" if state.diverged else ("stopped" if state.stopped_by else "completed")
     summary = {
-        "status": "diverged" if state.diverged else "completed",
+        "status": status,
         "epochs_completed": state.epoch,
         "iterations": state.iteration,
         "wall_time_s": wall,
@@ -348,6 +358,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if record is not None:
         record.update(**summary)
         record.write()
+    if state.stopped_by is not None:
+        raise state.stopped_by
     if state.diverged:
         iteration, loss = state.diverged
         raise TrainingDiverged(

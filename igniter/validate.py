@@ -209,10 +209,12 @@ def _check_data(c: _Checker, cfg: DictConfig, world_size: int) -> None:
         c.name(function_registry, "data.loader.collate_fn", ld.collate_fn)
 
 
-def validate(cfg: DictConfig) -> list[Problem]:
+def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
     """Every problem in ``cfg``, each naming its dotted key, value and what is expected.
 
-    Imports ``cfg.imports`` first so user-registered names are known.
+    Imports ``cfg.imports`` first so user-registered names are known. ``here``:
+    the run starts on this machine (``False`` when submitting to a cluster, see
+    :meth:`igniter.distributed.Runner.validate`).
     """
     c = _Checker()
     for key in sorted(OmegaConf.missing_keys(cfg)):
@@ -232,7 +234,7 @@ def validate(cfg: DictConfig) -> list[Problem]:
     runner = None
     try:
         runner = make_runner(cfg.runner)
-        c.problems.extend(runner.validate())
+        c.problems.extend(runner.validate(here))
     except RegistryError as e:
         c.add("runner.name", str(e), cfg.runner.name)
     _check_data(c, cfg, max(1, runner.world_size) if runner else 1)

@@ -45,6 +45,7 @@ __all__ = [
     "SingleRunner",
     "SpawnRunner",
     "TorchrunRunner",
+    "JoinRunner",
     "RankFailed",
     "make_runner",
     "default_backend",
@@ -118,13 +119,19 @@ class Runner:
     def backend(self) -> str:
         return self.cfg.backend or default_backend()
 
-    def validate(self) -> list[Problem]:
-        """Problems with ``runner.*`` settings, found without starting anything."""
+    def validate(self, here: bool = True) -> list[Problem]:
+        """Problems with ``runner.*`` settings, found without starting anything.
+
+        Args:
+            here: the processes will start on this machine. ``False`` when the job
+                is submitted to a cluster: checks of this machine's GPUs and of the
+                launcher's environment are skipped.
+        """
         problems = []
         backend = self.cfg.backend
         if backend is not None and backend not in ("gloo", "nccl"):
             problems.append(Problem("runner.backend", "expected 'gloo', 'nccl' or null (auto)", backend))
-        if backend == "nccl" and not torch.cuda.is_available():
+        if backend == "nccl" and here and not torch.cuda.is_available():
             problems.append(Problem("runner.backend", "nccl needs CUDA GPUs and none is available; use gloo", backend))
         if self.cfg.timeout_s <= 0:
             problems.append(Problem("runner.timeout_s", "expected a positive number of seconds", self.cfg.timeout_s))
@@ -136,6 +143,12 @@ class Runner:
     def parallel_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``idist.Parallel`` for this launch mode."""
         return {"backend": None}
+
+    def attach(self, trainer: Any, save_checkpoint: Callable[[Any], None] | None) -> None:
+        """Hook called in every process once the trainer is wired: a runner that must
+        react to its scheduler (e.g. SLURM's preemption signals) attaches handlers here.
+        A handler that stops the run sets ``trainer.state.stopped_by`` to the exception
+        :func:`igniter.run.train` raises after the engine returns."""
 
     def launch(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in every process of the run.
@@ -151,8 +164,8 @@ class Runner:
 class SingleRunner(Runner):
     """One process, no process group: the CPU, or the first GPU when CUDA is available."""
 
-    def validate(self) -> list[Problem]:
-        problems = super().validate()
+    def validate(self, here: bool = True) -> list[Problem]:
+        problems = super().validate(here)
         for key in ("nproc_per_node", "nnodes"):
             if self.cfg[key] != 1:
                 problems.append(
@@ -179,8 +192,8 @@ class SpawnRunner(Runner):
     def is_primary(self) -> bool:
         return self.cfg.node_rank == 0
 
-    def validate(self) -> list[Problem]:
-        problems = super().validate()
+    def validate(self, here: bool = True) -> list[Problem]:
+        problems = super().validate(here)
         cfg = self.cfg
         for key in ("nproc_per_node", "nnodes"):
             if cfg[key] < 1:
@@ -189,7 +202,7 @@ class SpawnRunner(Runner):
             problems.append(Problem("runner.node_rank", f"expected 0 <= node_rank < nnodes ({cfg.nnodes})", cfg.node_rank))
         if cfg.nnodes > 1 and cfg.master_port is None:
             problems.append(Problem("runner.master_port", "multi-node runs need an explicit port, the same on every node"))
-        if self.backend == "nccl" and torch.cuda.is_available() and cfg.nproc_per_node > torch.cuda.device_count():
+        if here and self.backend == "nccl" and torch.cuda.is_available() and cfg.nproc_per_node > torch.cuda.device_count():
             problems.append(
                 Problem("runner.nproc_per_node", f"more processes than the {torch.cuda.device_count()} GPUs of this node", cfg.nproc_per_node)
             )
@@ -219,8 +232,26 @@ class SpawnRunner(Runner):
             raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
 
 
+class JoinRunner(Runner):
+    """Base of the runners whose processes were started by someone else (torchrun,
+    srun): each process joins the process group through ``ignite.distributed``."""
+
+    def join_environment(self) -> None:
+        """Set whatever ``idist.initialize`` reads from the environment (nothing here)."""
+
+    def launch(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.join_environment()
+        # Parallel(backend=...) would initialize without our timeout: initialize here, then run.
+        idist.initialize(self.backend, timeout=timedelta(seconds=self.cfg.timeout_s))
+        try:
+            with idist.Parallel(backend=None) as parallel:
+                parallel.run(_call, fn, *args)
+        finally:
+            idist.finalize()
+
+
 @runner_registry("torchrun")
-class TorchrunRunner(Runner):
+class TorchrunRunner(JoinRunner):
     """Join a process group whose processes were started by torchrun (``torchrun
     --nproc-per-node N -m igniter runner=torchrun ...``), or by any launcher that
     sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
@@ -235,10 +266,10 @@ class TorchrunRunner(Runner):
     def is_primary(self) -> bool:
         return os.environ.get("RANK", "0") == "0"
 
-    def validate(self) -> list[Problem]:
-        problems = super().validate()
+    def validate(self, here: bool = True) -> list[Problem]:
+        problems = super().validate(here)
         missing = [v for v in ENV_VARS if v not in os.environ]
-        if missing:
+        if missing and here:
             problems.append(
                 Problem(
                     "runner.name",
@@ -249,15 +280,6 @@ class TorchrunRunner(Runner):
                 )
             )
         return problems
-
-    def launch(self, fn: Callable[..., Any], *args: Any) -> None:
-        # Parallel(backend=...) would initialize without our timeout: initialize here, then run.
-        idist.initialize(self.backend, timeout=timedelta(seconds=self.cfg.timeout_s))
-        try:
-            with idist.Parallel(backend=None) as parallel:
-                parallel.run(_call, fn, *args)
-        finally:
-            idist.finalize()
 
 
 def make_runner(cfg: DictConfig) -> Runner:
