@@ -230,16 +230,16 @@ def _prevalidate(args: Any) -> tuple[int, list[DictConfig]]:
 
     A problem found in some sweep points only names those points."""
     points = sweep_points(args.overrides) if args.multirun else [args.overrides]
-    found: dict[Problem, list[str]] = {}
+    found: dict[str, tuple[Problem, list[str]]] = {}  # keyed by text: values may be unhashable lists
     configs = []
     for point in points:
         cfg, problems = config_problems(point, args.config_name or "config", args.config_dir)
         for p in problems:
-            found.setdefault(p, []).append(" ".join(point))
+            found.setdefault(str(p), (p, []))[1].append(" ".join(point))
         configs.append(cfg)
     problems = [
         p if len(where) == len(points) else Problem(p.key, f"{p.expected} [sweep point: {'; '.join(where)}]", p.value)
-        for p, where in found.items()
+        for p, where in found.values()
     ]
     return (_report(problems) if problems else 0), configs
 
@@ -272,6 +272,7 @@ def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from igniter.distributed.runners import RankFailed
+    from igniter.distributed.slurm import Preempted, wait_for_requeue
     from igniter.run import TrainingDiverged
 
     hydra_cfg = HydraConfig.get()
@@ -288,6 +289,10 @@ def _task(cfg: DictConfig) -> None:
     except TrainingDiverged as e:
         print(f"igniter: training diverged: {e}", file=sys.stderr)
         sys.exit(3)
+    except Preempted as e:
+        wait_for_requeue(e)
+        print(f"igniter: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _secondary_launcher_overrides(cfg: DictConfig) -> list[str]:

@@ -145,10 +145,15 @@ class Runner:
         return {"backend": None}
 
     def attach(self, trainer: Any, save_checkpoint: Callable[[Any], None] | None) -> None:
-        """Hook called in every process once the trainer is wired: a runner that must
-        react to its scheduler (e.g. SLURM's preemption signals) attaches handlers here.
+        """Hook called in every process once the trainer is wired, to react to the
+        scheduler: inside a SLURM job (any launch mode) its time-limit and preemption
+        signals save a checkpoint (and requeue), see :mod:`igniter.distributed.slurm`.
         A handler that stops the run sets ``trainer.state.stopped_by`` to the exception
         :func:`igniter.run.train` raises after the engine returns."""
+        if "SLURM_JOB_ID" in os.environ:
+            from igniter.distributed.slurm import attach_preemption
+
+            attach_preemption(trainer, save_checkpoint)
 
     def launch(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in every process of the run.

@@ -34,7 +34,7 @@ from igniter.distributed.runners import JoinRunner
 from igniter.errors import Problem
 from igniter.registry import runner_registry
 
-__all__ = ["SlurmRunner", "Preempted", "slurm_job_id", "in_slurm_task"]
+__all__ = ["SlurmRunner", "Preempted", "attach_preemption", "wait_for_requeue", "slurm_job_id", "in_slurm_task"]
 
 logger = logging.getLogger("igniter")
 
@@ -116,50 +116,50 @@ class SlurmRunner(JoinRunner):
                 MASTER_PORT=str(self.cfg.master_port),
             )
 
-    def attach(self, trainer: Engine, save_checkpoint: Callable[[Engine], None] | None) -> None:
-        """Save and requeue on SIGUSR2 (time limit), save and stop on SIGTERM (preemption)."""
-        received: dict[str, int] = {"signum": 0}
 
-        def note(signum: int, frame: Any) -> None:
-            received["signum"] = signum
+def attach_preemption(trainer: Engine, save_checkpoint: Callable[[Engine], None] | None) -> None:
+    """Inside a SLURM job: save and requeue on SIGUSR2 (time limit), save and stop on
+    SIGTERM (preemption). Replaces submitit's handlers, which would requeue without
+    saving. Sets ``trainer.state.stopped_by`` to a :class:`Preempted`."""
+    received: dict[str, int] = {"signum": 0}
 
-        signal.signal(signal.SIGUSR2, note)
-        signal.signal(signal.SIGTERM, note)
-        check_every = 10 if idist.get_world_size() > 1 else 1
+    def note(signum: int, frame: Any) -> None:
+        received["signum"] = signum
 
-        @trainer.on(Events.ITERATION_COMPLETED(every=check_every))
-        def _maybe_stop(engine: Engine) -> None:
-            signum = received["signum"]
-            if idist.get_world_size() > 1:
-                signum = int(idist.all_reduce(torch.tensor(signum), op="MAX").item())
-            if not signum:
-                return
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from now on SLURM may kill us
-            if save_checkpoint is not None:
-                save_checkpoint(engine)
-            requeued = False
-            if signum == signal.SIGUSR2 and idist.get_rank() == 0:
-                job = slurm_job_id() or "?"
-                r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                requeued = r.returncode == 0
-                logger.warning(
-                    "SLURM signal %s at iteration %d: checkpoint saved, %s",
-                    signal.Signals(signum).name,
-                    engine.state.iteration,
-                    f"job {job} requeued" if requeued else f"requeue of {job} failed: {r.stderr.strip()}",
-                )
-            if idist.get_world_size() > 1:
-                requeued = bool(idist.broadcast(torch.tensor(int(requeued)), src=0).item())
-            engine.state.stopped_by = Preempted(signum, engine.state.iteration, requeued)
-            engine.terminate()
+    signal.signal(signal.SIGUSR2, note)
+    signal.signal(signal.SIGTERM, note)
+    check_every = 10 if idist.get_world_size() > 1 else 1
 
-    def launch(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            super().launch(fn, *args)
-        except Preempted as e:
-            if e.requeued or e.signum == signal.SIGTERM:
-                # SLURM ends this attempt and starts the requeued one; returning now would
-                # let submitit record a finished job. Wait to be killed.
-                logger.warning("%s; waiting for SLURM to end this attempt", e)
-                time.sleep(300)
-            raise
+    @trainer.on(Events.ITERATION_COMPLETED(every=check_every))
+    def _maybe_stop(engine: Engine) -> None:
+        signum = received["signum"]
+        if idist.get_world_size() > 1:
+            signum = int(idist.all_reduce(torch.tensor(signum), op="MAX").item())
+        if not signum:
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from now on SLURM may kill us
+        if save_checkpoint is not None:
+            save_checkpoint(engine)
+        requeued = False
+        if signum == signal.SIGUSR2 and idist.get_rank() == 0:
+            job = slurm_job_id() or "?"
+            r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            requeued = r.returncode == 0
+            logger.warning(
+                "SLURM signal %s at iteration %d: checkpoint saved, %s",
+                signal.Signals(signum).name,
+                engine.state.iteration,
+                f"job {job} requeued" if requeued else f"requeue of {job} failed: {r.stderr.strip()}",
+            )
+        if idist.get_world_size() > 1:
+            requeued = bool(idist.broadcast(torch.tensor(int(requeued)), src=0).item())
+        engine.state.stopped_by = Preempted(signum, engine.state.iteration, requeued)
+        engine.terminate()
+
+
+def wait_for_requeue(stop: Preempted, limit_s: float = 300) -> None:
+    """After a requeue (or on preemption) SLURM ends this attempt and starts the next;
+    returning would let submitit record a finished job, so wait to be killed."""
+    if stop.requeued or stop.signum == signal.SIGTERM:
+        logger.warning("%s; waiting for SLURM to end this attempt", stop)
+        time.sleep(limit_s)

@@ -1,0 +1,154 @@
+"""SLURM launch, against a real single-node SLURM started here (slurm/start_cluster.sh).
+
+Skipped with the reason when SLURM cannot be started (not root, packages missing);
+in CI (CI=true) a failure to start is an error, since .ci/run installs SLURM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, igniter_env, read_metrics, run_igniter
+from test_runners import COMMON, assert_same_weights, final_weights
+
+NEEDED = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = [c for c in NEEDED if shutil.which(c) is None and not Path("/usr/sbin", c).exists()]
+    reason = None
+    if os.geteuid() != 0:
+        reason = "starting slurmctld/slurmd needs root"
+    elif missing:
+        reason = f"SLURM packages missing ({', '.join(missing)}): run slurm/install_debian.sh"
+    state = tmp_path_factory.mktemp("slurm")
+    if reason is None:
+        subprocess.run(["bash", str(REPO / "slurm" / "stop_cluster.sh"), str(state)], capture_output=True)
+        started = subprocess.run(["bash", str(REPO / "slurm" / "start_cluster.sh"), str(state)], capture_output=True, text=True, timeout=120)
+        if started.returncode != 0:
+            reason = f"slurm/start_cluster.sh failed:\n{started.stderr[-2000:]}"
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"SLURM tests must run in CI: {reason}")
+        pytest.skip(reason)
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    yield state
+    subprocess.run(["bash", str(REPO / "slurm" / "stop_cluster.sh"), str(state)], capture_output=True, timeout=60)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def sacct_jobs() -> dict[str, str]:
+    """Job id -> state of every allocation SLURM's accounting knows."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State"], capture_output=True, text=True, timeout=30).stdout
+    return dict(line.split("|", 1) for line in out.split() if "|" in line)
+
+
+def job_dirs(cwd: Path) -> list[Path]:
+    return sorted(p.parent for p in (cwd / "multirun").glob("*/*/*/metrics.json"))
+
+
+def wait_until_accounted(job_id: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = sacct_jobs().get(job_id)
+        if state and state.split()[0] not in ("PENDING", "RUNNING", "REQUEUED"):
+            return state
+        time.sleep(1)
+    return sacct_jobs().get(job_id, "UNKNOWN")
+
+
+def test_single_task_job_trains_mnist_on_slurm(slurm, tmp_path, mnist_root):
+    args = ["-m", "hydra/launcher=slurm", "experiment=mnist", f"data.root={mnist_root}", "data.train.subset=6000",
+            "data.val.subset=1000", "trainer.max_epochs=2"]
+    proc = run_igniter(args, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = job_dirs(tmp_path)
+    metrics = read_metrics(job)
+    assert metrics["status"] == "completed" and metrics["final"]["accuracy"] > 0.85
+    job_id = metrics["job"]["id"]
+    assert job_id and job_id != "-"
+    assert wait_until_accounted(job_id).startswith("COMPLETED"), "sacct knows the job: it ran on SLURM"
+    assert "igniter sweep results" in proc.stdout and job_id in proc.stdout
+
+
+def test_two_task_job_matches_single_process(slurm, tmp_path):
+    local = run_igniter([*COMMON, f"output_dir={tmp_path / 'local'}"], tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    proc = run_igniter(["-m", "hydra/launcher=slurm", "runner=slurm", "runner.nproc_per_node=2", *COMMON], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = job_dirs(tmp_path)
+    assert read_metrics(job)["world_size"] == 2
+    assert {"rank0.log", "rank1.log", "metrics.json", "checkpoints"} <= {p.name for p in job.iterdir()}
+    assert len(list((job / "tb").iterdir())) == 1
+    assert_same_weights(final_weights(tmp_path / "local"), final_weights(job))
+
+
+def test_sweep_gives_two_jobs_and_a_table(slurm, tmp_path):
+    proc = run_igniter(["-m", "hydra/launcher=slurm", "solver.lr=0.01,0.1", "trainer.max_epochs=1", "checkpoint.enabled=false"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(tmp_path)
+    assert len(jobs) == 2
+    overrides = [json.loads((j / "metrics.json").read_text())["job"]["overrides"] for j in jobs]
+    assert sorted(o for job in overrides for o in job if o.startswith("solver.lr")) == ["solver.lr=0.01", "solver.lr=0.1"]
+    table = proc.stdout[proc.stdout.index("igniter sweep results"):]
+    assert "solver.lr=0.01" in table and "solver.lr=0.1" in table and table.count("completed") == 2
+
+
+def test_config_error_in_one_sweep_point_submits_nothing(slurm, tmp_path):
+    before = set(sacct_jobs())
+    proc = run_igniter(["-m", "hydra/launcher=slurm", "solver.lr=0.01,-5"], tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "solver.lr = -5" in proc.stderr and "sweep point" in proc.stderr
+    time.sleep(2)
+    assert set(sacct_jobs()) == before, "nothing may reach sbatch"
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_usr2_saves_requeues_resumes_and_matches_uninterrupted(slurm, tmp_path):
+    train = ["imports=[my_project]", "trainer.step=slow_supervised", "trainer.max_epochs=6", "checkpoint.every_iterations=20",
+             "trainer.seed=5", "logging.progress_bar=false"]
+    reference = run_igniter([*train, f"output_dir={tmp_path / 'reference'}"], tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    cwd = tmp_path / "slurm_job"
+    cwd.mkdir()
+    launcher = subprocess.Popen([sys.executable, "-m", "igniter", "-m", "hydra/launcher=slurm", *train], cwd=cwd, env=igniter_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        job_id = None
+        while time.monotonic() < deadline and job_id is None:
+            logs = list(cwd.glob("multirun/*/*/0/rank0.log"))
+            if logs and "epoch 2" in logs[0].read_text():
+                out = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True).stdout.split()
+                job_id = out[0] if out else None
+            time.sleep(0.5)
+        assert job_id, "the job never reached epoch 2"
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        out, err = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    (job,) = job_dirs(cwd)
+    log = (job / "rank0.log").read_text()
+    assert "SLURM signal SIGUSR2" in log and "requeued" in log
+    assert "resumed from" in log
+    assert read_metrics(job)["status"] == "completed"
+    assert torch.equal(final_weights(job)["net.0.weight"], final_weights(tmp_path / "reference")["net.0.weight"])
+    for k, v in final_weights(tmp_path / "reference").items():
+        assert torch.equal(v, final_weights(job)[k]), k
