@@ -350,6 +350,38 @@ def check(argv: list[str]) -> int:
     return 0
 
 
+@_subcommand("doctor")
+def doctor(argv: list[str]) -> int:
+    """``igniter doctor [--json]``: versions, CUDA/NCCL/gloo, GPUs, distributed environment, SLURM tools."""
+    from igniter.doctor import main as doctor_main
+
+    return doctor_main(argv)
+
+
+@_subcommand("summary")
+def summary(argv: list[str]) -> int:
+    """``igniter summary <run dir>``: the end-of-run table, and ``curves.png``."""
+    from igniter.summary import main as summary_main
+
+    return summary_main(argv)
+
+
+@_subcommand("eval")
+def evaluate(argv: list[str]) -> int:
+    """``igniter eval <run dir | checkpoint> [key=value ...]``: the evaluator alone, on saved weights."""
+    from igniter.evaluate import eval_main
+
+    return eval_main(argv)
+
+
+@_subcommand("export")
+def export(argv: list[str]) -> int:
+    """``igniter export <checkpoint> --format safetensors``: the model weights alone."""
+    from igniter.evaluate import export_main
+
+    return export_main(argv)
+
+
 _PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "version")
 
 

@@ -87,10 +87,12 @@ def early_stopping(ctx: Any, patience: int, min_delta: float = 0.0) -> Callable[
 class MetricsRecord:
     """Collects per-epoch validation metrics and writes ``metrics.json`` (rank 0).
 
-    Layout: ``{"status", "epochs": [{"epoch", "iteration", <metric>: value}],
-    "final": {...}, "best": {...}, "wall_time_s", "train_time_s",
-    "samples_per_s", "world_size", "global_batch_size",
-    "per_process_batch_size", "iterations"}``. Written atomically after every
+    Layout: ``{"status", "job", "epochs": [{"epoch", "iteration", <metric>: value}],
+    "final": {...}, "best": {...}, "wall_time_s" (process, s), "run_time_s"
+    (``trainer.run`` with handlers, s), "train_time_s" (epochs without
+    end-of-epoch handlers, s), "samples_per_s" (global samples / train_time_s),
+    "train_loss" (last step, rank 0), "world_size", "global_batch_size",
+    "per_process_batch_size", "iterations", "restarts"}``. Written atomically after every
     evaluation and at the end, so a crash leaves the history so far.
     """
 
@@ -103,6 +105,7 @@ class MetricsRecord:
         if not self.path.is_file():
             return
         old = json.loads(self.path.read_text())
+        self.data["train_loss_history"] = [p for p in old.get("train_loss_history", []) if p[0] <= iteration]
         for row in old.get("epochs", []):
             if row["iteration"] <= iteration:
                 self.add_epoch(row["epoch"], row["iteration"], {k: v for k, v in row.items() if k not in ("epoch", "iteration")})

@@ -38,6 +38,8 @@ from igniter.events import parse_event
 from igniter.errors import ConfigError, Problem
 from igniter.handlers import MetricsRecord, attach_checkpoints, attach_nan_guard, attach_progress, attach_throughput
 from igniter.resume import CheckpointInvalid, check_checkpoint, select_checkpoint
+from igniter.summary import attach_profiler, draw_curves, summary_table, time_split
+from igniter.telemetry import gpu_telemetry
 from igniter.registry import engine_registry, event_handler_registry, function_registry, io_registry
 
 __all__ = ["RunContext", "build_run", "train", "setup_logging", "TrainingDiverged"]
@@ -197,6 +199,8 @@ def _attach_user_handlers(ctx: RunContext) -> None:
     for i, spec in enumerate(ctx.cfg.handlers):
         factory = event_handler_registry.get(spec.name, f"handlers[{i}].name")
         handler = call_with(factory, {"ctx": ctx}, dict(spec.params))
+        if handler is None:  # the factory decided there is nothing to do (e.g. no GPU)
+            continue
         engine = ctx.trainer if spec.engine == "trainer" else ctx.evaluator
         if engine is None:
             raise RuntimeError(f"handlers[{i}]: engine 'evaluator' needs data.val")
@@ -286,12 +290,59 @@ def _resume(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
     return Path(choice)
 
 
+def _train_loss(output: Any) -> float | None:
+    """The last step's loss (rank 0's share), as a float, if the step reported one."""
+    loss = output.get("loss") if isinstance(output, dict) else output
+    return float(loss) if isinstance(loss, (torch.Tensor, float, int)) else None
+
+
 def _fmt_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)))
 
 
+def _run_engine(ctx: RunContext) -> None:
+    """``trainer.run`` unless the resumed checkpoint is already the end of training
+    (Ignite would start a finished engine over)."""
+    cfg, trainer = ctx.cfg, ctx.trainer
+    done = trainer.state.epoch_length is not None and trainer._is_done(trainer.state)
+    if done and trainer.state.max_epochs >= cfg.trainer.max_epochs:
+        logger.info("the checkpoint is the end of training (epoch %d): nothing left to run", trainer.state.epoch)
+        return
+    run_start = time.perf_counter()
+    trainer.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs, epoch_length=cfg.trainer.epoch_length)
+    trainer.state.run_time_s = time.perf_counter() - run_start
+
+
+def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], Any, Any]:
+    """Loggers (rank 0), the training-loss history, the time profiler and GPU telemetry.
+
+    Returns ``(loggers, profiler or None, telemetry or None)``.
+    """
+    cfg, trainer = ctx.cfg, ctx.trainer
+    loggers = []
+    if ctx.rank == 0:
+        loggers = [call_with(io_registry.get(n, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, n in enumerate(cfg.logging.loggers)]
+    if record is not None:
+
+        @trainer.on(Events.ITERATION_COMPLETED(every=cfg.logging.log_every))
+        def _loss_history(engine: Engine) -> None:
+            loss = _train_loss(engine.state.output)
+            if loss is not None:
+                record.data["train_loss_history"].append([engine.state.iteration, loss])
+
+    profiler = attach_profiler(trainer) if cfg.logging.profile else None
+    telemetry = None
+    if cfg.logging.gpu_telemetry_every:
+        telemetry = gpu_telemetry(ctx)
+        if telemetry is not None:
+            telemetry.writer = next((lg.writer for lg in loggers if hasattr(lg, "writer")), None)
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=cfg.logging.gpu_telemetry_every), telemetry)
+    return loggers, profiler, telemetry
+
+
 def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train and evaluate in this process; rank 0 writes ``metrics.json`` and prints the summary.
+    """Train and evaluate in this process; rank 0 writes ``metrics.json``, prints the
+    summary table and draws ``curves.png``.
 
     Args:
         cfg: the resolved config.
@@ -299,7 +350,12 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         job: Hydra's job id/number/overrides, copied into ``metrics.json``.
 
     Returns:
-        The ``metrics.json`` content (on every rank; only rank 0 writes it).
+        The ``metrics.json`` content (rank 0) or the run's summary (other ranks).
+
+    Raises:
+        ConfigError: a component cannot be built or no valid checkpoint to resume (exit 2).
+        TrainingDiverged: the loss became NaN/inf (exit 3).
+        Exception: whatever stopped the run early (``trainer.state.stopped_by``, e.g. a SLURM preemption).
     """
     if idist.get_world_size() > 1:  # every process writes under rank 0's run directory
         output_dir = idist.broadcast(str(output_dir), src=0, safe_mode=True)
@@ -308,23 +364,18 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
     setup_logging(output_dir, rank, cfg.logging.level)
     start = time.perf_counter()
     ctx = build_run(cfg, output_dir)
-    per_process = ctx.per_process_batch_size
     if rank == 0:
         logger.info(
             "run dir %s | world size %d, backend %s, device %s | global batch %d, per-process batch %d",
-            output_dir,
-            ctx.world_size,
-            idist.backend() or "none",
-            ctx.device,
-            cfg.data.loader.batch_size,
-            per_process,
+            output_dir, ctx.world_size, idist.backend() or "none", ctx.device, cfg.data.loader.batch_size, ctx.per_process_batch_size,
         )
     static = {
         "job": job or {},
         "world_size": ctx.world_size,
         "backend": idist.backend(),
         "global_batch_size": cfg.data.loader.batch_size,
-        "per_process_batch_size": per_process,
+        "per_process_batch_size": ctx.per_process_batch_size,
+        "train_loss_history": [],
     }
     record = MetricsRecord(output_dir / "metrics.json", cfg.evaluation.monitor, cfg.evaluation.mode, static) if rank == 0 else None
     to_load = _wire(ctx, record)
@@ -333,31 +384,33 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         record.resume(ctx.trainer.state.iteration)
     ctx.trainer.state.stopped_by = None
     make_runner(cfg.runner).attach(ctx.trainer, to_load.get("checkpointer"))
-    loggers = [call_with(io_registry.get(name, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, name in enumerate(cfg.logging.loggers)] if rank == 0 else []
+    loggers, profiler, telemetry = _observe(ctx, record)
     try:
-        done = ctx.trainer.state.epoch_length is not None and ctx.trainer._is_done(ctx.trainer.state)
-        if done and ctx.trainer.state.max_epochs >= cfg.trainer.max_epochs:
-            # Ignite would start a finished engine over; a finished run stays finished.
-            logger.info("the checkpoint is the end of training (epoch %d): nothing left to run", ctx.trainer.state.epoch)
-        else:
-            ctx.trainer.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs, epoch_length=cfg.trainer.epoch_length)
+        _run_engine(ctx)
     finally:
         for lg in loggers:
             lg.close()
     state = ctx.trainer.state
-    wall = time.perf_counter() - start
-    status = "diverged" if state.diverged else ("stopped" if state.stopped_by else "completed")
     summary = {
-        "status": status,
+        "status": "diverged" if state.diverged else ("stopped" if state.stopped_by else "completed"),
         "epochs_completed": state.epoch,
         "iterations": state.iteration,
-        "wall_time_s": wall,
+        "wall_time_s": time.perf_counter() - start,
         "train_time_s": state.train_time_s,
+        "run_time_s": getattr(state, "run_time_s", 0.0),
         "samples_per_s": state.samples / state.train_time_s if state.train_time_s > 0 else None,
+        "train_loss": _train_loss(state.output),
     }
+    if profiler is not None and getattr(state, "run_time_s", 0.0):
+        summary["time_split"] = time_split(profiler)
+    if telemetry is not None and rank == 0:
+        summary["gpu"] = telemetry.summary()
     if record is not None:
         record.update(**summary)
         record.write()
+        logger.info("summary:\n%s", summary_table(record.data))
+        if draw_curves(record.data, output_dir / "curves.png"):
+            logger.info("learning curves: %s", output_dir / "curves.png")
     if state.stopped_by is not None:
         raise state.stopped_by
     if state.diverged:
@@ -366,17 +419,4 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
             f"the loss is {loss} at iteration {iteration} (epoch {state.epoch}): training stopped; "
             "checkpoints stopped there, so the newest one on disk holds the last finite state"
         )
-    if record is None:
-        return summary
-    final = record.data["final"]
-    logger.info(
-        "done: %d epochs, %d iterations in %.1f s (training %.1f s, %.0f samples/s, world size %d) | final %s",
-        state.epoch,
-        state.iteration,
-        wall,
-        state.train_time_s,
-        summary["samples_per_s"] or 0.0,
-        ctx.world_size,
-        _fmt_metrics({k: v for k, v in final.items() if k not in ("epoch", "iteration")}),
-    )
-    return record.data
+    return record.data if record is not None else summary

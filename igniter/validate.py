@@ -185,6 +185,8 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
     lg = cfg.logging
     c.choice("logging.level", lg.level, ["DEBUG", "INFO", "WARNING", "ERROR"])
     c.positive("logging.log_every", lg.log_every)
+    c.positive("logging.gpu_telemetry_every", lg.gpu_telemetry_every, allow_none=True)
+    c.positive("checkpoint.every_seconds", k.every_seconds, allow_none=True)
     for i, name in enumerate(lg.loggers):
         c.name(io_registry, f"logging.loggers[{i}]", name)
 

@@ -1,0 +1,115 @@
+"""The end-of-run summary: a short table and ``curves.png``; also ``igniter summary <run dir>``.
+
+The table: epochs, iterations, best and final validation metrics, wall time
+split into data loading / forward-backward (the step function) / handlers
+(Ignite's ``BasicTimeProfiler``, when ``logging.profile`` is on), samples/s and
+world size. ``curves.png``: training loss per logged iteration and the
+validation metrics per epoch, drawn with matplotlib (``pip install
+'igniter[plot]'``); without matplotlib the picture is skipped with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine
+from ignite.handlers import BasicTimeProfiler
+
+__all__ = ["attach_profiler", "time_split", "summary_table", "draw_curves", "main"]
+
+logger = logging.getLogger("igniter")
+
+
+def attach_profiler(trainer: Engine) -> BasicTimeProfiler:
+    """Ignite's ``BasicTimeProfiler`` on the trainer (data, processing and handler times)."""
+    profiler = BasicTimeProfiler()
+    profiler.attach(trainer)
+    return profiler
+
+
+def time_split(profiler: BasicTimeProfiler) -> dict[str, float]:
+    """Seconds spent fetching batches, in the step function, and in event handlers."""
+    r = profiler.get_results()
+    return {
+        "data_s": float(r["dataflow_stats"]["total"]),
+        "step_s": float(r["processing_stats"]["total"]),
+        "handlers_s": float(r["event_handlers_stats"]["total_time"]),
+    }
+
+
+def _metrics_text(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "iteration") and isinstance(v, (int, float)))
+
+
+def summary_table(m: dict[str, Any]) -> str:
+    """A few aligned lines from a ``metrics.json`` dict."""
+    split = m.get("time_split")
+    rows = [
+        ("status", m.get("status", "?")),
+        ("epochs", f"{m.get('epochs_completed', '?')} ({m.get('iterations', '?')} iterations)"),
+        ("final", _metrics_text(m.get("final", {})) or "-"),
+        ("best", (_metrics_text(m.get("best", {})) + f" (epoch {m['best'].get('epoch')})") if m.get("best") else "-"),
+        ("wall time", f"{m.get('wall_time_s', 0):.1f} s"
+            + (f" = data {split['data_s']:.1f} s + step {split['step_s']:.1f} s + handlers {split['handlers_s']:.1f} s (+ start-up, evaluation)" if split else "")),
+        ("throughput", f"{m['samples_per_s']:.0f} samples/s" if m.get("samples_per_s") else "-"),
+        ("processes", f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def draw_curves(m: dict[str, Any], path: Path) -> bool:
+    """Training loss per logged iteration (left) and validation metrics per epoch (right).
+
+    Returns ``False`` (and logs why) when matplotlib is missing or there is nothing to draw.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        logger.info("curves.png skipped: matplotlib is not installed (pip install 'igniter[plot]')")
+        return False
+    losses = m.get("train_loss_history", [])
+    epochs = m.get("epochs", [])
+    if not losses and not epochs:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    if losses:
+        left.plot([p[0] for p in losses], [p[1] for p in losses], lw=1.2)
+    left.set(title="training loss", xlabel="iteration", ylabel="loss")
+    left.grid(alpha=0.3)
+    names = sorted({k for row in epochs for k, v in row.items() if k not in ("epoch", "iteration") and isinstance(v, (int, float))})
+    for name in names:
+        right.plot([r["epoch"] for r in epochs if name in r], [r[name] for r in epochs if name in r], marker="o", ms=3, label=name)
+    right.set(title="validation", xlabel="epoch")
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    right.grid(alpha=0.3)
+    if names:
+        right.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str]) -> int:
+    """``igniter summary <run dir>``: print the table and (re)draw ``curves.png``."""
+    if not argv:
+        print("usage: igniter summary <run dir>")
+        return 2
+    run = Path(argv[0])
+    path = run / "metrics.json"
+    if not path.is_file():
+        print(f"igniter summary: no metrics.json in {run}")
+        return 2
+    m = json.loads(path.read_text())
+    print(f"run {run}\n{summary_table(m)}")
+    if draw_curves(m, run / "curves.png"):
+        print(f"  curves     {run / 'curves.png'}")
+    return 0

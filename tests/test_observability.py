@@ -1,0 +1,129 @@
+"""GPU telemetry (no-NVML path for real, NVML path through a fake pynvml module),
+doctor, summary and curves.png, TensorBoard tags, eval and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FIXTURES, igniter_env, read_metrics, run_igniter
+from igniter.models import MLP
+
+
+def run_with_env(args, cwd, extra_env):
+    env = {**igniter_env(), **extra_env}
+    return subprocess.run([sys.executable, "-m", "igniter", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("digits")
+    proc = run_igniter(["trainer.max_epochs=4", "logging.log_every=10", f"output_dir={cwd / 'run'}"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "run"
+
+
+def scalar_tags(run: Path) -> set[str]:
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_no_nvml_logs_one_line_and_attaches_nothing(digits_run):
+    log = (digits_run / "rank0.log").read_text()
+    assert log.count("GPU telemetry off:") == 1
+    assert "gpu" not in read_metrics(digits_run)
+    assert not any(t.startswith("gpu/") for t in scalar_tags(digits_run))
+
+
+def test_fake_nvml_values_reach_tensorboard_and_metrics(tmp_path):
+    env = {"PYTHONPATH": os.pathsep.join([str(FIXTURES / "fake_nvml"), igniter_env()["PYTHONPATH"]])}
+    proc = run_with_env(["trainer.max_epochs=1", "logging.gpu_telemetry_every=10", f"output_dir={tmp_path / 'run'}"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    tags = scalar_tags(run)
+    for q in ("utilization_pct", "memory_used_bytes", "memory_total_bytes", "power_w", "temperature_c"):
+        assert f"gpu/0/{q}" in tags
+    gpu = read_metrics(run)["gpu"]["0"]
+    assert gpu["utilization_pct"] == {"mean": 40.0, "max": 40.0}
+    assert gpu["power_w"]["max"] == 150.0 and gpu["temperature_c"]["mean"] == 60.0
+    assert gpu["memory_total_bytes"]["max"] == 16 * 2**30
+
+
+def test_tensorboard_tags(digits_run):
+    assert {"train/loss", "lr/group_0", "train/samples_per_s", "val/accuracy", "val/loss"} <= scalar_tags(digits_run)
+
+
+def test_summary_and_curves_png(digits_run, tmp_path):
+    png = digits_run / "curves.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 600 and height >= 300
+    m = read_metrics(digits_run)
+    assert len(m["train_loss_history"]) == 176 // 10 and m["time_split"]["step_s"] > 0
+    proc = subprocess.run([sys.executable, "-m", "igniter", "summary", str(digits_run)], capture_output=True, text=True, env=igniter_env())
+    assert proc.returncode == 0
+    assert "epochs      4 (176 iterations)" in proc.stdout and "world size 1" in proc.stdout and "samples/s" in proc.stdout
+
+
+def test_doctor_json_in_torchrun_and_slurm_like_environments():
+    base = {k: v for k, v in igniter_env().items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+    torchrun = {**base, "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29400"}
+    out = subprocess.run([sys.executable, "-m", "igniter", "doctor", "--json"], env=torchrun, capture_output=True, text=True)
+    assert out.returncode == 0
+    d = json.loads(out.stdout)["distributed"]
+    assert (d["world_size"], d["rank"], d["master_addr"], d["master_port"]) == (8, 3, "10.1.2.3", 29400)
+    slurm = {**base, "SLURM_JOB_ID": "4321", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "6",
+             "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_JOB_NUM_NODES": "3", "SLURM_STEP_ID": "0",
+             "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "igniter", "doctor", "--json"], env=slurm, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    d = r["distributed"]
+    assert (d["world_size"], d["rank"], d["node_rank"], d["master_port"]) == (6, 5, 2, 15000 + 4321)
+    assert d["master_addr"] == "gpu07"
+    assert r["gloo"]["available"] and r["cuda"]["available"] is False and r["gpus"]["available"] is False
+    text = subprocess.run([sys.executable, "-m", "igniter", "doctor"], env=base, capture_output=True, text=True)
+    assert text.returncode == 0 and "gloo" in text.stdout and "torch" in text.stdout
+
+
+def test_eval_reproduces_final_accuracy_and_export_loads(digits_run, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "igniter", "eval", str(digits_run)], capture_output=True, text=True, env=igniter_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((digits_run / "eval_metrics.json").read_text())["metrics"]
+    assert evaluated["accuracy"] == read_metrics(digits_run)["final"]["accuracy"]
+    ckpt = max((digits_run / "checkpoints").glob("last_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    out = tmp_path / "weights.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "igniter", "export", str(ckpt), "--format", "safetensors", "--output", str(out)],
+                          capture_output=True, text=True, env=igniter_env())
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.torch import load_file
+
+    model = MLP(64, [128], 10)
+    model.load_state_dict(load_file(str(out)))
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_eval_mnist_run_reproduces_test_accuracy(tmp_path, mnist_root):
+    args = ["experiment=mnist", f"data.root={mnist_root}", "data.train.subset=4000", "trainer.max_epochs=1", f"output_dir={tmp_path / 'run'}"]
+    assert run_igniter(args, tmp_path).returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "igniter", "eval", str(tmp_path / "run")], capture_output=True, text=True, env=igniter_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "run" / "eval_metrics.json").read_text())
+    assert evaluated["samples"] == 10_000
+    assert evaluated["metrics"]["accuracy"] == read_metrics(tmp_path / "run")["final"]["accuracy"]
+
+
+def test_progress_bar_off_when_not_a_terminal(digits_run):
+    log = (digits_run / "rank0.log").read_text()
+    assert "epoch 1/4 iteration 10/44 loss" in log  # periodic log lines replace the bar under a pipe
