@@ -67,7 +67,7 @@ def test_spawn_rank_discipline_one_run_dir(spawn_job):
     assert len(runs) == 1, f"one Hydra output directory per job, found {runs}"
     run = runs[0]
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
-        "checkpoints", "config.yaml", "metrics.json", "rank0.log", "rank1.log", "tb",
+        "checkpoints", "config.yaml", "curves.png", "metrics.json", "rank0.log", "rank1.log", "tb",
     ]
     assert len(list((run / "tb").iterdir())) == 1, "one TensorBoard event file, written by rank 0"
     assert len(list((run / "checkpoints").glob("last_*.pt"))) == 1
