@@ -81,7 +81,7 @@ def run_loop(cfg: Any) -> tuple[float, int, float]:
             loss.backward()
             opt.step()
             n += 1
-    return time.perf_counter() - start, n, float(loss)
+    return time.perf_counter() - start, n, float(loss.detach())
 
 
 def run_ignite(cfg: Any) -> tuple[float, int, float]:

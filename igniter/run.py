@@ -313,10 +313,10 @@ def _run_engine(ctx: RunContext) -> None:
     trainer.state.run_time_s = time.perf_counter() - run_start
 
 
-def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], Any, Any]:
-    """Loggers (rank 0), the training-loss history, the time profiler and GPU telemetry.
+def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], Any]:
+    """Loggers (rank 0), the training-loss history and GPU telemetry.
 
-    Returns ``(loggers, profiler or None, telemetry or None)``.
+    Returns ``(loggers, telemetry or None)``.
     """
     cfg, trainer = ctx.cfg, ctx.trainer
     loggers = []
@@ -330,14 +330,13 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
             if loss is not None:
                 record.data["train_loss_history"].append([engine.state.iteration, loss])
 
-    profiler = attach_profiler(trainer) if cfg.logging.profile else None
     telemetry = None
     if cfg.logging.gpu_telemetry_every:
         telemetry = gpu_telemetry(ctx)
         if telemetry is not None:
             telemetry.writer = next((lg.writer for lg in loggers if hasattr(lg, "writer")), None)
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=cfg.logging.gpu_telemetry_every), telemetry)
-    return loggers, profiler, telemetry
+    return loggers, telemetry
 
 
 def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -364,6 +363,7 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
     setup_logging(output_dir, rank, cfg.logging.level)
     start = time.perf_counter()
     ctx = build_run(cfg, output_dir)
+    profiler = attach_profiler(ctx.trainer, detailed=cfg.logging.profile)  # first, to time the step alone
     if rank == 0:
         logger.info(
             "run dir %s | world size %d, backend %s, device %s | global batch %d, per-process batch %d",
@@ -384,7 +384,7 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         record.resume(ctx.trainer.state.iteration)
     ctx.trainer.state.stopped_by = None
     make_runner(cfg.runner).attach(ctx.trainer, to_load.get("checkpointer"))
-    loggers, profiler, telemetry = _observe(ctx, record)
+    loggers, telemetry = _observe(ctx, record)
     try:
         _run_engine(ctx)
     finally:
@@ -401,8 +401,8 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         "samples_per_s": state.samples / state.train_time_s if state.train_time_s > 0 else None,
         "train_loss": _train_loss(state.output),
     }
-    if profiler is not None and getattr(state, "run_time_s", 0.0):
-        summary["time_split"] = time_split(profiler)
+    if getattr(state, "run_time_s", 0.0):
+        summary["time_split"] = time_split(profiler, state.run_time_s)
     if telemetry is not None and rank == 0:
         summary["gpu"] = telemetry.summary()
     if record is not None:

@@ -2,7 +2,7 @@
 
 The table: epochs, iterations, best and final validation metrics, wall time
 split into data loading / forward-backward (the step function) / handlers
-(Ignite's ``BasicTimeProfiler``, when ``logging.profile`` is on), samples/s and
+(:class:`StepTimer`, or Ignite's ``BasicTimeProfiler`` with ``logging.profile``), samples/s and
 world size. ``curves.png``: training loss per logged iteration and the
 validation metrics per epoch, drawn with matplotlib (``pip install
 'igniter[plot]'``); without matplotlib the picture is skipped with one line.
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.handlers import BasicTimeProfiler
 
 __all__ = ["attach_profiler", "time_split", "summary_table", "draw_curves", "main"]
@@ -23,15 +24,47 @@ __all__ = ["attach_profiler", "time_split", "summary_table", "draw_curves", "mai
 logger = logging.getLogger("igniter")
 
 
-def attach_profiler(trainer: Engine) -> BasicTimeProfiler:
-    """Ignite's ``BasicTimeProfiler`` on the trainer (data, processing and handler times)."""
+class StepTimer:
+    """Seconds spent fetching batches and in the step function, from three events per
+    iteration (``GET_BATCH_STARTED``, ``GET_BATCH_COMPLETED``, ``ITERATION_COMPLETED``;
+    attach it before any other ``ITERATION_COMPLETED`` handler): cheap enough to be always on. Ignite's ``BasicTimeProfiler``
+    (``logging.profile=true``) gives the same split with per-event handler detail,
+    at a cost of about 0.1 ms per iteration."""
+
+    def __init__(self, trainer: Engine) -> None:
+        self.data_s = self.step_s = 0.0
+        self._t = 0.0
+        trainer.add_event_handler(Events.GET_BATCH_STARTED, self._batch_started)
+        trainer.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_completed)
+        # attached before igniter's other handlers (see igniter.run.train), so it runs first
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+
+    def _batch_started(self) -> None:
+        self._t = time.perf_counter()
+
+    def _batch_completed(self) -> None:
+        now = time.perf_counter()
+        self.data_s += now - self._t
+        self._t = now
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        self.step_s += time.perf_counter() - self._t
+
+
+def attach_profiler(trainer: Engine, detailed: bool = False) -> StepTimer | BasicTimeProfiler:
+    """:class:`StepTimer`, or Ignite's ``BasicTimeProfiler`` when ``detailed``."""
+    if not detailed:
+        return StepTimer(trainer)
     profiler = BasicTimeProfiler()
     profiler.attach(trainer)
     return profiler
 
 
-def time_split(profiler: BasicTimeProfiler) -> dict[str, float]:
-    """Seconds spent fetching batches, in the step function, and in event handlers."""
+def time_split(profiler: StepTimer | BasicTimeProfiler, run_time_s: float) -> dict[str, float]:
+    """Seconds spent fetching batches, in the step function, and in event handlers
+    (for :class:`StepTimer`: the rest of ``run_time_s``, evaluation included)."""
+    if isinstance(profiler, StepTimer):
+        return {"data_s": profiler.data_s, "step_s": profiler.step_s, "handlers_s": max(0.0, run_time_s - profiler.data_s - profiler.step_s)}
     r = profiler.get_results()
     return {
         "data_s": float(r["dataflow_stats"]["total"]),
@@ -53,7 +86,7 @@ def summary_table(m: dict[str, Any]) -> str:
         ("final", _metrics_text(m.get("final", {})) or "-"),
         ("best", (_metrics_text(m.get("best", {})) + f" (epoch {m['best'].get('epoch')})") if m.get("best") else "-"),
         ("wall time", f"{m.get('wall_time_s', 0):.1f} s"
-            + (f" = data {split['data_s']:.1f} s + step {split['step_s']:.1f} s + handlers {split['handlers_s']:.1f} s (+ start-up, evaluation)" if split else "")),
+            + (f" = start-up and evaluation + data {split['data_s']:.1f} s + step {split['step_s']:.1f} s + handlers {split['handlers_s']:.1f} s" if split else "")),
         ("throughput", f"{m['samples_per_s']:.0f} samples/s" if m.get("samples_per_s") else "-"),
         ("processes", f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"),
     ]
