@@ -99,6 +99,10 @@ def draw_curves(m: dict[str, Any], path: Path) -> bool:
 
     Returns ``False`` (and logs why) when matplotlib is missing or there is nothing to draw.
     """
+    losses = m.get("train_loss_history", [])
+    epochs = m.get("epochs", [])
+    if not losses and not epochs:
+        return False
     try:
         import matplotlib
 
@@ -107,10 +111,6 @@ def draw_curves(m: dict[str, Any], path: Path) -> bool:
         import matplotlib.ticker
     except ImportError:
         logger.info("curves.png skipped: matplotlib is not installed (pip install 'igniter[plot]')")
-        return False
-    losses = m.get("train_loss_history", [])
-    epochs = m.get("epochs", [])
-    if not losses and not epochs:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     if losses:

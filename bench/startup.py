@@ -1,0 +1,103 @@
+"""Start-up cost: whole-process wall time of a 1-iteration igniter run against the
+``import torch, ignite`` floor (and a Lightning script doing the same iteration,
+when ``lightning`` is installed), plus the slowest imports of ``import igniter``.
+
+    python bench/startup.py --rounds 5
+
+Variants alternate over ``--rounds`` rounds; medians are reported. Writes
+``bench/results/startup.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+LIGHTNING_SCRIPT = """
+import torch, lightning as L
+from sklearn.datasets import load_digits
+d = load_digits()
+x = torch.tensor(d.data, dtype=torch.float32) / 16; y = torch.tensor(d.target)
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+class M(L.LightningModule):
+    def __init__(self):
+        super().__init__(); self.net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    def training_step(self, b, i): return torch.nn.functional.cross_entropy(self.net(b[0]), b[1])
+    def configure_optimizers(self): return torch.optim.Adam(self.parameters())
+L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(M(), loader)
+"""
+
+
+def timed(cmd: list[str], cwd: str) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def import_offenders(n: int = 12) -> list[tuple[str, float]]:
+    """Top ``n`` modules by cumulative import time (``python -X importtime -c 'import igniter'``), seconds."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import igniter.cli, igniter.run"], capture_output=True, text=True)
+    rows = []
+    for line in proc.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
+        if m and len(m.group(3)) <= 3:  # top-level and first-level imports only
+            rows.append((m.group(4), int(m.group(2)) / 1e6))
+    return sorted(rows, key=lambda r: -r[1])[:n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    variants = {
+        "floor: import torch, ignite": [sys.executable, "-c", "import torch, ignite"],
+        "igniter check": [sys.executable, "-m", "igniter", "check"],
+        "igniter, 1 iteration": [
+            sys.executable, "-m", "igniter", "trainer.max_epochs=1", "trainer.epoch_length=1", "data.val=null",
+            "checkpoint.enabled=false", "logging.loggers=[]", "output_dir=run",
+        ],
+    }
+    try:
+        import lightning  # noqa: F401
+
+        variants["lightning, 1 iteration"] = [sys.executable, "-c", LIGHTNING_SCRIPT]
+    except ImportError:
+        print("lightning not installed: its variant is skipped (pip install lightning)")
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name, cmd in variants.items():
+                times[name].append(timed(cmd, tmp))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med["floor: import torch, ignite"]
+    print(f"whole-process wall time, median of {args.rounds} (threads=1):")
+    for k, v in med.items():
+        print(f"  {k:32s} {v:6.2f} s   (+{v - floor:.2f} s over the floor)")
+    offenders = import_offenders()
+    print("slowest imports under `import igniter` (cumulative s):")
+    for name, sec in offenders:
+        print(f"  {name:40s} {sec:6.3f}")
+    out = HERE / "results" / "startup.json"
+    out.parent.mkdir(exist_ok=True)
+    meta = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    out.write_text(json.dumps({"benchmark": "startup", "machine": meta, "median_s": med, "all_s": times, "import_offenders_s": offenders}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
