@@ -11,11 +11,12 @@ and no traceback, before any process is spawned or job submitted.
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
 import itertools
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -24,17 +25,6 @@ from igniter.errors import EXIT_CONFIG, ConfigError, Problem
 from igniter.registry import suggest
 
 __all__ = ["main", "compose_config", "sweep_points", "config_problems", "launch"]
-
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
-
-
-def _subcommand(name: str) -> Callable:
-    def register(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
-        SUBCOMMANDS[name] = fn
-        return fn
-
-    return register
-
 
 def _config_groups() -> set[str]:
     root = importlib.resources.files(CONFIG_MODULE)
@@ -312,7 +302,6 @@ def _secondary_launcher_overrides(cfg: DictConfig) -> list[str]:
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 
 
-@_subcommand("check")
 def check(argv: list[str]) -> int:
     """``igniter check [overrides]``: validate, build every component on CPU, print the plan."""
     from igniter.build import import_modules
@@ -350,36 +339,19 @@ def check(argv: list[str]) -> int:
     return 0
 
 
-@_subcommand("doctor")
-def doctor(argv: list[str]) -> int:
-    """``igniter doctor [--json]``: versions, CUDA/NCCL/gloo, GPUs, distributed environment, SLURM tools."""
-    from igniter.doctor import main as doctor_main
-
-    return doctor_main(argv)
-
-
-@_subcommand("summary")
-def summary(argv: list[str]) -> int:
-    """``igniter summary <run dir>``: the end-of-run table, and ``curves.png``."""
-    from igniter.summary import main as summary_main
-
-    return summary_main(argv)
+#: Subcommands, imported only when used: name -> "module:function", function(argv) -> exit status.
+SUBCOMMANDS: dict[str, str] = {
+    "check": "igniter.cli:check",  # validate, build everything on CPU, print the plan
+    "doctor": "igniter.doctor:main",  # versions, CUDA/NCCL/gloo, GPUs, distributed environment, SLURM tools
+    "summary": "igniter.summary:main",  # the end-of-run table of a run directory, and curves.png
+    "eval": "igniter.evaluate:eval_main",  # the evaluator alone, on a run's saved weights
+    "export": "igniter.evaluate:export_main",  # the model weights alone, as safetensors
+}
 
 
-@_subcommand("eval")
-def evaluate(argv: list[str]) -> int:
-    """``igniter eval <run dir | checkpoint> [key=value ...]``: the evaluator alone, on saved weights."""
-    from igniter.evaluate import eval_main
-
-    return eval_main(argv)
-
-
-@_subcommand("export")
-def export(argv: list[str]) -> int:
-    """``igniter export <checkpoint> --format safetensors``: the model weights alone."""
-    from igniter.evaluate import export_main
-
-    return export_main(argv)
+def _run_subcommand(name: str, argv: list[str]) -> int:
+    module, _, function = SUBCOMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module), function)(argv)
 
 
 _PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "version")
@@ -389,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``igniter`` and ``python -m igniter``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        sys.exit(SUBCOMMANDS[argv[0]](argv[1:]))
+        sys.exit(_run_subcommand(argv[0], argv[1:]))
     args = _hydra_args(argv)
     if not any(getattr(args, flag, None) for flag in _PASS_THROUGH):
         status, configs = _prevalidate(args)
