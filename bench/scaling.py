@@ -38,7 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(variant: str, per_process_batch: int, iterations: int, mnist: str) -> float:
+def run(variant: str, per_process_batch: int, iterations: int, mnist: str, extra: list[str] = ()) -> float:
     nproc = 1 if variant == "single" else 2
     with tempfile.TemporaryDirectory() as tmp:
         args = [
@@ -52,6 +52,7 @@ def run(variant: str, per_process_batch: int, iterations: int, mnist: str) -> fl
             "logging.loggers=[]",
             "logging.progress_bar=false",
             f"output_dir={tmp}/run",
+            *extra,
         ]
         if variant == "single":
             cmd = [sys.executable, "-m", "igniter", *args]
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60, help="training iterations per run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["single", "spawn", "torchrun"])
+    parser.add_argument("--extra", nargs="*", default=[], help="more igniter overrides, e.g. runner.bucket_cap_mb=0.02")
     args = parser.parse_args()
 
     rows = []
@@ -81,7 +83,7 @@ def main() -> None:
         samples: dict[str, list[float]] = {v: [] for v in args.variants}
         for _ in range(args.rounds):
             for v in args.variants:  # alternate: A B C A B C ...
-                samples[v].append(run(v, b, args.iterations, args.mnist))
+                samples[v].append(run(v, b, args.iterations, args.mnist, args.extra))
         med = {v: statistics.median(s) for v, s in samples.items()}
         row = {"per_process_batch": b, "samples_per_s": med, "all": samples}
         for v in args.variants:

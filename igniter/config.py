@@ -225,6 +225,9 @@ class RunnerConfig:
 
     ``backend``: ``gloo``, ``nccl`` or ``None`` (nccl when CUDA is available,
     gloo otherwise). ``timeout_s``: collective-operation timeout in seconds.
+    ``bucket_cap_mb`` (MB, ``None``: PyTorch's 25) and ``gradient_as_bucket_view``
+    are passed to ``DistributedDataParallel``: smaller buckets start all-reducing
+    earlier in the backward pass; bucket views save a gradient copy per step.
     """
 
     name: str = "single"
@@ -235,6 +238,8 @@ class RunnerConfig:
     master_addr: str = "127.0.0.1"
     master_port: Optional[int] = None
     timeout_s: float = 600.0
+    bucket_cap_mb: Optional[float] = None
+    gradient_as_bucket_view: bool = True
 
 
 @dataclass

@@ -139,7 +139,12 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = idist.device()
-    model = idist.auto_model(build_model(cfg.model), sync_bn=False)
+    ddp: dict[str, Any] = {}
+    if idist.get_world_size() > 1:  # DistributedDataParallel options (auto_model passes them on)
+        ddp["gradient_as_bucket_view"] = cfg.runner.gradient_as_bucket_view
+        if cfg.runner.bucket_cap_mb is not None:
+            ddp["bucket_cap_mb"] = cfg.runner.bucket_cap_mb
+    model = idist.auto_model(build_model(cfg.model), sync_bn=False, **ddp)
     optimizer = idist.auto_optim(build_optimizer(cfg.solver, model))
     scheduler = build_scheduler(cfg.solver.scheduler, optimizer)
     loss_fn = function_registry.get(cfg.trainer.loss, "trainer.loss")

@@ -135,6 +135,8 @@ class Runner:
             problems.append(Problem("runner.backend", "nccl needs CUDA GPUs and none is available; use gloo", backend))
         if self.cfg.timeout_s <= 0:
             problems.append(Problem("runner.timeout_s", "expected a positive number of seconds", self.cfg.timeout_s))
+        if self.cfg.bucket_cap_mb is not None and self.cfg.bucket_cap_mb <= 0:
+            problems.append(Problem("runner.bucket_cap_mb", "expected a positive size in MB (or null: PyTorch's default)", self.cfg.bucket_cap_mb))
         port = self.cfg.master_port
         if port is not None and not 1024 <= port <= 65535:
             problems.append(Problem("runner.master_port", "expected a port in 1024-65535 (or null: pick a free one)", port))
