@@ -18,7 +18,7 @@ F ``lightning_off`` the same with them off
 Variants alternate (A B C D ... A B C D ...) over ``--rounds`` rounds; the table
 shows the median microseconds per training iteration, the ratio to A, and the
 final loss of each variant (equal losses mean equal work). Writes
-``bench/results/overhead.json``.
+``bench/results/overhead_<workloads>.json``.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def main() -> None:
             print(f"  {v:14s} {r['us_per_iter']:9.1f} us  x{r['ratio']:.3f}  loss {r['final_loss']:.6f}")
         same = len({round(r["final_loss"], 5) for r in rows.values()}) == 1
         print(f"  same final loss in every variant: {'yes' if same else 'NO'}")
-    out = HERE / "results" / "overhead.json"
+    out = HERE / "results" / f"overhead_{'_'.join(args.workloads)}.json"
     out.parent.mkdir(exist_ok=True)
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "threads": 1}
     out.write_text(json.dumps({"benchmark": "overhead", "machine": meta, "epochs": args.epochs, "results": results}, indent=2))

@@ -68,3 +68,12 @@ def test_explicit_output_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "metrics.json").exists()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_early_stopping_from_config(tmp_path):
+    # monitor the validation loss in "max" mode: it only goes down, so it never improves
+    args = ["trainer.max_epochs=10", "evaluation.monitor=loss", "evaluation.mode=max", "evaluation.patience=2", f"output_dir={tmp_path / 'run'}"]
+    proc = run_igniter(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["epochs_completed"] == 3 and len(metrics["epochs"]) == 3
