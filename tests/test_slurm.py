@@ -152,3 +152,21 @@ def test_usr2_saves_requeues_resumes_and_matches_uninterrupted(slurm, tmp_path):
     assert torch.equal(final_weights(job)["net.0.weight"], final_weights(tmp_path / "reference")["net.0.weight"])
     for k, v in final_weights(tmp_path / "reference").items():
         assert torch.equal(v, final_weights(job)[k]), k
+
+
+def test_sbatch_template_runs_two_tasks_with_srun(slurm, tmp_path):
+    """slurm/sbatch_template.sh as a user would submit it (GPU line dropped: this node has none)."""
+    template = (REPO / "slurm" / "sbatch_template.sh").read_text()
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join(line for line in template.splitlines() if "gpus-per-node" not in line) + "\n")
+    env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out",
+         str(script), *COMMON],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert proc.returncode == 0, proc.stderr + logs[-3000:]
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["world_size"] == 2 and metrics["status"] == "completed"
+    assert {"rank0.log", "rank1.log"} <= {p.name for p in (tmp_path / "run").iterdir()}
