@@ -396,6 +396,10 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         for lg in loggers:
             lg.close()
     state = ctx.trainer.state
+    if ctx.world_size > 1 and state.stopped_by is None and state.diverged is None:
+        # every rank done with its collectives before any rank tears the process group down
+        # (a rank leaving early was seen to abort a peer's gloo thread at exit)
+        idist.barrier()
     summary = {
         "status": "diverged" if state.diverged else ("stopped" if state.stopped_by else "completed"),
         "epochs_completed": state.epoch,
