@@ -203,50 +203,63 @@ def attach_throughput(trainer: Engine, global_batch_size: int) -> None:
         engine.state.samples_per_s = samples / seconds if seconds > 0 else math.nan
 
 
-def attach_nan_guard(trainer: Engine) -> None:
+def _any_rank(flag: bool | torch.Tensor) -> bool:
+    """``flag`` on any rank (an ``all_reduce``: every rank must call it at the same point)."""
+    value = flag.to(torch.int64) if isinstance(flag, torch.Tensor) else torch.tensor(int(flag))
+    if idist.get_world_size() > 1:
+        value = idist.all_reduce(value.to(idist.device()), op="MAX")
+    return bool(value)
+
+
+def _nonfinite_loss(output: Any) -> torch.Tensor | bool:
+    """Whether the step's loss is NaN/inf: a bool, or a 0-d bool tensor on the loss's GPU (no sync)."""
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if isinstance(loss, torch.Tensor):
+        return ~torch.isfinite(loss.detach()).all() if loss.is_cuda else not math.isfinite(float(loss))
+    return loss is not None and not math.isfinite(float(loss))
+
+
+def attach_nan_guard(trainer: Engine, check_every: int = 10) -> None:
     """Stop training when the step's loss is NaN or infinite, as Ignite's
     ``TerminateOnNan`` does, at a fraction of its cost (it inspects every tensor of
-    the output; this reads the loss only). On CPU the loss is checked every
-    iteration; on a GPU a device-side flag is accumulated and read every 10
-    iterations, so there is no host sync per step. Records
+    the output; this reads the loss only).
+
+    One CPU process checks every iteration. On a GPU, or with several processes,
+    a flag is accumulated every iteration and read (all-reduced across ranks, so
+    that every rank stops at the same iteration) every ``check_every``
+    iterations: no host sync or collective per step. Records
     ``trainer.state.diverged = (iteration, loss)``; checkpoints stop, the run exits 3.
     """
     trainer.state.diverged = None
-    flag: dict[str, Any] = {"bad": None}
+    flag: dict[str, Any] = {"bad": False}
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _check(engine: Engine) -> None:
         if engine.state.diverged is not None:
             return
         out = engine.state.output
-        loss = out.get("loss") if isinstance(out, dict) else out
-        if not isinstance(loss, torch.Tensor):
-            bad = loss is not None and not math.isfinite(float(loss))
-        elif loss.is_cuda:
-            step_bad = ~torch.isfinite(loss.detach()).all()
-            flag["bad"] = step_bad if flag["bad"] is None else flag["bad"] | step_bad
-            bad = engine.state.iteration % 10 == 0 and bool(flag["bad"])
+        bad = _nonfinite_loss(out)
+        if idist.get_world_size() == 1 and not isinstance(bad, torch.Tensor):
+            stop = bad
         else:
-            bad = not math.isfinite(float(loss))
-        if bad:
+            flag["bad"] = flag["bad"] | bad
+            if engine.state.iteration % check_every:
+                return
+            stop = _any_rank(flag["bad"])
+        if stop:
+            loss = out.get("loss") if isinstance(out, dict) else out
             engine.state.diverged = (engine.state.iteration, _scalar(loss))
             logger.error("loss is %s at iteration %d: stopping", _scalar(loss), engine.state.iteration)
             engine.terminate()
 
 
-def _finite_output(trainer: Engine) -> bool:
-    out = trainer.state.output
-    loss = out.get("loss") if isinstance(out, dict) else out
-    return not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all())
-
-
 def _guarded(save: Checkpoint, trainer: Engine) -> Callable[[Engine], None]:
-    """Call ``save`` unless the run has diverged or the current loss is not finite
-    (the NaN guard may read a GPU loss only every few steps): a NaN state never
-    overwrites a good checkpoint."""
+    """Call ``save`` unless the run has diverged or the current loss is not finite on
+    any rank (the NaN guard may read the flag only every few steps): a NaN state
+    never overwrites a good checkpoint. Every rank reaches the same decision."""
 
     def handler(engine: Engine) -> None:
-        if getattr(trainer.state, "diverged", None) is None and _finite_output(trainer):
+        if getattr(trainer.state, "diverged", None) is None and not _any_rank(_nonfinite_loss(trainer.state.output)):
             save(engine)
 
     return handler

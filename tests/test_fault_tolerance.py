@@ -197,3 +197,19 @@ def test_torchrun_max_restarts_resumes_after_worker_killed(tmp_path):
     assert marker.exists(), "the worker was killed once"
     assert "resumed from" in (tmp_path / "run" / "rank0.log").read_text()
     assert_bit_identical(final_model(tmp_path / "ref"), final_model(tmp_path / "run"))
+
+
+def test_nan_on_one_rank_stops_every_rank_without_hanging(tmp_path):
+    run = tmp_path / "run"
+    args = ["imports=[my_project]", "trainer.step=nan_at", "+trainer.step_params.iteration=25", "+trainer.step_params.rank=1",
+            "trainer.max_epochs=3", "checkpoint.every_iterations=10", "runner=spawn", "runner.nproc_per_node=2",
+            "runner.timeout_s=60", f"output_dir={run}"]
+    start = __import__("time").monotonic()
+    proc = run_igniter(args, tmp_path, timeout=200)
+    assert proc.returncode != 0
+    assert __import__("time").monotonic() - start < 60, "a NaN on one rank must not leave the others waiting in a collective"
+    assert "loss is nan at iteration 30" in proc.stderr  # rank 1 went NaN at 25; ranks agree at the next check
+    newest = checkpoint_files(run / "checkpoints")[0]
+    ckpt = torch.load(newest, weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 20
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
