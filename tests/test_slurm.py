@@ -170,3 +170,14 @@ def test_sbatch_template_runs_two_tasks_with_srun(slurm, tmp_path):
     metrics = read_metrics(tmp_path / "run")
     assert metrics["world_size"] == 2 and metrics["status"] == "completed"
     assert {"rank0.log", "rank1.log"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_submitit_local_two_tasks_match_single_process(tmp_path):
+    """`hydra/launcher=submitit_local`: the SLURM job layout as local processes (no SLURM needed)."""
+    local = run_igniter([*COMMON, f"output_dir={tmp_path / 'local'}"], tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    proc = run_igniter(["-m", "hydra/launcher=submitit_local", "runner=slurm", "runner.nproc_per_node=2", *COMMON], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = job_dirs(tmp_path)
+    assert read_metrics(job)["world_size"] == 2
+    assert_same_weights(final_weights(tmp_path / "local"), final_weights(job))
