@@ -41,7 +41,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from omegaconf import OmegaConf  # noqa: E402
 
 from igniter.cli import compose_config, plain_config  # noqa: E402
 from igniter.run import build_run, train  # noqa: E402

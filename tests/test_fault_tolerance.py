@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
