@@ -34,7 +34,7 @@ from igniter.registry import (
     transforms_registry,
 )
 
-__all__ = ["validate", "check_config"]
+__all__ = ["validate"]
 
 # Arguments igniter itself passes to factories; not for users to set in params.
 _DATASET_ARGS = {"transform"}
@@ -246,11 +246,3 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
     _check_solver(c, cfg.solver)
     _check_run(c, cfg)
     return c.problems
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem :func:`validate` finds."""
-    logging.getLogger("igniter").debug("validating config")
-    problems = validate(cfg)
-    if problems:
-        raise ConfigError(problems)
