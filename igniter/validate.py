@@ -9,7 +9,6 @@ the batch size against the runner's world size. It builds nothing expensive
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Callable, Iterable
 
