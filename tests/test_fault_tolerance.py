@@ -211,3 +211,14 @@ def test_nan_on_one_rank_stops_every_rank_without_hanging(tmp_path):
     ckpt = torch.load(newest, weights_only=True)
     assert ckpt["trainer"]["iteration"] == 20
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_checkpoint_every_seconds(tmp_path):
+    """every_seconds is checked every 10 iterations: with a tiny interval it saves at 10, 20, 30, 40,
+    plus the end of the epoch (44)."""
+    run = tmp_path / "run"
+    args = ["trainer.max_epochs=1", "checkpoint.every_seconds=0.001", "checkpoint.n_saved=10", f"output_dir={run}"]
+    proc = run_igniter(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = sorted(int(p.stem.rsplit("_", 1)[1]) for p in checkpoint_files(run / "checkpoints"))
+    assert steps == [10, 20, 30, 40, 44]
