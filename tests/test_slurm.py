@@ -85,16 +85,23 @@ def test_single_task_job_trains_mnist_on_slurm(slurm, tmp_path, mnist_root):
     assert "igniter sweep results" in proc.stdout and job_id in proc.stdout
 
 
-def test_two_task_job_matches_single_process(slurm, tmp_path):
+def two_task_job_matching_single_process(launcher: str, tmp_path: Path) -> Path:
+    """Run COMMON in one local process and as a 2-task job through ``launcher``; assert the
+    job had world size 2 and the same final weights. Returns the job's run directory."""
     local = run_igniter([*COMMON, f"output_dir={tmp_path / 'local'}"], tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
-    proc = run_igniter(["-m", "hydra/launcher=slurm", "runner=slurm", "runner.nproc_per_node=2", *COMMON], tmp_path, timeout=300)
+    proc = run_igniter(["-m", f"hydra/launcher={launcher}", "runner=slurm", "runner.nproc_per_node=2", *COMMON], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = job_dirs(tmp_path)
     assert read_metrics(job)["world_size"] == 2
+    assert_same_weights(final_weights(tmp_path / "local"), final_weights(job))
+    return job
+
+
+def test_two_task_job_matches_single_process(slurm, tmp_path):
+    job = two_task_job_matching_single_process("slurm", tmp_path)
     assert {"rank0.log", "rank1.log", "metrics.json", "checkpoints"} <= {p.name for p in job.iterdir()}
     assert len(list((job / "tb").iterdir())) == 1
-    assert_same_weights(final_weights(tmp_path / "local"), final_weights(job))
 
 
 def test_sweep_gives_two_jobs_and_a_table(slurm, tmp_path):
@@ -174,10 +181,4 @@ def test_sbatch_template_runs_two_tasks_with_srun(slurm, tmp_path):
 
 def test_submitit_local_two_tasks_match_single_process(tmp_path):
     """`hydra/launcher=submitit_local`: the SLURM job layout as local processes (no SLURM needed)."""
-    local = run_igniter([*COMMON, f"output_dir={tmp_path / 'local'}"], tmp_path)
-    assert local.returncode == 0, local.stderr[-3000:]
-    proc = run_igniter(["-m", "hydra/launcher=submitit_local", "runner=slurm", "runner.nproc_per_node=2", *COMMON], tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (job,) = job_dirs(tmp_path)
-    assert read_metrics(job)["world_size"] == 2
-    assert_same_weights(final_weights(tmp_path / "local"), final_weights(job))
+    two_task_job_matching_single_process("submitit_local", tmp_path)
