@@ -35,8 +35,10 @@ from typing import Any, Callable
 
 import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 
+from igniter.distributed.elastic import generation_store, uses_agent_store
 from igniter.errors import Problem
 from igniter.registry import runner_registry
 
@@ -246,10 +248,14 @@ class JoinRunner(Runner):
     def join_environment(self) -> None:
         """Set whatever ``idist.initialize`` reads from the environment (nothing here)."""
 
+    def init_process_group(self) -> None:
+        """Form the process group from the environment (``env://``), with ``runner.timeout_s``."""
+        idist.initialize(self.backend, timeout=timedelta(seconds=self.cfg.timeout_s))
+
     def launch(self, fn: Callable[..., Any], *args: Any) -> None:
         self.join_environment()
         # Parallel(backend=...) would initialize without our timeout: initialize here, then run.
-        idist.initialize(self.backend, timeout=timedelta(seconds=self.cfg.timeout_s))
+        self.init_process_group()
         try:
             with idist.Parallel(backend=None) as parallel:
                 parallel.run(_call, fn, *args)
@@ -272,6 +278,19 @@ class TorchrunRunner(JoinRunner):
     @property
     def is_primary(self) -> bool:
         return os.environ.get("RANK", "0") == "0"
+
+    def init_process_group(self) -> None:
+        """Under torchrun's agent-hosted store, form the group on a store of this generation's own
+        (:mod:`igniter.distributed.elastic`: restarted workers would otherwise read dead workers' addresses)."""
+        if not uses_agent_store():
+            return super().init_process_group()
+        timeout = timedelta(seconds=self.cfg.timeout_s)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if self.backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        store = generation_store(rank, world_size, timeout)
+        dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        idist.sync()  # ignite adopts the group
 
     def validate(self, here: bool = True) -> list[Problem]:
         problems = super().validate(here)
