@@ -41,6 +41,8 @@ __all__ = [
     "attach_throughput",
     "attach_checkpoints",
     "attach_nan_guard",
+    "flush_checkpoints",
+    "save_now",
 ]
 
 logger = logging.getLogger("igniter")
@@ -284,6 +286,24 @@ def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
         return due
 
     return event_filter
+
+
+def flush_checkpoints(checkpointer: Checkpoint) -> None:
+    """Wait until the checkpoints taken so far are on disk (savers that write in the
+    background have ``flush()``, e.g. :class:`igniter.io.AtomicDiskSaver`)."""
+    flush = getattr(checkpointer.save_handler, "flush", None)
+    if flush is not None:
+        flush()
+
+
+def save_now(checkpointer: Checkpoint) -> Callable[[Engine], None]:
+    """A handler that takes a checkpoint and returns once it is on disk (before a requeue)."""
+
+    def save(engine: Engine) -> None:
+        checkpointer(engine)
+        flush_checkpoints(checkpointer)
+
+    return save
 
 
 def attach_checkpoints(ctx: Any) -> dict[str, Any]:

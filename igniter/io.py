@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import ignite.distributed as idist
 from ignite.engine import Events
@@ -49,8 +51,14 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
 
 
 class AtomicDiskSaver(DiskSaver):
-    """Ignite's ``DiskSaver`` (rank 0 writes) made crash-safe.
+    """Ignite's ``DiskSaver`` (rank 0 writes) made crash-safe, and written in the background.
 
+    * The checkpoint is serialized (``torch.save``) in the calling thread, so the file
+      holds the state at the moment of the call; writing, fsync, rename and the removal
+      of rotated-out files run in one background thread, off the training loop. One
+      write is in flight at a time: the next checkpoint first waits for the previous
+      one (files appear in order). The serialized bytes are held in memory until
+      written: host RAM of one checkpoint.
     * fsync before the atomic rename (Ignite's own atomic mode renames without
       fsync, so a power loss could leave a truncated file behind the final name);
     * ``remove`` is deferred until the next checkpoint is complete on disk:
@@ -58,22 +66,44 @@ class AtomicDiskSaver(DiskSaver):
       one, so a kill in between would otherwise leave ``n_saved - 1`` files
       (none with ``n_saved=1``);
     * leftover temporary files of interrupted writes are deleted at start-up.
+
+    Call :meth:`flush` before relying on the newest file (end of training, requeue);
+    a write error is raised there or by the next save. At interpreter exit Python
+    waits for the write in flight.
     """
 
     def __init__(self, dirname: str, **kwargs: Any) -> None:
         super().__init__(dirname, **kwargs)
         self._pending_removal: list[str] = []
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igniter-checkpoint")
+        self._in_flight: Future | None = None
         if idist.get_rank() == 0:
             for stale in Path(dirname).glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        atomic_write(Path(path), lambda f: func(checkpoint, f, **self.kwargs))
-        pending, self._pending_removal = self._pending_removal, []
-        for filename in pending:
-            if filename != Path(path).name:
+        buffer = io.BytesIO()
+        func(checkpoint, buffer, **self.kwargs)
+        self.flush()
+        removals, self._pending_removal = self._pending_removal, []
+        self._in_flight = self._writer.submit(self._write, Path(path), buffer.getvalue(), removals)
+
+    def _write(self, path: Path, data: bytes, removals: list[str]) -> None:
+        atomic_write(path, lambda f: self.write_bytes(f, data))
+        for filename in removals:
+            if filename != path.name:
                 # missing_ok: a resumed run's handler may list files an earlier run already rotated out
                 (Path(self.dirname) / filename).unlink(missing_ok=True)
+
+    def write_bytes(self, f: BinaryIO, data: bytes) -> None:
+        """Write a serialized checkpoint to the open temporary file (a hook for tests)."""
+        f.write(data)
+
+    def flush(self) -> None:
+        """Wait until the last checkpoint is on disk. Raises what its write raised (e.g. ``OSError``)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
 
     def remove(self, filename: str) -> None:
         if idist.get_rank() == 0:  # only rank 0 writes, so only rank 0 removes

@@ -36,7 +36,15 @@ from igniter.distributed import make_runner
 from igniter.distributed.sampler import ShardedSampler
 from igniter.events import parse_event
 from igniter.errors import ConfigError, Problem
-from igniter.handlers import MetricsRecord, attach_checkpoints, attach_nan_guard, attach_progress, attach_throughput
+from igniter.handlers import (
+    MetricsRecord,
+    attach_checkpoints,
+    attach_nan_guard,
+    attach_progress,
+    attach_throughput,
+    flush_checkpoints,
+    save_now,
+)
 from igniter.resume import CheckpointInvalid, check_checkpoint, select_checkpoint
 from igniter.summary import attach_profiler, draw_curves, summary_table, time_split
 from igniter.telemetry import gpu_telemetry
@@ -388,11 +396,14 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
     if _resume(ctx, to_load) is not None and record is not None:
         record.resume(ctx.trainer.state.iteration)
     ctx.trainer.state.stopped_by = None
-    make_runner(cfg.runner).attach(ctx.trainer, to_load.get("checkpointer"))
+    checkpointer = to_load.get("checkpointer")
+    make_runner(cfg.runner).attach(ctx.trainer, save_now(checkpointer) if checkpointer is not None else None)
     loggers, telemetry = _observe(ctx, record)
     try:
         _run_engine(ctx)
     finally:
+        if checkpointer is not None:
+            flush_checkpoints(checkpointer)
         for lg in loggers:
             lg.close()
     state = ctx.trainer.state
