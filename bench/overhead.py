@@ -16,7 +16,8 @@ F ``lightning_off`` the same with them off
 (E and F only when ``lightning`` is installed: ``pip install lightning``.)
 
 Variants alternate (A B C D ... A B C D ...) over ``--rounds`` rounds; the table
-shows the median microseconds per training iteration, the ratio to A, and the
+shows the median microseconds per training iteration, the median over rounds of
+the ratio to A in the same round, and the
 final loss of each variant (equal losses mean equal work). Writes
 ``bench/results/overhead_<workloads>.json``.
 """
@@ -209,10 +210,19 @@ def main() -> None:
                     seconds, iterations, loss = VARIANTS[v](cfg)
                 times[v].append(seconds / iterations * 1e6)
                 losses[v] = loss
-        base = statistics.median(times["loop"])
-        rows = {v: {"us_per_iter": statistics.median(t), "ratio": statistics.median(t) / base, "final_loss": losses[v], "all": t} for v, t in times.items()}
+        # ratio: median over rounds of (variant / loop of the same round): pairing cancels the
+        # slow drifts of a shared VM's speed, which move all variants of a round together
+        rows = {
+            v: {
+                "us_per_iter": statistics.median(t),
+                "ratio": statistics.median(x / b for x, b in zip(t, times["loop"])),
+                "final_loss": losses[v],
+                "all": t,
+            }
+            for v, t in times.items()
+        }
         results[workload] = rows
-        print(f"\n{workload}: us/iteration (median of {args.rounds}), ratio to the hand-written loop, final loss")
+        print(f"\n{workload}: us/iteration (median of {args.rounds}), ratio to the hand-written loop (median of per-round ratios), final loss")
         for v, r in rows.items():
             print(f"  {v:14s} {r['us_per_iter']:9.1f} us  x{r['ratio']:.3f}  loss {r['final_loss']:.6f}")
         same = len({round(r["final_loss"], 5) for r in rows.values()}) == 1

@@ -22,14 +22,35 @@ import ast
 import re
 from typing import Any, Iterable, Type
 
-from ignite.engine import EventEnum, Events
+from ignite.engine import Engine, EventEnum, Events
 
 from igniter.registry import suggest
 
-__all__ = ["parse_event", "event_names", "EventSpecError"]
+__all__ = ["parse_event", "event_names", "EventSpecError", "LogEvents", "fire_log_events"]
 
 _TERM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 _FILTERS = ("every", "once", "before", "after")
+
+
+class LogEvents(EventEnum):
+    """``LOG`` fires on the trainer every ``logging.log_every`` iterations (after
+    ``ITERATION_COMPLETED``'s earlier handlers); TensorBoard scalars, log lines and the
+    loss history hang on it. One plain handler that fires it costs ~1 us per iteration;
+    each handler on a filtered ``ITERATION_COMPLETED(every=N)`` costs ~5 us (Ignite looks
+    the filtered event up in ``State.event_to_attr`` on every iteration). Handlers in
+    config may use ``event: LOG``."""
+
+    LOG = "log"
+
+
+def fire_log_events(trainer: Engine, every: int) -> None:
+    """Fire :attr:`LogEvents.LOG` on ``trainer`` every ``every`` iterations (the event is
+    registered by :func:`igniter.run.build_run`, with ``state.iteration`` as its counter)."""
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _log_tick(engine: Engine) -> None:
+        if engine.state.iteration % every == 0:
+            engine.fire_event(LogEvents.LOG)
 
 
 class EventSpecError(ValueError):

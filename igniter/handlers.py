@@ -28,6 +28,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
 
+from igniter.events import LogEvents
 from igniter.io import atomic_write
 from igniter.registry import event_handler_registry, io_registry
 from igniter.resume import TrainerState
@@ -166,9 +167,7 @@ def attach_progress(ctx: Any) -> None:
             event_name=Events.ITERATION_COMPLETED(event_filter=_throttled(0.25)),
         )
         return
-    every = cfg.logging.log_every
-
-    @trainer.on(Events.ITERATION_COMPLETED(every=every))
+    @trainer.on(LogEvents.LOG)
     def _log_line(engine: Engine) -> None:
         out = engine.state.output
         loss = _scalar(out["loss"]) if isinstance(out, dict) and "loss" in out else None

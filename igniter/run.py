@@ -34,7 +34,7 @@ from igniter.build import (
 )
 from igniter.distributed import make_runner
 from igniter.distributed.sampler import ShardedSampler
-from igniter.events import parse_event
+from igniter.events import LogEvents, fire_log_events, parse_event
 from igniter.errors import ConfigError, Problem
 from igniter.handlers import (
     MetricsRecord,
@@ -175,8 +175,9 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
     }
     step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
     trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step})
-    custom_events = [import_object(path) for path in cfg.trainer.custom_events]
-    for enum in custom_events:
+    trainer.register_events(*LogEvents, event_to_attr={LogEvents.LOG: "iteration"})
+    custom_events = [LogEvents, *(import_object(path) for path in cfg.trainer.custom_events)]
+    for enum in custom_events[1:]:
         trainer.register_events(*enum)
     evaluator = None
     if val_loader is not None:
@@ -237,6 +238,7 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
         trainer.add_event_handler(event, lambda _: ctx.scheduler.step())
 
     attach_nan_guard(trainer)
+    fire_log_events(trainer, cfg.logging.log_every)
     attach_throughput(trainer, cfg.data.loader.batch_size)
     if evaluator is not None:
         last_eval = {"epoch": 0}
@@ -337,7 +339,7 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
         loggers = [call_with(io_registry.get(n, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, n in enumerate(cfg.logging.loggers)]
     if record is not None:
 
-        @trainer.on(Events.ITERATION_COMPLETED(every=cfg.logging.log_every))
+        @trainer.on(LogEvents.LOG)
         def _loss_history(engine: Engine) -> None:
             loss = _train_loss(engine.state.output)
             if loss is not None:

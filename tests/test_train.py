@@ -33,6 +33,7 @@ def test_default_run_reaches_95_percent_and_writes_outputs(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "lr/group_0", "val/accuracy", "val/loss"} <= tags, tags
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(50, 881, 50)), "every logging.log_every iterations"
     # the newest checkpoint loads into a fresh model with equal weights
     last = max((run / "checkpoints").glob("last_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     state = torch.load(last, weights_only=True)
@@ -77,3 +78,13 @@ def test_early_stopping_from_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert metrics["epochs_completed"] == 3 and len(metrics["epochs"]) == 3
+
+
+def test_log_event_fires_every_log_every_iterations(tmp_path):
+    """The LOG event (TensorBoard scalars, log lines) is usable by user handlers too."""
+    run = tmp_path / "run"
+    args = ["trainer.max_epochs=1", "logging.log_every=20", "handlers=[{name:log_state,event:LOG,params:{message:tick}}]", f"output_dir={run}"]
+    proc = run_igniter(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ticks = [line for line in (run / "rank0.log").read_text().splitlines() if "tick epoch" in line]
+    assert [line.split("iteration ")[1].split()[0] for line in ticks] == ["20", "40"]
