@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -207,6 +208,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     extra = ["logging.progress_bar=true"] if v == "igniter" else ["checkpoint.enabled=false", "logging.loggers=[]"]
                     cfg = config(workload, args.epochs, args.mnist, tmp, extra)
+                    gc.collect()  # the previous variant's garbage is not collected on this one's clock
                     seconds, iterations, loss = VARIANTS[v](cfg)
                 times[v].append(seconds / iterations * 1e6)
                 losses[v] = loss
