@@ -46,7 +46,7 @@ from igniter.handlers import (
     save_now,
 )
 from igniter.resume import CheckpointInvalid, check_checkpoint, select_checkpoint
-from igniter.summary import attach_profiler, draw_curves, summary_table, time_split
+from igniter.summary import attach_first_iteration_timer, attach_profiler, draw_curves, summary_table, time_split
 from igniter.telemetry import gpu_telemetry
 from igniter.registry import engine_registry, event_handler_registry, function_registry, io_registry
 
@@ -338,6 +338,7 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
     if ctx.rank == 0:
         loggers = [call_with(io_registry.get(n, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, n in enumerate(cfg.logging.loggers)]
     if record is not None:
+        attach_first_iteration_timer(trainer, record)
 
         @trainer.on(LogEvents.LOG)
         def _loss_history(engine: Engine) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers import BasicTimeProfiler
 
-__all__ = ["attach_profiler", "time_split", "summary_table", "draw_curves", "main"]
+__all__ = ["attach_first_iteration_timer", "process_age_s", "attach_profiler", "time_split", "summary_table", "draw_curves", "main"]
 
 logger = logging.getLogger("igniter")
 
@@ -49,6 +50,34 @@ class StepTimer:
 
     def _iteration_completed(self, engine: Engine) -> None:
         self.step_s += time.perf_counter() - self._t
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; 10 ms resolution), else ``None``."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def attach_first_iteration_timer(trainer: Engine, record: Any) -> None:
+    """Record ``first_iteration_s`` in ``metrics.json``: seconds from the start of this
+    (rank 0) process to the end of this run's first training iteration: the start-up
+    cost a user waits through (imports, config, data, model, process group)."""
+    done = {"flag": False}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _first(engine: Engine) -> None:
+        if done["flag"]:
+            return
+        done["flag"] = True
+        age = process_age_s()
+        if age is not None:
+            record.update(first_iteration_s=round(age, 2))
 
 
 def attach_profiler(trainer: Engine, detailed: bool = False) -> StepTimer | BasicTimeProfiler:
@@ -88,6 +117,7 @@ def summary_table(m: dict[str, Any]) -> str:
         ("wall time", f"{m.get('wall_time_s', 0):.1f} s"
             + (f" = start-up and evaluation + data {split['data_s']:.1f} s + step {split['step_s']:.1f} s + handlers {split['handlers_s']:.1f} s" if split else "")),
         ("throughput", f"{m['samples_per_s']:.0f} samples/s" if m.get("samples_per_s") else "-"),
+        ("start-up", f"first iteration done {m['first_iteration_s']:.2f} s after the process started" if m.get("first_iteration_s") else "-"),
         ("processes", f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -18,13 +19,16 @@ def only_run_dir(cwd: Path) -> Path:
 
 
 def test_default_run_reaches_95_percent_and_writes_outputs(tmp_path):
+    start = time.monotonic()
     proc = run_igniter([], tmp_path)
+    elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run_dir(tmp_path)
     metrics = read_metrics(run)
     assert metrics["status"] == "completed"
     assert metrics["final"]["accuracy"] >= 0.95, metrics["final"]
     assert len(metrics["epochs"]) == 20 and metrics["samples_per_s"] > 0 and metrics["wall_time_s"] > 0
+    assert 0.1 < metrics["first_iteration_s"] < elapsed, "seconds from process start to the first iteration"
     assert "world size 1" in proc.stdout and "samples/s" in proc.stdout
     for name in ("config.yaml", "rank0.log", "checkpoints", "tb"):
         assert (run / name).exists(), name
