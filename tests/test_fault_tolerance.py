@@ -230,3 +230,41 @@ def test_checkpoint_every_seconds(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = sorted(int(p.stem.rsplit("_", 1)[1]) for p in checkpoint_files(run / "checkpoints"))
     assert steps == [10, 20, 30, 40, 44]
+
+
+def test_background_write_is_complete_after_flush_and_errors_surface(tmp_path):
+    """The saver returns before the file is on disk; flush() waits for it; the previous
+    file is removed only once its successor is written; a failed write raises at flush()."""
+    import threading
+
+    from igniter.io import AtomicDiskSaver
+
+    release = threading.Event()
+
+    class Gated(AtomicDiskSaver):
+        def write_bytes(self, f, data):
+            release.wait(10)
+            f.write(data)
+
+    saver = Gated(str(tmp_path), require_empty=False, create_dir=True)
+    saver({"w": torch.ones(3)}, "a_1.pt")
+    release.set()  # let the first write through
+    saver.flush()
+    saver.remove("a_1.pt")
+    release.clear()
+    saver({"w": torch.full((3,), 2.0)}, "a_2.pt")
+    assert (tmp_path / "a_1.pt").exists() and not (tmp_path / "a_2.pt").exists(), "old kept while the new one is written"
+    release.set()
+    saver.flush()
+    assert not (tmp_path / "a_1.pt").exists()
+    assert torch.equal(torch.load(tmp_path / "a_2.pt", weights_only=True)["w"], torch.full((3,), 2.0))
+
+    class Failing(AtomicDiskSaver):
+        def write_bytes(self, f, data):
+            raise OSError("disk full")
+
+    failing = Failing(str(tmp_path / "f"), require_empty=False, create_dir=True)
+    failing({"w": torch.ones(1)}, "b_1.pt")
+    with pytest.raises(OSError, match="disk full"):
+        failing.flush()
+    assert not list((tmp_path / "f").iterdir()), "no partial or temporary file is left"
