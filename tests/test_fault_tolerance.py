@@ -173,13 +173,9 @@ def test_nan_stops_run_keeps_last_finite_checkpoint(tmp_path):
     assert read_metrics(run)["status"] == "diverged"
 
 
-@pytest.mark.parametrize("late_rank", ["0", "1"])
-@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
-def test_torchrun_max_restarts_resumes_after_worker_killed(rendezvous, late_rank, tmp_path):
-    """Rank 1 SIGKILLs itself at iteration 25; torchrun restarts both workers, one of them
-    joining 3 s late (the order in which plain ``init_process_group`` on torchrun's shared
-    store picks up a dead worker's address); the run resumes from iteration 20 and ends
-    bit-identical to an uninterrupted run."""
+def _torchrun_reference_and_dying_args(tmp_path: Path) -> tuple[str, list[str]]:
+    """Run the uninterrupted 2-process torchrun reference into ``ref``; return torchrun's
+    path and the arguments of the same run whose rank 1 SIGKILLs itself at iteration 25."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     common = ["trainer.max_epochs=2", "checkpoint.every_iterations=10", "trainer.seed=3", "runner=torchrun", "runner.timeout_s=30"]
     ref = subprocess.run(
@@ -187,8 +183,19 @@ def test_torchrun_max_restarts_resumes_after_worker_killed(rendezvous, late_rank
         cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=600,
     )
     assert ref.returncode == 0, ref.stderr[-3000:]
+    dying = ["imports=[my_project]", "trainer.step=die_once", "+trainer.step_params.rank=1", "+trainer.step_params.iteration=25"]
+    return torchrun, [*common, *dying, f"output_dir={tmp_path / 'run'}"]
+
+
+@pytest.mark.parametrize("late_rank", ["0", "1"])
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_torchrun_max_restarts_resumes_after_worker_killed(rendezvous, late_rank, tmp_path):
+    """Rank 1 SIGKILLs itself at iteration 25; torchrun restarts both workers, one of them
+    joining 3 s late (the order in which plain ``init_process_group`` on torchrun's shared
+    store picks up a dead worker's address); the run resumes from iteration 20 and ends
+    bit-identical to an uninterrupted run."""
+    torchrun, args = _torchrun_reference_and_dying_args(tmp_path)
     marker = tmp_path / "died"
-    args = [*common, "imports=[my_project]", "trainer.step=die_once", "+trainer.step_params.rank=1", "+trainer.step_params.iteration=25", f"output_dir={tmp_path / 'run'}"]
     env = {**igniter_env(), "DIE_ONCE_MARKER": str(marker), "LATE_RANK_AFTER_RESTART": late_rank}
     if rendezvous == "c10d":
         rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
@@ -201,6 +208,36 @@ def test_torchrun_max_restarts_resumes_after_worker_killed(rendezvous, late_rank
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists(), "the worker was killed once"
     assert proc.stderr.count("failed (exitcode") == 1, "one restart was enough"
+    assert "resumed from" in (tmp_path / "run" / "rank0.log").read_text()
+    assert_bit_identical(final_model(tmp_path / "ref"), final_model(tmp_path / "run"))
+
+
+def test_torchrun_restart_across_two_agents(tmp_path):
+    """Two torchrun agents ("nodes" on loopback, one worker each, c10d rendezvous): the
+    worker of the second dies; its agent restarts it (restart count 1) and the first agent
+    restarts its healthy worker for the new rendezvous round (restart count still 0), the
+    case where a per-restart-count store prefix would leave the workers waiting on
+    different keys. Both finish, resumed, bit-identical to an uninterrupted run."""
+    torchrun, args = _torchrun_reference_and_dying_args(tmp_path)
+    env = {**igniter_env(), "DIE_ONCE_MARKER": str(tmp_path / "died"), "LATE_RANK_AFTER_RESTART": "0"}
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [
+        subprocess.Popen(
+            [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "2", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", endpoint, "--rdzv-id", "two-agents", "-m", "igniter", *args],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [a.communicate(timeout=600) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    for a, (_, err) in zip(agents, outputs):
+        assert a.returncode == 0, err[-3000:]
+    assert (tmp_path / "died").exists(), "the worker was killed once"
     assert "resumed from" in (tmp_path / "run" / "rank0.log").read_text()
     assert_bit_identical(final_model(tmp_path / "ref"), final_model(tmp_path / "run"))
 
