@@ -3,8 +3,8 @@
 torchrun's elastic agent hosts one TCPStore for the whole job (``TORCHELASTIC_USE_AGENT_STORE=True``,
 c10d and static rendezvous alike) and hands its address to every generation of workers as
 ``MASTER_ADDR``/``MASTER_PORT``. ``init_process_group`` writes its keys (gloo's and NCCL's
-peer addresses among them) under the same names in every generation, so after
-``--max-restarts`` restarts the workers a new worker can read the address a *dead* worker
+peer addresses among them) under the same names in every generation, so once torchrun has
+restarted the workers (``--max-restarts``) a new worker can read the address a *dead* worker
 left behind and fail in gloo's ``connectFullMesh`` ("Connection refused") or hang. This is
 PyTorch issue #135712; the restart counter is no fix because it is not the same on every
 node (PyTorch issue #108158).

@@ -286,7 +286,7 @@ class TorchrunRunner(JoinRunner):
             return super().init_process_group()
         timeout = timedelta(seconds=self.cfg.timeout_s)
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if self.backend == "nccl":
+        if torch.cuda.is_available():  # as idist.initialize does
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         store = generation_store(rank, world_size, timeout)
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
