@@ -176,8 +176,8 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
     step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
     trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step})
     trainer.register_events(*LogEvents, event_to_attr={LogEvents.LOG: "iteration"})
-    custom_events = [LogEvents, *(import_object(path) for path in cfg.trainer.custom_events)]
-    for enum in custom_events[1:]:
+    user_events = [import_object(path) for path in cfg.trainer.custom_events]
+    for enum in user_events:
         trainer.register_events(*enum)
     evaluator = None
     if val_loader is not None:
@@ -205,7 +205,7 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
         val_loader=val_loader,
         trainer=trainer,
         evaluator=evaluator,
-        custom_events=custom_events,
+        custom_events=[LogEvents, *user_events],
     )
 
 
