@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 from overhead import config  # noqa: E402
 
 from igniter.events import fire_log_events  # noqa: E402
-from igniter.handlers import attach_checkpoints, attach_nan_guard, attach_progress  # noqa: E402
+from igniter.handlers import attach_checkpoints, attach_nan_guard, attach_progress, flush_checkpoints  # noqa: E402
 from igniter.io import tensorboard  # noqa: E402
 from igniter.run import RunContext, build_run  # noqa: E402
 
@@ -61,12 +61,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     contexts = {}
+    checkpointers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, attach) in enumerate(VARIANTS.items()):
             cfg = config("digits", 1, "", str(Path(tmp) / str(i)), ["logging.progress_bar=true"])
             ctx = build_run(cfg, Path(cfg.output_dir))
             attached = attach(ctx)
-            ctx.checkpointer = attached.get("checkpointer") if isinstance(attached, dict) else None
+            if isinstance(attached, dict) and "checkpointer" in attached:
+                checkpointers[name] = attached["checkpointer"]
             contexts[name] = ctx
         seconds: dict[str, list[float]] = {name: [] for name in contexts}
         with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
@@ -76,9 +78,8 @@ def main() -> None:
                     ctx.trainer.run(ctx.train_loader, max_epochs=epoch)  # one more epoch
                     # the checkpoint's background write would slow the next variant's epoch:
                     # wait for it here, so its whole cost is charged to the checkpoint (an upper bound)
-                    flush = getattr(getattr(ctx, "checkpointer", None), "save_handler", None)
-                    if flush is not None:
-                        flush.flush()
+                    if name in checkpointers:
+                        flush_checkpoints(checkpointers[name])
                     seconds[name].append(time.perf_counter() - start)
     bare = seconds["bare"]
     rows = {}
