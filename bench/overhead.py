@@ -189,14 +189,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run (digits: 44 iterations each; mnist: 100)")
     parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="'loop' is always run: ratios are to it")
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:
         import lightning  # noqa: F401
 
-        variants = list(VARIANTS)
+        variants = ["loop", *(v for v in args.variants if v != "loop")]
     except ImportError:
-        variants = [v for v in VARIANTS if not v.startswith("lightning")]
+        variants = ["loop", *(v for v in args.variants if v != "loop" and not v.startswith("lightning"))]
         print("lightning not installed: variants E/F skipped (pip install lightning)")
 
     results: dict[str, Any] = {}

@@ -221,36 +221,26 @@ def _nonfinite_loss(output: Any) -> torch.Tensor | bool:
 
 
 def attach_nan_guard(trainer: Engine, check_every: int = 10) -> None:
-    """Stop training when the step's loss is NaN or infinite, as Ignite's
-    ``TerminateOnNan`` does, at a fraction of its cost (it inspects every tensor of
-    the output; this reads the loss only).
-
-    One CPU process checks every iteration. On a GPU, or with several processes,
-    a flag is accumulated every iteration and read (all-reduced across ranks, so
-    that every rank stops at the same iteration) every ``check_every``
-    iterations: no host sync or collective per step. Records
-    ``trainer.state.diverged = (iteration, loss)``; checkpoints stop, the run exits 3.
+    """Stop training when the loss is NaN or infinite, as Ignite's ``TerminateOnNan``
+    does, at a fraction of its cost: it reads the loss only, and only every
+    ``check_every`` iterations (one host sync, and with several processes one
+    ``all_reduce`` so that every rank stops at the same iteration; nothing on the other
+    iterations). A non-finite loss makes the weights non-finite from that step on, so
+    the next check sees it: the run stops at most ``check_every - 1`` iterations late,
+    and checkpoints never take the bad state (they check the loss themselves).
+    Records ``trainer.state.diverged = (iteration, loss)``; the run exits 3.
     """
     trainer.state.diverged = None
-    flag: dict[str, Any] = {"bad": False}
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _check(engine: Engine) -> None:
-        if engine.state.diverged is not None:
+        if engine.state.iteration % check_every or engine.state.diverged is not None:
             return
-        out = engine.state.output
-        bad = _nonfinite_loss(out)
-        if idist.get_world_size() == 1 and not isinstance(bad, torch.Tensor):
-            stop = bad
-        else:
-            flag["bad"] = flag["bad"] | bad
-            if engine.state.iteration % check_every:
-                return
-            stop = _any_rank(flag["bad"])
-        if stop:
-            loss = out.get("loss") if isinstance(out, dict) else out
-            engine.state.diverged = (engine.state.iteration, _scalar(loss))
-            logger.error("loss is %s at iteration %d: stopping", _scalar(loss), engine.state.iteration)
+        if _any_rank(_nonfinite_loss(engine.state.output)):
+            out = engine.state.output
+            loss = _scalar(out.get("loss") if isinstance(out, dict) else out)
+            engine.state.diverged = (engine.state.iteration, loss)
+            logger.error("loss is %s at iteration %d (checked every %d iterations): stopping", loss, engine.state.iteration, check_every)
             engine.terminate()
 
 
