@@ -15,9 +15,11 @@ E ``lightning``     ``lightning.Trainer`` with its defaults (progress bar, check
 F ``lightning_off`` the same with them off
 (E and F only when ``lightning`` is installed: ``pip install lightning``.)
 
-Variants alternate (A B C D ... A B C D ...) over ``--rounds`` rounds; the table
-shows the median microseconds per training iteration, the median over rounds of
-the ratio to A in the same round, and the
+Variants alternate over ``--rounds`` rounds, every other round in reverse order
+(A B C D, D C B A, A B C D, ...: a steady drift of the machine's speed during a
+round then favours no variant); the table shows the median microseconds per
+training iteration, the median over rounds of the ratio to A in the same round
+with the interquartile range of those ratios (the run-to-run noise), and the
 final loss of each variant (equal losses mean equal work). Writes
 ``bench/results/overhead_<workloads>.json``.
 """
@@ -204,8 +206,8 @@ def main() -> None:
     for workload in args.workloads:
         times: dict[str, list[float]] = {v: [] for v in variants}
         losses: dict[str, float] = {}
-        for _ in range(args.rounds):
-            for v in variants:
+        for round_ in range(args.rounds):
+            for v in variants if round_ % 2 == 0 else variants[::-1]:
                 with tempfile.TemporaryDirectory() as tmp:
                     extra = ["logging.progress_bar=true"] if v == "igniter" else ["checkpoint.enabled=false", "logging.loggers=[]"]
                     cfg = config(workload, args.epochs, args.mnist, tmp, extra)
@@ -215,19 +217,16 @@ def main() -> None:
                 losses[v] = loss
         # ratio: median over rounds of (variant / loop of the same round): pairing cancels the
         # slow drifts of a shared VM's speed, which move all variants of a round together
-        rows = {
-            v: {
-                "us_per_iter": statistics.median(t),
-                "ratio": statistics.median(x / b for x, b in zip(t, times["loop"])),
-                "final_loss": losses[v],
-                "all": t,
-            }
-            for v, t in times.items()
-        }
+        rows = {}
+        for v, t in times.items():
+            ratios = [x / b for x, b in zip(t, times["loop"])]
+            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+            rows[v] = {"us_per_iter": statistics.median(t), "ratio": statistics.median(ratios), "ratio_iqr": [q1, q3], "final_loss": losses[v], "all": t}
         results[workload] = rows
         print(f"\n{workload}: us/iteration (median of {args.rounds}), ratio to the hand-written loop (median of per-round ratios), final loss")
         for v, r in rows.items():
-            print(f"  {v:14s} {r['us_per_iter']:9.1f} us  x{r['ratio']:.3f}  loss {r['final_loss']:.6f}")
+            q1, q3 = r["ratio_iqr"]
+            print(f"  {v:14s} {r['us_per_iter']:9.1f} us  x{r['ratio']:.3f} (IQR {q1:.3f}-{q3:.3f})  loss {r['final_loss']:.6f}")
         same = len({round(r["final_loss"], 5) for r in rows.values()}) == 1
         print(f"  same final loss in every variant: {'yes' if same else 'NO'}")
     out = HERE / "results" / f"overhead_{'_'.join(args.workloads)}.json"

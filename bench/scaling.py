@@ -10,7 +10,13 @@ igniter's own training samples/s (``metrics.json``: global samples / epoch time,
 no start-up, no evaluation). Variants alternate (1, spawn, torchrun, 1, ...) over
 ``--rounds`` rounds; the table shows medians and the scaling efficiency
 ``T1 / (2 * T2)`` in time per sample, i.e. ``S2 / (2 * S1)`` in samples/s.
-Writes ``bench/results/scaling.json``.
+
+The machine's own ceiling, with no igniter and no communication at all: ``alone``
+is a hand-written loop (same model, data, batch, one thread) in one process, and
+``pair`` is two such processes started together (they sleep until a common start
+time, then train): their summed samples/s over ``alone`` is the best speed-up any
+2-process run can reach here (cores shared with the other process's memory traffic,
+turbo and the hypervisor). Writes ``bench/results/scaling.json``.
 """
 
 from __future__ import annotations
@@ -68,13 +74,61 @@ def run(variant: str, per_process_batch: int, iterations: int, mnist: str, extra
         return float(json.loads(Path(tmp, "run", "metrics.json").read_text())["samples_per_s"])
 
 
+def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at: float) -> None:
+    """A hand-written LeNet loop (one thread) that sleeps until ``start_at`` (time.time(),
+    s), trains ``iterations`` steps and prints its samples/s."""
+    import time
+
+    sys.path.insert(0, str(HERE.parent))
+    from igniter.datasets import mnist as mnist_dataset
+    from igniter.models import LeNet
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(mnist_dataset(mnist), batch_size=per_process_batch, shuffle=True, drop_last=True)
+    model = LeNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = iter(loader)
+    if time.time() > start_at:
+        print("machine worker: start-up took longer than the common start time; the pair overlaps less", file=sys.stderr)
+    time.sleep(max(0.0, start_at - time.time()))
+    start = time.perf_counter()
+    for _ in range(iterations):
+        x, y = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    print(iterations * per_process_batch / (time.perf_counter() - start))
+
+
+def run_machine(variant: str, per_process_batch: int, iterations: int, mnist: str) -> float:
+    """``alone``: one worker's samples/s; ``pair``: two workers at once, summed."""
+    import time
+
+    start_at = time.time() + 6.0  # after both have imported torch and read MNIST
+    cmd = [sys.executable, __file__, "--machine-worker", str(per_process_batch), str(iterations), mnist, str(start_at)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(1 if variant == "alone" else 2)]
+    rates = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"machine worker failed (exit {proc.returncode})")
+        rates.append(float(out.split()[-1]))
+    return sum(rates)
+
+
 def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--machine-worker":
+        b, n, mnist, start_at = sys.argv[2:]
+        machine_worker(int(b), int(n), mnist, float(start_at))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"), help="directory containing MNIST/raw")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="per-process batch sizes")
     parser.add_argument("--iterations", type=int, default=60, help="training iterations per run")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=["single", "spawn", "torchrun"])
+    parser.add_argument("--variants", nargs="+", default=["single", "spawn", "torchrun", "alone", "pair"])
     parser.add_argument("--extra", nargs="*", default=[], help="more igniter overrides, e.g. runner.bucket_cap_mb=0.02")
     args = parser.parse_args()
 
@@ -83,13 +137,18 @@ def main() -> None:
         samples: dict[str, list[float]] = {v: [] for v in args.variants}
         for _ in range(args.rounds):
             for v in args.variants:  # alternate: A B C A B C ...
-                samples[v].append(run(v, b, args.iterations, args.mnist, args.extra))
+                if v in ("alone", "pair"):
+                    samples[v].append(run_machine(v, b, args.iterations, args.mnist))
+                else:
+                    samples[v].append(run(v, b, args.iterations, args.mnist, args.extra))
         med = {v: statistics.median(s) for v, s in samples.items()}
         row = {"per_process_batch": b, "samples_per_s": med, "all": samples}
         for v in args.variants:
-            if v != "single" and "single" in med:
+            if v in ("spawn", "torchrun") and "single" in med:
                 row[f"efficiency_{v}"] = med[v] / (2 * med["single"])
                 row[f"speedup_{v}"] = med[v] / med["single"]
+        if "pair" in med and "alone" in med:
+            row["speedup_ceiling"] = med["pair"] / med["alone"]
         rows.append(row)
         cells = " ".join(f"{v}={med[v]:8.0f}" for v in args.variants)
         eff = " ".join(f"{k}={row[k]:.2f}" for k in row if k.startswith(("speedup", "efficiency")))
