@@ -16,7 +16,10 @@ is a hand-written loop (same model, data, batch, one thread) in one process, and
 ``pair`` is two such processes started together (they sleep until a common start
 time, then train): their summed samples/s over ``alone`` is the best speed-up any
 2-process run can reach here (cores shared with the other process's memory traffic,
-turbo and the hypervisor). Writes ``bench/results/scaling.json``.
+turbo and the hypervisor). ``ddp`` is the same two processes as a hand-written
+``DistributedDataParallel`` job (gloo, ``DistributedSampler``): what PyTorch itself
+reaches once the processes all-reduce and wait for each other every step.
+Writes ``bench/results/scaling.json``.
 """
 
 from __future__ import annotations
@@ -74,10 +77,15 @@ def run(variant: str, per_process_batch: int, iterations: int, mnist: str, extra
         return float(json.loads(Path(tmp, "run", "metrics.json").read_text())["samples_per_s"])
 
 
-def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at: float) -> None:
+def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at: float, rank: int, port: int) -> None:
     """A hand-written LeNet loop (one thread) that sleeps until ``start_at`` (time.time(),
-    s), trains ``iterations`` steps and prints its samples/s."""
+    s), trains ``iterations`` steps and prints its samples/s; with ``port`` > 0, rank
+    ``rank`` of a 2-process DDP job (gloo, master 127.0.0.1:``port``)."""
     import time
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, DistributedSampler
 
     sys.path.insert(0, str(HERE.parent))
     from igniter.datasets import mnist as mnist_dataset
@@ -85,8 +93,14 @@ def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    loader = torch.utils.data.DataLoader(mnist_dataset(mnist), batch_size=per_process_batch, shuffle=True, drop_last=True)
-    model = LeNet()
+    dataset = mnist_dataset(mnist)
+    model: torch.nn.Module = LeNet()
+    if port:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        loader = DataLoader(dataset, batch_size=per_process_batch, sampler=DistributedSampler(dataset, 2, rank), drop_last=True)
+        model = DistributedDataParallel(model)
+    else:
+        loader = DataLoader(dataset, batch_size=per_process_batch, shuffle=True, drop_last=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = iter(loader)
     if time.time() > start_at:
@@ -99,16 +113,27 @@ def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
     print(iterations * per_process_batch / (time.perf_counter() - start))
+    if port:
+        dist.destroy_process_group()
 
 
 def run_machine(variant: str, per_process_batch: int, iterations: int, mnist: str) -> float:
-    """``alone``: one worker's samples/s; ``pair``: two workers at once, summed."""
+    """``alone``: one worker's samples/s; ``pair``: two workers at once; ``ddp``: a
+    2-process DDP job (samples/s summed over the processes)."""
     import time
 
     start_at = time.time() + 6.0  # after both have imported torch and read MNIST
-    cmd = [sys.executable, __file__, "--machine-worker", str(per_process_batch), str(iterations), mnist, str(start_at)]
+    port = free_port() if variant == "ddp" else 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(1 if variant == "alone" else 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--machine-worker", str(per_process_batch), str(iterations), mnist, str(start_at), str(rank), str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(1 if variant == "alone" else 2)
+    ]
     rates = []
     for proc in procs:
         out, _ = proc.communicate()
@@ -119,16 +144,16 @@ def run_machine(variant: str, per_process_batch: int, iterations: int, mnist: st
 
 
 def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "--machine-worker":
-        b, n, mnist, start_at = sys.argv[2:]
-        machine_worker(int(b), int(n), mnist, float(start_at))
+    if len(sys.argv) == 8 and sys.argv[1] == "--machine-worker":
+        b, n, mnist, start_at, rank, port = sys.argv[2:]
+        machine_worker(int(b), int(n), mnist, float(start_at), int(rank), int(port))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"), help="directory containing MNIST/raw")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="per-process batch sizes")
     parser.add_argument("--iterations", type=int, default=60, help="training iterations per run")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=["single", "spawn", "torchrun", "alone", "pair"])
+    parser.add_argument("--variants", nargs="+", default=["single", "spawn", "torchrun", "alone", "pair", "ddp"])
     parser.add_argument("--extra", nargs="*", default=[], help="more igniter overrides, e.g. runner.bucket_cap_mb=0.02")
     args = parser.parse_args()
 
@@ -137,7 +162,7 @@ def main() -> None:
         samples: dict[str, list[float]] = {v: [] for v in args.variants}
         for _ in range(args.rounds):
             for v in args.variants:  # alternate: A B C A B C ...
-                if v in ("alone", "pair"):
+                if v in ("alone", "pair", "ddp"):
                     samples[v].append(run_machine(v, b, args.iterations, args.mnist))
                 else:
                     samples[v].append(run(v, b, args.iterations, args.mnist, args.extra))
@@ -147,8 +172,9 @@ def main() -> None:
             if v in ("spawn", "torchrun") and "single" in med:
                 row[f"efficiency_{v}"] = med[v] / (2 * med["single"])
                 row[f"speedup_{v}"] = med[v] / med["single"]
-        if "pair" in med and "alone" in med:
-            row["speedup_ceiling"] = med["pair"] / med["alone"]
+        for v in ("pair", "ddp"):
+            if v in med and "alone" in med:
+                row[f"speedup_{v}"] = med[v] / med["alone"]
         rows.append(row)
         cells = " ".join(f"{v}={med[v]:8.0f}" for v in args.variants)
         eff = " ".join(f"{k}={row[k]:.2f}" for k in row if k.startswith(("speedup", "efficiency")))
