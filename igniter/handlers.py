@@ -226,8 +226,8 @@ def attach_nan_guard(trainer: Engine, check_every: int = 10) -> None:
     ``check_every`` iterations (one host sync, and with several processes one
     ``all_reduce`` so that every rank stops at the same iteration; nothing on the other
     iterations). A non-finite loss makes the weights non-finite from that step on, so
-    the next check sees it: the run stops at most ``check_every - 1`` iterations late,
-    and checkpoints never take the bad state (they check the loss themselves).
+    the next check sees it: the run stops at most ``check_every - 1`` iterations late;
+    checkpoints check the current loss themselves and are skipped when it is not finite.
     Records ``trainer.state.diverged = (iteration, loss)``; the run exits 3.
     """
     trainer.state.diverged = None
