@@ -82,6 +82,7 @@ def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at
     s), trains ``iterations`` steps and prints its samples/s; with ``port`` > 0, rank
     ``rank`` of a 2-process DDP job (gloo, master 127.0.0.1:``port``)."""
     import time
+    from datetime import timedelta
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -96,7 +97,7 @@ def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at
     dataset = mnist_dataset(mnist)
     model: torch.nn.Module = LeNet()
     if port:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120))
         loader = DataLoader(dataset, batch_size=per_process_batch, sampler=DistributedSampler(dataset, 2, rank), drop_last=True)
         model = DistributedDataParallel(model)
     else:
@@ -136,8 +137,15 @@ def run_machine(variant: str, per_process_batch: int, iterations: int, mnist: st
     ]
     rates = []
     for proc in procs:
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # e.g. one DDP rank died and the other waits in a collective
+            for p in procs:
+                p.kill()
+            raise SystemExit(f"machine worker ({variant}, batch {per_process_batch}) timed out after 300 s") from None
         if proc.returncode != 0:
+            for p in procs:
+                p.kill()
             raise SystemExit(f"machine worker failed (exit {proc.returncode})")
         rates.append(float(out.split()[-1]))
     return sum(rates)
