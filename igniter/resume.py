@@ -96,8 +96,7 @@ class TrainerState:
         self.engine = engine
 
     def state_dict(self) -> dict[str, Any]:
-        # Engine's, not DeterministicEngine's: that one also captures RNG states in the layout replaced here
-        state = dict(Engine.state_dict(self.engine))
+        state = {k: v for k, v in self.engine.state_dict().items() if k != "rng_states"}
         state["seed"] = int(getattr(self.engine.state, "seed", 0) or 0)
         ranks = idist.all_gather(_rng_json()) if idist.get_world_size() > 1 else [_rng_json()]
         state["rng"] = list(ranks)
