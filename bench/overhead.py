@@ -194,12 +194,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="'loop' is always run: ratios are to it")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    variants = ["loop", *(v for v in args.variants if v != "loop")]
     try:
         import lightning  # noqa: F401
-
-        variants = ["loop", *(v for v in args.variants if v != "loop")]
     except ImportError:
-        variants = ["loop", *(v for v in args.variants if v != "loop" and not v.startswith("lightning"))]
+        variants = [v for v in variants if not v.startswith("lightning")]
         print("lightning not installed: variants E/F skipped (pip install lightning)")
 
     results: dict[str, Any] = {}

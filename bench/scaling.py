@@ -136,18 +136,18 @@ def run_machine(variant: str, per_process_batch: int, iterations: int, mnist: st
         for rank in range(1 if variant == "alone" else 2)
     ]
     rates = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:  # e.g. one DDP rank died and the other waits in a collective
-            for p in procs:
-                p.kill()
-            raise SystemExit(f"machine worker ({variant}, batch {per_process_batch}) timed out after 300 s") from None
-        if proc.returncode != 0:
-            for p in procs:
-                p.kill()
-            raise SystemExit(f"machine worker failed (exit {proc.returncode})")
-        rates.append(float(out.split()[-1]))
+    try:
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:  # e.g. one DDP rank died and the other waits in a collective
+                raise SystemExit(f"machine worker ({variant}, batch {per_process_batch}) timed out after 300 s") from None
+            if proc.returncode != 0:
+                raise SystemExit(f"machine worker failed (exit {proc.returncode})")
+            rates.append(float(out.split()[-1]))
+    finally:
+        for proc in procs:  # a failed or hung worker's peers are not left behind
+            proc.kill()
     return sum(rates)
 
 
