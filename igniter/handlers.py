@@ -28,7 +28,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
 
-from igniter.events import LogEvents
+from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
 from igniter.io import atomic_write
 from igniter.registry import event_handler_registry, io_registry
 from igniter.resume import TrainerState
@@ -42,6 +42,7 @@ __all__ = [
     "attach_throughput",
     "attach_checkpoints",
     "attach_nan_guard",
+    "loss_of",
     "flush_checkpoints",
     "save_now",
 ]
@@ -133,13 +134,12 @@ class MetricsRecord:
 
 
 def _throttled(seconds: float) -> Callable[[Engine, int], bool]:
-    """Event filter: at most once per ``seconds``, and always on an epoch's last iteration."""
+    """Event filter: at most once per ``seconds``."""
     last = {"t": 0.0}
 
     def event_filter(engine: Engine, iteration: int) -> bool:
         now = time.monotonic()
-        length = engine.state.epoch_length
-        if now - last["t"] >= seconds or (length and iteration % length == 0):
+        if now - last["t"] >= seconds:
             last["t"] = now
             return True
         return False
@@ -151,26 +151,28 @@ def attach_progress(ctx: Any) -> None:
     """Rank 0 progress: Ignite's tqdm ``ProgressBar`` on a terminal, else a log line
     every ``logging.log_every`` iterations (as under SLURM, where stdout is a file).
 
-    The bar is redrawn at most 4 times a second (and at each epoch's end): Ignite
-    re-renders the loss postfix on every update, which costs more than a small
-    model's training step.
+    The bar is Ignite's default, one bar for the current epoch that is cleared at the
+    epoch's end (the epoch's validation line stays), redrawn at most 4 times a second:
+    Ignite re-renders the loss postfix on every update, and a bar kept per epoch is a
+    new ``tqdm`` and a forced redraw per epoch, ~1 ms each, which costs more than a small
+    model's training steps (measured with ``bench/overhead.py``).
     """
     trainer, cfg = ctx.trainer, ctx.cfg
     show_bar = cfg.logging.progress_bar
     if show_bar is None:
         show_bar = sys.stdout.isatty()
     if show_bar:
-        bar = ProgressBar(persist=True)
+        bar = ProgressBar(persist=False)
         bar.attach(
             trainer,
             output_transform=lambda out: {"loss": out["loss"]} if isinstance(out, dict) else out,
             event_name=Events.ITERATION_COMPLETED(event_filter=_throttled(0.25)),
         )
         return
-    @trainer.on(LogEvents.LOG)
+    @trainer.on(PeriodicEvents.LOG)
     def _log_line(engine: Engine) -> None:
         out = engine.state.output
-        loss = _scalar(out["loss"]) if isinstance(out, dict) and "loss" in out else None
+        loss = _scalar(loss_of(out))
         length = engine.state.epoch_length or 0
         in_epoch = (engine.state.iteration - 1) % length + 1 if length else engine.state.iteration
         logger.info(
@@ -179,7 +181,7 @@ def attach_progress(ctx: Any) -> None:
             engine.state.max_epochs,
             in_epoch,
             length,
-            f"{loss:.4f}" if loss is not None else "-",
+            f"{loss:.4f}" if isinstance(loss, (float, int)) else "-",
         )
 
 
@@ -212,35 +214,37 @@ def _any_rank(flag: bool | torch.Tensor) -> bool:
     return bool(value)
 
 
+def loss_of(output: Any) -> Any:
+    """The loss in a step's output: ``output["loss"]`` of a dict (``None`` if absent), else the output itself."""
+    return output.get("loss") if isinstance(output, dict) else output
+
+
 def _nonfinite_loss(output: Any) -> torch.Tensor | bool:
     """Whether the step's loss is NaN/inf: a bool, or a 0-d bool tensor on the loss's GPU (no sync)."""
-    loss = output.get("loss") if isinstance(output, dict) else output
+    loss = loss_of(output)
     if isinstance(loss, torch.Tensor):
         return ~torch.isfinite(loss.detach()).all() if loss.is_cuda else not math.isfinite(float(loss))
     return loss is not None and not math.isfinite(float(loss))
 
 
-def attach_nan_guard(trainer: Engine, check_every: int = 10) -> None:
+def attach_nan_guard(trainer: Engine) -> None:
     """Stop training when the loss is NaN or infinite, as Ignite's ``TerminateOnNan``
-    does, at a fraction of its cost: it reads the loss only, and only every
-    ``check_every`` iterations (one host sync, and with several processes one
-    ``all_reduce`` so that every rank stops at the same iteration; nothing on the other
-    iterations). A non-finite loss makes the weights non-finite from that step on, so
-    the next check sees it: the run stops at most ``check_every - 1`` iterations late;
-    checkpoints check the current loss themselves and are skipped when it is not finite.
-    Records ``trainer.state.diverged = (iteration, loss)``; the run exits 3.
+    does, at a fraction of its cost: it reads the loss only, and only on
+    ``PeriodicEvents.CHECK_LOSS`` (every ``CHECK_LOSS_EVERY`` = 10 iterations: one host
+    sync, and with several processes one ``all_reduce`` so that every rank stops at the
+    same iteration; nothing on the other iterations). A non-finite loss makes the weights
+    non-finite from that step on, so the next check sees it: the run stops at most 9
+    iterations late; checkpoints check the current loss themselves and are skipped when
+    it is not finite. Records ``trainer.state.diverged = (iteration, loss)``; the run exits 3.
     """
     trainer.state.diverged = None
 
-    @trainer.on(Events.ITERATION_COMPLETED)
+    @trainer.on(PeriodicEvents.CHECK_LOSS)
     def _check(engine: Engine) -> None:
-        if engine.state.iteration % check_every or engine.state.diverged is not None:
-            return
-        if _any_rank(_nonfinite_loss(engine.state.output)):
-            out = engine.state.output
-            loss = _scalar(out.get("loss") if isinstance(out, dict) else out)
+        if engine.state.diverged is None and _any_rank(_nonfinite_loss(engine.state.output)):
+            loss = _scalar(loss_of(engine.state.output))
             engine.state.diverged = (engine.state.iteration, loss)
-            logger.error("loss is %s at iteration %d (checked every %d iterations): stopping", loss, engine.state.iteration, check_every)
+            logger.error("loss is %s at iteration %d (checked every %d iterations): stopping", loss, engine.state.iteration, CHECK_LOSS_EVERY)
             engine.terminate()
 
 

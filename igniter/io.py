@@ -19,7 +19,7 @@ import ignite.distributed as idist
 from ignite.engine import Events
 from ignite.handlers import DiskSaver, global_step_from_engine
 
-from igniter.events import LogEvents
+from igniter.events import PeriodicEvents
 from igniter.registry import io_registry
 
 __all__ = ["AtomicDiskSaver", "atomic_write", "disk", "tensorboard"]
@@ -131,7 +131,7 @@ def tensorboard(ctx: Any) -> Any:
 
     # purge_step: a resumed run hides the steps the interrupted run logged after its checkpoint.
     tb = TensorboardLogger(log_dir=str(ctx.output_dir / "tb"), purge_step=ctx.trainer.state.iteration or None)
-    every = LogEvents.LOG  # every logging.log_every iterations
+    every = PeriodicEvents.LOG  # every logging.log_every iterations
     tb.attach_output_handler(ctx.trainer, event_name=every, tag="train", output_transform=lambda out: out)
     tb.attach_opt_params_handler(ctx.trainer, event_name=every, optimizer=ctx.optimizer, param_name="lr")
     tb.attach_output_handler(

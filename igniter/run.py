@@ -34,10 +34,11 @@ from igniter.build import (
 )
 from igniter.distributed import make_runner
 from igniter.distributed.sampler import ShardedSampler
-from igniter.events import LogEvents, fire_log_events, parse_event
+from igniter.events import PeriodicEvents, fire_periodic_events, parse_event
 from igniter.errors import ConfigError, Problem
 from igniter.handlers import (
     MetricsRecord,
+    loss_of,
     attach_checkpoints,
     attach_nan_guard,
     attach_progress,
@@ -175,7 +176,7 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
     }
     step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
     trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step})
-    trainer.register_events(*LogEvents, event_to_attr={LogEvents.LOG: "iteration"})
+    trainer.register_events(*PeriodicEvents, event_to_attr={e: "iteration" for e in PeriodicEvents})
     user_events = [import_object(path) for path in cfg.trainer.custom_events]
     for enum in user_events:
         trainer.register_events(*enum)
@@ -205,7 +206,7 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
         val_loader=val_loader,
         trainer=trainer,
         evaluator=evaluator,
-        custom_events=[LogEvents, *user_events],
+        custom_events=[PeriodicEvents, *user_events],
     )
 
 
@@ -238,7 +239,7 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
         trainer.add_event_handler(event, lambda _: ctx.scheduler.step())
 
     attach_nan_guard(trainer)
-    fire_log_events(trainer, cfg.logging.log_every)
+    fire_periodic_events(trainer, cfg.logging.log_every)
     attach_throughput(trainer, cfg.data.loader.batch_size)
     if evaluator is not None:
         last_eval = {"epoch": 0}
@@ -307,7 +308,7 @@ def _resume(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
 
 def _train_loss(output: Any) -> float | None:
     """The last step's loss (rank 0's share), as a float, if the step reported one."""
-    loss = output.get("loss") if isinstance(output, dict) else output
+    loss = loss_of(output)
     return float(loss) if isinstance(loss, (torch.Tensor, float, int)) else None
 
 
@@ -340,7 +341,7 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
     if record is not None:
         attach_first_iteration_timer(trainer, record)
 
-        @trainer.on(LogEvents.LOG)
+        @trainer.on(PeriodicEvents.LOG)
         def _loss_history(engine: Engine) -> None:
             loss = _train_loss(engine.state.output)
             if loss is not None:

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from igniter.build import accepted_params, dataset_kwargs, import_modules, import_object, optimizer_factory, plain, scheduler_factory
 from igniter.distributed.runners import make_runner
 from igniter.errors import NO_VALUE, ConfigError, Problem
-from igniter.events import EventSpecError, LogEvents, parse_event
+from igniter.events import EventSpecError, PeriodicEvents, parse_event
 from igniter.resume import resume_mode
 from igniter.registry import (
     Registry,
@@ -150,7 +150,7 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
     c.positive("trainer.max_epochs", t.max_epochs)
     c.positive("trainer.epoch_length", t.epoch_length, allow_none=True)
     c.positive("trainer.grad_clip_norm", t.grad_clip_norm, allow_none=True)
-    custom = [LogEvents, *_custom_events(c, t.custom_events)]
+    custom = [PeriodicEvents, *_custom_events(c, t.custom_events)]
 
     e = cfg.evaluation
     c.name(engine_registry, "evaluation.engine", e.engine)
