@@ -1,7 +1,9 @@
 """Per-iteration cost of igniter against a hand-written loop, raw Ignite and Lightning.
 
-    python bench/overhead.py                         # digits MLP (batch 32) and MNIST LeNet (batch 128)
-    python bench/overhead.py --workloads digits --rounds 3 --epochs 12
+    python bench/overhead.py --workloads digits                # digits MLP, batch 32: ~1 min
+    python bench/overhead.py --workloads mnist --epochs 4      # MNIST LeNet, batch 128: ~6 min
+    python bench/overhead.py --workloads digits --variants igniter_no_bar igniter_no_tensorboard \
+        igniter_no_checkpoint igniter_no_handlers           # what each default handler costs
 
 Variants, all in this process with ``torch.set_num_threads(1)``, the same model
 initialisation, data, data order, batch size and number of iterations:
@@ -14,6 +16,11 @@ D ``igniter``       igniter's default run: progress bar, TensorBoard, checkpoint
 E ``lightning``     ``lightning.Trainer`` with its defaults (progress bar, checkpointing, logger)
 F ``lightning_off`` the same with them off
 (E and F only when ``lightning`` is installed: ``pip install lightning``.)
+
+Not run unless named in ``--variants``: igniter's default run without one of its
+handlers, to see what each costs: ``igniter_no_bar``, ``igniter_no_tensorboard``,
+``igniter_no_checkpoint``, and ``igniter_no_handlers`` (the three off; the NaN guard,
+timers and periodic events stay).
 
 Variants take turns one epoch at a time, each in its own thread, only one running at
 any moment (A1 B1 C1 D1 A2 B2 C2 D2 ...): this VM's speed moves by +-30% over seconds,
@@ -184,9 +191,19 @@ def run_igniter_bare(cfg: Any) -> tuple[int, float]:
     return ctx.trainer.state.iteration, _loss_of(ctx.trainer.state.output)
 
 
+# igniter's default run and the same without some of its handlers: config overrides
+IGNITER_RUNS = {
+    "igniter": [],
+    "igniter_no_bar": ["logging.progress_bar=false"],
+    "igniter_no_tensorboard": ["logging.loggers=[]"],
+    "igniter_no_checkpoint": ["checkpoint.enabled=false"],
+    "igniter_no_handlers": ["logging.progress_bar=false", "logging.loggers=[]", "checkpoint.enabled=false"],
+}
+
+
 def run_igniter(cfg: Any) -> tuple[int, float]:
     """D: igniter's default run (handlers on, progress bar forced on as on a terminal;
-    the turn-taking handler comes from the config, see ``main``)."""
+    the turn-taking handler comes from the config, see ``interleaved_run``)."""
     result = train(cfg, cfg.output_dir)
     return result["iterations"], result["train_loss"]
 
@@ -237,7 +254,7 @@ VARIANTS: dict[str, Callable[[Any], tuple[int, float]]] = {
     "loop": run_loop,
     "ignite": run_ignite,
     "igniter_bare": run_igniter_bare,
-    "igniter": run_igniter,
+    **{name: run_igniter for name in IGNITER_RUNS},
     "lightning": lambda cfg: _lightning(cfg, True),
     "lightning_off": lambda cfg: _lightning(cfg, False),
 }
@@ -246,8 +263,7 @@ VARIANTS: dict[str, Callable[[Any], tuple[int, float]]] = {
 def interleaved_run(order: list[str], workload: str, args: argparse.Namespace, tmp: str) -> dict[str, tuple[int, float, list[float]]]:
     """One run of every variant in ``order``, taking turns epoch by epoch (see :class:`Turns`).
 
-    Returns ``{variant: (iterations, final loss, seconds per epoch)}``. igniter's default
-    run goes in the main thread (it may install signal handlers), the others in threads.
+    Returns ``{variant: (iterations, final loss, seconds per epoch)}``.
     """
     global TURNS
     TURNS = Turns(order)
@@ -257,8 +273,9 @@ def interleaved_run(order: list[str], workload: str, args: argparse.Namespace, t
     def run(v: str) -> None:
         TURNS.begin(v)
         try:
-            if v == "igniter":
-                extra = ["logging.progress_bar=true", "handlers=[{name: bench_epoch_turn, event: EPOCH_STARTED, params: {variant: igniter}}]"]
+            if v in IGNITER_RUNS:
+                turn = f"handlers=[{{name: bench_epoch_turn, event: EPOCH_STARTED, params: {{variant: {v}}}}}]"
+                extra = ["logging.progress_bar=true", turn, *IGNITER_RUNS[v]]
             else:
                 extra = ["checkpoint.enabled=false", "logging.loggers=[]"]
             cfg = config(workload, args.epochs, args.mnist, str(Path(tmp) / v), extra)
@@ -269,12 +286,10 @@ def interleaved_run(order: list[str], workload: str, args: argparse.Namespace, t
         finally:
             TURNS.finish(v)
 
-    threads = [threading.Thread(target=run, args=(v,), name=v) for v in order if v != "igniter"]
+    threads = [threading.Thread(target=run, args=(v,), name=v) for v in order]
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(io.StringIO()):
         for t in threads:
             t.start()
-        if "igniter" in order:
-            run("igniter")
         for t in threads:
             t.join()
     if errors:
@@ -285,12 +300,16 @@ def interleaved_run(order: list[str], workload: str, args: argparse.Namespace, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["digits", "mnist"], choices=list(WORKLOADS))
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs (each gives epochs - 2 paired epochs)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved runs (each gives epochs - 2 paired epochs)")
     parser.add_argument("--epochs", type=int, default=12, help="epochs per run (digits: 44 iterations each; mnist: 100)")
     parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="'loop' is always run: ratios are to it")
+    default = [v for v in VARIANTS if v == "igniter" or v not in IGNITER_RUNS]
+    parser.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS), help="'loop' is always run: ratios are to it")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # inside a SLURM allocation igniter would install its preemption signal handlers,
+    # which only the main thread may do; the benchmark measures training, not preemption
+    os.environ.pop("SLURM_JOB_ID", None)
     variants = ["loop", *(v for v in args.variants if v != "loop")]
     try:
         import lightning  # noqa: F401
@@ -326,7 +345,7 @@ def main() -> None:
         )
         for v, r in rows.items():
             q1, q3 = r["ratio_iqr"]
-            print(f"  {v:14s} {r['us_per_iter']:9.1f} us  x{r['ratio']:.3f} (IQR {q1:.3f}-{q3:.3f})  best x{r['best_ratio']:.3f}  loss {r['final_loss']:.6f}")
+            print(f"  {v:22s} {r['us_per_iter']:9.1f} us  x{r['ratio']:.3f} (IQR {q1:.3f}-{q3:.3f})  best x{r['best_ratio']:.3f}  loss {r['final_loss']:.6f}")
         same = len({round(r["final_loss"], 5) for r in rows.values()}) == 1
         print(f"  same final loss in every variant: {'yes' if same else 'NO'}")
     out = HERE / "results" / f"overhead_{'_'.join(args.workloads)}.json"
