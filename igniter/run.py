@@ -47,7 +47,7 @@ from igniter.handlers import (
     save_now,
 )
 from igniter.resume import CheckpointInvalid, check_checkpoint, select_checkpoint
-from igniter.summary import attach_first_iteration_timer, attach_profiler, draw_curves, summary_table, time_split
+from igniter.summary import attach_first_iteration_timer, attach_profiler, draw_curves, handler_profile, summary_table, time_split
 from igniter.telemetry import gpu_telemetry
 from igniter.registry import engine_registry, event_handler_registry, function_registry, io_registry
 
@@ -427,6 +427,9 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
     }
     if getattr(state, "run_time_s", 0.0):
         summary["time_split"] = time_split(profiler, state.run_time_s)
+        profile = handler_profile(profiler)
+        if profile is not None and rank == 0:
+            logger.info("time per handler (logging.profile=true):%s", profile)
     if telemetry is not None and rank == 0:
         summary["gpu"] = telemetry.summary()
     if record is not None:

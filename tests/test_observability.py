@@ -75,6 +75,18 @@ def test_summary_and_curves_png(digits_run, tmp_path):
     assert "epochs      4 (176 iterations)" in proc.stdout and "world size 1" in proc.stdout and "samples/s" in proc.stdout
 
 
+def test_profile_logs_every_handler_and_splits_the_time(tmp_path):
+    proc = run_igniter(["trainer.max_epochs=2", "logging.profile=true", f"output_dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "run" / "rank0.log").read_text()
+    table = log.split("time per handler (logging.profile=true):", 1)[1]
+    for handler, event in [("_guarded.<locals>.handler", "EPOCH_COMPLETED"), ("attach_nan_guard.<locals>._check", "CHECK_LOSS")]:
+        assert any(handler in line and event in line for line in table.splitlines()), table
+    assert "Processing took total" in table and "Dataflow took total" in table
+    split = read_metrics(tmp_path / "run")["time_split"]
+    assert split["step_s"] > 0 and split["data_s"] > 0 and split["handlers_s"] > 0
+
+
 def test_doctor_json_in_torchrun_and_slurm_like_environments():
     base = {k: v for k, v in igniter_env().items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
     torchrun = {**base, "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29400"}
