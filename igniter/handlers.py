@@ -208,10 +208,10 @@ def attach_throughput(trainer: Engine, global_batch_size: int) -> None:
 
 def _any_rank(flag: bool | torch.Tensor) -> bool:
     """``flag`` on any rank (an ``all_reduce``: every rank must call it at the same point)."""
+    if idist.get_world_size() == 1:
+        return bool(flag)
     value = flag.to(torch.int64) if isinstance(flag, torch.Tensor) else torch.tensor(int(flag))
-    if idist.get_world_size() > 1:
-        value = idist.all_reduce(value.to(idist.device()), op="MAX")
-    return bool(value)
+    return bool(idist.all_reduce(value.to(idist.device()), op="MAX"))
 
 
 def loss_of(output: Any) -> Any:

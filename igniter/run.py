@@ -47,7 +47,7 @@ from igniter.handlers import (
     save_now,
 )
 from igniter.resume import CheckpointInvalid, check_checkpoint, select_checkpoint
-from igniter.summary import attach_first_iteration_timer, attach_profiler, draw_curves, handler_profile, summary_table, time_split
+from igniter.summary import StepTimer, attach_handler_profiler, draw_curves, handler_profile, record_first_iteration, summary_table, time_split
 from igniter.telemetry import gpu_telemetry
 from igniter.registry import engine_registry, event_handler_registry, function_registry, io_registry
 
@@ -80,6 +80,7 @@ class RunContext:
     trainer: Engine
     evaluator: Engine | None
     custom_events: list = field(default_factory=list)
+    step_timer: StepTimer = field(default_factory=StepTimer)  # data / step time of the trainer
 
     @property
     def per_process_batch_size(self) -> int:
@@ -175,7 +176,9 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
         "grad_clip_norm": cfg.trainer.grad_clip_norm,
     }
     step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
-    trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step})
+    step_timer = StepTimer()
+    trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step_timer.wrap(step)})
+    step_timer.attach(trainer)
     trainer.register_events(*PeriodicEvents, event_to_attr={e: "iteration" for e in PeriodicEvents})
     user_events = [import_object(path) for path in cfg.trainer.custom_events]
     for enum in user_events:
@@ -207,6 +210,7 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
         trainer=trainer,
         evaluator=evaluator,
         custom_events=[PeriodicEvents, *user_events],
+        step_timer=step_timer,
     )
 
 
@@ -339,7 +343,7 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
     if ctx.rank == 0:
         loggers = [call_with(io_registry.get(n, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, n in enumerate(cfg.logging.loggers)]
     if record is not None:
-        attach_first_iteration_timer(trainer, record)
+        record_first_iteration(ctx.step_timer, record)
 
         @trainer.on(PeriodicEvents.LOG)
         def _loss_history(engine: Engine) -> None:
@@ -380,7 +384,7 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
     setup_logging(output_dir, rank, cfg.logging.level)
     start = time.perf_counter()
     ctx = build_run(cfg, output_dir)
-    profiler = attach_profiler(ctx.trainer, detailed=cfg.logging.profile)  # first, to time the step alone
+    profiler = attach_handler_profiler(ctx.trainer) if cfg.logging.profile else None
     if rank == 0:
         logger.info(
             "run dir %s | world size %d, backend %s, device %s | global batch %d, per-process batch %d",
@@ -426,10 +430,9 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         "train_loss": _train_loss(state.output),
     }
     if getattr(state, "run_time_s", 0.0):
-        summary["time_split"] = time_split(profiler, state.run_time_s)
-        profile = handler_profile(profiler)
-        if profile is not None and rank == 0:
-            logger.info("time per handler (logging.profile=true):%s", profile)
+        summary["time_split"] = time_split(ctx.step_timer, profiler, state.run_time_s)
+        if profiler is not None and rank == 0:
+            logger.info("time per handler (logging.profile=true):%s", handler_profile(profiler))
     if telemetry is not None and rank == 0:
         summary["gpu"] = telemetry.summary()
     if record is not None:

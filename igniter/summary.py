@@ -17,41 +17,53 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ignite.engine import Engine, Events
 from ignite.handlers import HandlersTimeProfiler
 
-__all__ = ["attach_first_iteration_timer", "process_age_s", "attach_profiler", "time_split", "handler_profile", "summary_table", "draw_curves", "main"]
+__all__ = ["StepTimer", "record_first_iteration", "process_age_s", "attach_handler_profiler", "time_split", "handler_profile", "summary_table", "draw_curves", "main"]
 
 logger = logging.getLogger("igniter")
 
 
 class StepTimer:
-    """Seconds spent fetching batches and in the step function, from three events per
-    iteration (``GET_BATCH_STARTED``, ``GET_BATCH_COMPLETED``, ``ITERATION_COMPLETED``;
-    attach it before any other ``ITERATION_COMPLETED`` handler): cheap enough to be always on. Ignite's ``HandlersTimeProfiler``
-    (``logging.profile=true``) gives the same split with the time of every handler,
-    at a cost of several microseconds per handler call."""
+    """Seconds spent fetching batches (Ignite's ``GET_BATCH_STARTED`` to
+    ``GET_BATCH_COMPLETED``) and in the step function (timed by :meth:`wrap` around it:
+    ~1 us per iteration, where one more ``ITERATION_COMPLETED`` handler costs ~5 us):
+    cheap enough to be always on. ``on_first_step`` is called once, when the first step
+    returns. ``logging.profile=true`` adds Ignite's ``HandlersTimeProfiler`` for the
+    time of every handler."""
 
-    def __init__(self, trainer: Engine) -> None:
+    def __init__(self) -> None:
         self.data_s = self.step_s = 0.0
         self._t = 0.0
+        self.on_first_step: Callable[[], None] | None = None
+
+    def wrap(self, step: Callable[[Engine, Any], Any]) -> Callable[[Engine, Any], Any]:
+        """``step`` (an Ignite process function) with its time added to ``step_s``."""
+
+        def timed_step(engine: Engine, batch: Any) -> Any:
+            start = time.perf_counter()
+            output = step(engine, batch)
+            self.step_s += time.perf_counter() - start
+            if self.on_first_step is not None:
+                callback, self.on_first_step = self.on_first_step, None
+                callback()
+            return output
+
+        return timed_step
+
+    def attach(self, trainer: Engine) -> None:
+        """Time the batch fetches of ``trainer``."""
         trainer.add_event_handler(Events.GET_BATCH_STARTED, self._batch_started)
         trainer.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_completed)
-        # attached before igniter's other handlers (see igniter.run.train), so it runs first
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
 
     def _batch_started(self) -> None:
         self._t = time.perf_counter()
 
     def _batch_completed(self) -> None:
-        now = time.perf_counter()
-        self.data_s += now - self._t
-        self._t = now
-
-    def _iteration_completed(self, engine: Engine) -> None:
-        self.step_s += time.perf_counter() - self._t
+        self.data_s += time.perf_counter() - self._t
 
 
 def process_age_s() -> float | None:
@@ -66,37 +78,33 @@ def process_age_s() -> float | None:
         return None
 
 
-def attach_first_iteration_timer(trainer: Engine, record: Any) -> None:
+def record_first_iteration(timer: StepTimer, record: Any) -> None:
     """Record ``first_iteration_s`` in ``metrics.json``: seconds from the start of this
-    (rank 0) process to the end of this run's first training iteration: the start-up
+    (rank 0) process to the end of this run's first training step: the start-up
     cost a user waits through (imports, config, data, model, process group)."""
-    done = {"flag": False}
 
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _first(engine: Engine) -> None:
-        if done["flag"]:
-            return
-        done["flag"] = True
+    def _record() -> None:
         age = process_age_s()
         if age is not None:
             record.update(first_iteration_s=round(age, 2))
 
+    timer.on_first_step = _record
 
-def attach_profiler(trainer: Engine, detailed: bool = False) -> StepTimer | HandlersTimeProfiler:
-    """:class:`StepTimer`, or Ignite's ``HandlersTimeProfiler`` when ``detailed`` (the
-    time of every handler on every event; see :func:`handler_profile`)."""
-    if not detailed:
-        return StepTimer(trainer)
+
+def attach_handler_profiler(trainer: Engine) -> HandlersTimeProfiler:
+    """Ignite's ``HandlersTimeProfiler`` on ``trainer`` (``logging.profile=true``): the time
+    of every handler on every event, see :func:`handler_profile`."""
     profiler = HandlersTimeProfiler()
     profiler.attach(trainer)
     return profiler
 
 
-def time_split(profiler: StepTimer | HandlersTimeProfiler, run_time_s: float) -> dict[str, float]:
-    """Seconds spent fetching batches, in the step function, and in event handlers
-    (for :class:`StepTimer`: the rest of ``run_time_s``, evaluation included)."""
-    if isinstance(profiler, StepTimer):
-        return {"data_s": profiler.data_s, "step_s": profiler.step_s, "handlers_s": max(0.0, run_time_s - profiler.data_s - profiler.step_s)}
+def time_split(timer: StepTimer, profiler: HandlersTimeProfiler | None, run_time_s: float) -> dict[str, float]:
+    """Seconds spent fetching batches, in the step function, and in event handlers: from
+    ``profiler`` when there is one, else from ``timer`` (handlers: the rest of
+    ``run_time_s``, evaluation included)."""
+    if profiler is None:
+        return {"data_s": timer.data_s, "step_s": timer.step_s, "handlers_s": max(0.0, run_time_s - timer.data_s - timer.step_s)}
     rows = {row[0]: row[2] for row in profiler.get_results()}  # [handler, event, total s, ...]
 
     def seconds(name: str) -> float:
@@ -105,12 +113,10 @@ def time_split(profiler: StepTimer | HandlersTimeProfiler, run_time_s: float) ->
     return {"data_s": seconds("Dataflow"), "step_s": seconds("Processing"), "handlers_s": seconds("Total")}
 
 
-def handler_profile(profiler: StepTimer | HandlersTimeProfiler) -> str | None:
+def handler_profile(profiler: HandlersTimeProfiler) -> str:
     """Ignite's table of every handler's total/min/max/mean time (s) and the step and data
-    totals, or ``None`` for the cheap :class:`StepTimer`. A handler that fires other
-    events (igniter's periodic-event tick) includes the time of their handlers."""
-    if isinstance(profiler, StepTimer):
-        return None
+    totals. A handler that fires other events (igniter's periodic-event tick) includes
+    the time of their handlers."""
     with contextlib.redirect_stdout(io.StringIO()) as text:
         HandlersTimeProfiler.print_results(profiler.get_results())  # it prints
     return text.getvalue()
