@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -81,8 +82,12 @@ def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at
     """A hand-written LeNet loop (one thread) that sleeps until ``start_at`` (time.time(),
     s), trains ``iterations`` steps and prints its samples/s; with ``port`` > 0, rank
     ``rank`` of a 2-process DDP job (gloo, master 127.0.0.1:``port``)."""
+    import faulthandler
     import time
     from datetime import timedelta
+
+    # a hang (seen twice in DDP runs, cause unknown) prints every thread's stack, then exits
+    faulthandler.dump_traceback_later(240, exit=True)
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -141,9 +146,11 @@ def run_machine(variant: str, per_process_batch: int, iterations: int, mnist: st
             try:
                 out, _ = proc.communicate(timeout=300)
             except subprocess.TimeoutExpired:  # e.g. one DDP rank died and the other waits in a collective
-                raise SystemExit(f"machine worker ({variant}, batch {per_process_batch}) timed out after 300 s") from None
-            if proc.returncode != 0:
-                raise SystemExit(f"machine worker failed (exit {proc.returncode})")
+                out = ""
+            if proc.returncode != 0 or not out.split():
+                print(f"machine worker ({variant}, batch {per_process_batch}) failed or hung (exit {proc.returncode}): "
+                      "this measurement is left out", file=sys.stderr)
+                return math.nan
             rates.append(float(out.split()[-1]))
     finally:
         for proc in procs:  # a failed or hung worker's peers are not left behind
@@ -174,8 +181,8 @@ def main() -> None:
                     samples[v].append(run_machine(v, b, args.iterations, args.mnist))
                 else:
                     samples[v].append(run(v, b, args.iterations, args.mnist, args.extra))
-        med = {v: statistics.median(s) for v, s in samples.items()}
-        row = {"per_process_batch": b, "samples_per_s": med, "all": samples}
+        med = {v: statistics.median([x for x in s if not math.isnan(x)] or [math.nan]) for v, s in samples.items()}
+        row: dict = {"per_process_batch": b, "samples_per_s": med, "all": samples}
         for v in args.variants:
             if v in ("spawn", "torchrun") and "single" in med:
                 row[f"efficiency_{v}"] = med[v] / (2 * med["single"])
@@ -187,7 +194,11 @@ def main() -> None:
         cells = " ".join(f"{v}={med[v]:8.0f}" for v in args.variants)
         eff = " ".join(f"{k}={row[k]:.2f}" for k in row if k.startswith(("speedup", "efficiency")))
         print(f"batch/process {b:4d} | samples/s {cells} | {eff}", flush=True)
+        write_results(rows, args)
 
+
+def write_results(rows: list[dict], args: argparse.Namespace) -> None:
+    """``bench/results/scaling.json``, rewritten after every batch size (a crash keeps the rows so far)."""
     result = {
         "benchmark": "scaling",
         "workload": "MNIST + lenet, threads=1 per process, gloo",
@@ -198,7 +209,8 @@ def main() -> None:
     }
     out = HERE / "results" / "scaling.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    # a left-out measurement (NaN) is null in the JSON
+    out.write_text(json.dumps(json.loads(json.dumps(result), parse_constant=lambda _: None), indent=2))
     print(f"wrote {out}")
 
 
