@@ -64,6 +64,7 @@ sys.path.insert(0, str(HERE.parent))
 
 
 from igniter.cli import compose_config, plain_config  # noqa: E402
+from igniter.handlers import loss_of  # noqa: E402
 from igniter.registry import event_handler_registry  # noqa: E402
 from igniter.run import build_run, train  # noqa: E402
 
@@ -84,10 +85,6 @@ def config(workload: str, epochs: int, mnist_root: str, out: str, extra: list[st
 # speed moves much; per-epoch costs (checkpoint) weigh 23 times more than in a full
 # 469-iteration MNIST epoch, so the figure errs against igniter
 mnist_subset = 2560
-
-
-def _loss_of(out: Any) -> float:
-    return float(out["loss"]) if isinstance(out, dict) else float(out)
 
 
 class Turns:
@@ -181,7 +178,7 @@ def run_ignite(cfg: Any) -> tuple[int, float]:
     engine.add_event_handler(Events.EPOCH_STARTED, bench_epoch_turn("ignite"))
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: ctx.train_loader.sampler.set_epoch(e.state.epoch - 1))
     engine.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs)
-    return engine.state.iteration, _loss_of(engine.state.output)
+    return engine.state.iteration, float(loss_of(engine.state.output))
 
 
 def run_igniter_bare(cfg: Any) -> tuple[int, float]:
@@ -192,7 +189,7 @@ def run_igniter_bare(cfg: Any) -> tuple[int, float]:
     ctx.trainer.add_event_handler(Events.EPOCH_STARTED, bench_epoch_turn("igniter_bare"))
     ctx.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: ctx.train_loader.sampler.set_epoch(e.state.epoch - 1))
     ctx.trainer.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs)
-    return ctx.trainer.state.iteration, _loss_of(ctx.trainer.state.output)
+    return ctx.trainer.state.iteration, float(loss_of(ctx.trainer.state.output))
 
 
 # igniter's default run and the same without some of its handlers: config overrides
