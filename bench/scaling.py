@@ -86,7 +86,8 @@ def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at
     import time
     from datetime import timedelta
 
-    # a hang (seen twice in DDP runs, cause unknown) prints every thread's stack, then exits
+    # a hang (seen in DDP runs: DDP's destructor after its process group, see the end) prints
+    # every thread's stack, then exits
     faulthandler.dump_traceback_later(240, exit=True)
 
     import torch.distributed as dist
