@@ -6,7 +6,9 @@ and returns an ``ignite.engine.Engine``.
 
 from __future__ import annotations
 
+import logging
 import random
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -15,7 +17,7 @@ from ignite.engine import DeterministicEngine, Engine
 
 from igniter.registry import engine_registry
 
-__all__ = ["Trainer", "seed_everything", "supervised_trainer", "supervised_evaluator"]
+__all__ = ["LeanDispatch", "Evaluator", "Trainer", "seed_everything", "supervised_trainer", "supervised_evaluator"]
 
 
 def seed_everything(seed: int) -> None:
@@ -32,9 +34,44 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-class Trainer(DeterministicEngine):
+class LeanDispatch:
+    """Mixin for an Ignite ``Engine``: its event dispatch without building a debug
+    message for every event that nobody logs.
+
+    Ignite's ``Engine._fire_event`` (ignite 0.5) formats
+    ``f"{epoch} | {iteration}, Firing handlers for event {event}"`` before
+    ``logger.debug`` drops it, four times per iteration, the event's part through the
+    enum's Python-level ``__format__``: measured 3% of a small MLP's training
+    iteration (digits, batch 32, 2-core CPU, 150 paired epochs: raw ``Engine`` 1.044x
+    a hand-written loop, with this 1.013x). Handlers are called exactly as Ignite calls
+    them (same arguments, same order); when the engine's logger logs DEBUG, Ignite's
+    own method runs, message included.
+    """
+
+    def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
+        if self.logger.isEnabledFor(logging.DEBUG):  # type: ignore[attr-defined]
+            return super()._fire_event(event_name, *event_args, **event_kwargs)  # type: ignore[misc]
+        self.last_event_name = event_name
+        for func, args, kwargs in self._event_handlers[event_name]:  # type: ignore[attr-defined]
+            kwargs.update(event_kwargs)
+            if args and isinstance(args[0], weakref.ref):  # Ignite passes the engine as a weak reference
+                engine = args[0]()
+                if engine is None:
+                    raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
+                first, others = (engine,), args[1:]
+            else:  # handlers registered without the engine (e.g. metrics)
+                first, others = (), args
+            func(*first, *(event_args + others), **kwargs)
+
+
+class Evaluator(LeanDispatch, Engine):
+    """Ignite's ``Engine`` with :class:`LeanDispatch`."""
+
+
+class Trainer(LeanDispatch, DeterministicEngine):
     """Ignite's ``DeterministicEngine`` with the same reseeding at every epoch start
-    (seed + epoch index, ``ignite/engine/deterministic.py``) through :func:`seed_everything`."""
+    (seed + epoch index, ``ignite/engine/deterministic.py``) through :func:`seed_everything`,
+    and :class:`LeanDispatch`."""
 
     def _setup_seed(self, _: Any = None, iter_counter: int | None = None, iteration: int | None = None) -> None:
         if iter_counter is None:
@@ -58,5 +95,5 @@ def supervised_trainer(process_function: Callable[[Engine, Any], Any]) -> Engine
 
 @engine_registry("supervised_evaluator")
 def supervised_evaluator(process_function: Callable[[Engine, Any], Any]) -> Engine:
-    """The evaluator: a plain ``Engine`` running the eval step once over the validation set."""
-    return Engine(process_function)
+    """The evaluator: Ignite's ``Engine`` (:class:`Evaluator`) running the eval step once over the validation set."""
+    return Evaluator(process_function)
