@@ -28,23 +28,31 @@ logger = logging.getLogger("igniter")
 
 
 class StepTimer:
-    """Seconds spent fetching batches (Ignite's ``GET_BATCH_STARTED`` to
-    ``GET_BATCH_COMPLETED``) and in the step function (timed by :meth:`wrap` around it:
-    ~1 us per iteration, where one more ``ITERATION_COMPLETED`` handler costs ~5 us):
-    cheap enough to be always on. ``on_first_step`` is called once, when the first step
-    returns. ``logging.profile=true`` adds Ignite's ``HandlersTimeProfiler`` for the
-    time of every handler."""
+    """Seconds spent fetching batches and in the step function, cheap enough to be always on.
+
+    The step is timed by :meth:`wrap` around the process function; a batch fetch from
+    Ignite's ``GET_BATCH_STARTED`` to the start of the step that uses it (one handler:
+    Ignite's dispatch of ``GET_BATCH_COMPLETED`` and ``ITERATION_STARTED`` between the
+    two, microseconds, counts as data time). Each per-iteration handler costs ~5-10x its
+    isolated time on a small model (measured with ``bench/overhead.py``), so the timer
+    has one. ``on_first_step`` is called once, when the first step returns.
+    ``logging.profile=true`` adds Ignite's ``HandlersTimeProfiler`` for the time of
+    every handler."""
 
     def __init__(self) -> None:
         self.data_s = self.step_s = 0.0
-        self._t = 0.0
+        self._fetch_started: float | None = None
         self.on_first_step: Callable[[], None] | None = None
 
     def wrap(self, step: Callable[[Engine, Any], Any]) -> Callable[[Engine, Any], Any]:
-        """``step`` (an Ignite process function) with its time added to ``step_s``."""
+        """``step`` (an Ignite process function) with its time added to ``step_s`` and
+        the fetch of its batch to ``data_s``."""
 
         def timed_step(engine: Engine, batch: Any) -> Any:
             start = time.perf_counter()
+            if self._fetch_started is not None:  # None: run without a data loader, or the timer not attached
+                self.data_s += start - self._fetch_started
+                self._fetch_started = None
             output = step(engine, batch)
             self.step_s += time.perf_counter() - start
             if self.on_first_step is not None:
@@ -57,13 +65,9 @@ class StepTimer:
     def attach(self, trainer: Engine) -> None:
         """Time the batch fetches of ``trainer``."""
         trainer.add_event_handler(Events.GET_BATCH_STARTED, self._batch_started)
-        trainer.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_completed)
 
     def _batch_started(self) -> None:
-        self._t = time.perf_counter()
-
-    def _batch_completed(self) -> None:
-        self.data_s += time.perf_counter() - self._t
+        self._fetch_started = time.perf_counter()
 
 
 def process_age_s() -> float | None:

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,33 @@ def test_eval_mnist_run_reproduces_test_accuracy(tmp_path, mnist_root):
 def test_progress_bar_off_when_not_a_terminal(digits_run):
     log = (digits_run / "rank0.log").read_text()
     assert "epoch 1/4 iteration 10/44 loss" in log  # periodic log lines replace the bar under a pipe
+
+
+class SlowBatches:
+    """Four batches, each taking ``seconds`` to fetch."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __iter__(self):
+        for i in range(4):
+            time.sleep(self.seconds)
+            yield i
+
+    def __len__(self) -> int:
+        return 4
+
+
+def test_step_timer_splits_batch_fetching_from_the_step():
+    from ignite.engine import Engine
+
+    from igniter.summary import StepTimer
+
+    timer = StepTimer()
+    steps = []
+    timer.on_first_step = lambda: steps.append("first step done")
+    trainer = Engine(timer.wrap(lambda engine, batch: time.sleep(0.03)))
+    timer.attach(trainer)
+    trainer.run(SlowBatches(0.01), max_epochs=2)  # 8 fetches of 10 ms, 8 steps of 30 ms
+    assert 0.08 <= timer.data_s < 0.16 and 0.24 <= timer.step_s < 0.4, (timer.data_s, timer.step_s)
+    assert steps == ["first step done"]
