@@ -5,7 +5,7 @@
     python bench/overhead.py --workloads digits --variants igniter_no_bar igniter_no_tensorboard \
         igniter_no_checkpoint igniter_no_handlers           # what each default handler costs
 
-Variants, all in this process with ``torch.set_num_threads(1)``, the same model
+Variants, all in one process with ``torch.set_num_threads(1)``, the same model
 initialisation, data, data order, batch size and number of iterations:
 
 A ``loop``          hand-written PyTorch loop
@@ -22,28 +22,36 @@ handlers, to see what each costs: ``igniter_no_bar``, ``igniter_no_tensorboard``
 ``igniter_no_checkpoint``, and ``igniter_no_handlers`` (the three off; the NaN guard,
 timers and periodic events stay).
 
-Variants take turns one epoch at a time, each in its own thread, only one running at
-any moment (A1 B1 C1 D1 A2 B2 C2 D2 ...): this VM's speed moves by +-30% over seconds,
-so whole runs made one after the other differ by the host as much as by the code;
-epoch k of every variant runs within a fraction of a second of the others.
-Every variant builds its run while it holds the turn, so nothing else runs beside a
-timed epoch except the variant's own background threads (e.g. igniter's checkpoint
-writer), as in a real run. An epoch's time is from its ``EPOCH_STARTED`` to the next
-one's, so it includes the end-of-epoch handlers (checkpoint, TensorBoard); the first
-epoch (warm-up) and the last (end-of-run work) are left out. The table shows the median
-microseconds per training iteration and its ratio to A's median; the median over every
-round and epoch of the ratio to A's same epoch ("paired"), with the interquartile range
-of those ratios and the 95% confidence interval of their median (bootstrap over whole
-rounds), against which the issue's targets are judged MET, MISSED or undecided; the ratio of
-each variant's fastest epoch to A's fastest (the noise of a shared host only ever adds
-time, so the minimum is the estimate least disturbed by it, as ``timeit``'s documentation
-argues); and the final loss of each variant (equal losses mean equal work).
-``--rounds`` repeats the whole interleaved run. Writes ``bench/results/overhead_<workloads>.json``.
+Variants take turns a few epochs at a time (``--block``, 3), each in its own thread,
+only one running at any moment (A1-3 B1-3 C1-3 A4-6 ...): this VM's speed moves by
++-30% over seconds, so whole runs made one after the other differ by the host as much
+as by the code; epoch k of every variant runs within a second or two of the others.
+Every variant builds its run while it holds the turn. The first epoch of each turn is
+not timed: it absorbs what the previous variant's background threads still do (a
+checkpoint write, a TensorBoard flush), which in a real run overlaps the same run's
+next epoch, and so do the timed epochs here. An epoch's time is from its
+``EPOCH_STARTED`` to the next one's, so it includes the end-of-epoch handlers
+(checkpoint, TensorBoard); the run's last epoch (end-of-run work) is not timed either.
+
+Every round (one interleaved run of all variants) is a fresh process: code and heap
+layout change from process to process and move a variant's speed by a few per cent for
+the whole process (Mytkowicz et al., "Producing wrong data without doing anything
+obviously wrong!", ASPLOS 2009), so only rounds in separate processes are independent
+samples. The table shows the median microseconds per training iteration and its ratio
+to A's median; the median over every round and epoch of the ratio to A's same epoch
+("paired"), with the interquartile range of those ratios and the 95% confidence
+interval of their median (bootstrap over rounds), against which the issue's targets
+are judged MET, MISSED or undecided (from 10 rounds on); the ratio of each variant's
+fastest epoch to A's fastest (the noise of a shared host only ever adds time, so the
+minimum is the estimate least disturbed by it, as ``timeit``'s documentation argues);
+and the final loss of each variant (equal losses mean equal work).
+Writes ``bench/results/overhead_<workloads>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import contextlib
 import io
 import json
@@ -52,6 +60,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -90,24 +99,24 @@ mnist_subset = 2560
 
 
 class Turns:
-    """Round-robin turns between the variants' threads, one epoch per turn.
+    """Round-robin turns between the variants' threads, ``block`` epochs per turn.
 
     ``begin(v)`` waits for ``v``'s first turn; ``epoch_started(v)`` (at every epoch start)
-    closes ``v``'s previous epoch, hands the turn on and waits for the next one;
-    ``finish(v)`` closes the last epoch and leaves the rotation.
-    ``epochs[v]``: seconds per epoch, in order.
+    closes ``v``'s previous epoch and, after ``block`` epochs, hands the turn on and waits
+    for the next one; ``finish(v)`` leaves the rotation. ``epochs[v]``: seconds of every
+    epoch but the first of each turn (it absorbs what the previous variant's background
+    threads still do, e.g. a checkpoint write, and warms the caches) and the last of the
+    run (end-of-run work), in order.
     """
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], block: int) -> None:
         self.active = list(names)
         self.turn = names[0]
+        self.block = block
         self.cond = threading.Condition()
         self.epochs: dict[str, list[float]] = {n: [] for n in names}
-        self._since: dict[str, float] = {}
-
-    def _close_epoch(self, name: str) -> None:
-        if name in self._since:
-            self.epochs[name].append(time.perf_counter() - self._since.pop(name))
+        self._in_turn = {n: 0 for n in names}  # epochs started in the current turn
+        self._since: dict[str, tuple[float, bool]] = {}  # start of the running epoch, and whether it is timed
 
     def _hand_on(self, name: str) -> None:  # with self.cond held
         self.turn = self.active[(self.active.index(name) + 1) % len(self.active)]
@@ -118,21 +127,27 @@ class Turns:
             self.cond.wait_for(lambda: self.turn == name)
 
     def epoch_started(self, name: str) -> None:
-        self._close_epoch(name)
-        with self.cond:
-            self._hand_on(name)
-            self.cond.wait_for(lambda: self.turn == name)
-        self._since[name] = time.perf_counter()
+        if name in self._since:
+            start, timed = self._since.pop(name)
+            if timed:
+                self.epochs[name].append(time.perf_counter() - start)
+        if self._in_turn[name] == self.block:
+            with self.cond:
+                self._hand_on(name)
+                self.cond.wait_for(lambda: self.turn == name)
+            self._in_turn[name] = 0
+        self._in_turn[name] += 1
+        self._since[name] = (time.perf_counter(), self._in_turn[name] > 1)
 
     def finish(self, name: str) -> None:
-        self._close_epoch(name)
+        self._since.pop(name, None)  # the last epoch holds the end of the run: not timed
         with self.cond:
             if len(self.active) > 1:
                 self._hand_on(name)
             self.active.remove(name)
 
 
-TURNS = Turns(["none"])  # replaced for every interleaved run
+TURNS = Turns(["none"], 1)  # replaced for every interleaved run
 
 
 @event_handler_registry("bench_epoch_turn")
@@ -264,12 +279,12 @@ VARIANTS: dict[str, Callable[[Any], tuple[int, float]]] = {
 
 
 def interleaved_run(order: list[str], workload: str, args: argparse.Namespace, tmp: str) -> dict[str, tuple[int, float, list[float]]]:
-    """One run of every variant in ``order``, taking turns epoch by epoch (see :class:`Turns`).
+    """One run of every variant in ``order``, taking turns ``args.block`` epochs at a time (see :class:`Turns`).
 
     Returns ``{variant: (iterations, final loss, seconds per epoch)}``.
     """
     global TURNS
-    TURNS = Turns(order)
+    TURNS = Turns(order, args.block)
     done: dict[str, tuple[int, float, list[float]]] = {}
     errors: list[BaseException] = []
 
@@ -315,33 +330,62 @@ def bootstrap_ci(rounds: list[list[float]], resamples: int = 2000, seed: int = 0
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
-def verdict(row: dict[str, Any]) -> str:
-    """Whether the paired median meets the target, at 95% confidence."""
+def verdict(row: dict[str, Any], rounds: int) -> str:
+    """Whether the paired median meets the target, at 95% confidence (from 10 rounds on)."""
     target = row["target"]
     if target is None:
         return ""
+    if rounds < 10:
+        return f"   target x{target:.2f}: too few rounds to judge"
     low, high = row["ratio_ci95"]
     met = "MET" if high <= target else "MISSED" if low > target else "undecided (target inside the interval)"
     return f"   target x{target:.2f}: {met}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=["digits", "mnist"], choices=list(WORKLOADS))
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved runs (each gives epochs - 2 paired epochs)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs per run (digits: 44 iterations each; mnist: 20)")
-    parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"))
-    default = [v for v in VARIANTS if v == "igniter" or v not in IGNITER_RUNS]
-    parser.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS), help="'loop' is always run: ratios are to it")
-    args = parser.parse_args()
+def one_round(args: argparse.Namespace) -> None:
+    """The child process of one round: the interleaved run of ``args.variants`` in that
+    order, ``{variant: [iterations, final loss, [epoch seconds]]}`` written to ``args.one_round``."""
     torch.set_num_threads(1)
     # inside a SLURM allocation igniter would install its preemption signal handlers,
     # which only the main thread may do; the benchmark measures training, not preemption
     os.environ.pop("SLURM_JOB_ID", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = interleaved_run(args.variants, args.workloads[0], args, tmp)
+    Path(args.one_round).write_text(json.dumps(done))
+
+
+def run_rounds(workload: str, variants: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``args.rounds`` interleaved runs, each in a fresh process (see the module docstring)."""
+    rounds = []
+    for round_ in range(args.rounds):
+        order = variants if round_ % 2 == 0 else variants[::-1]  # who goes first alternates too
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "round.json"
+            cmd = [sys.executable, __file__, "--one-round", str(out), "--workloads", workload, "--variants", *order]
+            cmd += ["--epochs", str(args.epochs), "--block", str(args.block), "--mnist", args.mnist]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"round {round_ + 1} failed:\n{proc.stderr[-3000:]}")
+            rounds.append(json.loads(out.read_text()))
+        print(f"  {workload} round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+    return rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=["digits", "mnist"], choices=list(WORKLOADS))
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved runs, each in a fresh process")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs per run (digits: 44 iterations each; mnist: 20)")
+    parser.add_argument("--block", type=int, default=3, help="epochs per turn (the first of each is not timed)")
+    parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"))
+    default = [v for v in VARIANTS if v == "igniter" or v not in IGNITER_RUNS]
+    parser.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS), help="'loop' is always run: ratios are to it")
+    parser.add_argument("--one-round", metavar="JSON", help=argparse.SUPPRESS)  # internal: run one round in this process
+    args = parser.parse_args()
+    if args.one_round:
+        return one_round(args)
     variants = ["loop", *(v for v in args.variants if v != "loop")]
-    try:
-        import lightning  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("lightning") is None:
         variants = [v for v in variants if not v.startswith("lightning")]
         print("lightning not installed: variants E/F skipped (pip install lightning)")
 
@@ -351,15 +395,13 @@ def main() -> None:
         ratios: dict[str, list[float]] = {v: [] for v in variants}
         round_ratios: dict[str, list[list[float]]] = {v: [] for v in variants}
         losses: dict[str, float] = {}
-        for round_ in range(args.rounds):
-            order = variants if round_ % 2 == 0 else variants[::-1]  # who goes first alternates too
-            with tempfile.TemporaryDirectory() as tmp:
-                done = interleaved_run(order, workload, args, tmp)
+        for done in run_rounds(workload, variants, args):
+            per_epoch = {v: iterations / args.epochs for v, (iterations, _, _) in done.items()}
+            loop = [s / per_epoch["loop"] * 1e6 for s in done["loop"][2]]
             for v, (iterations, loss, epochs) in done.items():
-                steady = [s / (iterations / args.epochs) * 1e6 for s in epochs[1:-1]]  # not the first and last epoch
-                epoch_us[v] += steady
-                loop = [s / (done["loop"][0] / args.epochs) * 1e6 for s in done["loop"][2][1:-1]]
-                round_ratios[v].append([x / b for x, b in zip(steady, loop)])
+                us = [s / per_epoch[v] * 1e6 for s in epochs]
+                epoch_us[v] += us
+                round_ratios[v].append([x / b for x, b in zip(us, loop)])
                 ratios[v] += round_ratios[v][-1]
                 losses[v] = loss
         rows = {}
@@ -389,14 +431,15 @@ def main() -> None:
             low, high = r["ratio_ci95"]
             print(
                 f"  {v:22s} {r['us_per_iter']:9.1f} us x{r['ratio_of_medians']:.3f}   paired x{r['ratio']:.3f} ({q1:.3f}-{q3:.3f})"
-                f" CI {low:.3f}-{high:.3f}   best x{r['best_ratio']:.3f}   loss {r['final_loss']:.6f}{verdict(r)}"
+                f" CI {low:.3f}-{high:.3f}   best x{r['best_ratio']:.3f}   loss {r['final_loss']:.6f}{verdict(r, args.rounds)}"
             )
         same = len({round(r["final_loss"], 5) for r in rows.values()}) == 1
         print(f"  same final loss in every variant: {'yes' if same else 'NO'}")
     out = HERE / "results" / f"overhead_{'_'.join(args.workloads)}.json"
     out.parent.mkdir(exist_ok=True)
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "threads": 1}
-    out.write_text(json.dumps({"benchmark": "overhead", "machine": meta, "epochs": args.epochs, "results": results}, indent=2))
+    record = {"benchmark": "overhead", "machine": meta, "rounds": args.rounds, "epochs": args.epochs, "block": args.block, "results": results}
+    out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 
