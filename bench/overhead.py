@@ -1,7 +1,7 @@
 """Per-iteration cost of igniter against a hand-written loop, raw Ignite and Lightning.
 
-    python bench/overhead.py --workloads digits --rounds 30    # digits MLP, batch 32: ~2.5 min
-    python bench/overhead.py --workloads mnist --rounds 10     # MNIST LeNet, batch 128: ~6 min
+    python bench/overhead.py --workloads digits --rounds 30    # digits MLP, batch 32: ~8 min
+    python bench/overhead.py --workloads mnist --rounds 12     # MNIST LeNet, batch 128: ~14 min
     python bench/overhead.py --workloads digits --variants igniter_no_bar igniter_no_tensorboard \
         igniter_no_checkpoint igniter_no_handlers           # what each default handler costs
 
