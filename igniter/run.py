@@ -415,10 +415,6 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         for lg in loggers:
             lg.close()
     state = ctx.trainer.state
-    if ctx.world_size > 1 and state.stopped_by is None and state.diverged is None:
-        # every rank done with its collectives before any rank tears the process group down
-        # (a rank leaving early was seen to abort a peer's gloo thread at exit)
-        idist.barrier()
     summary = {
         "status": "diverged" if state.diverged else ("stopped" if state.stopped_by else "completed"),
         "epochs_completed": state.epoch,
@@ -441,6 +437,13 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         logger.info("summary:\n%s", summary_table(record.data))
         if draw_curves(record.data, output_dir / "curves.png"):
             logger.info("learning curves: %s", output_dir / "curves.png")
+    if ctx.world_size > 1:
+        # No rank leaves before rank 0 has written the summary and every rank is done with its
+        # collectives: a rank leaving early was seen to abort a peer's gloo thread at exit, and
+        # under torchrun a rank exiting non-zero (divergence, preemption) makes the agent kill
+        # the others, rank 0 in the middle of its summary. Safe when the run stopped early:
+        # the NaN guard and the preemption handler decide on every rank at the same iteration.
+        idist.barrier()
     if state.stopped_by is not None:
         raise state.stopped_by
     if state.diverged:

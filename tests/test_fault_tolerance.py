@@ -258,6 +258,24 @@ def test_nan_on_one_rank_stops_every_rank_without_hanging(tmp_path):
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_torchrun_divergence_lets_rank_0_finish_its_summary(tmp_path):
+    """Every rank goes NaN at iteration 25 and stops at 30; rank 0 is 3 s slower to finish
+    (after the last evaluation, whose metrics are collective).
+    torchrun's agent kills the other workers as soon as one exits non-zero, so the ranks
+    must not exit before rank 0 has written its summary (status "diverged")."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    run = tmp_path / "run"
+    args = ["imports=[my_project]", "trainer.step=nan_at", "+trainer.step_params.iteration=25", "trainer.max_epochs=3",
+            "handlers=[{name: sleep_on_rank, event: COMPLETED, params: {rank: 0, seconds: 3}}]",
+            "runner=torchrun", "runner.timeout_s=60", f"output_dir={run}"]
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *args],
+                          cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=200)
+    assert proc.returncode != 0
+    assert "exitcode  : 3" in proc.stderr and "training diverged" in proc.stderr, proc.stderr[-3000:]
+    assert read_metrics(run)["status"] == "diverged", "rank 0 was stopped before its summary"
+    assert "status      diverged" in proc.stdout
+
+
 def test_checkpoint_every_seconds(tmp_path):
     """every_seconds is checked every 10 iterations: with a tiny interval it saves at 10, 20, 30, 40,
     plus the end of the epoch (44)."""
