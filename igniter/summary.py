@@ -31,9 +31,10 @@ class StepTimer:
     """Seconds spent fetching batches and in the step function, cheap enough to be always on.
 
     The step is timed by :meth:`wrap` around the process function; a batch fetch from
-    Ignite's ``GET_BATCH_STARTED`` to the start of the step that uses it (one handler:
-    Ignite's dispatch of ``GET_BATCH_COMPLETED`` and ``ITERATION_STARTED`` between the
-    two, microseconds, counts as data time). Each per-iteration handler costs ~5-10x its
+    Ignite's ``GET_BATCH_STARTED`` to the start of the step that uses it (one handler;
+    what runs between the two counts as data time: Ignite's dispatch of
+    ``GET_BATCH_COMPLETED`` and ``ITERATION_STARTED``, microseconds, and the handlers of
+    those events, none by default). Each per-iteration handler costs ~5-10x its
     isolated time on a small model (measured with ``bench/overhead.py``), so the timer
     has one. ``on_first_step`` is called once, when the first step returns.
     ``logging.profile=true`` adds Ignite's ``HandlersTimeProfiler`` for the time of
