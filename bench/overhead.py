@@ -20,7 +20,8 @@ F ``lightning_off`` the same with them off
 Not run unless named in ``--variants``: igniter's default run without one of its
 handlers, to see what each costs: ``igniter_no_bar``, ``igniter_no_tensorboard``,
 ``igniter_no_checkpoint``, and ``igniter_no_handlers`` (the three off; the NaN guard,
-timers and periodic events stay).
+timers and periodic events stay); and ``ignite_lean``, B with igniter's event dispatch
+(``igniter.engines.LeanDispatch``), to see what Ignite's per-event debug message costs.
 
 Variants take turns a few epochs at a time (``--block``, 3), each in its own thread,
 only one running at any moment (A1-3 B1-3 C1-3 A4-6 ...): this VM's speed moves by
@@ -51,8 +52,8 @@ Writes ``bench/results/overhead_<workloads>.json``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -175,9 +176,12 @@ def run_loop(cfg: Any) -> tuple[int, float]:
     return n, float(loss.detach())
 
 
-def run_ignite(cfg: Any) -> tuple[int, float]:
-    """B: a raw ignite Engine with the equivalent process function."""
+def run_ignite(cfg: Any, lean: bool = False) -> tuple[int, float]:
+    """B: a raw ignite Engine with the equivalent process function (``lean``: the same
+    Engine with igniter's :class:`~igniter.engines.LeanDispatch`)."""
     from ignite.engine import Engine, Events
+
+    from igniter.engines import Evaluator
 
     ctx = build_run(cfg, Path(cfg.output_dir))
     model, opt, loss_fn = ctx.model, ctx.optimizer, ctx.loss_fn
@@ -191,8 +195,8 @@ def run_ignite(cfg: Any) -> tuple[int, float]:
         opt.step()
         return loss.detach()
 
-    engine = Engine(step)
-    engine.add_event_handler(Events.EPOCH_STARTED, bench_epoch_turn("ignite"))
+    engine = (Evaluator if lean else Engine)(step)
+    engine.add_event_handler(Events.EPOCH_STARTED, bench_epoch_turn("ignite_lean" if lean else "ignite"))
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: ctx.train_loader.sampler.set_epoch(e.state.epoch - 1))
     engine.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs)
     return engine.state.iteration, float(loss_of(engine.state.output))
@@ -271,6 +275,7 @@ def _lightning(cfg: Any, defaults: bool) -> tuple[int, float]:
 VARIANTS: dict[str, Callable[[Any], tuple[int, float]]] = {
     "loop": run_loop,
     "ignite": run_ignite,
+    "ignite_lean": lambda cfg: run_ignite(cfg, lean=True),
     "igniter_bare": run_igniter_bare,
     **{name: run_igniter for name in IGNITER_RUNS},
     "lightning": lambda cfg: _lightning(cfg, True),
@@ -378,7 +383,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15, help="epochs per run (digits: 44 iterations each; mnist: 20)")
     parser.add_argument("--block", type=int, default=3, help="epochs per turn (the first of each is not timed)")
     parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"))
-    default = [v for v in VARIANTS if v == "igniter" or v not in IGNITER_RUNS]
+    default = [v for v in VARIANTS if v == "igniter" or v not in (*IGNITER_RUNS, "ignite_lean")]
     parser.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS), help="'loop' is always run: ratios are to it")
     parser.add_argument("--one-round", metavar="JSON", help=argparse.SUPPRESS)  # internal: run one round in this process
     args = parser.parse_args()
