@@ -385,6 +385,7 @@ def main() -> None:
     parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"))
     default = [v for v in VARIANTS if v == "igniter" or v not in (*IGNITER_RUNS, "ignite_lean")]
     parser.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS), help="'loop' is always run: ratios are to it")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON written (default: bench/results/overhead_<workloads>.json)")
     parser.add_argument("--one-round", metavar="JSON", help=argparse.SUPPRESS)  # internal: run one round in this process
     args = parser.parse_args()
     if args.one_round:
@@ -440,7 +441,7 @@ def main() -> None:
             )
         same = len({round(r["final_loss"], 5) for r in rows.values()}) == 1
         print(f"  same final loss in every variant: {'yes' if same else 'NO'}")
-    out = HERE / "results" / f"overhead_{'_'.join(args.workloads)}.json"
+    out = args.out or HERE / "results" / f"overhead_{'_'.join(args.workloads)}.json"
     out.parent.mkdir(exist_ok=True)
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "threads": 1}
     record = {"benchmark": "overhead", "machine": meta, "rounds": args.rounds, "epochs": args.epochs, "block": args.block, "results": results}
