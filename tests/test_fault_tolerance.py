@@ -323,3 +323,18 @@ def test_background_write_is_complete_after_flush_and_errors_surface(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         failing.flush()
     assert not list((tmp_path / "f").iterdir()), "no partial or temporary file is left"
+
+
+def test_atomic_write_gives_the_file_the_umask_permissions_not_owner_only(tmp_path, monkeypatch):
+    """mkstemp creates 0o600; a checkpoint or metrics.json gets what a plain open() would give it."""
+    import re
+
+    import igniter.io
+    from igniter.io import atomic_write
+
+    status = Path("/proc/self/status").read_text()
+    assert igniter.io._UMASK == int(re.search(r"Umask:\s*(\d+)", status).group(1), 8), "the process's umask"
+    for umask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
+        monkeypatch.setattr(igniter.io, "_UMASK", umask)
+        atomic_write(tmp_path / "metrics.json", lambda f: f.write("{}"), binary=False)
+        assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == expected, oct(umask)
