@@ -4,6 +4,8 @@
     python bench/overhead.py --workloads mnist --rounds 12     # MNIST LeNet, batch 128: ~14 min
     python bench/overhead.py --workloads digits --variants igniter_no_bar igniter_no_tensorboard \
         igniter_no_checkpoint igniter_no_handlers           # what each default handler costs
+    python bench/overhead.py --workloads digits --variants loop igniter igniter_checkpoint_unwritten \
+        igniter_checkpoint_state_only igniter_no_checkpoint  # what a checkpoint's steps cost
 
 Variants, all in one process with ``torch.set_num_threads(1)``, the same model
 initialisation, data, data order, batch size and number of iterations:
@@ -20,8 +22,11 @@ F ``lightning_off`` the same with them off
 Not run unless named in ``--variants``: igniter's default run without one of its
 handlers, to see what each costs: ``igniter_no_bar``, ``igniter_no_tensorboard``,
 ``igniter_no_checkpoint``, and ``igniter_no_handlers`` (the three off; the NaN guard,
-timers and periodic events stay); and ``ignite_lean``, B with igniter's event dispatch
-(``igniter.engines.LeanDispatch``), to see what Ignite's per-event debug message costs.
+timers and periodic events stay); the checkpoint's cost split: ``igniter_checkpoint_state_only``
+(Ignite's ``Checkpoint`` collects every ``state_dict()``, nothing is serialized) and
+``igniter_checkpoint_unwritten`` (serialized by ``torch.save`` as always, no file written);
+and ``ignite_lean``, B with igniter's event dispatch (``igniter.engines.LeanDispatch``), to
+see what Ignite's per-event debug message costs.
 
 Variants take turns a few epochs at a time (``--block``, 3), each in its own thread,
 only one running at any moment (A1-3 B1-3 C1-3 A4-6 ...): this VM's speed moves by
@@ -77,7 +82,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from igniter.cli import compose_config, plain_config  # noqa: E402
 from igniter.handlers import loss_of  # noqa: E402
-from igniter.registry import event_handler_registry  # noqa: E402
+from igniter.io import AtomicDiskSaver  # noqa: E402
+from igniter.registry import event_handler_registry, io_registry  # noqa: E402
 from igniter.run import build_run, train  # noqa: E402
 
 WORKLOADS = {
@@ -213,12 +219,34 @@ def run_igniter_bare(cfg: Any) -> tuple[int, float]:
     return ctx.trainer.state.iteration, float(loss_of(ctx.trainer.state.output))
 
 
+class UnwrittenSaver(AtomicDiskSaver):
+    """Serializes every checkpoint as igniter's saver does, writes no file."""
+
+    def _save_func(self, checkpoint: Any, path: Path, func: Callable) -> None:
+        func(checkpoint, io.BytesIO(), **self.kwargs)
+
+    def remove(self, filename: str) -> None:
+        pass
+
+
+class StateOnlySaver(UnwrittenSaver):
+    """Receives Ignite's checkpoint (every ``state_dict()`` collected), serializes nothing."""
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        pass
+
+
+io_registry("bench_unwritten")(lambda dirname: UnwrittenSaver(dirname, require_empty=False, create_dir=True))
+io_registry("bench_state_only")(lambda dirname: StateOnlySaver(dirname, require_empty=False, create_dir=True))
+
 # igniter's default run and the same without some of its handlers: config overrides
 IGNITER_RUNS = {
     "igniter": [],
     "igniter_no_bar": ["logging.progress_bar=false"],
     "igniter_no_tensorboard": ["logging.loggers=[]"],
     "igniter_no_checkpoint": ["checkpoint.enabled=false"],
+    "igniter_checkpoint_unwritten": ["checkpoint.saver=bench_unwritten"],
+    "igniter_checkpoint_state_only": ["checkpoint.saver=bench_state_only"],
     "igniter_no_handlers": ["logging.progress_bar=false", "logging.loggers=[]", "checkpoint.enabled=false"],
 }
 
@@ -432,11 +460,12 @@ def main() -> None:
             "  to the loop's same epoch, and the 95% confidence interval of that median (bootstrap over rounds); best: fastest\n"
             "  epoch / the loop's fastest (the host's noise only adds time); final loss; the issue's target for the paired ratio"
         )
+        width = max(map(len, rows))
         for v, r in rows.items():
             q1, q3 = r["ratio_iqr"]
             low, high = r["ratio_ci95"]
             print(
-                f"  {v:22s} {r['us_per_iter']:9.1f} us x{r['ratio_of_medians']:.3f}   paired x{r['ratio']:.3f} ({q1:.3f}-{q3:.3f})"
+                f"  {v:{width}s} {r['us_per_iter']:9.1f} us x{r['ratio_of_medians']:.3f}   paired x{r['ratio']:.3f} ({q1:.3f}-{q3:.3f})"
                 f" CI {low:.3f}-{high:.3f}   best x{r['best_ratio']:.3f}   loss {r['final_loss']:.6f}{verdict(r, args.rounds)}"
             )
         same = len({round(r["final_loss"], 5) for r in rows.values()}) == 1
