@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from igniter.config import CONFIG_MODULE, register_schema
-from igniter.errors import EXIT_CONFIG, ConfigError, Problem
+from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError, Problem
 from igniter.registry import suggest
 
 __all__ = ["main", "compose_config", "sweep_points", "config_problems", "launch"]
@@ -290,6 +290,9 @@ def _task(cfg: DictConfig) -> None:
         wait_for_requeue(e)
         print(f"igniter: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # rank 0 logged where the run stopped and how to resume it
+        print("igniter: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _secondary_launcher_settings(cfg: DictConfig) -> dict[str, Any]:

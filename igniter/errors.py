@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["Problem", "ConfigError", "EXIT_CONFIG", "NO_VALUE"]
+__all__ = ["Problem", "ConfigError", "EXIT_CONFIG", "EXIT_INTERRUPTED", "NO_VALUE"]
 
 #: Exit status for bad input: config, checkpoint, dataset path, environment.
 EXIT_CONFIG = 2
+
+#: Exit status after Ctrl-C: 128 + SIGINT, the shell's convention for a process ended by SIGINT.
+EXIT_INTERRUPTED = 130
 
 #: ``Problem.value`` when there is no value to show (e.g. a required key left out).
 NO_VALUE: Any = object()

@@ -7,12 +7,16 @@ a runner executes in every process. The process group, if any, already exists
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ignite.distributed as idist
 import torch
@@ -46,18 +50,25 @@ from igniter.handlers import (
     flush_checkpoints,
     save_now,
 )
-from igniter.resume import CheckpointInvalid, check_checkpoint, select_checkpoint
+from igniter.resume import CheckpointInvalid, check_checkpoint, checkpoint_files, select_checkpoint
 from igniter.summary import StepTimer, attach_handler_profiler, draw_curves, handler_profile, record_first_iteration, summary_table, time_split
 from igniter.telemetry import gpu_telemetry
 from igniter.registry import engine_registry, event_handler_registry, function_registry, io_registry
 
-__all__ = ["RunContext", "build_run", "train", "setup_logging", "TrainingDiverged"]
+__all__ = ["RunContext", "build_run", "train", "setup_logging", "TrainingDiverged", "Interrupted", "interrupt_once"]
 
 logger = logging.getLogger("igniter")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training. The checkpoints on disk are complete (no
+    checkpoint is taken of a step cut short); rank 0 wrote the summary with status
+    ``"interrupted"``. The message says where the run stopped and how to resume it.
+    A ``KeyboardInterrupt``, so that code which handles Ctrl-C handles this one."""
 
 
 @dataclass
@@ -320,6 +331,44 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)))
 
 
+@contextlib.contextmanager
+def interrupt_once(window_s: float = 1.0) -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` as usual, but a second SIGINT within
+    ``window_s`` seconds of the first is ignored: under ``runner=spawn`` a terminal's
+    Ctrl-C reaches every process directly and once more through the launcher, and the
+    echo must not cut short the summary the first one started. A deliberate second
+    Ctrl-C later still interrupts. Only the main thread can set signal handlers:
+    elsewhere (training in a thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    last = {"t": -math.inf}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if now - last["t"] >= window_s:
+            last["t"] = now
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _resume_hint(ctx: RunContext, job: dict[str, Any] | None) -> str:
+    """Where an interrupted run stopped, its newest checkpoint, and the command that resumes it."""
+    state = ctx.trainer.state
+    newest = checkpoint_files(ctx.output_dir / "checkpoints")[:1] if ctx.cfg.checkpoint.enabled else []
+    overrides = [o for o in (job or {}).get("overrides", []) if not o.startswith("output_dir=")]
+    where = f"interrupted at epoch {state.epoch}, iteration {state.iteration}"
+    if not newest:
+        return f"{where}; no checkpoint was written: a new run starts over"
+    command = " ".join(["igniter", *overrides, f"output_dir={ctx.output_dir}"])
+    return f"{where}; newest checkpoint {newest[0]}; to resume from it: {command}"
+
+
 def _run_engine(ctx: RunContext) -> None:
     """``trainer.run`` unless the resumed checkpoint is already the end of training
     (Ignite would start a finished engine over)."""
@@ -375,8 +424,14 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
     Raises:
         ConfigError: a component cannot be built or no valid checkpoint to resume (exit 2).
         TrainingDiverged: the loss became NaN/inf (exit 3).
+        Interrupted: Ctrl-C (exit 130), after the summary.
         Exception: whatever stopped the run early (``trainer.state.stopped_by``, e.g. a SLURM preemption).
     """
+    with interrupt_once():
+        return _train(cfg, output_dir, job)
+
+
+def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) -> dict[str, Any]:
     if idist.get_world_size() > 1:  # every process writes under rank 0's run directory
         output_dir = idist.broadcast(str(output_dir), src=0, safe_mode=True)
     output_dir = Path(output_dir)
@@ -407,16 +462,20 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
     checkpointer = to_load.get("checkpointer")
     make_runner(cfg.runner).attach(ctx.trainer, save_now(checkpointer) if checkpointer is not None else None)
     loggers, telemetry = _observe(ctx, record)
+    interrupted = False
     try:
         _run_engine(ctx)
+    except KeyboardInterrupt:  # Ctrl-C: keep what is on disk, write the summary, then exit 130
+        interrupted = True
     finally:
         if checkpointer is not None:
             flush_checkpoints(checkpointer)
         for lg in loggers:
             lg.close()
     state = ctx.trainer.state
+    status = "diverged" if state.diverged else ("stopped" if state.stopped_by else "completed")
     summary = {
-        "status": "diverged" if state.diverged else ("stopped" if state.stopped_by else "completed"),
+        "status": "interrupted" if interrupted else status,
         "epochs_completed": state.epoch,
         "iterations": state.iteration,
         "wall_time_s": time.perf_counter() - start,
@@ -437,6 +496,11 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         logger.info("summary:\n%s", summary_table(record.data))
         if draw_curves(record.data, output_dir / "curves.png"):
             logger.info("learning curves: %s", output_dir / "curves.png")
+    if interrupted:  # no collective from here: a peer may have left already
+        hint = _resume_hint(ctx, job)
+        if rank == 0:
+            logger.warning("%s", hint)
+        raise Interrupted(hint)
     if ctx.world_size > 1:
         # No rank leaves before rank 0 has written the summary and every rank is done with its
         # collectives: a rank leaving early was seen to abort a peer's gloo thread at exit, and

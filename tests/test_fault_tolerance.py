@@ -338,3 +338,72 @@ def test_atomic_write_gives_the_file_the_umask_permissions_not_owner_only(tmp_pa
         monkeypatch.setattr(igniter.io, "_UMASK", umask)
         atomic_write(tmp_path / "metrics.json", lambda f: f.write("{}"), binary=False)
         assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == expected, oct(umask)
+
+
+@pytest.mark.parametrize(
+    "extra, signal_to",
+    [([], "group"), (["runner=spawn", "runner.nproc_per_node=2"], "group"), (["runner=spawn", "runner.nproc_per_node=2"], "launcher")],
+    ids=["single", "spawn2-terminal", "spawn2-launcher-only"],
+)
+def test_ctrl_c_writes_the_summary_exits_130_and_the_logged_command_resumes(extra, signal_to, tmp_path):
+    """SIGINT as a terminal sends it (to the process group: spawned processes get it twice,
+    directly and from the launcher), or to the launcher alone (which passes it on): exit
+    status 130, metrics.json says "interrupted", every checkpoint loads, and the command
+    rank 0 logs resumes the run from the newest checkpoint."""
+    import re
+    import time
+
+    run = tmp_path / "run"
+    args = ["trainer.max_epochs=60", "trainer.seed=3", "logging.progress_bar=false", *extra, f"output_dir={run}"]
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as o, err.open("w") as e:
+        proc = subprocess.Popen(command(args), cwd=tmp_path, env=igniter_env(), start_new_session=True, stdout=o, stderr=e)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint_files(run / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the run ended before it was interrupted: {err.read_text()[-2000:]}"
+        if signal_to == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 130, err.read_text()[-3000:]
+    assert "igniter: interrupted (Ctrl-C)" in err.read_text()
+    metrics = read_metrics(run)
+    assert metrics["status"] == "interrupted" and metrics["iterations"] < 60 * 44
+    assert assert_all_checkpoints_load(run) >= 1
+    resume = re.search(r"to resume from it: igniter (.*)$", out.read_text(), re.M)
+    assert resume, out.read_text()[-2000:]
+    assert f"output_dir={run}" in resume.group(1) and all(a in resume.group(1) for a in extra)
+    newest = checkpoint_files(run / "checkpoints")[0]
+    assert f"newest checkpoint {newest};" in out.read_text()
+    again = run_igniter(resume.group(1).split(), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {newest}" in again.stdout
+    assert read_metrics(run)["status"] == "completed" and read_metrics(run)["iterations"] == 60 * 44
+
+
+def test_interrupt_once_takes_a_sigint_echo_as_the_same_ctrl_c():
+    """The second SIGINT of a terminal's Ctrl-C (passed on by the launcher) within the window is
+    ignored; a later one interrupts again; the previous handler is restored afterwards."""
+    import time
+
+    from igniter.run import interrupt_once
+
+    def sigint_then_wait() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)  # the handler runs in the main thread at the next bytecode
+
+    previous = signal.getsignal(signal.SIGINT)
+    with interrupt_once(window_s=1.0):
+        with pytest.raises(KeyboardInterrupt):
+            sigint_then_wait()
+        sigint_then_wait()  # the echo, 0.3 s later: no exception
+        time.sleep(1.0)
+        with pytest.raises(KeyboardInterrupt):
+            sigint_then_wait()
+    assert signal.getsignal(signal.SIGINT) is previous

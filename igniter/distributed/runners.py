@@ -55,6 +55,8 @@ __all__ = [
     "ENV_VARS",
 ]
 
+logger = logging.getLogger("igniter")
+
 # Ignite's idist helpers log through ``ignite.utils.setup_logger``, which leaves a
 # logger alone if it already exists. Creating them here makes their INFO lines go
 # to the root logger (igniter's rank{N}.log) instead of straight to stderr.
@@ -235,10 +237,39 @@ class SpawnRunner(Runner):
 
         try:
             super().launch(fn, *args)
+        except KeyboardInterrupt:
+            _stop_children()
+            raise
         except ProcessRaisedException as e:
             raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
         except ProcessExitedException as e:
             raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
+
+
+def _stop_children(stop_s: float = 30.0) -> None:
+    """After Ctrl-C in the launching process, pass SIGINT on to the processes it spawned
+    (a terminal signals the whole process group, and then each of them takes the two as
+    one Ctrl-C, see :func:`igniter.run.interrupt_once`; a SIGINT sent to the launcher
+    alone reaches them only this way). They get ``stop_s`` seconds to write their
+    summaries, then SIGKILL: the launcher never waits on a process that trains on, and
+    checkpoints are written atomically, so a kill loses no file."""
+    import multiprocessing
+    import signal
+    import time
+
+    children = multiprocessing.active_children()
+    for p in children:
+        try:
+            os.kill(p.pid, signal.SIGINT)
+        except ProcessLookupError:  # it has just exited
+            pass
+    deadline = time.monotonic() + stop_s
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            logger.warning("spawned process %d still running %.0f s after Ctrl-C: killing it", p.pid, stop_s)
+            p.kill()
+            p.join()
 
 
 class JoinRunner(Runner):
