@@ -142,16 +142,24 @@ def config_problems(
         cfg = compose_config(overrides, config_name, config_dir, with_hydra=True)
     except Exception as first:
         groups = _config_groups()
-        group_overrides = [o.input_line for o in parsed if o.key_or_group.split("@")[0].lstrip("~+") in groups]
+        choices = [o for o in parsed if o.key_or_group.split("@")[0].lstrip("~+") in groups]
+        problems, good = [], []
+        for o in choices:  # each group choice alone: a bad one is not blamed on the other overrides
+            try:
+                compose_config([o.input_line], config_name, config_dir)
+                good.append(o.input_line)
+            except Exception as e:
+                problems.append(_composition_problem(o, e, None))
         try:
-            base = compose_config(group_overrides, config_name, config_dir)
+            base = compose_config(good, config_name, config_dir)
         except Exception:
             base = None
-        problems, good = [], []
+        good_choices = list(good)
         for o in parsed:
-            trial = [o.input_line] if o.input_line in group_overrides else group_overrides + [o.input_line]
-            try:
-                compose_config(trial, config_name, config_dir)
+            if o in choices:
+                continue
+            try:  # the other overrides on top of the good group choices
+                compose_config(good_choices + [o.input_line], config_name, config_dir)
                 good.append(o.input_line)
             except Exception as e:
                 problems.append(_composition_problem(o, e, base))

@@ -54,6 +54,17 @@ def test_every_problem_reported_at_once(tmp_path, monkeypatch, capsys):
         assert f"  {key}" in err
 
 
+def test_a_bad_group_choice_is_not_blamed_on_the_other_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["solver=adamw", f"output_dir={tmp_path / 'run'}", "trainer.max_epochs=-1", "model.params.hiden=3"])
+    err = capsys.readouterr().err
+    assert "(3 problems)" in err, err
+    assert "  solver = 'adamw': no such option in config group 'solver'" in err and "Did you mean 'adam'" in err
+    assert "  trainer.max_epochs = -1" in err and "  model.params.hiden" in err
+    assert "output_dir" not in err
+
+
 def test_real_command_exit_code_and_no_traceback(tmp_path):
     proc = run_igniter(["trainer.max_epochs=-1", "solver.lr=0"], tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
