@@ -333,6 +333,11 @@ def _run_composed(cfg: DictConfig, config_name: str) -> None:
         cfg.hydra.mode = RunMode.RUN
         for key, value in _secondary_launcher_settings(cfg).items():
             OmegaConf.update(cfg, key, value)
+    run_dir = Path(cfg.hydra.run.dir)
+    try:  # Hydra would fail on it with a traceback
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(_report([Problem("output_dir", f"cannot create the run directory: {e.strerror}", str(run_dir))], "cannot start the run"))
     callbacks = Callbacks(cfg)
     callbacks.on_run_start(config=cfg, config_name=config_name)
     ret = run_job(

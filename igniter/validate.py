@@ -10,6 +10,7 @@ the batch size against the runner's world size. It builds nothing expensive
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
@@ -210,6 +211,19 @@ def _check_data(c: _Checker, cfg: DictConfig, world_size: int) -> None:
         c.name(function_registry, "data.loader.collate_fn", ld.collate_fn)
 
 
+def _check_output_dir(c: _Checker, output_dir: str) -> None:
+    """The run directory exists as a directory, or can be created: its nearest existing
+    ancestor is a directory this user may write to."""
+    path = Path(output_dir).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        c.add("output_dir", f"cannot be the run directory: {existing} is a file", output_dir)
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        c.add("output_dir", f"cannot be written: no write permission on {existing}", output_dir)
+
+
 def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
     """Every problem in ``cfg``, each naming its dotted key, value and what is expected.
 
@@ -242,6 +256,8 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
     resume = resume_mode(cfg.resume)
     if resume not in (None, "auto") and not os.path.isfile(resume):
         c.add("resume", "expected 'auto', false, or the path of an existing checkpoint file", cfg.resume)
+    if here:  # a cluster job's directory may live on a file system this machine does not see
+        _check_output_dir(c, cfg.output_dir)
     _check_solver(c, cfg.solver)
     _check_run(c, cfg)
     return c.problems

@@ -65,6 +65,22 @@ def test_a_bad_group_choice_is_not_blamed_on_the_other_overrides(tmp_path, monke
     assert "output_dir" not in err
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "in_proc"])
+def test_a_run_directory_that_cannot_be_created_exits_2_naming_output_dir(where, tmp_path, monkeypatch, capsys):
+    """Checked with the config when an ancestor is a file; /proc refuses the mkdir itself
+    (root may write everywhere else), which is reported the same way, without a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    output_dir = tmp_path / "a_file" / "run" if where == "under_a_file" else "/proc/igniter_run"
+    with pytest.raises(SystemExit) as info:
+        main([f"output_dir={output_dir}", "trainer.max_epochs=1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"output_dir = '{output_dir}'" in err and "Traceback" not in err, err
+    if where == "under_a_file":
+        assert f"{tmp_path / 'a_file'} is a file" in err
+
+
 def test_real_command_exit_code_and_no_traceback(tmp_path):
     proc = run_igniter(["trainer.max_epochs=-1", "solver.lr=0"], tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
