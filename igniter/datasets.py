@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -104,11 +105,15 @@ def read_idx(path: Path) -> np.ndarray:
     dimension, then the raw bytes.
 
     Raises:
-        ValueError: the header is not a uint8 IDX header or the payload is short.
+        ValueError: the header is not a uint8 IDX header, the payload is short, or the
+            gzip stream is truncated or corrupt (the message names the file).
     """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: damaged gzip file ({e}); download it again") from None
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08 or ndim not in (1, 3):
         raise ValueError(f"{path}: not a uint8 IDX file (header {data[:4].hex()})")

@@ -58,6 +58,18 @@ def test_read_idx_rejects_truncated_file(tmp_path):
         read_idx(path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_read_idx_names_a_damaged_gzip_file(damage, tmp_path):
+    import gzip
+
+    blob = gzip.compress(struct.pack(">HBBI", 0, 8, 1, 1000) + bytes(range(250)) * 4)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else blob[:10] + b"\xff" * (len(blob) - 18) + blob[-8:])
+    with pytest.raises(ValueError, match="damaged gzip file") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
 def test_transforms():
     x = torch.full((1, 4, 4), 0.5)
     assert torch.allclose(normalize([0.5], [0.25])(x), torch.zeros_like(x))
