@@ -60,8 +60,6 @@ def test_read_idx_rejects_truncated_file(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 def test_read_idx_names_a_damaged_gzip_file(damage, tmp_path):
-    import gzip
-
     blob = gzip.compress(struct.pack(">HBBI", 0, 8, 1, 1000) + bytes(range(250)) * 4)
     path = tmp_path / "train-labels-idx1-ubyte.gz"
     path.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else blob[:10] + b"\xff" * (len(blob) - 18) + blob[-8:])
