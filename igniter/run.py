@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shlex
 import signal
 import sys
 import threading
@@ -365,7 +366,7 @@ def _resume_hint(ctx: RunContext, job: dict[str, Any] | None) -> str:
     where = f"interrupted at epoch {state.epoch}, iteration {state.iteration}"
     if not newest:
         return f"{where}; no checkpoint was written: a new run starts over"
-    command = " ".join(["igniter", *overrides, f"output_dir={ctx.output_dir}"])
+    command = shlex.join(["igniter", *overrides, f"output_dir={ctx.output_dir}"])
     return f"{where}; newest checkpoint {newest[0]}; to resume from it: {command}"
 
 
@@ -473,9 +474,9 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
         for lg in loggers:
             lg.close()
     state = ctx.trainer.state
-    status = "diverged" if state.diverged else ("stopped" if state.stopped_by else "completed")
+    status = "interrupted" if interrupted else "diverged" if state.diverged else "stopped" if state.stopped_by else "completed"
     summary = {
-        "status": "interrupted" if interrupted else status,
+        "status": status,
         "epochs_completed": state.epoch,
         "iterations": state.iteration,
         "wall_time_s": time.perf_counter() - start,

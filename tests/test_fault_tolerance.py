@@ -342,7 +342,11 @@ def test_atomic_write_gives_the_file_the_umask_permissions_not_owner_only(tmp_pa
 
 @pytest.mark.parametrize(
     "extra, signal_to",
-    [([], "group"), (["runner=spawn", "runner.nproc_per_node=2"], "group"), (["runner=spawn", "runner.nproc_per_node=2"], "launcher")],
+    [
+        (["handlers=[{name: log_state, event: EPOCH_COMPLETED}]"], "group"),  # an override the resume command must quote
+        (["runner=spawn", "runner.nproc_per_node=2"], "group"),
+        (["runner=spawn", "runner.nproc_per_node=2"], "launcher"),
+    ],
     ids=["single", "spawn2-terminal", "spawn2-launcher-only"],
 )
 def test_ctrl_c_writes_the_summary_exits_130_and_the_logged_command_resumes(extra, signal_to, tmp_path):
@@ -351,6 +355,7 @@ def test_ctrl_c_writes_the_summary_exits_130_and_the_logged_command_resumes(extr
     status 130, metrics.json says "interrupted", every checkpoint loads, and the command
     rank 0 logs resumes the run from the newest checkpoint."""
     import re
+    import shlex
     import time
 
     run = tmp_path / "run"
@@ -381,7 +386,7 @@ def test_ctrl_c_writes_the_summary_exits_130_and_the_logged_command_resumes(extr
     assert f"output_dir={run}" in resume.group(1) and all(a in resume.group(1) for a in extra)
     newest = checkpoint_files(run / "checkpoints")[0]
     assert f"newest checkpoint {newest};" in out.read_text()
-    again = run_igniter(resume.group(1).split(), tmp_path)
+    again = run_igniter(shlex.split(resume.group(1)), tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {newest}" in again.stdout
     assert read_metrics(run)["status"] == "completed" and read_metrics(run)["iterations"] == 60 * 44
