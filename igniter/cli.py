@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.resources
 import itertools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,15 +89,39 @@ def _omegaconf_cause(exc: BaseException) -> Any:
     return None
 
 
+def _full_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain nested dict (lists not walked)."""
+    keys = []
+    for k, v in node.items():
+        keys.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            keys += _full_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def _shared_components(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a.split("."), b.split(".")]))
+
+
 def _sibling_suggestion(base: DictConfig | None, full_key: str) -> str:
+    """A did-you-mean for an unknown ``full_key``: a close match among its siblings, else
+    the same name elsewhere in the config (``solver.params.lr`` -> ``solver.lr``), then
+    the keys its parent has."""
     if base is None:
         return ""
     parent, _, leaf = full_key.rpartition(".")
     node = OmegaConf.select(base, parent) if parent else base
-    if isinstance(node, DictConfig):
-        keys = [str(k) for k in node.keys()]
-        return f"{suggest(leaf, keys)} Keys of '{parent or '<root>'}': {', '.join(keys)}."
-    return ""
+    if not isinstance(node, DictConfig):
+        return ""
+    keys = [str(k) for k in node.keys()]
+    hint = suggest(leaf, keys)
+    if not hint:
+        tree = OmegaConf.to_container(base, resolve=False)
+        elsewhere = [k for k in _full_keys(tree) if k.rpartition(".")[2] == leaf and not k.startswith("hydra.")]
+        if elsewhere:  # the nearest: most leading components shared with full_key
+            hint = f" Did you mean '{max(elsewhere, key=lambda k: _shared_components(k, full_key))}'?"
+    listing = f"Keys of '{parent or '<root>'}': {', '.join(keys)}." if keys else f"'{parent}' is empty."
+    return f"{hint} {listing}"
 
 
 def _composition_problem(override: Any, exc: BaseException, base: DictConfig | None) -> Problem:

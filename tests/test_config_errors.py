@@ -10,6 +10,9 @@ from igniter.cli import main
 BAD_CONFIGS = [
     # (overrides, keys that must be named in the message)
     (["solver.lrr=0.1"], ["solver.lrr", "Did you mean 'lr'"]),
+    # a key under the wrong parent: the full key where it lives
+    (["solver.params.lr=0.1"], ["solver.params.lr", "Did you mean 'solver.lr'", "'solver.params' is empty"]),
+    (["batch_size=64"], ["batch_size", "Did you mean 'data.loader.batch_size'"]),
     (["trainer.max_epochs=abc"], ["trainer.max_epochs"]),
     (["trainer.max_epochs=0"], ["trainer.max_epochs"]),
     (["data.loader.batch_size=-8"], ["data.loader.batch_size"]),
