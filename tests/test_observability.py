@@ -63,6 +63,75 @@ def test_tensorboard_tags(digits_run):
     assert {"train/loss", "lr/group_0", "train/samples_per_s", "val/accuracy", "val/loss"} <= scalar_tags(digits_run)
 
 
+def test_tensorboard_has_every_logged_loss(digits_run):
+    """Batched hand-offs to TensorBoard lose nothing: every LOG step's loss, the last
+    ones (handed on at close) included, matches metrics.json's loss history."""
+    acc = EventAccumulator(str(digits_run / "tb"))
+    acc.Reload()
+    tb = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    history = read_metrics(digits_run)["train_loss_history"]
+    assert [step for step, _ in tb] == [step for step, _ in history] == list(range(10, 177, 10))
+    assert all(abs(v - loss) <= 1e-6 * max(1.0, abs(loss)) for (_, v), (_, loss) in zip(tb, history))
+    assert len(acc.Scalars("val/accuracy")) == 4
+
+
+class RecordingWriter:
+    """Stands in for a ``SummaryWriter``: records what reaches it."""
+
+    log_dir = "somewhere"
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple] = []
+        self.closed = False
+
+    def add_scalar(self, tag, value, step=None, walltime=None):
+        self.scalars.append((tag, value, step, walltime))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_batched_scalars_hand_on_in_batches_with_their_values_and_times():
+    from igniter.io import BatchedScalars
+
+    inner = RecordingWriter()
+    writer = BatchedScalars(inner, max_events=3, max_delay_s=60)
+    loss = torch.tensor(1.5)
+    before = time.time()
+    writer.add_scalar("train/loss", loss, 1)
+    loss.add_(1.0)  # changed after it was logged: the logged value stays 1.5
+    time.sleep(0.05)
+    writer.add_scalar("lr", 0.1, 1)
+    assert inner.scalars == []  # kept
+    writer.add_scalar("train/loss", 0.5, 2)
+    assert [(t, v, s) for t, v, s, _ in inner.scalars] == [("train/loss", 1.5, 1), ("lr", 0.1, 1), ("train/loss", 0.5, 2)]
+    first, second = inner.scalars[0][3], inner.scalars[1][3]
+    assert before <= first and second - first >= 0.04  # each one's own wall time, not the hand-off's
+    writer.add_scalar("lr", 0.2, 2)
+    assert len(inner.scalars) == 3 and writer.log_dir == "somewhere"
+    writer.close()
+    assert inner.scalars[-1][:3] == ("lr", 0.2, 2) and inner.closed
+
+
+def test_batched_scalars_hand_on_what_waited_max_delay():
+    from igniter.io import BatchedScalars
+
+    inner = RecordingWriter()
+    writer = BatchedScalars(inner, max_events=100, max_delay_s=0.05)
+    writer.add_scalar("a", 1.0, 1)
+    writer.add_scalar("a", 2.0, 2)
+    assert inner.scalars == []
+    time.sleep(0.06)
+    writer.add_scalar("a", 3.0, 3)
+    assert [v for _, v, _, _ in inner.scalars] == [1.0, 2.0, 3.0]
+    writer.add_scalar("a", 4.0, 4)
+    writer.flush_pending(object())  # as an event handler: called with the engine
+    assert [v for _, v, _, _ in inner.scalars] == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_summary_and_curves_png(digits_run, tmp_path):
     png = digits_run / "curves.png"
     data = png.read_bytes()
