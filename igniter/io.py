@@ -136,18 +136,21 @@ def disk(dirname: str) -> AtomicDiskSaver:
 
 class BatchedScalars:
     """A TensorBoard ``SummaryWriter`` whose ``add_scalar`` calls are handed to it in
-    batches: each hand-off wakes TensorBoard's writer thread, and on a small model
-    every wake-up costs the training thread more than the scalar itself (it takes the
-    GIL: 0.15-0.25 ms per wake-up on a 2-core VM, ~1% of a 23 ms digits epoch, measured
-    with a hand-written loop that wakes an idle thread 0-3 times per epoch; the default
-    run handed TensorBoard scalars up to three times per epoch; ``bench/overhead.py``).
+    batches, because each hand-off wakes TensorBoard's writer thread and a wake-up
+    costs the training thread more than a scalar does: 0.15-0.25 ms each on this
+    project's 2-core VM (the woken thread takes the GIL), ~1% of a 23 ms digits epoch
+    (a hand-written loop waking an idle thread 0-3 times per epoch). The default run
+    handed TensorBoard scalars up to three times per epoch; batched, TensorBoard's
+    share of the digits run went from ~4% to ~1% (``bench/overhead.py --variants
+    igniter igniter_no_tensorboard``).
 
     Scalars are kept, as Python numbers with their wall time, until ``max_events`` are
     pending, the oldest is ``max_delay_s`` seconds old (checked when a scalar is added),
     or :meth:`flush_pending` / ``flush`` / ``close`` is called. TensorBoard itself writes
-    its file every 120 s (``flush_secs``), so this adds no visible delay. A tensor value
-    is read (``.item()``, a host sync on GPU) when it is added, as ``SummaryWriter`` does.
-    Every other attribute is the wrapped writer's.
+    its file every 120 s (``flush_secs``), so this adds no visible delay; a process
+    killed outright loses the kept scalars as it loses what TensorBoard has not written
+    yet. A tensor value is read (``.item()``, a host sync on GPU) when it is added, as
+    ``SummaryWriter`` does. Every other attribute is the wrapped writer's.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or tensorboardX's).
