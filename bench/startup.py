@@ -62,15 +62,22 @@ def timed(cmd: list[str], cwd: str) -> float:
     return elapsed
 
 
-def import_offenders(n: int = 12) -> list[tuple[str, float]]:
-    """Top ``n`` modules by cumulative import time (``python -X importtime -c 'import igniter'``), seconds."""
+def import_times() -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """``python -X importtime -c 'import igniter.cli, igniter.run'``: the seconds each
+    top-level package's modules take themselves (self time summed: torch, ignite, hydra,
+    igniter...), and the 12 modules with the largest self time, largest first."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import igniter.cli, igniter.run"], capture_output=True, text=True)
-    rows = []
+    modules = []
     for line in proc.stderr.splitlines():
-        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
-        if m and len(m.group(3)) <= 3:  # top-level and first-level imports only
-            rows.append((m.group(4), int(m.group(2)) / 1e6))
-    return sorted(rows, key=lambda r: -r[1])[:n]
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|\s*(\S+)", line)
+        if m:
+            modules.append((m.group(3), int(m.group(1)) / 1e6))
+    packages: dict[str, float] = {}
+    for name, self_s in modules:
+        top = name.split(".")[0]
+        packages[top] = packages.get(top, 0.0) + self_s
+    by_package = sorted(packages.items(), key=lambda r: -r[1])[:12]
+    return by_package, sorted(modules, key=lambda r: -r[1])[:12]
 
 
 def main() -> None:
@@ -107,14 +114,17 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:36s} {v:6.2f} s   (+{v - floor:.2f} s over the floor)")
     print("(the first torch.optim optimizer imports torch._dynamo, ~0.6-0.9 s here: any training script pays it)")
-    offenders = import_offenders()
-    print("slowest imports under `import igniter` (cumulative s):")
+    by_package, offenders = import_times()
+    print("`python -X importtime` of igniter's CLI: self time summed per top-level package (s)")
+    for name, sec in by_package:
+        print(f"  {name:40s} {sec:6.3f}")
+    print("the slowest single modules (self time, s)")
     for name, sec in offenders:
         print(f"  {name:40s} {sec:6.3f}")
     out = HERE / "results" / "startup.json"
     out.parent.mkdir(exist_ok=True)
     meta = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    out.write_text(json.dumps({"benchmark": "startup", "machine": meta, "median_s": med, "all_s": {**times, "igniter, to the end of iteration 1": first_iteration}, "import_offenders_s": offenders}, indent=2))
+    out.write_text(json.dumps({"benchmark": "startup", "machine": meta, "median_s": med, "all_s": {**times, "igniter, to the end of iteration 1": first_iteration}, "import_by_package_s": by_package, "import_offenders_s": offenders}, indent=2))
     print(f"wrote {out}")
 
 
