@@ -166,11 +166,12 @@ class BatchedScalars:
     def add_scalar(self, tag: str, scalar_value: Any, global_step: int | None = None, walltime: float | None = None, **kwargs: Any) -> None:
         """``SummaryWriter.add_scalar``, kept for later; ``walltime`` (s since the epoch) defaults to now."""
         value = scalar_value.item() if hasattr(scalar_value, "item") else float(scalar_value)
+        now = time.monotonic()
         if not self._pending:
-            self._oldest = time.monotonic()
+            self._oldest = now
         kwargs["walltime"] = time.time() if walltime is None else walltime
         self._pending.append((tag, value, global_step, kwargs))
-        if len(self._pending) >= self.max_events or time.monotonic() - self._oldest >= self.max_delay_s:
+        if len(self._pending) >= self.max_events or now - self._oldest >= self.max_delay_s:
             self.flush_pending()
 
     def flush_pending(self, *_: Any) -> None:
