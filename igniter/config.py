@@ -11,6 +11,8 @@ over all processes. Each process loads ``batch_size / world_size``.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -34,6 +36,7 @@ __all__ = [
     "IgniterConfig",
     "CONFIG_MODULE",
     "register_schema",
+    "unknown_keys",
 ]
 
 #: Python package holding the YAML config tree (``configs/`` in the repository).
@@ -165,10 +168,13 @@ class EvaluationConfig:
 class HandlerConfig:
     """An event handler from the event-handler registry attached to an engine event.
 
-    ``event`` uses Ignite's names and filters, combined with ``|``, e.g.
-    ``"ITERATION_COMPLETED(every=10) | EPOCH_COMPLETED(once=2)"``; names of the
-    trainer's ``custom_events`` are accepted too. ``engine``: ``trainer`` or
-    ``evaluator``.
+    ``event`` uses Ignite's names and filters, combined with ``|`` (either event)
+    and ``&`` (filters of one event that must all pass; binds tighter than ``|``),
+    with parentheses for grouping, e.g.
+    ``"ITERATION_COMPLETED(every=10) | EPOCH_COMPLETED(once=2)"`` or
+    ``"EPOCH_COMPLETED(every=2) & EPOCH_COMPLETED(after=3)"`` (epochs 4, 6, 8, ...);
+    see :mod:`igniter.events`. Names of the trainer's ``custom_events`` are
+    accepted too. ``engine``: ``trainer`` or ``evaluator``.
     """
 
     name: str = MISSING
@@ -270,3 +276,47 @@ class IgniterConfig:
 def register_schema() -> None:
     """Store the schema as ``igniter_schema`` (the base of ``configs/config.yaml``)."""
     ConfigStore.instance().store(name="igniter_schema", node=IgniterConfig)
+
+
+def _schema_type(hint: Any) -> Any:
+    """``Optional[X]`` -> ``X``; other hints unchanged."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def unknown_keys(node: Any, schema: type = IgniterConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of a composed config that the schema does not declare.
+
+    Hydra's ``+key=value`` adds keys even to a typed (structured) config, so a
+    misspelt ``+trainer.max_epoch=3`` would be accepted and ignored; this walk
+    finds such keys. Free-form dictionaries (``Dict[str, Any]`` fields such as
+    ``model.params``, ``trainer.step_params``, ``*.params``) accept any key and
+    are not walked.
+
+    Args:
+        node: the composed config (a ``DictConfig`` or plain ``dict``), without
+            its ``hydra`` node.
+        schema: the dataclass ``node`` should follow.
+        prefix: the dotted key of ``node`` (for the returned names).
+
+    Returns:
+        ``[(dotted key, the keys its parent declares)]``, in config order.
+    """
+    hints = typing.get_type_hints(schema)
+    declared = [f.name for f in dataclasses.fields(schema)]
+    found: list[tuple[str, list[str]]] = []
+    for key in node.keys():
+        value = node[key]
+        if key not in hints:
+            found.append((f"{prefix}{key}", declared))
+            continue
+        hint = _schema_type(hints[key])
+        if dataclasses.is_dataclass(hint) and hasattr(value, "keys"):
+            found += unknown_keys(value, hint, f"{prefix}{key}.")
+        elif typing.get_origin(hint) in (list, List) and value is not None:
+            (item,) = typing.get_args(hint) or (Any,)
+            if dataclasses.is_dataclass(item):
+                for i, element in enumerate(value):
+                    if hasattr(element, "keys"):
+                        found += unknown_keys(element, item, f"{prefix}{key}[{i}].")
+    return found

@@ -26,6 +26,12 @@ BAD_CONFIGS = [
     (["handlers=[{name:log_state,event:EPOCH_COMPLETD}]"], ["handlers[0].event", "EPOCH_COMPLETED"]),
     (["handlers=[{name:log_stat}]"], ["handlers[0].name", "Did you mean 'log_state'"]),
     (["+model.params.hiden=3"], ["model.params.hiden"]),
+    # '+' adds keys to the typed config too: every key outside the schema is refused
+    (["+trainer.max_epoch=3"], ["trainer.max_epoch", "Did you mean 'trainer.max_epochs'"]),
+    (["+solver.lrr=0.1"], ["solver.lrr", "Did you mean 'solver.lr'"]),
+    (["+runner.nproc=2"], ["runner.nproc", "Did you mean 'runner.nproc_per_node'"]),
+    (["+data.train.foo=1", "+logging.levle=INFO"], ["data.train.foo", "logging.levle", "Did you mean 'logging.level'"]),
+    (["handlers=[{name:log_state}]", "+handlers.0.evnt=EPOCH_COMPLETED"], ["handlers[0].evnt", "Did you mean 'handlers[0].event'"]),
     (["imports=[no_such_module_xyz]"], ["imports[0]"]),
     (["runner.nproc_per_node=4"], ["runner.nproc_per_node", "runner=spawn"]),
     (["data.loader.num_workers=-1", "checkpoint.n_saved=0"], ["data.loader.num_workers", "checkpoint.n_saved"]),
@@ -100,3 +106,11 @@ def test_multirun_validates_every_sweep_point_first(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "solver.lr = -1" in err and "sweep point" in err
     assert not (tmp_path / "multirun").exists()
+
+
+def test_plus_inside_a_free_form_dict_is_accepted(tmp_path, monkeypatch, capsys):
+    """``params`` dicts take any key (the factory's signature decides): ``+`` works there."""
+    from igniter.check import main as check
+
+    monkeypatch.chdir(tmp_path)
+    assert check(["+data.train.params.val_fraction=0.3"]) == 0, capsys.readouterr().err
