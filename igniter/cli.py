@@ -11,18 +11,20 @@ and no traceback, before any process is spawned or job submitted.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.resources
 import itertools
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from igniter.config import CONFIG_MODULE, register_schema
-from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError, Problem
+from igniter.config import CONFIG_MODULE, register_schema, unknown_keys
+from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, NO_VALUE, ConfigError, Problem
 from igniter.registry import suggest
 
 __all__ = ["main", "compose_config", "sweep_points", "config_problems", "launch"]
@@ -203,11 +205,34 @@ def config_problems(
     with open_dict(cfg):
         del cfg["hydra"]
     on_cluster = "submitit" in str(launcher.get("_target_", ""))
-    problems = validate(cfg, here=not on_cluster) + launcher_problems(launcher, cfg)
+    problems = _schema_problems(cfg) or validate(cfg, here=not on_cluster) + launcher_problems(launcher, cfg)
     if keep_hydra:
         with read_write(cfg), open_dict(cfg):
             cfg.hydra = hydra_node
     return cfg, problems
+
+
+def _schema_problems(cfg: DictConfig) -> list[Problem]:
+    """Keys added with ``+`` that the schema does not declare (Hydra accepts them and
+    nothing would read them): one problem each, with a did-you-mean."""
+    problems = []
+    for key, declared in unknown_keys(cfg):
+        parent, _, leaf = key.rpartition(".")
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:
+            value = NO_VALUE
+        close = difflib.get_close_matches(leaf, declared, n=1, cutoff=0.6) or [d for d in declared if d.startswith(leaf)][:1]
+        hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+        problems.append(
+            Problem(
+                key,
+                f"no such key in the config schema ('+' adds keys only inside free-form dicts such as model.params).{hint} "
+                f"Keys of '{parent or '<root>'}': {', '.join(declared)}.",
+                value if not OmegaConf.is_config(value) else OmegaConf.to_container(value),
+            )
+        )
+    return problems
 
 
 def launcher_problems(launcher: dict[str, Any], cfg: DictConfig) -> list[Problem]:
@@ -298,19 +323,30 @@ def launch(cfg: DictConfig, output_dir: Path, job: dict[str, Any] | None = None)
     make_runner(cfg.runner).launch(train, cfg, output_dir, job or {})
 
 
+#: Run directories snapshotted before Hydra created them (``_run_composed``), by absolute path.
+_SNAPSHOTS: dict[str, Any] = {}
+
+
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from igniter.distributed.runners import RankFailed
     from igniter.distributed.slurm import Preempted, wait_for_requeue
+    from igniter.preflight import StepFailed
     from igniter.run import TrainingDiverged
+    from igniter.rundir import RunDirectory
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     job = {"id": str(hydra_cfg.job.get("id") or ""), "num": hydra_cfg.job.get("num"), "overrides": list(hydra_cfg.overrides.task)}
+    run_dir = _SNAPSHOTS.pop(str(output_dir.resolve()), None) or RunDirectory.of_job(output_dir)
     try:
         launch(cfg, output_dir, job)
-    except ConfigError as e:
+    except StepFailed as e:  # the run built: its directory and rank logs (with the traceback) stay
+        print(f"{e}\nigniter: the full traceback is in {output_dir / 'rank0.log'}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except ConfigError as e:  # the run could not start: leave no trace of it
+        run_dir.discard()
         print(str(e), file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except RankFailed as e:
@@ -359,6 +395,9 @@ def _run_composed(cfg: DictConfig, config_name: str) -> None:
         for key, value in _secondary_launcher_settings(cfg).items():
             OmegaConf.update(cfg, key, value)
     run_dir = Path(cfg.hydra.run.dir)
+    from igniter.rundir import RunDirectory
+
+    _SNAPSHOTS[str(run_dir.resolve())] = RunDirectory(run_dir)
     try:  # Hydra would fail on it with a traceback
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -376,55 +415,67 @@ def _run_composed(cfg: DictConfig, config_name: str) -> None:
     ret.return_value  # noqa: B018  (raises the job's exception, as hydra.main does)
 
 
-def check(argv: list[str]) -> int:
-    """``igniter check [overrides]``: validate, build every component on CPU, print the plan."""
-    from igniter.build import import_modules
-    from igniter.distributed import make_runner
-    from igniter.run import build_run
-    from igniter.registry import RegistryError
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand: ``target`` is ``"module:function"`` (``function(argv) -> exit status``,
+    imported only when used), ``usage`` its arguments, ``about`` what it does."""
 
-    args = _hydra_args(argv)
-    cfg, problems = config_problems(args.overrides, args.config_name or "config", args.config_dir)
-    if problems or cfg is None:
-        return _report(problems)
-    cfg = plain_config(cfg)
-    try:
-        import_modules(cfg.imports)
-        ctx = build_run(cfg, Path("."))
-    except (ConfigError, RegistryError) as e:
-        return _report(getattr(e, "problems", [Problem("?", str(e))]), "cannot build the run")
-    runner = make_runner(cfg.runner)
-    loader = cfg.data.loader
-    world = runner.world_size
-    per_epoch = len(ctx.train_loader) if cfg.trainer.epoch_length is None else cfg.trainer.epoch_length
-    n_params = sum(p.numel() for p in ctx.model.parameters())
-    lines = [
-        "igniter check: configuration is valid and every component builds.",
-        f"  model      {cfg.model.name} ({type(ctx.model).__name__}): {n_params:,} parameters",
-        f"  data       train {cfg.data.train.name}: {len(ctx.train_set):,} samples"
-        + (f" | val {cfg.data.val.name}: {len(ctx.val_set):,} samples" if ctx.val_set is not None else ""),
-        f"  runner     {cfg.runner.name}: world size {world}, backend {cfg.runner.backend or 'auto'}",
-        f"  batch      global {loader.batch_size}, per process {loader.batch_size // world}",
-        f"  schedule   {per_epoch} iterations/epoch x {cfg.trainer.max_epochs} epochs = {per_epoch * cfg.trainer.max_epochs} iterations",
-        f"  optimizer  {cfg.solver.name} lr={cfg.solver.lr}" + (f", scheduler {cfg.solver.scheduler.name}" if cfg.solver.scheduler.name else ""),
-        f"  handlers   {', '.join(f'{h.name}@{h.event}' for h in cfg.handlers) or 'none'}",
-    ]
+    target: str
+    usage: str
+    about: str
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "check": Subcommand(
+        "igniter.check:main",
+        "[overrides ...]",
+        "Validate the config and try one batch through the model; print the plan.\n"
+        "Builds every component on CPU, runs one training step (forward and backward) and one\n"
+        "evaluation batch on real data of the per-process batch size. Exit 2 on a problem.",
+    ),
+    "doctor": Subcommand(
+        "igniter.doctor:main",
+        "[--json]",
+        "What the launcher sees: versions, CUDA/NCCL/gloo, GPUs, torchrun/SLURM, SLURM tools.",
+    ),
+    "summary": Subcommand(
+        "igniter.summary:main", "<run dir>", "Print a run's end-of-run table again and redraw its curves.png."
+    ),
+    "eval": Subcommand(
+        "igniter.evaluate:eval_main",
+        "<run dir | checkpoint> [key=value | group=choice ...]",
+        "Evaluate a run's saved weights (the evaluator alone).\n"
+        "Uses the newest checkpoint of a run directory; writes <run dir>/eval_metrics.json.\n"
+        "E.g. igniter eval outputs/.../run runner=spawn runner.nproc_per_node=2",
+    ),
+    "export": Subcommand(
+        "igniter.evaluate:export_main",
+        "<checkpoint> [--format safetensors] [--output PATH]",
+        "Write a checkpoint's model weights alone (safetensors).\n"
+        "Default output: the checkpoint's path with the suffix .safetensors.",
+    ),
+    "help": Subcommand("igniter.cli:overview", "", "This overview."),
+}
+
+_HELP_FLAGS = ("-h", "--help")
+
+
+def overview(argv: Sequence[str] = ()) -> int:
+    """``igniter help``: the subcommands, then how to train."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: igniter [overrides ...]            train (Hydra app; see below)", "       igniter <subcommand> [args ...]", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {sub.about.splitlines()[0]}" for name, sub in SUBCOMMANDS.items()]
+    lines += ["", "`igniter <subcommand> --help` shows a subcommand's usage.", ""]
     print("\n".join(lines))
     return 0
 
 
-#: Subcommands, imported only when used: name -> "module:function", function(argv) -> exit status.
-SUBCOMMANDS: dict[str, str] = {
-    "check": "igniter.cli:check",  # validate, build everything on CPU, print the plan
-    "doctor": "igniter.doctor:main",  # versions, CUDA/NCCL/gloo, GPUs, distributed environment, SLURM tools
-    "summary": "igniter.summary:main",  # the end-of-run table of a run directory, and curves.png
-    "eval": "igniter.evaluate:eval_main",  # the evaluator alone, on a run's saved weights
-    "export": "igniter.evaluate:export_main",  # the model weights alone, as safetensors
-}
-
-
 def _run_subcommand(name: str, argv: list[str]) -> int:
-    module, _, function = SUBCOMMANDS[name].partition(":")
+    sub = SUBCOMMANDS[name]
+    if any(a in _HELP_FLAGS for a in argv):
+        print(f"usage: igniter {name} {sub.usage}".rstrip() + f"\n\n{sub.about}")
+        return 0
+    module, _, function = sub.target.partition(":")
     return getattr(importlib.import_module(module), function)(argv)
 
 
@@ -437,6 +488,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv and argv[0] in SUBCOMMANDS:
         sys.exit(_run_subcommand(argv[0], argv[1:]))
     args = _hydra_args(argv)
+    if args.help:  # the subcommands first, then Hydra's own help
+        overview()
+    if args.cfg and not args.resolve:  # the config a run would use: interpolations resolved
+        argv.append("--resolve")
+        args.resolve = True
     if not any(getattr(args, flag, None) for flag in _PASS_THROUGH):
         status, configs = _prevalidate(args)
         if status:

@@ -1,0 +1,95 @@
+"""``igniter check [overrides]``: is this run going to start?
+
+Validates the config like a real run, builds every component on CPU, pushes one
+training batch (forward and backward) and one evaluation batch of the
+per-process size through the model, and prints the plan: world size, global and
+per-process batch size, iterations, and every handler the run will have.
+Nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from igniter.build import import_modules
+from igniter.cli import _hydra_args, _report, config_problems, plain_config
+from igniter.distributed import make_runner
+from igniter.errors import ConfigError, Problem
+from igniter.preflight import first_batch
+from igniter.registry import RegistryError, function_registry
+from igniter.run import RunContext, build_run
+
+__all__ = ["main"]
+
+
+def _builtin_handlers(cfg: DictConfig) -> list[str]:
+    """The handlers every run gets from config keys (not from ``handlers:``), as ``check`` lists them."""
+    k, lg = cfg.checkpoint, cfg.logging
+    names = ["nan guard (every 10 iterations)", "metrics.json"]
+    if k.enabled:
+        when = f"every {k.every_epochs} epoch(s)" + (f", {k.every_iterations} iterations" if k.every_iterations else "")
+        names.append(f"checkpoint ({when}; keep {k.n_saved} + {k.n_best} best)")
+    names.append({True: "progress bar", False: "log line per epoch", None: "progress bar on a terminal"}[lg.progress_bar])
+    names += [f"{name} (every {lg.log_every} iterations)" for name in lg.loggers]
+    if lg.gpu_telemetry_every:
+        names.append("gpu telemetry (when NVML finds a GPU)")
+    if cfg.data.val is not None and cfg.evaluation.patience is not None:
+        names.append(f"early stopping (patience {cfg.evaluation.patience})")
+    return names
+
+
+def _try_one_batch(ctx: RunContext, per_process_batch: int) -> None:
+    """One training step and one evaluation batch on real data of the per-process size.
+
+    Raises:
+        StepFailed: the model cannot take the data (see :mod:`igniter.preflight`).
+    """
+    logging.getLogger("ignite").addHandler(logging.NullHandler())  # the error is reported once, below
+    loader = ctx.cfg.data.loader
+    collate = function_registry.get(loader.collate_fn) if loader.collate_fn else None
+    ctx.trainer.run([first_batch(ctx.train_set, per_process_batch, collate)], max_epochs=1)
+    if ctx.evaluator is not None:
+        world = ctx.cfg.data.loader.batch_size // per_process_batch
+        val_batch = (loader.val_batch_size or loader.batch_size) // world
+        ctx.evaluator.run([first_batch(ctx.val_set, val_batch, collate)])
+
+
+def main(argv: list[str]) -> int:
+    """``igniter check [overrides]``: validate, build every component on CPU, push one
+    training batch (forward and backward) and one evaluation batch through the model,
+    print the plan. Returns the exit status (2 on any problem)."""
+    args = _hydra_args(argv)
+    cfg, problems = config_problems(args.overrides, args.config_name or "config", args.config_dir)
+    if problems or cfg is None:
+        return _report(problems)
+    cfg = plain_config(cfg)
+    world = make_runner(cfg.runner).world_size
+    per_process = cfg.data.loader.batch_size // world
+    try:
+        import_modules(cfg.imports)
+        ctx = build_run(cfg, Path("."))
+        _try_one_batch(ctx, per_process)
+    except (ConfigError, RegistryError) as e:
+        header = getattr(e, "header", "cannot build the run")
+        return _report(getattr(e, "problems", [Problem("?", str(e))]), header)
+    loader = cfg.data.loader
+    per_epoch = len(ctx.train_loader) if cfg.trainer.epoch_length is None else cfg.trainer.epoch_length
+    n_params = sum(p.numel() for p in ctx.model.parameters())
+    lines = [
+        "igniter check: configuration is valid, every component builds, and one training step and one evaluation batch ran.",
+        f"  model      {cfg.model.name} ({type(ctx.model).__name__}): {n_params:,} parameters",
+        f"  data       train {cfg.data.train.name}: {len(ctx.train_set):,} samples"
+        + (f" | val {cfg.data.val.name}: {len(ctx.val_set):,} samples" if ctx.val_set is not None else ""),
+        f"  runner     {cfg.runner.name}: world size {world}, backend {cfg.runner.backend or 'auto'}",
+        f"  batch      global {loader.batch_size}, per process {per_process}",
+        f"  schedule   {per_epoch} iterations/epoch x {cfg.trainer.max_epochs} epochs = {per_epoch * cfg.trainer.max_epochs} iterations",
+        f"  optimizer  {cfg.solver.name} lr={cfg.solver.lr}" + (f", scheduler {cfg.solver.scheduler.name}" if cfg.solver.scheduler.name else ""),
+        f"  handlers   built-in: {', '.join(_builtin_handlers(cfg))}",
+        f"             from config: {', '.join(f'{h.name}@{h.event}' for h in cfg.handlers) or 'none'}",
+    ]
+    print("\n".join(lines))
+    return 0
