@@ -13,7 +13,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
 REPO = TESTS.parent
-MNIST_ROOT = (REPO.parent / "shared" / "data").resolve()
+#: The directory holding ``MNIST/raw/`` (torchvision's layout): ``$IGNITER_TEST_MNIST_ROOT`` when set,
+#: else the shared data directory beside the checkout. MNIST tests are skipped when it has no MNIST.
+MNIST_ROOT = Path(os.environ.get("IGNITER_TEST_MNIST_ROOT") or REPO.parent / "shared" / "data").resolve()
 
 
 def igniter_env() -> dict[str, str]:
@@ -48,5 +50,5 @@ def _fixture_package_on_path(monkeypatch):
 @pytest.fixture
 def mnist_root() -> Path:
     if not (MNIST_ROOT / "MNIST" / "raw").is_dir():
-        pytest.skip(f"MNIST not found at {MNIST_ROOT}/MNIST/raw (the shared data directory beside the checkout)")
+        pytest.skip(f"MNIST not found at {MNIST_ROOT}/MNIST/raw (set IGNITER_TEST_MNIST_ROOT to the directory holding MNIST/raw)")
     return MNIST_ROOT
