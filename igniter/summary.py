@@ -2,27 +2,38 @@
 
 The table: epochs, iterations, best and final validation metrics, wall time
 split into data loading / forward-backward (the step function) / handlers
-(:class:`StepTimer`, or Ignite's ``HandlersTimeProfiler`` with ``logging.profile``), samples/s and
-world size. ``curves.png``: training loss per logged iteration and the
-validation metrics per epoch, drawn with matplotlib (``pip install
-'igniter[plot]'``); without matplotlib the picture is skipped with one line.
+(:class:`StepTimer`, or Ignite's ``HandlersTimeProfiler`` with ``logging.profile``), samples/s,
+start-up time and world size. ``curves.png``: one panel per kind of metric (training and
+validation losses together, every other validation metric on its own y-axis), drawn
+with matplotlib (``pip install 'igniter[plot]'``); without matplotlib the picture is
+skipped with one line.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
 import logging
+import math
 import os
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ignite.engine import Engine, Events
 from ignite.handlers import HandlersTimeProfiler
 
-__all__ = ["StepTimer", "record_first_iteration", "process_age_s", "attach_handler_profiler", "time_split", "handler_profile", "summary_table", "draw_curves", "main"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "StepTimer", "record_first_iteration", "process_age_s", "interpreter_age_s", "attach_handler_profiler", "time_split",
+    "handler_profile", "summary_table", "Series", "Panel", "curve_panels", "curves_figure", "draw_curves", "main",
+]
 
 logger = logging.getLogger("igniter")
 
@@ -72,7 +83,10 @@ class StepTimer:
 
 
 def process_age_s() -> float | None:
-    """Seconds since this process started (Linux ``/proc``; 10 ms resolution), else ``None``."""
+    """Seconds since this process was created (its fork; Linux ``/proc``, 10 ms resolution), else ``None``.
+
+    An ``exec`` keeps the process and its creation time: for ``sh -c 'pip install ...; exec
+    igniter'`` this counts the shell's time too; :func:`interpreter_age_s` does not."""
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
@@ -83,13 +97,30 @@ def process_age_s() -> float | None:
         return None
 
 
+def interpreter_age_s() -> float | None:
+    """Seconds since this Python interpreter started, else ``None``.
+
+    Taken from ``igniter._T0 = (time.monotonic(), time.process_time())``, stamped by the
+    first statement of ``igniter/__init__.py``: the seconds since that stamp plus the
+    interpreter's CPU seconds before it (its start-up, ~0.05 s, is CPU-bound). Neither the
+    fork-to-exec time of the process nor a shell's wait for ``pip`` or ``sleep`` before it
+    ``exec``'d the interpreter counts; a shell's own CPU time before the ``exec`` does (the
+    kernel keeps it), usually milliseconds. Without the stamp: :func:`process_age_s`."""
+    stamp = getattr(sys.modules.get("igniter"), "_T0", None)
+    if not (isinstance(stamp, tuple) and len(stamp) == 2 and all(isinstance(t, float) for t in stamp)):
+        return process_age_s()
+    stamped_at, cpu_before = stamp
+    return time.monotonic() - stamped_at + cpu_before
+
+
 def record_first_iteration(timer: StepTimer, record: Any) -> None:
     """Record ``first_iteration_s`` in ``metrics.json``: seconds from the start of this
-    (rank 0) process to the end of this run's first training step: the start-up
-    cost a user waits through (imports, config, data, model, process group)."""
+    (rank 0) process's interpreter (:func:`interpreter_age_s`) to the end of this run's
+    first training step: the start-up cost a user waits through (imports, config, data,
+    model, process group)."""
 
     def _record() -> None:
-        age = process_age_s()
+        age = interpreter_age_s()
         if age is not None:
             record.update(first_iteration_s=round(age, 2))
 
@@ -142,59 +173,162 @@ def summary_table(m: dict[str, Any]) -> str:
         ("wall time", f"{m.get('wall_time_s', 0):.1f} s"
             + (f" = start-up and evaluation + data {split['data_s']:.1f} s + step {split['step_s']:.1f} s + handlers {split['handlers_s']:.1f} s" if split else "")),
         ("throughput", f"{m['samples_per_s']:.0f} samples/s" if m.get("samples_per_s") else "-"),
-        ("start-up", f"first iteration done {m['first_iteration_s']:.2f} s after the process started" if m.get("first_iteration_s") else "-"),
+        ("start-up", f"first iteration done {m['first_iteration_s']:.2f} s after the interpreter started" if m.get("first_iteration_s") else "-"),
         ("processes", f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
+
+_LOSS_WORDS = ("loss", "nll", "mse", "mae", "rmse")  # lower is better, on a loss scale: drawn with the training loss
+
+
+@dataclass
+class Series:
+    """One line of a panel: ``x`` (iterations or epochs) against ``y``; ``points``: markers at the values."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+    points: bool = False
+
+
+@dataclass
+class Panel:
+    """One axis of ``curves.png``. ``fraction``: every value lies in [0, 1] (an accuracy-like
+    metric), so the y-limits stay inside [0, 1]."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    series: list[Series] = field(default_factory=list)
+    fraction: bool = False
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def curve_panels(m: dict[str, Any]) -> list[Panel]:
+    """The panels of ``curves.png`` for a ``metrics.json`` dict, only those with data.
+
+    One "loss" panel against iterations: the training loss (``train_loss_history``) and
+    every loss-like validation metric (name containing loss, nll, mse, mae, rmse) at the
+    iteration its epoch ended; then one panel per other validation metric against epochs,
+    each with its own y-axis so that 0.976 -> 0.989 is not flattened by a loss of 1.7.
+    A run stopped before its first validation has no validation panel at all."""
+    losses = [p for p in m.get("train_loss_history", []) if len(p) == 2 and _number(p[0]) and _number(p[1])]
+    epochs = [r for r in m.get("epochs", []) if isinstance(r, dict) and _number(r.get("epoch"))]
+    names = sorted({k for r in epochs for k, v in r.items() if k not in ("epoch", "iteration") and _number(v)})
+    loss_names = [n for n in names if any(w in n.lower() for w in _LOSS_WORDS)]
+    # Validation losses join the training loss only when every epoch says where it ended.
+    on_iterations = all(_number(r.get("iteration")) for r in epochs)
+
+    def per_epoch(name: str, x: str, label: str) -> Series:
+        rows = [r for r in epochs if _number(r.get(name))]
+        return Series(label, [r[x] for r in rows], [r[name] for r in rows], points=True)
+
+    panels = []
+    loss = Panel("loss", "iteration", "loss")
+    if losses:
+        loss.series.append(Series("training", [p[0] for p in losses], [p[1] for p in losses]))
+    if on_iterations:
+        loss.series += [per_epoch(n, "iteration", f"validation {n}") for n in loss_names]
+    panels.append(loss)
+    if not on_iterations:
+        panels.append(Panel("validation loss", "epoch", "loss", [per_epoch(n, "epoch", n) for n in loss_names]))
+    for name in names:
+        if name not in loss_names:
+            series = per_epoch(name, "epoch", name)
+            finite = [v for v in series.y if math.isfinite(v)]
+            panels.append(Panel(f"validation {name}", "epoch", name, [series], fraction=bool(finite) and all(0 <= v <= 1 for v in finite)))
+    return [p for p in panels if any(s.x for s in p.series)]
+
+
+def _title(m: dict[str, Any]) -> str:
+    status = m.get("status", "?")
+    if _number(m.get("epochs_completed")) and _number(m.get("iterations")):
+        done = f"{m['epochs_completed']} epochs, {m['iterations']} iterations"
+    else:  # no summary yet: the run is in progress, or was killed before writing one
+        done = f"{len(m.get('epochs', []))} validated epochs"
+    return f"run {status}: {done}" if status == "completed" else f"run {status.upper()} after {done}: partial curves"
+
+
+def _fraction_limits(values: list[float]) -> tuple[float, float]:
+    """y-limits around ``values`` in [0, 1]: 10% of their spread on each side (0.01 for one value), within [0, 1]."""
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.1 if hi > lo else 0.01
+    return max(0.0, lo - pad), min(1.0, hi + pad)
+
+
+def curves_figure(m: dict[str, Any]) -> Figure | None:
+    """The ``curves.png`` figure of a ``metrics.json`` dict: one axis per :func:`curve_panels`
+    panel (at most three a row), the run's status in the title. ``None`` when there is
+    nothing to draw.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    panels = curve_panels(m)
+    if not panels:
+        return None
+    import matplotlib.ticker
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend switch in the caller's session
+
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(max(6.4, 4.3 * cols), 3.3 * rows + 0.4), dpi=100, layout="constrained")  # 6.4: room for the title
+    fig.suptitle(_title(m))
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for s in panel.series:
+            # clip_on=False: a marker at accuracy 1.0 sits on the top edge, and is drawn whole
+            ax.plot(s.x, s.y, lw=1.2, marker="o" if s.points else None, ms=3, label=s.label, clip_on=not panel.fraction)
+        ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
+        if panel.fraction:
+            ax.set_ylim(*_fraction_limits([v for s in panel.series for v in s.y if math.isfinite(v)]))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if len(panel.series) > 1:
+            ax.legend()
+    return fig
+
+
 def draw_curves(m: dict[str, Any], path: Path) -> bool:
-    """Training loss per logged iteration (left) and validation metrics per epoch (right).
+    """Write ``curves.png`` (see :func:`curves_figure`) of a ``metrics.json`` dict to ``path``.
 
     Returns ``False`` (and logs why) when matplotlib is missing or there is nothing to draw.
-    """
-    losses = m.get("train_loss_history", [])
-    epochs = m.get("epochs", [])
-    if not losses and not epochs:
-        return False
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
+    Raises:
+        OSError: ``path`` cannot be written.
+    """
+    try:
+        fig = curves_figure(m)
     except ImportError:
         logger.info("curves.png skipped: matplotlib is not installed (pip install 'igniter[plot]')")
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
-    if losses:
-        left.plot([p[0] for p in losses], [p[1] for p in losses], lw=1.2)
-    left.set(title="training loss", xlabel="iteration", ylabel="loss")
-    left.grid(alpha=0.3)
-    names = sorted({k for row in epochs for k, v in row.items() if k not in ("epoch", "iteration") and isinstance(v, (int, float))})
-    for name in names:
-        right.plot([r["epoch"] for r in epochs if name in r], [r[name] for r in epochs if name in r], marker="o", ms=3, label=name)
-    right.set(title="validation", xlabel="epoch")
-    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    right.grid(alpha=0.3)
-    if names:
-        right.legend()
-    fig.tight_layout()
+    if fig is None:
+        logger.info("curves.png skipped: no training loss or validation metric recorded yet")
+        return False
     fig.savefig(path)
-    plt.close(fig)
     return True
 
 
 def main(argv: list[str]) -> int:
-    """``igniter summary <run dir>``: print the table and (re)draw ``curves.png``."""
-    if not argv:
-        print("usage: igniter summary <run dir>")
-        return 2
-    run = Path(argv[0])
+    """``igniter summary <run dir>``: print the table of ``<run dir>/metrics.json`` and (re)draw
+    ``curves.png`` beside it. Returns the exit status: 0, or 2 for a usage error or a
+    directory without ``metrics.json`` (``--help``: the usage, 0)."""
+    parser = argparse.ArgumentParser(prog="igniter summary", description="Print the end-of-run summary of a run directory and (re)draw its curves.png.")
+    parser.add_argument("run_dir", type=Path, help="a run's output directory, the one holding metrics.json")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: an exit status, as every subcommand returns one
+        return e.code if isinstance(e.code, int) else 2
+    run: Path = args.run_dir
     path = run / "metrics.json"
     if not path.is_file():
-        print(f"igniter summary: no metrics.json in {run}")
+        print(f"igniter summary: no metrics.json in {run}", file=sys.stderr)
         return 2
     m = json.loads(path.read_text())
     print(f"run {run}\n{summary_table(m)}")
