@@ -1,9 +1,17 @@
 """igniter: config-driven PyTorch training on Ignite, from one CPU process to SLURM.
 
-Importing the package registers the built-in components in the registries.
+Importing the package registers every built-in component in the registries
+(tests/test_injection.py checks that importing any other igniter module adds no
+name), so which names exist does not depend on what else was imported. A user
+module's registration replaces a built-in of the same name (see
+:mod:`igniter.registry`).
 """
 
-from igniter.registry import (  # noqa: F401
+import time as _time
+
+_T0 = (_time.monotonic(), _time.process_time())  # igniter.summary.interpreter_age_s: before any other import
+
+from igniter.registry import (  # noqa: E402,F401
     REGISTRIES,
     Registry,
     RegistryError,
@@ -18,7 +26,8 @@ from igniter.registry import (  # noqa: F401
     transforms_registry,
 )
 
-# Built-in components: importing them fills the registries.
-from igniter import datasets, distributed, engines, functions, handlers, io, models, solver, transforms  # noqa: F401,E402
+# Built-in components: importing them fills the registries. Every module under igniter/
+# with a registry decorator belongs here (telemetry: the gpu_telemetry handler).
+from igniter import datasets, distributed, engines, functions, handlers, io, models, solver, telemetry, transforms  # noqa: F401,E402
 
 __version__ = "0.1.0"

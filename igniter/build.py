@@ -4,18 +4,33 @@ The registries only store and find; this module turns a config section into
 an object. Each ``build_*`` takes the section and the dotted key it came from
 (for error messages) and raises :class:`~igniter.errors.ConfigError` naming
 that key when the input is bad (e.g. a dataset file that is missing).
+
+This module is also the one definition of what igniter passes to factories
+itself (:data:`STEP_ARGS`, :data:`DATASET_ARGS`, :data:`OPTIMIZER_ARGS`...):
+:mod:`igniter.validate` reserves exactly these names and ``igniter.run.build_run``
+provides exactly these values, so a new injected argument is one edit here.
+
+The rule (:func:`injected`): a factory gets an argument igniter supplies when
+it names that parameter and the config has a value (not null), or when it takes
+``**kwargs`` and the config *set* the value (differs from the schema default).
+A ``def mnist_dataset(**kwargs)`` that forwards to torchvision's
+``MNIST(root, train, transform, download)`` thus gets ``root`` when
+``data.train.root`` is set, but ``split`` only when the config sets a split
+other than the schema's ``train``.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
+from igniter.config import DatasetConfig, SolverConfig
 from igniter.errors import ConfigError, Problem
 from igniter.registry import (
     Registry,
@@ -29,6 +44,15 @@ from igniter.registry import (
 )
 
 __all__ = [
+    "StepArgs",
+    "STEP_ARGS",
+    "DATASET_ARGS",
+    "OPTIMIZER_ARGS",
+    "SCHEDULER_ARGS",
+    "HANDLER_ARGS",
+    "injected",
+    "dataset_args",
+    "optimizer_args",
     "plain",
     "import_modules",
     "import_object",
@@ -43,6 +67,44 @@ __all__ = [
     "build_scheduler",
     "build_metrics",
 ]
+
+
+@dataclass(frozen=True)
+class StepArgs:
+    """What step, engine and metric factories may ask for by parameter name.
+
+    ``build_run`` fills one and passes :meth:`as_dict` to :func:`call_with`;
+    :mod:`igniter.validate` rejects these names in ``trainer.step_params``. A new
+    injected argument (e.g. ``scaler``) is a new field here.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    device: torch.device
+    grad_clip_norm: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields by name (shallow: the objects themselves, not copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+#: Names a step / engine / metric factory may take from igniter (the fields of :class:`StepArgs`).
+STEP_ARGS: tuple[str, ...] = tuple(f.name for f in fields(StepArgs))
+#: Dataset factory arguments from ``data.<split>.split``, ``.root`` and ``.transforms``.
+DATASET_ARGS: tuple[str, ...] = ("split", "root", "transform")
+#: Optimizer arguments: the model's parameters (first, positionally), ``solver.lr``, ``solver.weight_decay``.
+OPTIMIZER_ARGS: tuple[str, ...] = ("params", "lr", "weight_decay")
+#: Scheduler arguments: the optimizer (first, positionally).
+SCHEDULER_ARGS: tuple[str, ...] = ("optimizer",)
+#: Event-handler and logger factory arguments: the run context.
+HANDLER_ARGS: tuple[str, ...] = ("ctx",)
+
+# Schema defaults: a **kwargs dataset factory gets a value only when the config changed it from
+# these; a factory that cannot take a value is an error only when the config changed it.
+_DATASET_DEFAULTS = {"split": DatasetConfig.split, "root": None, "transform": None}
+_SOLVER_DEFAULTS = {"lr": SolverConfig.lr, "weight_decay": SolverConfig.weight_decay}
+
 
 def plain(node: Any) -> Any:
     """A config node as plain Python containers (``DictConfig`` -> ``dict``), resolved."""
@@ -85,6 +147,56 @@ def accepted_params(fn: Callable) -> tuple[set[str], bool, set[str]]:
     named = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     return {p.name for p in named}, var_kw, {p.name for p in named if p.default is p.empty}
+
+
+def injected(
+    fn: Callable, values: Mapping[str, Any], defaults: Mapping[str, Any], kwargs_always: Iterable[str] = ()
+) -> tuple[dict[str, Any], list[str]]:
+    """Apply the injection rule to the config ``values`` igniter may pass ``fn``.
+
+    Args:
+        fn: the factory.
+        values: name -> value from the config (``None``: not set).
+        defaults: name -> the schema default. A value is *set* when it is not
+            ``None`` and differs from this.
+        kwargs_always: names a ``**kwargs`` factory gets even at their default
+            (an optimizer's ``lr``: the schema's value is the one igniter reports).
+
+    Returns:
+        ``(kwargs to pass, names set in the config that fn cannot take)``: a
+        name is passed when ``fn`` names it and the value is not ``None``, or
+        ``fn`` takes ``**kwargs`` and the value is set (or in ``kwargs_always``).
+        The second list is for :mod:`igniter.validate` to report.
+    """
+    names, var_kw, _ = accepted_params(fn)
+    always = set(kwargs_always)
+    kwargs: dict[str, Any] = {}
+    refused: list[str] = []
+    for name, value in values.items():
+        is_set = value is not None and value != defaults.get(name)
+        if value is not None and (name in names or (var_kw and (is_set or name in always))):
+            kwargs[name] = value
+        elif is_set:
+            refused.append(name)
+    return kwargs, refused
+
+
+def dataset_args(cfg: DictConfig, factory: Callable, transform: Any = None) -> tuple[dict[str, Any], list[str]]:
+    """:func:`injected` for a dataset: ``split``, ``root`` and ``transform``.
+
+    ``transform`` is the composed transform (``build_dataset``) or, when only
+    checking (``validate``), any stand-in that is not ``None`` when
+    ``cfg.transforms`` lists some.
+    """
+    values = {"split": cfg.split, "root": cfg.root, "transform": transform}
+    assert set(values) == set(DATASET_ARGS)
+    return injected(factory, values, _DATASET_DEFAULTS)
+
+
+def optimizer_args(cfg: DictConfig, factory: Callable) -> tuple[dict[str, Any], list[str]]:
+    """:func:`injected` for an optimizer: ``lr`` and ``weight_decay`` (``params`` is positional);
+    a ``**kwargs`` factory always gets both."""
+    return injected(factory, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}, _SOLVER_DEFAULTS, ("lr", "weight_decay"))
 
 
 def call_with(fn: Callable, available: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> Any:
@@ -131,21 +243,10 @@ def build_transform(specs: Sequence[DictConfig], key: str) -> Callable[[torch.Te
     return compose
 
 
-def dataset_kwargs(cfg: DictConfig, factory: Callable) -> dict[str, Any]:
-    """Keyword arguments for a dataset factory besides ``transform``: ``params``,
-    ``split`` (if the factory takes it) and ``root`` (if set)."""
-    names, var_kw, _ = accepted_params(factory)
-    kwargs = plain(cfg.params)
-    if "split" in names or var_kw:
-        kwargs["split"] = cfg.split
-    if cfg.root is not None:
-        kwargs["root"] = cfg.root
-    return kwargs
-
-
 def build_dataset(cfg: DictConfig, key: str) -> Dataset:
-    """The dataset ``dataset_registry[cfg.name](split, root, transform, **params)``,
-    reduced to a seeded random subset of ``cfg.subset`` samples when set.
+    """The dataset ``dataset_registry[cfg.name](**params, split=, root=, transform=)``
+    (the last three by :func:`dataset_args`), reduced to a seeded random subset
+    of ``cfg.subset`` samples when set.
 
     Raises:
         ConfigError: the factory fails (e.g. missing files), naming ``key``.
@@ -153,9 +254,7 @@ def build_dataset(cfg: DictConfig, key: str) -> Dataset:
     factory = dataset_registry.get(cfg.name, f"{key}.name")
     transform = build_transform(cfg.transforms, f"{key}.transforms")
     try:
-        kwargs = dataset_kwargs(cfg, factory)
-        if transform is not None:
-            kwargs["transform"] = transform
+        kwargs = {**plain(cfg.params), **dataset_args(cfg, factory, transform)[0]}
         dataset = factory(**kwargs)
     except Exception as e:
         raise _build_error(key, e, cfg.name) from e
@@ -190,10 +289,15 @@ def scheduler_factory(name: str, key: str = "solver.scheduler.name") -> Callable
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """``factory(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.params)``."""
+    """``factory(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.params)``,
+    ``lr``/``weight_decay`` only as :func:`optimizer_args` allows (``LBFGS`` has no weight decay).
+
+    Raises:
+        ConfigError: the factory fails, naming ``solver``.
+    """
     factory = optimizer_factory(cfg.name)
     try:
-        return factory(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **plain(cfg.params))
+        return factory(model.parameters(), **optimizer_args(cfg, factory)[0], **plain(cfg.params))
     except Exception as e:
         raise _build_error("solver", e, cfg.name) from e
 

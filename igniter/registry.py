@@ -25,12 +25,18 @@ Examples:
 
         @model_registry            # registered under its own name, "Wide"
         class Wide(torch.nn.Module): ...
+
+A name registered by user code replaces igniter's built-in of that name (one
+INFO line on the ``igniter`` logger says so), so a project written for the
+original Igniter can register its own ``mnist`` dataset. Two registrations of
+one name that are both user code, or both built-in, are an error.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar, overload
 
@@ -38,6 +44,7 @@ __all__ = [
     "Entry",
     "Registry",
     "RegistryError",
+    "is_builtin",
     "engine_registry",
     "model_registry",
     "dataset_registry",
@@ -51,6 +58,13 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("igniter")
+
+
+def is_builtin(module: str) -> bool:
+    """Whether ``module`` (a dotted module name) is part of the ``igniter`` package."""
+    return module == "igniter" or module.startswith("igniter.")
 
 
 class RegistryError(KeyError):
@@ -90,7 +104,8 @@ class Registry:
 
     Raises:
         RegistryError: from :meth:`register` on a duplicate name (unless
-            ``override=True``) and from :meth:`get` on a missing one.
+            ``override=True`` or a user entry replaces a built-in) and from
+            :meth:`get` on a missing one.
     """
 
     def __init__(self, name: str) -> None:
@@ -114,17 +129,33 @@ class Registry:
         return decorator
 
     def register(self, obj: T, name: str | None = None, override: bool = False) -> T:
-        """Add ``obj`` under ``name`` (default: ``obj.__name__``) and return it unchanged."""
+        """Add ``obj`` under ``name`` (default: ``obj.__name__``) and return it unchanged.
+
+        A user registration (``obj`` defined outside the ``igniter`` package)
+        replaces a built-in of the same name, whichever is registered first; the
+        user's entry stays and one INFO line on the ``igniter`` logger names the
+        registry, the name and both modules.
+
+        Raises:
+            RegistryError: no name can be inferred, or ``name`` is taken and neither
+                ``override`` is set nor exactly one of the two entries is built-in.
+        """
         key = name or getattr(obj, "__name__", None)
         if not key:
             raise RegistryError(f"{self.name} registry: cannot infer a name for {obj!r}; pass one explicitly.")
-        if key in self._entries and not override:
-            old = self._entries[key]
-            raise RegistryError(
-                f"{self.name} registry: '{key}' is already registered (from {old.module}, {old.file}). "
-                f"Pick another name or register with override=True."
-            )
         module = getattr(obj, "__module__", None) or "?"
+        old = self._entries.get(key)
+        if old is not None and not override:
+            if is_builtin(old.module) and not is_builtin(module):
+                logger.info("%s registry: '%s' from %s replaces igniter's built-in from %s", self.name, key, module, old.module)
+            elif is_builtin(module) and not is_builtin(old.module):
+                logger.info("%s registry: '%s' from %s replaces igniter's built-in from %s", self.name, key, old.module, module)
+                return obj  # the user's entry, registered first, stays
+            else:
+                raise RegistryError(
+                    f"{self.name} registry: '{key}' is already registered (from {old.module}, {old.file}); "
+                    f"{module} registers it again. Pick another name or register with override=True."
+                )
         try:
             file = inspect.getsourcefile(obj)  # type: ignore[arg-type]
         except TypeError:

@@ -16,7 +16,21 @@ from typing import Any, Callable, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from igniter.build import accepted_params, dataset_kwargs, import_modules, import_object, optimizer_factory, plain, scheduler_factory
+from igniter.build import (
+    DATASET_ARGS,
+    HANDLER_ARGS,
+    OPTIMIZER_ARGS,
+    SCHEDULER_ARGS,
+    STEP_ARGS,
+    accepted_params,
+    dataset_args,
+    import_modules,
+    import_object,
+    optimizer_args,
+    optimizer_factory,
+    plain,
+    scheduler_factory,
+)
 from igniter.distributed.runners import make_runner
 from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, PeriodicEvents, parse_event
@@ -36,10 +50,8 @@ from igniter.registry import (
 
 __all__ = ["validate"]
 
-# Arguments igniter itself passes to factories; not for users to set in params.
-_DATASET_ARGS = {"transform"}
-_OPTIMIZER_ARGS = {"params", "lr", "weight_decay"}
-STEP_ARGS = ("model", "optimizer", "loss_fn", "device", "grad_clip_norm")
+# The arguments igniter passes to factories itself (not for params) are defined once, in
+# igniter.build (STEP_ARGS, DATASET_ARGS, OPTIMIZER_ARGS, ...), and used by the builders too.
 
 
 class _Checker:
@@ -71,15 +83,25 @@ class _Checker:
         )
         return None
 
-    def params(self, fn: Callable | None, params: dict, key: str, reserved: set[str] = frozenset(), top: str = "") -> None:
+    def params(
+        self,
+        fn: Callable | None,
+        params: dict,
+        key: str,
+        reserved: Iterable[str] = (),
+        top: str = "",
+        provided: Iterable[str] = (),
+    ) -> None:
         """Check ``params`` (config key ``key``) against ``fn``'s signature: unknown
-        names, names igniter sets itself, and required names left out (reported
-        under ``top.<name>`` when ``top`` is given, e.g. a dataset's ``root``)."""
+        names, names igniter sets itself (``reserved``), and required names that
+        neither ``params`` nor igniter (``provided``) supply (reported under
+        ``top.<name>`` when ``top`` is given, e.g. a dataset's ``root``)."""
         if fn is None:
             return
+        reserved = set(reserved)
         names, var_kw, required = accepted_params(fn)
-        names -= set(reserved)
-        for p in sorted(required - set(reserved) - set(params)):
+        names -= reserved
+        for p in sorted(required - reserved - set(provided) - set(params)):
             where = f"{top}.{p}" if top and p == "root" else f"{key}.{p}"
             self.add(where, f"{getattr(fn, '__name__', fn)} requires '{p}'")
         for p in params:
@@ -98,9 +120,20 @@ class _Checker:
 def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
     factory = c.name(dataset_registry, f"{key}.name", cfg.name)
     if factory is not None:
-        c.params(factory, dataset_kwargs(cfg, factory), f"{key}.params", _DATASET_ARGS, top=key)
-        if cfg.transforms and "transform" not in accepted_params(factory)[0]:
-            c.add(f"{key}.transforms", f"dataset '{cfg.name}' takes no 'transform' argument", plain(cfg.transforms))
+        what = f"dataset '{cfg.name}' ({getattr(factory, '__name__', factory)})"
+        params = plain(cfg.params)
+        passed, refused = dataset_args(cfg, factory, True if cfg.transforms else None)
+        for p in refused:  # set in the config, but the factory cannot take it
+            if p == "transform":
+                c.add(f"{key}.transforms", f"{what} takes no 'transform' argument", plain(cfg.transforms))
+            elif p == "root":
+                c.add(f"{key}.root", f"{what} takes no 'root' argument; pass the directory in {key}.params under the name it takes", cfg.root)
+        for p in sorted(set(params) & set(DATASET_ARGS)):
+            if p == "transform":
+                c.add(f"{key}.params.transform", f"is set by igniter from {key}.transforms; do not pass it in params", params[p])
+            elif p in passed:
+                c.add(f"{key}.params.{p}", f"given twice: igniter already passes {key}.{p} = {passed[p]!r}; remove one", params[p])
+        c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed)
     if cfg.root is not None and not os.path.isdir(cfg.root):
         c.add(f"{key}.root", "directory does not exist", cfg.root)
     c.positive(f"{key}.subset", cfg.subset, allow_none=True)
@@ -111,15 +144,19 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
 
 def _check_solver(c: _Checker, cfg: DictConfig) -> None:
     try:
-        c.params(optimizer_factory(cfg.name), plain(cfg.params), "solver.params", _OPTIMIZER_ARGS)
+        factory = optimizer_factory(cfg.name)
     except RegistryError as e:
         c.add("solver.name", str(e), cfg.name)
+    else:
+        c.params(factory, plain(cfg.params), "solver.params", OPTIMIZER_ARGS)
+        for p in optimizer_args(cfg, factory)[1]:
+            c.add(f"solver.{p}", f"optimizer '{cfg.name}' takes no '{p}' argument; leave solver.{p} at its default", cfg[p])
     c.positive("solver.lr", cfg.lr)
     c.positive("solver.weight_decay", cfg.weight_decay, strict=False)
     sched = cfg.scheduler
     if sched.name is not None:
         try:
-            c.params(scheduler_factory(sched.name), plain(sched.params), "solver.scheduler.params", {"optimizer"})
+            c.params(scheduler_factory(sched.name), plain(sched.params), "solver.scheduler.params", SCHEDULER_ARGS)
         except RegistryError as e:
             c.add("solver.scheduler.name", str(e), sched.name)
     c.choice("solver.scheduler.step_on", sched.step_on, ["epoch", "iteration"])
@@ -146,7 +183,7 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
     t = cfg.trainer
     c.name(engine_registry, "trainer.engine", t.engine)
     step = c.name(function_registry, "trainer.step", t.step)
-    c.params(step, plain(t.step_params), "trainer.step_params", set(STEP_ARGS))
+    c.params(step, plain(t.step_params), "trainer.step_params", STEP_ARGS)
     c.name(function_registry, "trainer.loss", t.loss)
     c.positive("trainer.max_epochs", t.max_epochs)
     c.positive("trainer.epoch_length", t.epoch_length, allow_none=True)
@@ -168,7 +205,7 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
 
     for i, h in enumerate(cfg.handlers):
         fn = c.name(event_handler_registry, f"handlers[{i}].name", h.name)
-        c.params(fn, plain(h.params), f"handlers[{i}].params", {"ctx"})
+        c.params(fn, plain(h.params), f"handlers[{i}].params", HANDLER_ARGS)
         c.choice(f"handlers[{i}].engine", h.engine, ["trainer", "evaluator"])
         try:
             parse_event(h.event, custom)

@@ -77,3 +77,130 @@ def test_no_suggestion_for_unrelated_name():
     with pytest.raises(RegistryError) as info:
         reg.get("transformer")
     assert "Did you mean" not in str(info.value)
+
+
+# --- built-ins: all registered by `import igniter`; a user's name wins over a built-in ----------
+
+import importlib
+import logging
+import subprocess
+import sys
+
+from igniter.registry import dataset_registry
+
+NAMES_AFTER = r"""
+import importlib, json, pkgutil, sys
+import igniter
+from igniter.registry import REGISTRIES
+before = {k: r.names() for k, r in REGISTRIES.items()}
+failed = []
+for m in pkgutil.walk_packages(igniter.__path__, "igniter."):
+    if m.name.rsplit(".", 1)[-1] == "__main__":
+        continue
+    try:
+        importlib.import_module(m.name)
+    except Exception as e:
+        failed.append(f"{m.name}: {e}")
+after = {k: r.names() for k, r in REGISTRIES.items()}
+print(json.dumps({"before": before, "after": after, "failed": failed}))
+"""
+
+
+def test_import_igniter_registers_every_builtin():
+    """Which names exist does not depend on which igniter modules were imported."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", NAMES_AFTER], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["failed"] == []
+    assert out["before"] == out["after"]
+    assert "gpu_telemetry" in out["before"]["event handler"]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def igniter_log():
+    """INFO records of the 'igniter' logger (a handler of its own: igniter may stop propagation)."""
+    log = logging.getLogger("igniter")
+    handler, level = _Records(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield handler.records
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
+@pytest.fixture
+def restore_datasets():
+    """Import tests/fixtures/original_igniter_example afresh; put igniter's datasets back after."""
+    import igniter  # noqa: F401
+
+    saved = {n: dataset_registry.entry(n) for n in dataset_registry.names()}
+    sys.modules.pop("original_igniter_example", None)
+    yield
+    sys.modules.pop("original_igniter_example", None)
+    for name in dataset_registry.names():  # only the fixture's own: other user modules stay imported
+        if name not in saved and dataset_registry.entry(name).module == "original_igniter_example":
+            dataset_registry.remove(name)
+    for name, entry in saved.items():
+        dataset_registry.register(entry.obj, name, override=True)
+
+
+def test_user_module_replaces_builtin_datasets_and_says_so(restore_datasets, igniter_log):
+    from igniter import datasets as builtin
+
+    assert dataset_registry.get("mnist") is builtin.mnist
+    user = importlib.import_module("original_igniter_example")  # the original Igniter's example registers 'mnist'
+    assert dataset_registry.get("mnist") is user.mnist_dataset
+    assert dataset_registry.get("digits") is user.digits_dataset
+    assert dataset_registry.entry("mnist").module == "original_igniter_example"
+    lines = [r.getMessage() for r in igniter_log if r.levelno == logging.INFO and "replaces" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "dataset registry" in lines[0] and "'mnist'" in lines[0]
+    assert "original_igniter_example" in lines[0] and "igniter.datasets" in lines[0]
+
+    # two registrations from user code: still an error, naming both modules
+    def other(**kwargs):
+        return None
+
+    with pytest.raises(RegistryError, match=r"'mnist' is already registered \(from original_igniter_example"):
+        dataset_registry.register(other, "mnist")
+    assert dataset_registry.get("mnist") is user.mnist_dataset
+
+
+def _made_in(module: str):
+    def factory():
+        return module
+
+    factory.__module__ = module
+    return factory
+
+
+def test_user_entry_wins_whichever_is_registered_first(igniter_log):
+    late_builtin = Registry("thing")
+    user = late_builtin.register(_made_in("my_project.things"), "x")
+    late_builtin.register(_made_in("igniter.things"), "x")  # e.g. a built-in module imported later
+    assert late_builtin.get("x") is user
+    assert any("'x' from my_project.things replaces igniter's built-in from igniter.things" in r.getMessage() for r in igniter_log)
+
+    early_builtin = Registry("thing")
+    early_builtin.register(_made_in("igniter.things"), "x")
+    user = early_builtin.register(_made_in("my_project.things"), "x")
+    assert early_builtin.get("x") is user
+
+
+def test_two_builtins_or_two_user_entries_of_one_name_are_an_error():
+    for module in ("igniter.a", "my_project.a"):
+        reg = Registry("thing")
+        reg.register(_made_in(module), "x")
+        with pytest.raises(RegistryError, match="'x' is already registered"):
+            reg.register(_made_in(module.replace(".a", ".b")), "x")
