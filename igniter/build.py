@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -116,13 +118,34 @@ def plain(node: Any) -> Any:
 def import_modules(names: Iterable[str], key: str = "imports") -> None:
     """Import user modules so their ``@registry`` decorators run.
 
+    The working directory is put on ``sys.path`` first (as ``python -m`` does), so a
+    package in the directory a user runs ``igniter`` from imports without installing it.
+
     Raises:
-        ConfigError: one problem per module that fails to import, naming ``imports[i]``.
+        ConfigError: one problem per module that fails to import, naming ``imports[i]``;
+            for a module that is not found, where igniter looked and how to make it findable.
     """
+    names = list(names)
+    cwd = os.getcwd()
+    if names and cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     problems = []
     for i, name in enumerate(names):
         try:
             importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):  # a module the user's code imports is missing
+                problems.append(Problem(f"{key}[{i}]", f"cannot import: {type(e).__name__}: {e}", name))
+                continue
+            problems.append(
+                Problem(
+                    f"{key}[{i}]",
+                    f"no module named '{e.name}' in the working directory {cwd} or on the Python path "
+                    "(installed packages and PYTHONPATH): install your package (`pip install -e .` in its "
+                    "directory) or add the directory that contains it to PYTHONPATH",
+                    name,
+                )
+            )
         except Exception as e:  # any failure in user code is a config-time error
             problems.append(Problem(f"{key}[{i}]", f"cannot import: {type(e).__name__}: {e}", name))
     if problems:

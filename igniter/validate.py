@@ -102,8 +102,15 @@ class _Checker:
         names, var_kw, required = accepted_params(fn)
         names -= reserved
         for p in sorted(required - reserved - set(provided) - set(params)):
-            where = f"{top}.{p}" if top and p == "root" else f"{key}.{p}"
-            self.add(where, f"{getattr(fn, '__name__', fn)} requires '{p}'")
+            if top and p == "root":  # a dataset that reads files: say which key gives the directory
+                name = str(getattr(fn, "__name__", fn))
+                self.add(
+                    f"{top}.root",
+                    f"dataset '{name}' reads files from a directory: set data.root=/dir/containing/{name.upper()} "
+                    f"(every split) or {top}.root=... (this split only)",
+                )
+                continue
+            self.add(f"{key}.{p}", f"{getattr(fn, '__name__', fn)} requires '{p}'")
         for p in params:
             if p in reserved:
                 self.add(f"{key}.{p}", "is set by igniter; do not pass it in params", params[p])
