@@ -1,8 +1,16 @@
 """Scaling of igniter's launch modes on MNIST + LeNet: samples/s for 1 process vs 2
-processes (spawn and torchrun), one thread per process, over per-process batch sizes.
+processes (spawn and torchrun), over per-process batch sizes, with igniter's default
+threads and with one thread per process.
 
-    python bench/scaling.py --mnist ../shared/data            # full table, ~10 min on 2 cores
+    python bench/scaling.py --mnist ../shared/data            # full table, ~17 min on 2 cores
     python bench/scaling.py --mnist ../shared/data --batches 64 128 --rounds 3
+
+Threads: ``single``, ``spawn`` and ``torchrun`` pin one thread per process
+(``OMP_NUM_THREADS=1``, as in the earlier tables); ``single-default``,
+``spawn-default`` and ``torchrun-default`` run what a user gets: no thread variable in
+the environment, igniter's rule (usable cores / processes on the node, see
+``igniter/distributed/threads.py``; one process keeps PyTorch's default). Each ``-default``
+variant's speed-up is over ``single-default``.
 
 For each per-process batch ``b`` the 1-process run uses global batch ``b`` and the
 2-process runs global batch ``2b`` (same work per process per step). Throughput is
@@ -19,7 +27,7 @@ time, then train): their summed samples/s over ``alone`` is the best speed-up an
 turbo and the hypervisor). ``ddp`` is the same two processes as a hand-written
 ``DistributedDataParallel`` job (gloo, ``DistributedSampler``): what PyTorch itself
 reaches once the processes all-reduce and wait for each other every step.
-Writes ``bench/results/scaling.json``.
+Writes ``bench/results/scaling.json`` (``--output``).
 """
 
 from __future__ import annotations
@@ -48,8 +56,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: igniter variants: name -> (launch mode, one thread per process pinned?)
+IGNITER_VARIANTS = {
+    "single": ("single", True),
+    "spawn": ("spawn", True),
+    "torchrun": ("torchrun", True),
+    "single-default": ("single", False),
+    "spawn-default": ("spawn", False),
+    "torchrun-default": ("torchrun", False),
+}
+MACHINE_VARIANTS = ("alone", "pair", "ddp")
+
+
 def run(variant: str, per_process_batch: int, iterations: int, mnist: str, extra: list[str] = ()) -> float:
-    nproc = 1 if variant == "single" else 2
+    """igniter's training samples/s for ``variant`` (:data:`IGNITER_VARIANTS`)."""
+    mode, pinned = IGNITER_VARIANTS[variant]
+    nproc = 1 if mode == "single" else 2
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "experiment=mnist",
@@ -64,14 +86,17 @@ def run(variant: str, per_process_batch: int, iterations: int, mnist: str, extra
             f"output_dir={tmp}/run",
             *extra,
         ]
-        if variant == "single":
+        if mode == "single":
             cmd = [sys.executable, "-m", "igniter", *args]
-        elif variant == "spawn":
+        elif mode == "spawn":
             cmd = [sys.executable, "-m", "igniter", *args, "runner=spawn", "runner.nproc_per_node=2"]
         else:
             torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
             cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *args, "runner=torchrun"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # pinned: one thread per process; default: no thread setting at all (igniter's rule)
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        if pinned:
+            env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
         if proc.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
@@ -173,8 +198,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="per-process batch sizes")
     parser.add_argument("--iterations", type=int, default=60, help="training iterations per run")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=["single", "spawn", "torchrun", "alone", "pair", "ddp"])
+    parser.add_argument("--variants", nargs="+", default=[*IGNITER_VARIANTS, *MACHINE_VARIANTS],
+                        choices=[*IGNITER_VARIANTS, *MACHINE_VARIANTS])
     parser.add_argument("--extra", nargs="*", default=[], help="more igniter overrides, e.g. runner.bucket_cap_mb=0.02")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "scaling.json", help="where the results JSON goes")
     args = parser.parse_args()
 
     rows = []
@@ -182,16 +209,17 @@ def main() -> None:
         samples: dict[str, list[float]] = {v: [] for v in args.variants}
         for _ in range(args.rounds):
             for v in args.variants:  # alternate: A B C A B C ...
-                if v in ("alone", "pair", "ddp"):
+                if v in MACHINE_VARIANTS:
                     samples[v].append(run_machine(v, b, args.iterations, args.mnist))
                 else:
                     samples[v].append(run(v, b, args.iterations, args.mnist, args.extra))
         med = {v: statistics.median([x for x in s if not math.isnan(x)] or [math.nan]) for v, s in samples.items()}
         row: dict = {"per_process_batch": b, "samples_per_s": med, "all": samples}
         for v in args.variants:
-            if v in ("spawn", "torchrun") and "single" in med:
-                row[f"efficiency_{v}"] = med[v] / (2 * med["single"])
-                row[f"speedup_{v}"] = med[v] / med["single"]
+            base = "single" if IGNITER_VARIANTS.get(v, ("", True))[1] else "single-default"
+            if v in IGNITER_VARIANTS and IGNITER_VARIANTS[v][0] != "single" and base in med:
+                row[f"efficiency_{v}"] = med[v] / (2 * med[base])
+                row[f"speedup_{v}"] = med[v] / med[base]
         for v in ("pair", "ddp"):
             if v in med and "alone" in med:
                 row[f"speedup_{v}"] = med[v] / med["alone"]
@@ -206,14 +234,14 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     """``bench/results/scaling.json``, rewritten after every batch size (a crash keeps the rows so far)."""
     result = {
         "benchmark": "scaling",
-        "workload": "MNIST + lenet, threads=1 per process, gloo",
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "workload": "MNIST + lenet, gloo; threads=1 per process, except *-default: igniter's default threads",
+        "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__, "python": platform.python_version()},
         "iterations": args.iterations,
         "rounds": args.rounds,
         "rows": rows,
     }
-    out = HERE / "results" / "scaling.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.output
+    out.parent.mkdir(parents=True, exist_ok=True)
     # a left-out measurement (NaN) is null in the JSON
     out.write_text(json.dumps(json.loads(json.dumps(result), parse_constant=lambda _: None), indent=2))
     print(f"wrote {out}")

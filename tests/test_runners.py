@@ -243,3 +243,263 @@ def test_runner_settings_rejected_before_spawning(overrides, key, tmp_path, monk
     assert info.value.code == 2
     assert f"  {key}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a runner inside another launcher (torchrun / a multi-task srun step) ----------------------
+
+
+def _torchrun() -> str:
+    return shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+
+
+def test_torchrun_with_runner_single_exits_without_training(tmp_path):
+    """Two torchrun workers with runner=single were two independent runs in one directory, exit 0."""
+    run = tmp_path / "run"
+    cmd = [_torchrun(), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *COMMON, "runner=single", f"output_dir={run}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    problem = next((line for line in proc.stderr.splitlines() if "this process is rank 0 of 2" in line), "")
+    assert "runner.name = 'single'" in problem and "runner=torchrun" in problem, proc.stderr[-3000:]
+    assert "summary:" not in proc.stdout
+    assert not run.exists() or not any(run.iterdir()), f"nothing may be written: {list(run.rglob('*'))}"
+
+
+def test_multi_task_slurm_step_with_runner_single_exits_2(tmp_path):
+    """The environment of task 0 of a 2-task srun step."""
+    env = {**igniter_env(), "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0"}
+    cmd = [sys.executable, "-m", "igniter", *COMMON, "runner=single", f"output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "runner.name = 'single'" in proc.stderr and "runner=slurm" in proc.stderr and "2-task SLURM step" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "env, runner, rejected",
+    [
+        ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}, "single", True),
+        ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}, "spawn", True),
+        ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "single", False),  # a 1-process torchrun
+        ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0"}, "spawn", True),
+        ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}, "single", False),  # srun -n1
+        ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, "spawn", False),  # the sbatch script itself
+        ({}, "single", False),
+    ],
+)
+def test_outer_launcher_rule(env, runner, rejected, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from igniter.config import RunnerConfig
+    from igniter.distributed.runners import make_runner
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = OmegaConf.structured(RunnerConfig(name=runner, nproc_per_node=2 if runner == "spawn" else 1))
+    keys = [p.key for p in make_runner(cfg).validate(here=True)]
+    assert keys.count("runner.name") == (1 if rejected else 0)
+    assert "runner.name" not in [p.key for p in make_runner(cfg).validate(here=False)], "a job submitted elsewhere"
+
+
+# --- threads per process ---------------------------------------------------------------------
+
+PROBE = '''
+from pathlib import Path
+
+import torch
+
+from igniter.registry import event_handler_registry
+
+
+@event_handler_registry("record_threads")
+def record_threads(ctx):
+    def record(engine):
+        Path(ctx.output_dir, f"threads_rank{ctx.rank}.txt").write_text(str(torch.get_num_threads()))
+    return record
+'''
+
+
+def _two_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))[:2]
+
+
+@pytest.mark.parametrize(
+    "extra, omp, expected",
+    [
+        ([], None, max(1, len(_two_cpus()) // 2)),  # the rule: usable cores / 2 processes
+        (["runner.threads_per_process=2"], None, 2),
+        ([], "2", 2),
+    ],
+    ids=["rule", "threads_per_process", "OMP_NUM_THREADS"],
+)
+def test_spawn_processes_share_the_cores(extra, omp, expected, tmp_path):
+    (tmp_path / "threads_probe.py").write_text(PROBE)
+    env = igniter_env()
+    env.pop("OMP_NUM_THREADS")
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
+    run = tmp_path / "run"
+    args = ["imports=[threads_probe]", "handlers=[{name: record_threads, event: STARTED}]", "trainer.max_epochs=1",
+            "trainer.epoch_length=2", "checkpoint.enabled=false", "data.val=null", "logging.loggers=[]",
+            "runner=spawn", "runner.nproc_per_node=2", *extra, f"output_dir={run}"]
+    cpus = _two_cpus()  # the same expectation on any machine: this run may use (up to) 2 CPUs
+    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(run / f"threads_rank{r}.txt").read_text() for r in (0, 1)] == [str(expected)] * 2
+    lines = [line for line in proc.stdout.splitlines() if "threads:" in line]
+    assert len(lines) == 1 and f"threads: {expected} per process" in lines[0], proc.stdout[-2000:]
+    assert f"threads: {expected} per process" in (run / "rank1.log").read_text()
+
+
+def test_thread_choice_rules(monkeypatch):
+    import igniter.distributed.threads as threads
+    from igniter.distributed.threads import ThreadPlan, choose_threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)))
+    for var in ("OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 8)
+    assert choose_threads(ThreadPlan(), 2).threads == 4
+    assert choose_threads(ThreadPlan(), 16).threads == 1
+    assert choose_threads(ThreadPlan(configured=3), 2).threads == 3
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 2)  # never above PyTorch's own default
+    assert choose_threads(ThreadPlan(), 1).threads == 2
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 8)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # srun --cpus-per-task: each task owns its CPUs
+    assert choose_threads(ThreadPlan(cpus_per_process_var="SLURM_CPUS_PER_TASK"), 2).threads == 3
+    assert choose_threads(ThreadPlan(), 2).threads == 4, "only the slurm runner reads it"
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    # torchrun's own OMP_NUM_THREADS=1 (absent from the torchrun process's environment) is not the user's
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(threads, "_initial_environ", lambda pid: {"PATH": "/bin"})
+    choice = choose_threads(ThreadPlan(), 2)
+    assert (choice.source, choice.threads) == ("rule", 4)
+    monkeypatch.setattr(threads, "_initial_environ", lambda pid: {"OMP_NUM_THREADS": "1"})  # the user's 1
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 1)
+    assert choose_threads(ThreadPlan(), 2).source == "OMP_NUM_THREADS"
+    monkeypatch.setattr(threads, "_initial_environ", lambda pid: None)  # unreadable: the user's
+    assert choose_threads(ThreadPlan(), 2).source == "OMP_NUM_THREADS"
+
+
+def test_threads_per_process_must_be_positive(tmp_path, monkeypatch, capsys):
+    from igniter.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["runner=spawn", "runner.threads_per_process=0"])
+    assert info.value.code == 2
+    assert "  runner.threads_per_process = 0" in capsys.readouterr().err
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------
+
+
+def _wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the condition"
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("case", ["background", "repeated"])
+def test_sigint_to_spawn_launcher_stops_the_run_quietly(case, tmp_path):
+    """``background``: started as ``igniter ... &`` from a script (SIGINT inherited as ignored),
+    one ``kill -INT`` to the launcher. ``repeated``: SIGINT to the launcher every 0.1 s until it
+    exits (Ctrl-C pressed again while the run shuts down). Exit 130, no noise."""
+    import signal
+
+    run = tmp_path / "run"
+    args = ["trainer.max_epochs=1000", "logging.progress_bar=false", "runner=spawn", "runner.nproc_per_node=2", f"output_dir={run}"]
+    ignored = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if case == "background" else None
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as o, err.open("w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=igniter_env(), stdout=o, stderr=e,
+                                start_new_session=True, preexec_fn=ignored)
+    try:
+        started = "ignite.engine.engine.Trainer: Engine run starting"
+        logs = [run / "rank0.log", run / "rank1.log"]
+        _wait_for(lambda: all(p.exists() and started in p.read_text() for p in logs), 120, proc)
+        os.kill(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if case == "repeated" and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGINT)
+        rc = proc.poll()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.read_text() + err.read_text()
+    assert rc == 130, text[-3000:]
+    for noise in ("Engine run is terminating due to exception", "Exception ignored", "Traceback"):
+        assert noise not in text, text[-3000:]
+    assert read_metrics(run)["status"] == "interrupted"
+    time.sleep(0.5)
+    assert not _session_processes(proc.pid), "the workers ended with the launcher"
+
+
+def _session_processes(sid: int) -> list[int]:
+    """PIDs of the processes of session ``sid`` still alive (read from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_sigint_scope_takes_back_an_ignored_sigint_and_ignores_it_after_ctrl_c():
+    import signal
+
+    from igniter.distributed.interrupts import raise_interrupt, sigint_scope
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with sigint_scope():
+            assert signal.getsignal(signal.SIGINT) is raise_interrupt
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "restored after a normal end"
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_scope():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler raises in the main thread at the next bytecode
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "shutting down: further SIGINTs are ignored"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ignite_error_line_dropped_for_ctrl_c_only(caplog):
+    from ignite.engine import Engine
+
+    from igniter.distributed.interrupts import quiet_engine_interrupts
+
+    class Quiet(Engine):
+        pass
+
+    def interrupt(engine, batch):
+        raise KeyboardInterrupt
+
+    def fail(engine, batch):
+        raise RuntimeError("real failure")
+
+    caplog.set_level("ERROR")
+    Quiet(interrupt)  # its logger exists
+    quiet_engine_interrupts()
+    with pytest.raises(KeyboardInterrupt):
+        Quiet(interrupt).run([1, 2])
+    with pytest.raises(RuntimeError):
+        Quiet(fail).run([1, 2])
+    messages = [r.getMessage() for r in caplog.records if r.name.endswith(".Quiet")]
+    assert not any(m.endswith("exception: ") for m in messages), messages
+    assert any("Engine run is terminating due to exception: real failure" in m for m in messages), messages

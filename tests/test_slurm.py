@@ -189,3 +189,30 @@ def test_sbatch_template_runs_two_tasks_with_srun(slurm, tmp_path):
 def test_submitit_local_two_tasks_match_single_process(tmp_path):
     """`hydra/launcher=submitit_local`: the SLURM job layout as local processes (no SLURM needed)."""
     two_task_job_matching_single_process("submitit_local", tmp_path)
+
+
+def test_runner_single_in_a_two_task_srun_step_exits_2_but_runs_in_the_batch_script(slurm, tmp_path):
+    """`srun igniter runner=single` in a 2-task job would be two runs in one directory: each task
+    exits 2 naming runner=slurm and nothing is written. The sbatch script itself (the batch step,
+    one process for the whole allocation) may still run runner=single (here: `igniter check`)."""
+    run = tmp_path / "run"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        "env | grep '^SLURM_' | sort > batch_env.txt\n"
+        "python -m igniter check runner=single > batch.txt 2>&1; echo \"batch $?\" >> status.txt\n"
+        f"srun python -m igniter runner=single trainer.max_epochs=1 output_dir={run} > srun.txt 2>&1; echo \"srun $?\" >> status.txt\n"
+    )
+    env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out", str(script)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    status = dict(line.split() for line in (tmp_path / "status.txt").read_text().splitlines())
+    details = "".join(f"--- {n}\n{(tmp_path / n).read_text()[-2000:]}" for n in ("batch_env.txt", "batch.txt", "srun.txt"))
+    assert status["batch"] == "0", details
+    assert status["srun"] != "0", details
+    srun_out = (tmp_path / "srun.txt").read_text()
+    assert srun_out.count("2-task SLURM step") == 2 and "runner=slurm" in srun_out, details
+    assert not run.exists(), "nothing may be written"
+    assert proc.returncode == 0, proc.stderr

@@ -39,6 +39,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from igniter.distributed.elastic import generation_store, uses_agent_store
+from igniter.distributed.interrupts import ignore_sigint, sigint_scope, stop_children
+from igniter.distributed.nesting import outer_launcher_problem
+from igniter.distributed.threads import ThreadPlan, apply_threads, chosen
 from igniter.errors import Problem
 from igniter.registry import runner_registry
 
@@ -94,8 +97,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _call(local_rank: int, fn: Callable[..., Any], *args: Any) -> None:
-    fn(*args)
+def _call(local_rank: int, plan: ThreadPlan, fn: Callable[..., Any], *args: Any) -> None:
+    """Every process's entry, under every runner: its thread count
+    (:mod:`igniter.distributed.threads`), Ctrl-C handling
+    (:mod:`igniter.distributed.interrupts`), then ``fn(*args)``."""
+    apply_threads(plan, idist.get_nproc_per_node())
+    with sigint_scope():
+        fn(*args)
 
 
 class Runner:
@@ -144,7 +152,14 @@ class Runner:
         port = self.cfg.master_port
         if port is not None and not 1024 <= port <= 65535:
             problems.append(Problem("runner.master_port", "expected a port in 1024-65535 (or null: pick a free one)", port))
+        threads = self.cfg.get("threads_per_process")
+        if threads is not None and threads < 1:
+            problems.append(Problem("runner.threads_per_process", "expected a positive number of threads (or null: cores / local processes)", threads))
         return problems
+
+    def thread_plan(self) -> ThreadPlan:
+        """What every process needs to choose its thread count (:mod:`igniter.distributed.threads`)."""
+        return ThreadPlan(configured=self.cfg.get("threads_per_process"))
 
     def parallel_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``idist.Parallel`` for this launch mode."""
@@ -155,7 +170,12 @@ class Runner:
         scheduler: inside a SLURM job (any launch mode) its time-limit and preemption
         signals save a checkpoint (and requeue), see :mod:`igniter.distributed.slurm`.
         A handler that stops the run sets ``trainer.state.stopped_by`` to the exception
-        :func:`igniter.run.train` raises after the engine returns."""
+        :func:`igniter.run.train` raises after the engine returns. Every process logs the
+        thread count it chose into its rank log, which exists by now (only rank 0's
+        reaches the console)."""
+        choice = chosen()
+        if choice is not None:
+            logger.info("%s", choice.describe())
         if "SLURM_JOB_ID" in os.environ:
             from igniter.distributed.slurm import attach_preemption
 
@@ -168,7 +188,7 @@ class Runner:
             RankFailed: a process raised or exited non-zero (the others are stopped).
         """
         with idist.Parallel(**self.parallel_kwargs()) as parallel:
-            parallel.run(_call, fn, *args)
+            parallel.run(_call, self.thread_plan(), fn, *args)
 
 
 @runner_registry("single")
@@ -182,7 +202,8 @@ class SingleRunner(Runner):
                 problems.append(
                     Problem(f"runner.{key}", "the single runner runs one process; choose runner=spawn or torchrun", self.cfg[key])
                 )
-        return problems
+        nested = outer_launcher_problem("single") if here else None
+        return problems + ([nested] if nested else [])
 
 
 @runner_registry("spawn")
@@ -217,7 +238,8 @@ class SpawnRunner(Runner):
             problems.append(
                 Problem("runner.nproc_per_node", f"more processes than the {torch.cuda.device_count()} GPUs of this node", cfg.nproc_per_node)
             )
-        return problems
+        nested = outer_launcher_problem("spawn") if here else None
+        return problems + ([nested] if nested else [])
 
     def parallel_kwargs(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -233,43 +255,27 @@ class SpawnRunner(Runner):
         }
 
     def launch(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Spawn the processes and wait for them. Ctrl-C here is passed on to them
+        (:func:`igniter.distributed.interrupts.stop_children`); from then on this process
+        ignores SIGINT (:mod:`igniter.distributed.interrupts`).
+
+        Raises:
+            RankFailed: a process raised or exited non-zero (the others are stopped).
+            KeyboardInterrupt: after Ctrl-C, once the processes have stopped.
+        """
         from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
         try:
-            super().launch(fn, *args)
+            with sigint_scope():  # before spawning: workers inherit an ignored SIGINT through exec
+                super().launch(fn, *args)
         except KeyboardInterrupt:
-            _stop_children()
+            ignore_sigint()
+            stop_children()
             raise
         except ProcessRaisedException as e:
             raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
         except ProcessExitedException as e:
             raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
-
-
-def _stop_children(stop_s: float = 30.0) -> None:
-    """After Ctrl-C in the launching process, pass SIGINT on to the processes it spawned
-    (a terminal signals the whole process group, and then each of them takes the two as
-    one Ctrl-C, see :func:`igniter.run.interrupt_once`; a SIGINT sent to the launcher
-    alone reaches them only this way). They get ``stop_s`` seconds to write their
-    summaries, then SIGKILL: the launcher never waits on a process that trains on, and
-    checkpoints are written atomically, so a kill loses no file."""
-    import multiprocessing
-    import signal
-    import time
-
-    children = multiprocessing.active_children()
-    for p in children:
-        try:
-            os.kill(p.pid, signal.SIGINT)
-        except ProcessLookupError:  # it has just exited
-            pass
-    deadline = time.monotonic() + stop_s
-    for p in children:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            logger.warning("spawned process %d still running %.0f s after Ctrl-C: killing it", p.pid, stop_s)
-            p.kill()
-            p.join()
 
 
 class JoinRunner(Runner):
@@ -289,7 +295,7 @@ class JoinRunner(Runner):
         self.init_process_group()
         try:
             with idist.Parallel(backend=None) as parallel:
-                parallel.run(_call, fn, *args)
+                parallel.run(_call, self.thread_plan(), fn, *args)
         finally:
             idist.finalize()
 

@@ -31,6 +31,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from igniter.distributed.runners import JoinRunner
+from igniter.distributed.threads import ThreadPlan
 from igniter.errors import Problem
 from igniter.registry import runner_registry
 
@@ -92,6 +93,10 @@ class SlurmRunner(JoinRunner):
             )
             problems.append(Problem("runner.name", f"runner=slurm runs one process per SLURM task, but this is {where}", "slurm"))
         return problems
+
+    def thread_plan(self) -> ThreadPlan:
+        """Each task owns ``--cpus-per-task`` CPUs when SLURM sets ``SLURM_CPUS_PER_TASK``."""
+        return ThreadPlan(configured=self.cfg.get("threads_per_process"), cpus_per_process_var="SLURM_CPUS_PER_TASK")
 
     def join_environment(self) -> None:
         if "SUBMITIT_LOCAL_JOB_ID" in os.environ and "SLURM_JOB_ID" not in os.environ:

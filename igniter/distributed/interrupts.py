@@ -1,0 +1,122 @@
+"""Ctrl-C (SIGINT) in every process of a run: it always stops the run, once, quietly.
+
+* Taken back when inherited as ignored: a shell without job control (a script, ``sh -c``)
+  starts background jobs (``igniter ... &``) with SIGINT ignored, and ``exec`` keeps
+  that, so ``kill -INT`` would reach a launcher and workers that ignore it.
+  :func:`sigint_scope` makes SIGINT raise ``KeyboardInterrupt`` again.
+* Ignored once the process is shutting down after a Ctrl-C: a second SIGINT (the
+  launcher passing the terminal's on, the user pressing again) landing in the summary's
+  aftermath or in interpreter shutdown printed ``Exception ignored in atexit callback
+  ... KeyboardInterrupt``. The launcher still ends its workers (SIGKILL after a grace
+  period), and SIGTERM/SIGKILL still work.
+* Ignite's ``Engine.run`` logs ``Engine run is terminating due to exception: {e}`` at
+  ERROR for any exception, an empty message for Ctrl-C: :func:`quiet_engine_interrupts`
+  drops that line while the exception being handled is a ``KeyboardInterrupt`` (other
+  exceptions keep it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Iterator
+
+__all__ = ["sigint_scope", "ignore_sigint", "quiet_engine_interrupts", "raise_interrupt", "stop_children"]
+
+_ENGINE_LOGGERS = "ignite.engine.engine."  # Engine.logger: logging.getLogger(module + "." + class name)
+_ENGINE_MESSAGE = "Engine run is terminating due to exception"
+
+
+class _DropInterruptLine(logging.Filter):
+    """Drops Ignite's ``Engine run is terminating due to exception`` record when the
+    exception being handled (the record is made inside Ignite's ``except``) is a
+    ``KeyboardInterrupt``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_ENGINE_MESSAGE):
+            return True
+        return not isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
+_FILTER = _DropInterruptLine()
+
+
+def quiet_engine_interrupts() -> None:
+    """Add the filter to every Ignite engine logger that exists now (each engine class
+    has its own logger, made when its first engine is). Called from SIGINT handlers,
+    i.e. just before the ``KeyboardInterrupt`` reaches the engines; idempotent."""
+    for name, log in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith(_ENGINE_LOGGERS) and isinstance(log, logging.Logger) and _FILTER not in log.filters:
+            log.addFilter(_FILTER)
+
+
+def raise_interrupt(signum: int, frame: Any) -> None:
+    """SIGINT handler: Python's default (raise ``KeyboardInterrupt``), with Ignite's empty
+    error line for it silenced."""
+    quiet_engine_interrupts()
+    raise KeyboardInterrupt
+
+
+def ignore_sigint() -> None:
+    """Ignore SIGINT from now on in this process (it is shutting down after a Ctrl-C).
+    Main thread only (Python sets handlers there); elsewhere nothing happens."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def sigint_scope() -> Iterator[None]:
+    """Run a launcher's or a process's share of the run with SIGINT raising
+    ``KeyboardInterrupt`` (:func:`raise_interrupt`), also where it was inherited as
+    ignored. A handler of the caller's own is left in place.
+
+    On ``KeyboardInterrupt`` SIGINT stays ignored (:func:`ignore_sigint`): the process
+    is expected to exit (the CLI exits 130). A library caller that goes on can take it
+    back with ``signal.signal(signal.SIGINT, signal.default_int_handler)``. Otherwise
+    the previous handler is restored on exit. Outside the main thread: does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)  # None: a handler not set from Python, left alone
+    if previous in (signal.SIG_IGN, signal.default_int_handler):
+        signal.signal(signal.SIGINT, raise_interrupt)
+    interrupted = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted = True
+        ignore_sigint()
+        raise
+    finally:
+        if not interrupted and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def stop_children(stop_s: float = 30.0) -> None:
+    """After Ctrl-C in the launching process, pass SIGINT on to the processes it spawned
+    (a terminal signals the whole process group, and then each of them takes the two as
+    one Ctrl-C, see :func:`igniter.run.interrupt_once`; a SIGINT sent to the launcher
+    alone reaches them only this way). They get ``stop_s`` seconds (wall clock) to write
+    their summaries, then SIGKILL: the launcher never waits on a process that trains on,
+    and checkpoints are written atomically, so a kill loses no file."""
+    import multiprocessing
+    import os
+    import time
+
+    children = multiprocessing.active_children()
+    for p in children:
+        try:
+            os.kill(p.pid, signal.SIGINT)
+        except ProcessLookupError:  # it has just exited
+            pass
+    deadline = time.monotonic() + stop_s
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            logging.getLogger("igniter").warning("spawned process %d still running %.0f s after Ctrl-C: killing it", p.pid, stop_s)
+            p.kill()
+            p.join()
