@@ -235,6 +235,9 @@ class RunnerConfig:
     ``bucket_cap_mb`` (MB, ``None``: PyTorch's 25) and ``gradient_as_bucket_view``
     are passed to ``DistributedDataParallel``: smaller buckets start all-reducing
     earlier in the backward pass; bucket views save a gradient copy per step.
+    ``threads_per_process``: PyTorch intra-op threads of each process; ``None``:
+    ``OMP_NUM_THREADS`` if the user set it, else usable cores / processes on the node
+    (see :mod:`igniter.distributed.threads`).
     """
 
     name: str = "single"
@@ -247,6 +250,7 @@ class RunnerConfig:
     timeout_s: float = 600.0
     bucket_cap_mb: Optional[float] = None
     gradient_as_bucket_view: bool = True
+    threads_per_process: Optional[int] = None
 
 
 @dataclass
