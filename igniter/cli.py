@@ -16,6 +16,7 @@ import importlib
 import importlib.resources
 import itertools
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -485,6 +486,8 @@ _PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "versi
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``igniter`` and ``python -m igniter``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # `igniter ... &` from a script: Ctrl-C/kill -INT must work
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv and argv[0] in SUBCOMMANDS:
         sys.exit(_run_subcommand(argv[0], argv[1:]))
     args = _hydra_args(argv)

@@ -13,8 +13,18 @@ EXIT_CONFIG = 2
 #: Exit status after Ctrl-C: 128 + SIGINT, the shell's convention for a process ended by SIGINT.
 EXIT_INTERRUPTED = 130
 
+class _NoValue:
+    """The type of :data:`NO_VALUE`: one instance, kept as itself through pickling."""
+
+    def __reduce__(self) -> str:
+        return "NO_VALUE"
+
+    def __repr__(self) -> str:
+        return "NO_VALUE"
+
+
 #: ``Problem.value`` when there is no value to show (e.g. a required key left out).
-NO_VALUE: Any = object()
+NO_VALUE: Any = _NoValue()
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,9 @@ class ConfigError(Exception):
         self.problems = list(problems)
         self.header = header
         super().__init__(str(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its problems (spawned workers report through pickles)
+        return (type(self), (self.problems, self.header))
 
     def __str__(self) -> str:
         n = len(self.problems)

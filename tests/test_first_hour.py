@@ -131,11 +131,12 @@ def test_imports_find_a_package_in_the_working_directory(tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text(
         "import torch\nfrom igniter.registry import model_registry\n\n"
-        "@model_registry('lab_mlp')\ndef lab_mlp():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n"
+        "@model_registry('lab_mlp')\ndef lab_mlp(in_features=64, hidden=(), num_classes=10):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, num_classes))\n"
     )
     env_path = os.environ.get("PYTHONPATH", "")
     assert str(tmp_path) not in env_path
-    proc = run_igniter(["check", "imports=[my_lab]", "model.name=lab_mlp", "model.params={}"], tmp_path)
+    proc = run_igniter(["check", "imports=[my_lab]", "model.name=lab_mlp"], tmp_path)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -143,3 +144,23 @@ def test_an_import_that_fails_says_where_igniter_looked(tmp_path):
     proc = run_igniter(["check", "imports=[no_such_lab_package]"], tmp_path)
     assert proc.returncode == 2
     assert str(Path(tmp_path).resolve()) in proc.stderr and "pip install -e ." in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_spawned_workers_report_bad_input_as_one_paragraph(tmp_path):
+    """Under runner=spawn the error is raised in a worker: it still reaches the user as
+    the same paragraph and exit 2 (not 'rank 1 failed' with a traceback, exit 1)."""
+    spawn = ["runner=spawn", "runner.nproc_per_node=2", *SHORT]
+    run = tmp_path / "step"
+    proc = run_igniter([*spawn, "model=lenet", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "float32[16, 64]" in proc.stderr, proc.stderr  # the per-process batch: 32 / 2
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    run = tmp_path / "resume"
+    proc = run_igniter([*spawn, f"resume={garbage}", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "not a PyTorch checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert "NO_VALUE" not in proc.stderr and "object at 0x" not in proc.stderr
+    assert not run.exists()

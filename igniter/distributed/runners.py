@@ -42,6 +42,7 @@ from igniter.distributed.elastic import generation_store, uses_agent_store
 from igniter.distributed.interrupts import ignore_sigint, sigint_scope, stop_children
 from igniter.distributed.nesting import outer_launcher_problem
 from igniter.distributed.threads import ThreadPlan, apply_threads, chosen
+from igniter.distributed.worker_errors import RecordConfigErrors, first_config_error, recorded_config_errors
 from igniter.errors import Problem
 from igniter.registry import runner_registry
 
@@ -265,17 +266,19 @@ class SpawnRunner(Runner):
         """
         from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-        try:
-            with sigint_scope():  # before spawning: workers inherit an ignored SIGINT through exec
-                super().launch(fn, *args)
-        except KeyboardInterrupt:
-            ignore_sigint()
-            stop_children()
-            raise
-        except ProcessRaisedException as e:
-            raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
-        except ProcessExitedException as e:
-            raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
+        with recorded_config_errors() as errors:
+            try:
+                with sigint_scope():  # before spawning: workers inherit an ignored SIGINT through exec
+                    super().launch(RecordConfigErrors(errors, fn), *args)
+            except KeyboardInterrupt:
+                ignore_sigint()
+                stop_children()
+                raise
+            except (ProcessRaisedException, ProcessExitedException) as e:
+                bad_input = first_config_error(errors)  # a worker's ConfigError: exit 2 with its paragraph
+                if bad_input is not None:
+                    raise bad_input from None
+                raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
 
 
 class JoinRunner(Runner):
