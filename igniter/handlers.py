@@ -156,6 +156,11 @@ def attach_progress(ctx: Any) -> None:
     Ignite re-renders the loss postfix on every update, and a bar kept per epoch is a
     new ``tqdm`` and a forced redraw per epoch, ~1 ms each, which costs more than a small
     model's training steps (measured with ``bench/overhead.py``).
+
+    Lines printed while it is drawn (the validation line: its handler runs before the bar's
+    close) go through ``tqdm.write`` (:mod:`igniter.console`), above the bar. A run stopped
+    early (NaN guard, early stopping, preemption) never ends its epoch: the bar is closed
+    at ``TERMINATE`` too, before the final validation and summary lines.
     """
     trainer, cfg = ctx.trainer, ctx.cfg
     show_bar = cfg.logging.progress_bar
@@ -168,6 +173,7 @@ def attach_progress(ctx: Any) -> None:
             output_transform=lambda out: {"loss": out["loss"]} if isinstance(out, dict) else out,
             event_name=Events.ITERATION_COMPLETED(event_filter=_throttled(0.25)),
         )
+        trainer.add_event_handler(Events.TERMINATE, bar._close)  # Ignite's own close; a no-op once closed
         return
     @trainer.on(PeriodicEvents.LOG)
     def _log_line(engine: Engine) -> None:
