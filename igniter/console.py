@@ -22,14 +22,32 @@ from typing import Any, Callable, ContextManager, TextIO
 
 from tqdm.std import tqdm  # already imported by torch (torch.hub): no start-up cost
 
-__all__ = ["setup_logging", "TqdmConsoleHandler", "bars_cleared", "route_warnings"]
+__all__ = ["setup_logging", "TqdmConsoleHandler", "bars_cleared", "route_warnings", "close_bars"]
+
+
+#: Ignite's engines log this at ERROR for every exception that ends a run; igniter reports
+#: the failure itself (a paragraph, or the traceback), so the console skips it (the rank log keeps it).
+_IGNITE_TERMINATING = ("Engine run is terminating due to exception", "Current run is terminating due to exception")
 
 
 class _ConsoleFilter(logging.Filter):
-    """igniter's own INFO lines, and warnings from everyone else."""
+    """igniter's own INFO lines, and warnings from everyone else; never a record logged with
+    ``extra={"console": False}`` (a traceback meant for the rank log only) or Ignite's
+    "terminating due to exception" line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):
+            return False
+        if record.name.startswith("ignite.engine") and str(record.msg).startswith(_IGNITE_TERMINATING):
+            return False
         return record.name.startswith("igniter") or record.levelno >= logging.WARNING
+
+
+def close_bars() -> None:
+    """Close every live progress bar (a run ended by an exception never reaches the
+    events that close its bar; what is printed next must not glue onto it)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def bars_cleared(stream: TextIO | None) -> ContextManager[Any]:

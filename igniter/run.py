@@ -12,7 +12,6 @@ import logging
 import math
 import shlex
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from igniter.build import (
+    StepArgs,
     build_dataset,
     build_metrics,
     build_model,
@@ -37,6 +37,7 @@ from igniter.build import (
     import_object,
     plain,
 )
+from igniter.console import close_bars, setup_logging
 from igniter.distributed import make_runner
 from igniter.distributed.sampler import ShardedSampler
 from igniter.events import PeriodicEvents, fire_periodic_events, parse_event
@@ -51,6 +52,7 @@ from igniter.handlers import (
     flush_checkpoints,
     save_now,
 )
+from igniter.preflight import StepFailed, guard_first_step
 from igniter.resume import CheckpointInvalid, check_checkpoint, checkpoint_files, select_checkpoint
 from igniter.summary import StepTimer, attach_handler_profiler, draw_curves, handler_profile, record_first_iteration, summary_table, time_split
 from igniter.telemetry import gpu_telemetry
@@ -97,32 +99,6 @@ class RunContext:
     @property
     def per_process_batch_size(self) -> int:
         return self.cfg.data.loader.batch_size // self.world_size
-
-
-class _ConsoleFilter(logging.Filter):
-    """igniter's own INFO lines, and warnings from everyone else."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.name.startswith("igniter") or record.levelno >= logging.WARNING
-
-
-def setup_logging(output_dir: Path, rank: int, level: str = "INFO") -> None:
-    """Every rank appends to ``<run dir>/rank{rank}.log``; only rank 0 also logs to stdout."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(output_dir / f"rank{rank}.log", mode="a")
-    file_handler.setFormatter(fmt)
-    root.addHandler(file_handler)
-    if rank == 0:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("[igniter] %(message)s"))
-        console.addFilter(_ConsoleFilter())
-        root.addHandler(console)
-    root.setLevel(level)
 
 
 def make_loader(dataset: Dataset, batch_size: int, cfg: DictConfig, train: bool, seed: int) -> DataLoader:
@@ -180,16 +156,13 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
         val_batch = loader_cfg.val_batch_size or loader_cfg.batch_size
         val_loader = make_loader(val_set, val_batch, loader_cfg, False, cfg.trainer.seed)
 
-    available = {
-        "model": model,
-        "optimizer": optimizer,
-        "loss_fn": loss_fn,
-        "device": device,
-        "grad_clip_norm": cfg.trainer.grad_clip_norm,
-    }
+    # What step/engine/metric factories may ask for by name: one definition (validate reserves the same names).
+    available = StepArgs(
+        model=model, optimizer=optimizer, loss_fn=loss_fn, device=device, grad_clip_norm=cfg.trainer.grad_clip_norm
+    ).as_dict()
     step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
     step_timer = StepTimer()
-    trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step_timer.wrap(step)})
+    trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step_timer.wrap(guard_first_step(step, cfg, "training"))})
     step_timer.attach(trainer)
     trainer.register_events(*PeriodicEvents, event_to_attr={e: "iteration" for e in PeriodicEvents})
     user_events = [import_object(path) for path in cfg.trainer.custom_events]
@@ -201,7 +174,7 @@ def build_run(cfg: DictConfig, output_dir: Path) -> RunContext:
         eval_available = {**available, "model": getattr(model, "module", model)}
         eval_step = call_with(function_registry.get(cfg.evaluation.step, "evaluation.step"), eval_available)
         evaluator = call_with(
-            engine_registry.get(cfg.evaluation.engine, "evaluation.engine"), {"process_function": eval_step}
+            engine_registry.get(cfg.evaluation.engine, "evaluation.engine"), {"process_function": guard_first_step(eval_step, cfg, "evaluation")}
         )
         for name, metric in build_metrics(cfg.evaluation.metrics, available).items():
             metric.attach(evaluator, name)
@@ -338,8 +311,13 @@ def interrupt_once(window_s: float = 1.0) -> Iterator[None]:
     ``window_s`` seconds of the first is ignored: under ``runner=spawn`` a terminal's
     Ctrl-C reaches every process directly and once more through the launcher, and the
     echo must not cut short the summary the first one started. A deliberate second
-    Ctrl-C later still interrupts. Only the main thread can set signal handlers:
+    Ctrl-C later still interrupts. Ignite's empty ``Engine run is terminating due to
+    exception:`` error line for the ``KeyboardInterrupt`` is dropped. Once the run has
+    left this context by Ctrl-C, its process ignores SIGINT while it shuts down (see
+    :mod:`igniter.distributed.interrupts`). Only the main thread can set signal handlers:
     elsewhere (training in a thread) this does nothing."""
+    from igniter.distributed.interrupts import quiet_engine_interrupts
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -349,6 +327,7 @@ def interrupt_once(window_s: float = 1.0) -> Iterator[None]:
         now = time.monotonic()
         if now - last["t"] >= window_s:
             last["t"] = now
+            quiet_engine_interrupts()  # the engines exist by now; Ignite logs in its except clause
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -466,9 +445,13 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
     interrupted = False
     try:
         _run_engine(ctx)
+    except StepFailed as e:  # one paragraph on the console (by the CLI), the traceback in rank{N}.log only
+        logger.error("the first step failed:", exc_info=e.__cause__, extra={"console": False})
+        raise
     except KeyboardInterrupt:  # Ctrl-C: keep what is on disk, write the summary, then exit 130
         interrupted = True
     finally:
+        close_bars()
         if checkpointer is not None:
             flush_checkpoints(checkpointer)
         for lg in loggers:
