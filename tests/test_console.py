@@ -127,6 +127,7 @@ class _Tmux:
         subprocess.run([*self.base, "kill-server"], capture_output=True, timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
 @pytest.mark.parametrize(
     "columns, probe",

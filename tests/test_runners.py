@@ -54,6 +54,7 @@ def spawn_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return cwd, proc
 
 
+@pytest.mark.slow
 def test_spawn_two_processes_matches_single(reference, spawn_job):
     cwd, proc = spawn_job
     (run,) = [p for p in (cwd / "outputs").glob("*/*")]
@@ -61,6 +62,7 @@ def test_spawn_two_processes_matches_single(reference, spawn_job):
     assert "world size 2, backend gloo" in proc.stdout and "per-process batch 16" in proc.stdout
 
 
+@pytest.mark.slow
 def test_spawn_rank_discipline_one_run_dir(spawn_job):
     cwd, proc = spawn_job
     runs = [p for p in (cwd / "outputs").glob("*/*")]
@@ -78,6 +80,7 @@ def test_spawn_rank_discipline_one_run_dir(spawn_job):
     assert proc.stdout.count("summary:") == 1 and "samples/s" in proc.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_matches_single(reference, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *COMMON, "runner=torchrun"]
@@ -118,6 +121,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple
     return results
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_match_single(reference, tmp_path):
     procs = _launch_nodes([[], []], "127.0.0.1", tmp_path, [{}, {}])
     for code, out, err in _wait_all(procs):
@@ -168,6 +172,7 @@ def two_hosts():
             _sh("ip", "netns", "del", ns)
 
 
+@pytest.mark.slow
 def test_two_hosts_in_network_namespaces_match_single(reference, tmp_path, two_hosts):
     prefixes = [["ip", "netns", "exec", ns] for ns in NETNS]
     envs = [{"GLOO_SOCKET_IFNAME": veth} for veth in VETH]
@@ -179,6 +184,7 @@ def test_two_hosts_in_network_namespaces_match_single(reference, tmp_path, two_h
     assert_same_weights(reference, final_weights(tmp_path / "node0"))
 
 
+@pytest.mark.slow
 def test_two_spawn_jobs_at_once_both_finish(tmp_path):
     procs = []
     for i in range(2):
@@ -191,6 +197,7 @@ def test_two_spawn_jobs_at_once_both_finish(tmp_path):
         assert read_metrics(tmp_path / f"job{i}" / "run")["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_dead_rank_ends_the_job(tmp_path):
     marker = f"output_dir={tmp_path / 'failing_run'}"
     args = ["imports=[my_project]", "trainer.step=fail_on_rank", *COMMON, "runner=spawn", "runner.nproc_per_node=2", marker]
@@ -252,6 +259,7 @@ def _torchrun() -> str:
     return shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
 
 
+@pytest.mark.slow
 def test_torchrun_with_runner_single_exits_without_training(tmp_path):
     """Two torchrun workers with runner=single were two independent runs in one directory, exit 0."""
     run = tmp_path / "run"
@@ -324,6 +332,7 @@ def _two_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))[:2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, omp, expected",
     [
@@ -406,6 +415,7 @@ def _wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["background", "repeated"])
 def test_sigint_to_spawn_launcher_stops_the_run_quietly(case, tmp_path):
     """``background``: started as ``igniter ... &`` from a script (SIGINT inherited as ignored),

@@ -20,6 +20,8 @@ import torch
 from conftest import REPO, igniter_env, read_metrics, run_igniter
 from test_runners import COMMON, assert_same_weights, final_weights
 
+pytestmark = pytest.mark.slow  # a real SLURM cluster started by the fixture, jobs of several processes
+
 NEEDED = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
 
 
