@@ -1,22 +1,33 @@
 """``igniter eval`` and ``igniter export``: use a finished run's weights.
 
-    igniter eval <run dir | checkpoint> [key=value ...]     # e.g. data.val.subset=1000 runner.name=spawn
+    igniter eval <run dir | checkpoint> [key=value ...]     # e.g. data.val.subset=1000 runner=spawn
     igniter export <checkpoint> --format safetensors [--output model.safetensors]
 
-``eval`` rebuilds the model from the run's saved ``config.yaml`` (dotted
-overrides merged on top and validated like any config), loads the weights
-safely (``torch.load(weights_only=True)``), runs only the evaluator on the
-validation set with the configured runner (so ``runner.name=spawn
-runner.nproc_per_node=2`` evaluates in parallel), prints the metrics and writes
-them to ``<run dir>/eval_metrics.json``. Given a run directory it uses the
-newest ``last_checkpoint_*.pt`` (the run's final weights).
+``eval`` first reads the checkpoint safely (``torch.load(weights_only=True)``,
+see :func:`igniter.resume.load_checkpoint`), then rebuilds the run's config from
+its saved ``config.yaml`` with the overrides applied as in training: config-group
+choices (``runner=spawn``, ``model=lenet``, ``data=mnist``, ``solver=sgd``,
+``experiment=mnist``) replace their node with the group's file from
+``igniter.configs``, then dotted overrides (``runner.nproc_per_node=2``) are merged
+on top; the result is validated like any config. It checks that the weights fit
+the model, runs only the evaluator on the validation set with the configured
+runner (so ``runner=spawn runner.nproc_per_node=2`` evaluates in parallel), prints
+the metrics and writes them to ``<run dir>/eval_metrics.json``. Given a run
+directory it uses the newest ``last_checkpoint_*.pt`` (the run's final weights).
 
 ``export`` writes the model weights alone with ``safetensors`` for use outside
-igniter (``safetensors.torch.load_file``).
+igniter (``safetensors.torch.load_file``), with the permissions of any file the
+user creates (``0o666`` minus the umask), written atomically.
+
+Bad input (an unreadable checkpoint, a missing run config, a bad override, weights
+that do not fit the model) is reported in one paragraph naming the file, exit
+status 2, nothing written.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib.resources
 import json
 import sys
 from pathlib import Path
@@ -28,17 +39,43 @@ from omegaconf import DictConfig, OmegaConf
 
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
 
-__all__ = ["model_state", "evaluate", "eval_main", "export_main"]
+__all__ = ["model_state", "read_weights", "evaluate", "eval_main", "export_main"]
 
 
-def model_state(ckpt: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+def model_state(ckpt: Any) -> Mapping[str, torch.Tensor]:
     """The model's state dict inside a checkpoint: ``ckpt["model"]`` for ``last_*`` files,
-    the file itself for ``best_model_*`` files (Ignite stores a single object unwrapped)."""
+    the file itself for ``best_model_*`` files (Ignite stores a single object unwrapped).
+
+    Raises:
+        ValueError: ``ckpt`` holds no model weights (the message reads after the file name).
+    """
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"holds a {type(ckpt).__name__}, not model weights")
     if "model" in ckpt and isinstance(ckpt["model"], Mapping):
         return ckpt["model"]
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return ckpt
-    raise ValueError(f"no model weights in this checkpoint (entries: {', '.join(map(str, ckpt))})")
+    raise ValueError(f"has no model weights (entries: {', '.join(map(str, ckpt)) or 'none'})")
+
+
+def read_weights(path: Path) -> Mapping[str, torch.Tensor]:
+    """The model weights in checkpoint ``path``, loaded safely (no code from the file runs).
+
+    Raises:
+        CheckpointInvalid: the file cannot be opened, is not a PyTorch checkpoint, holds
+            pickled Python objects, or has no model weights; the message reads after
+            the file's path (see :func:`igniter.resume.load_checkpoint`).
+    """
+    from igniter.resume import CheckpointInvalid, load_checkpoint
+
+    try:
+        return model_state(load_checkpoint(path))
+    except ValueError as e:
+        raise CheckpointInvalid(str(e)) from None
+
+
+def _checkpoint_error(path: Path | str, error: Exception, header: str) -> ConfigError:
+    return ConfigError([Problem("checkpoint", f"{path} {error}")], header)
 
 
 def _locate(target: Path) -> tuple[Path, Path]:
@@ -55,16 +92,67 @@ def _locate(target: Path) -> tuple[Path, Path]:
     raise ConfigError([Problem("run", "no such run directory or checkpoint file", str(target))], "cannot evaluate")
 
 
-def _load_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    from igniter.cli import plain_config
+def _apply_choice(cfg: DictConfig, schema: DictConfig, group: str, choice: str) -> None:
+    """Put config group ``group``'s option ``choice`` (``igniter.configs/<group>/<choice>.yaml``)
+    into ``cfg`` as Hydra would: the group's node replaced by the schema's defaults with the
+    file merged on top; a ``# @package _global_`` file (experiments) is merged at the root
+    after the group choices of its ``defaults`` list (``override /model: lenet``)."""
+    from igniter.config import CONFIG_MODULE
+    from igniter.registry import suggest
+
+    folder = importlib.resources.files(CONFIG_MODULE) / group
+    options = sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    if choice not in options:
+        expected = f"no such option in config group '{group}' (available: {', '.join(options)}).{suggest(choice, options)}"
+        raise ConfigError([Problem(group, expected, choice)], "cannot evaluate")
+    text = (folder / f"{choice}.yaml").read_text()
+    node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    defaults = node.pop("defaults", None) or []
+    for entry in defaults:
+        for key, value in (entry.items() if isinstance(entry, Mapping) else []):  # "_self_" entries: no choice
+            _apply_choice(cfg, schema, str(key).split()[-1].strip("/"), str(value))
+    if "@package _global_" in text:
+        cfg.merge_with(node)
+    else:
+        cfg[group] = OmegaConf.merge(schema[group], node)
+
+
+def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictConfig:
+    """The run's saved config with ``overrides`` applied (group choices first, then dotted
+    keys, as Hydra orders them), validated and resolved.
+
+    Raises:
+        ConfigError: no ``config.yaml`` in ``run_dir``, a bad override, an invalid config.
+    """
+    from igniter.cli import _config_groups, plain_config
     from igniter.config import IgniterConfig
     from igniter.validate import validate
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise ConfigError([Problem("run", f"{path} not found: is this an igniter run directory?", str(run_dir))], "cannot evaluate")
+        where = f"{checkpoint} is not inside an igniter run directory (<run dir>/checkpoints/<file>)"
+        raise ConfigError([Problem("run", f"{path} not found: {where}", str(run_dir))], "cannot evaluate")
+    groups = _config_groups() - {"hydra"}
+    choices, dotted = [], []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+") in groups:
+            choices.append((key.lstrip("+"), value))
+        elif "/" in key:
+            raise ConfigError([Problem(key, f"not a config group igniter eval uses (groups: {', '.join(sorted(groups))})", value)], "cannot evaluate")
+        else:
+            dotted.append(override)
+    schema = OmegaConf.structured(IgniterConfig)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(IgniterConfig), OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+    except Exception as e:
+        raise ConfigError([Problem("run", f"{path} is not a valid igniter config: {str(e).splitlines()[0]}", str(run_dir))], "cannot evaluate") from None
+    try:
+        for group, choice in choices:
+            _apply_choice(cfg, schema, group, choice)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+    except ConfigError:
+        raise
     except Exception as e:
         key = getattr(e, "full_key", None) or "overrides"
         raise ConfigError([Problem(str(key), str(e).splitlines()[0])], "cannot evaluate") from None
@@ -74,8 +162,29 @@ def _load_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     return plain_config(cfg)
 
 
+def _check_fits(cfg: DictConfig, state: Mapping[str, torch.Tensor], checkpoint: Path) -> None:
+    """Build the model on the CPU here and check the weights fit it, before any process starts."""
+    from igniter.build import build_model
+    from igniter.registry import RegistryError
+    from igniter.resume import CheckpointInvalid, check_model_state
+
+    if cfg.data.val is None:
+        raise ConfigError([Problem("data.val", "no validation dataset to evaluate on: set data.val (e.g. data.val.name=...)")], "cannot evaluate")
+    try:
+        check_model_state(state, build_model(cfg.model))
+    except CheckpointInvalid as e:
+        raise _checkpoint_error(checkpoint, e, "cannot evaluate") from None
+    except RegistryError as e:
+        raise ConfigError([Problem("model.name", str(e))], "cannot evaluate") from None
+
+
 def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
-    """Every process: build, load the weights, run the evaluator; rank 0 prints and writes ``output``."""
+    """Every process: build, load the weights, run the evaluator; rank 0 prints and writes ``output``.
+
+    Raises:
+        ConfigError: no validation dataset, or the checkpoint cannot be read or does not
+            fit the model (:func:`eval_main` checks both before starting processes).
+    """
     from igniter.resume import CheckpointInvalid
     from igniter.run import build_run
 
@@ -83,37 +192,67 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
     if ctx.evaluator is None:
         raise ConfigError([Problem("data.val", "no validation dataset to evaluate on")], "cannot evaluate")
     try:
-        state = model_state(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        getattr(ctx.model, "module", ctx.model).load_state_dict(state)
-    except (CheckpointInvalid, ValueError, RuntimeError) as e:
-        raise ConfigError([Problem("checkpoint", f"{checkpoint}: {str(e).splitlines()[0]}")], "cannot evaluate") from None
+        getattr(ctx.model, "module", ctx.model).load_state_dict(read_weights(Path(checkpoint)))
+    except (CheckpointInvalid, RuntimeError) as e:
+        raise _checkpoint_error(checkpoint, CheckpointInvalid(str(e).splitlines()[0]), "cannot evaluate") from None
     ctx.evaluator.run(ctx.val_loader)
     metrics = {k: float(v) for k, v in ctx.evaluator.state.metrics.items()}
     if idist.get_rank() == 0:
         result = {"checkpoint": str(checkpoint), "samples": len(ctx.val_set), "world_size": idist.get_world_size(), "metrics": metrics}
         Path(output).write_text(json.dumps(result, indent=2))
         print(" ".join(f"{k}={v:.6f}" for k, v in metrics.items()) + f"  ({len(ctx.val_set)} samples, {checkpoint})")
+    # build_run's DDP-wrapped model holds the process group; kept alive by reference cycles
+    # (engine handlers) until interpreter exit, after the group is destroyed, it made about
+    # one run in ten abort there ("terminate called without an active exception", SIGABRT).
+    del ctx
+    gc.collect()
+    if idist.get_world_size() > 1:
+        idist.barrier()  # no rank leaves before every rank is done, as at the end of training
 
 
 def eval_main(argv: list[str]) -> int:
-    """``igniter eval <run dir | checkpoint> [key=value ...]``."""
+    """``igniter eval <run dir | checkpoint> [key=value ...]``.
+
+    Returns:
+        0; 2 (printed in one paragraph, nothing written) when the target is not a run
+        directory or checkpoint, the checkpoint cannot be read or does not fit the
+        model, the run's ``config.yaml`` is missing or an override is bad; 1 when a
+        process of the evaluation fails.
+    """
     from igniter.distributed import make_runner
+    from igniter.distributed.runners import RankFailed
+    from igniter.resume import CheckpointInvalid
 
     if not argv or argv[0].startswith("-"):
         print("usage: igniter eval <run dir | checkpoint> [key=value ...]", file=sys.stderr)
         return EXIT_CONFIG
     try:
         run_dir, checkpoint = _locate(Path(argv[0]))
-        cfg = _load_config(run_dir, argv[1:])
+        try:  # the checkpoint first: its problem is the one to report, not the config's
+            state = read_weights(checkpoint)
+        except CheckpointInvalid as e:
+            raise _checkpoint_error(checkpoint, e, "cannot evaluate") from None
+        cfg = _load_config(run_dir, argv[1:], checkpoint)
+        _check_fits(cfg, state, checkpoint)
+        del state
         make_runner(cfg.runner).launch(evaluate, cfg, str(checkpoint), str(run_dir / "eval_metrics.json"))
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_CONFIG
+    except RankFailed as e:
+        print(f"igniter: the evaluation failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def export_main(argv: list[str]) -> int:
-    """``igniter export <checkpoint> --format safetensors [--output PATH]``."""
+    """``igniter export <checkpoint> --format safetensors [--output PATH]``.
+
+    Returns:
+        0; 2 (printed in one paragraph, nothing written) when the checkpoint cannot be
+        read, has no model weights, or its weights cannot be stored as safetensors, or
+        the output cannot be written or would replace the checkpoint.
+    """
     import argparse
 
     parser = argparse.ArgumentParser(prog="igniter export", description="Write a checkpoint's model weights alone.")
@@ -121,14 +260,30 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=["safetensors"], default="safetensors")
     parser.add_argument("--output", type=Path, default=None, help="default: the checkpoint's name with .safetensors")
     args = parser.parse_args(argv)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from igniter.io import atomic_write
+    from igniter.resume import CheckpointInvalid
+
+    output: Path = args.output or args.checkpoint.with_suffix(".safetensors")
     try:
-        state = model_state(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    except Exception as e:
-        print(f"igniter export: cannot read {args.checkpoint}: {str(e).splitlines()[0]}", file=sys.stderr)
+        try:
+            state = read_weights(args.checkpoint)
+        except CheckpointInvalid as e:
+            raise _checkpoint_error(args.checkpoint, e, "cannot export") from None
+        if output.resolve() == args.checkpoint.resolve():
+            raise ConfigError([Problem("--output", "is the checkpoint itself: choose another file", str(output))], "cannot export")
+        try:
+            data = save({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+        except (ValueError, RuntimeError) as e:
+            reason = " ".join(str(e).split()).split(". ")[0]
+            raise _checkpoint_error(args.checkpoint, CheckpointInvalid(f"cannot be stored as safetensors: {reason}"), "cannot export") from None
+        try:
+            atomic_write(output, lambda f: f.write(data))
+        except OSError as e:
+            raise ConfigError([Problem("--output", f"cannot write {output}: {e.strerror or e}", str(output))], "cannot export") from None
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
         return EXIT_CONFIG
-    output = args.output or args.checkpoint.with_suffix(".safetensors")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(output))
     print(f"wrote {output} ({len(state)} tensors)")
     return 0
