@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from igniter.config import CONFIG_MODULE, register_schema, unknown_keys
-from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, NO_VALUE, ConfigError, Problem
+from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, NO_VALUE, ConfigError, Problem, TrainingDiverged
 from igniter.registry import suggest
 
 __all__ = ["main", "compose_config", "sweep_points", "config_problems", "launch"]
@@ -334,7 +334,6 @@ def _task(cfg: DictConfig) -> None:
     from igniter.distributed.runners import RankFailed
     from igniter.distributed.slurm import Preempted, wait_for_requeue
     from igniter.preflight import StepFailed
-    from igniter.run import TrainingDiverged
     from igniter.rundir import RunDirectory
 
     hydra_cfg = HydraConfig.get()

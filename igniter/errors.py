@@ -1,14 +1,36 @@
-"""Errors igniter reports to the user as one line per problem, exit status 2."""
+"""The errors that end a run, each with the exit status the command returns for it.
+
+:class:`IgniterError` carries ``exit_status``; the CLI maps every one of them once
+(``igniter.cli``). :class:`ConfigError` (bad input: config, checkpoint, dataset path,
+environment) is reported as one line per problem, exit status 2.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["Problem", "ConfigError", "EXIT_CONFIG", "EXIT_INTERRUPTED", "NO_VALUE"]
+__all__ = [
+    "Problem",
+    "IgniterError",
+    "ConfigError",
+    "TrainingDiverged",
+    "Interrupted",
+    "EXIT_FAILED",
+    "EXIT_CONFIG",
+    "EXIT_DIVERGED",
+    "EXIT_INTERRUPTED",
+    "NO_VALUE",
+]
+
+#: Exit status of a run that failed (a rank raised or died, a preempted job waiting for its requeue).
+EXIT_FAILED = 1
 
 #: Exit status for bad input: config, checkpoint, dataset path, environment.
 EXIT_CONFIG = 2
+
+#: Exit status when the loss became NaN or infinite.
+EXIT_DIVERGED = 3
 
 #: Exit status after Ctrl-C: 128 + SIGINT, the shell's convention for a process ended by SIGINT.
 EXIT_INTERRUPTED = 130
@@ -41,8 +63,32 @@ class Problem:
         return f"{self.key}{shown}: {self.expected}"
 
 
-class ConfigError(Exception):
+class IgniterError(Exception):
+    """Base of the errors that end a run; ``exit_status`` is what the command exits with."""
+
+    exit_status: int = EXIT_FAILED
+
+
+class TrainingDiverged(IgniterError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+    exit_status = EXIT_DIVERGED
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training. The checkpoints on disk are complete (no
+    checkpoint is taken of a step cut short); rank 0 wrote the summary with status
+    ``"interrupted"``. The message says where the run stopped and how to resume it.
+    A ``KeyboardInterrupt`` (not an :class:`IgniterError`), so that ``except Exception``
+    never swallows Ctrl-C; it carries ``exit_status`` all the same."""
+
+    exit_status = EXIT_INTERRUPTED
+
+
+class ConfigError(IgniterError):
     """The config (or an input it names) is invalid. ``problems`` lists every problem found."""
+
+    exit_status = EXIT_CONFIG
 
     def __init__(self, problems: Iterable[Problem], header: str = "invalid configuration") -> None:
         self.problems = list(problems)

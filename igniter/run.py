@@ -7,12 +7,8 @@ a runner executes in every process. The process group, if any, already exists
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import shlex
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +35,10 @@ from igniter.build import (
 )
 from igniter.console import close_bars, setup_logging
 from igniter.distributed import make_runner
+from igniter.distributed.signals import interrupt_once
 from igniter.distributed.sampler import ShardedSampler
 from igniter.events import PeriodicEvents, fire_periodic_events, parse_event
-from igniter.errors import ConfigError, Problem
+from igniter.errors import ConfigError, Interrupted, Problem, TrainingDiverged
 from igniter.handlers import (
     MetricsRecord,
     loss_of,
@@ -58,20 +55,9 @@ from igniter.summary import StepTimer, attach_handler_profiler, draw_curves, han
 from igniter.telemetry import gpu_telemetry
 from igniter.registry import engine_registry, event_handler_registry, function_registry, io_registry
 
-__all__ = ["RunContext", "build_run", "train", "setup_logging", "TrainingDiverged", "Interrupted", "interrupt_once"]
+__all__ = ["RunContext", "build_run", "train", "setup_logging", "TrainingDiverged", "Interrupted"]
 
 logger = logging.getLogger("igniter")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped training. The checkpoints on disk are complete (no
-    checkpoint is taken of a step cut short); rank 0 wrote the summary with status
-    ``"interrupted"``. The message says where the run stopped and how to resume it.
-    A ``KeyboardInterrupt``, so that code which handles Ctrl-C handles this one."""
 
 
 @dataclass
@@ -303,38 +289,6 @@ def _train_loss(output: Any) -> float | None:
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)))
-
-
-@contextlib.contextmanager
-def interrupt_once(window_s: float = 1.0) -> Iterator[None]:
-    """Ctrl-C raises ``KeyboardInterrupt`` as usual, but a second SIGINT within
-    ``window_s`` seconds of the first is ignored: under ``runner=spawn`` a terminal's
-    Ctrl-C reaches every process directly and once more through the launcher, and the
-    echo must not cut short the summary the first one started. A deliberate second
-    Ctrl-C later still interrupts. Ignite's empty ``Engine run is terminating due to
-    exception:`` error line for the ``KeyboardInterrupt`` is dropped. Once the run has
-    left this context by Ctrl-C, its process ignores SIGINT while it shuts down (see
-    :mod:`igniter.distributed.interrupts`). Only the main thread can set signal handlers:
-    elsewhere (training in a thread) this does nothing."""
-    from igniter.distributed.interrupts import quiet_engine_interrupts
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    last = {"t": -math.inf}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        if now - last["t"] >= window_s:
-            last["t"] = now
-            quiet_engine_interrupts()  # the engines exist by now; Ignite logs in its except clause
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _resume_hint(ctx: RunContext, job: dict[str, Any] | None) -> str:

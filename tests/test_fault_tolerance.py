@@ -411,7 +411,7 @@ def test_interrupt_once_takes_a_sigint_echo_as_the_same_ctrl_c():
     ignored; a later one interrupts again; the previous handler is restored afterwards."""
     import time
 
-    from igniter.run import interrupt_once
+    from igniter.distributed.signals import interrupt_once
 
     def sigint_then_wait() -> None:
         os.kill(os.getpid(), signal.SIGINT)

@@ -471,7 +471,7 @@ def _session_processes(sid: int) -> list[int]:
 def test_sigint_scope_takes_back_an_ignored_sigint_and_ignores_it_after_ctrl_c():
     import signal
 
-    from igniter.distributed.interrupts import raise_interrupt, sigint_scope
+    from igniter.distributed.signals import raise_interrupt, sigint_scope
 
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -492,7 +492,7 @@ def test_sigint_scope_takes_back_an_ignored_sigint_and_ignores_it_after_ctrl_c()
 def test_ignite_error_line_dropped_for_ctrl_c_only(caplog):
     from ignite.engine import Engine
 
-    from igniter.distributed.interrupts import quiet_engine_interrupts
+    from igniter.distributed.signals import quiet_engine_interrupts
 
     class Quiet(Engine):
         pass

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from igniter.distributed.elastic import generation_store, uses_agent_store
-from igniter.distributed.interrupts import ignore_sigint, sigint_scope, stop_children
+from igniter.distributed.signals import ignore_sigint, sigint_scope, stop_children
 from igniter.distributed.nesting import outer_launcher_problem
 from igniter.distributed.threads import ThreadPlan, apply_threads, chosen
 from igniter.distributed.worker_errors import RecordConfigErrors, first_config_error, recorded_config_errors
@@ -101,7 +101,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _call(local_rank: int, plan: ThreadPlan, fn: Callable[..., Any], *args: Any) -> None:
     """Every process's entry, under every runner: its thread count
     (:mod:`igniter.distributed.threads`), Ctrl-C handling
-    (:mod:`igniter.distributed.interrupts`), then ``fn(*args)``."""
+    (:mod:`igniter.distributed.signals`), then ``fn(*args)``."""
     apply_threads(plan, idist.get_nproc_per_node())
     with sigint_scope():
         fn(*args)
@@ -257,8 +257,8 @@ class SpawnRunner(Runner):
 
     def launch(self, fn: Callable[..., Any], *args: Any) -> None:
         """Spawn the processes and wait for them. Ctrl-C here is passed on to them
-        (:func:`igniter.distributed.interrupts.stop_children`); from then on this process
-        ignores SIGINT (:mod:`igniter.distributed.interrupts`).
+        (:func:`igniter.distributed.signals.stop_children`); from then on this process
+        ignores SIGINT (:mod:`igniter.distributed.signals`).
 
         Raises:
             RankFailed: a process raised or exited non-zero (the others are stopped).

@@ -1,4 +1,4 @@
-"""Ctrl-C (SIGINT) in every process of a run: it always stops the run, once, quietly.
+"""Signals of a run and its launcher. Ctrl-C (SIGINT) in every process: it always stops the run, once, quietly.
 
 * Taken back when inherited as ignored: a shell without job control (a script, ``sh -c``)
   starts background jobs (``igniter ... &``) with SIGINT ignored, and ``exec`` keeps
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import sys
 import threading
+import time
 from typing import Any, Iterator
 
-__all__ = ["sigint_scope", "ignore_sigint", "quiet_engine_interrupts", "raise_interrupt", "stop_children"]
+__all__ = ["interrupt_once", "sigint_scope", "ignore_sigint", "quiet_engine_interrupts", "raise_interrupt", "stop_children"]
 
 _ENGINE_LOGGERS = "ignite.engine.engine."  # Engine.logger: logging.getLogger(module + "." + class name)
 _ENGINE_MESSAGE = "Engine run is terminating due to exception"
@@ -120,3 +122,33 @@ def stop_children(stop_s: float = 30.0) -> None:
             logging.getLogger("igniter").warning("spawned process %d still running %.0f s after Ctrl-C: killing it", p.pid, stop_s)
             p.kill()
             p.join()
+
+
+@contextlib.contextmanager
+def interrupt_once(window_s: float = 1.0) -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` as usual, but a second SIGINT within
+    ``window_s`` seconds of the first is ignored: under ``runner=spawn`` a terminal's
+    Ctrl-C reaches every process directly and once more through the launcher, and the
+    echo must not cut short the summary the first one started. A deliberate second
+    Ctrl-C later still interrupts. Ignite's empty ``Engine run is terminating due to
+    exception:`` error line for the ``KeyboardInterrupt`` is dropped. Once the run has
+    left this context by Ctrl-C, its process ignores SIGINT while it shuts down (see
+    :mod:`igniter.distributed.signals`). Only the main thread can set signal handlers:
+    elsewhere (training in a thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    last = {"t": -math.inf}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if now - last["t"] >= window_s:
+            last["t"] = now
+            quiet_engine_interrupts()  # the engines exist by now; Ignite logs in its except clause
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
