@@ -23,10 +23,8 @@ __all__ = ["LeanDispatch", "Evaluator", "Trainer", "seed_everything", "supervise
 def seed_everything(seed: int) -> None:
     """Seed python's ``random``, numpy and torch (CPU, and every CUDA device when CUDA is
     available): the generators ``ignite.utils.manual_seed`` seeds, for ~10 us instead of
-    ~400 us. ``torch.manual_seed`` also queues seeds for CUDA, XPU and MTIA and formats
-    the Python stack for each (``torch.cuda._lazy_call``) when those devices are not
-    initialized: a millisecond per epoch in ``DeterministicEngine``, 5% of a small
-    model's training on CPU."""
+    ~400 us (``torch.manual_seed`` queues lazy seeds for devices that are not initialized,
+    formatting a stack for each: 5% of a small model's training on CPU)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
@@ -38,15 +36,11 @@ class LeanDispatch:
     """Mixin for an Ignite ``Engine``: its event dispatch without building a debug
     message for every event that nobody logs.
 
-    Ignite's ``Engine._fire_event`` (ignite 0.5) formats
-    ``f"{epoch} | {iteration}, Firing handlers for event {event}"`` before
-    ``logger.debug`` drops it, four times per iteration, the event's part through the
-    enum's Python-level ``__format__``: 2-3% of a small MLP's training iteration
-    (digits, batch 32, 2-core CPU; ``python bench/overhead.py --workloads digits
-    --variants ignite ignite_lean``: raw ``Engine`` 1.085x a hand-written loop, with
-    this 1.063x, 12 rounds). Handlers are called exactly as Ignite calls
-    them (same arguments, same order); when the engine's logger logs DEBUG, Ignite's
-    own method runs, message included.
+    Ignite's ``Engine._fire_event`` (a private method: tests/test_engines.py pins its
+    signature, pyproject caps pytorch-ignite below 0.6) formats a debug message for every
+    event, four per iteration, before ``logger.debug`` drops it: 2-3% of a small model's
+    iteration (``bench/overhead.py --variants ignite ignite_lean``). Handlers are called
+    exactly as Ignite calls them; at DEBUG Ignite's own method runs, message included.
     """
 
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
@@ -72,7 +66,8 @@ class Evaluator(LeanDispatch, Engine):
 class Trainer(LeanDispatch, DeterministicEngine):
     """Ignite's ``DeterministicEngine`` with the same reseeding at every epoch start
     (seed + epoch index, ``ignite/engine/deterministic.py``) through :func:`seed_everything`,
-    and :class:`LeanDispatch`."""
+    and :class:`LeanDispatch`. ``_setup_seed`` overrides a private method of Ignite's
+    (signature pinned by tests/test_engines.py)."""
 
     def _setup_seed(self, _: Any = None, iter_counter: int | None = None, iteration: int | None = None) -> None:
         if iter_counter is None:

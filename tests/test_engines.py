@@ -60,3 +60,19 @@ def test_no_debug_message_is_built_unless_debug_is_logged(cls, caplog):
     with caplog.at_level(logging.DEBUG, logger=f"ignite.engine.engine.{cls.__name__}"):
         record_run(cls)
     assert FORMATTED and "Firing handlers for event Probe.PING" in caplog.text
+
+
+def test_the_private_ignite_methods_igniter_overrides_still_have_their_signatures():
+    """igniter overrides ``Engine._fire_event`` (LeanDispatch) and ``DeterministicEngine._setup_seed``
+    (Trainer): a new Ignite that renames or re-shapes them must fail here, not in a run."""
+    import inspect
+
+    from ignite.engine import DeterministicEngine, Engine
+
+    fire = inspect.signature(Engine._fire_event)
+    assert list(fire.parameters) == ["self", "event_name", "event_args", "event_kwargs"]
+    assert fire.parameters["event_args"].kind is inspect.Parameter.VAR_POSITIONAL
+    assert fire.parameters["event_kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+    seed = inspect.signature(DeterministicEngine._setup_seed)
+    assert list(seed.parameters) == ["self", "_", "iter_counter", "iteration"]
+    assert hasattr(Engine, "_event_handlers") or "_event_handlers" in Engine(lambda e, b: None).__dict__
