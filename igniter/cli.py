@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from igniter.config import CONFIG_MODULE, register_schema, unknown_keys
+from igniter.distributed.launchers import is_cluster_launcher, launcher_problems, secondary_launcher_settings
 from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, NO_VALUE, ConfigError, Problem, TrainingDiverged
 from igniter.registry import suggest
 
@@ -205,8 +206,9 @@ def config_problems(
     hydra_node = cfg.hydra
     with open_dict(cfg):
         del cfg["hydra"]
-    on_cluster = "submitit" in str(launcher.get("_target_", ""))
-    problems = _schema_problems(cfg) or validate(cfg, here=not on_cluster) + launcher_problems(launcher, cfg)
+    # a submitted job runs elsewhere: this machine's GPUs and paths are not checked
+    here = not is_cluster_launcher(launcher)
+    problems = _schema_problems(cfg) or validate(cfg, here=here) + launcher_problems(launcher, cfg)
     if keep_hydra:
         with read_write(cfg), open_dict(cfg):
             cfg.hydra = hydra_node
@@ -233,39 +235,6 @@ def _schema_problems(cfg: DictConfig) -> list[Problem]:
                 value if not OmegaConf.is_config(value) else OmegaConf.to_container(value),
             )
         )
-    return problems
-
-
-def launcher_problems(launcher: dict[str, Any], cfg: DictConfig) -> list[Problem]:
-    """Launcher settings that would make a submitted job hang or run the wrong scale.
-
-    For Hydra's submitit launchers (``hydra/launcher=slurm`` or ``submitit_local``):
-    one task per process, so ``tasks_per_node`` and ``nodes`` must equal the
-    runner's ``nproc_per_node`` and ``nnodes``, a multi-task job needs
-    ``runner=slurm``, and GPU jobs need one GPU per task.
-    """
-    if "submitit" not in str(launcher.get("_target_", "")):
-        return []
-    problems = []
-    tasks, nodes = int(launcher.get("tasks_per_node") or 1), int(launcher.get("nodes") or 1)
-    runner = cfg.runner
-    if runner.name != "slurm":
-        if tasks * nodes > 1:
-            problems.append(
-                Problem("runner.name", f"a job of {tasks * nodes} SLURM tasks needs runner=slurm (one process per task)", runner.name)
-            )
-    else:
-        if tasks != runner.nproc_per_node:
-            problems.append(
-                Problem("hydra.launcher.tasks_per_node", f"must equal runner.nproc_per_node ({runner.nproc_per_node}): set the scale with runner.nproc_per_node only", tasks)
-            )
-        if nodes != runner.nnodes:
-            problems.append(Problem("hydra.launcher.nodes", f"must equal runner.nnodes ({runner.nnodes}): set runner.nnodes only", nodes))
-    gpus = launcher.get("gpus_per_node")
-    if gpus is not None and gpus != tasks:
-        problems.append(Problem("hydra.launcher.gpus_per_node", f"one GPU per task: set it to tasks_per_node ({tasks}) or null on CPU", gpus))
-    if runner.backend == "nccl" and not gpus:
-        problems.append(Problem("hydra.launcher.gpus_per_node", f"backend nccl needs GPUs: set hydra.launcher.gpus_per_node={tasks}"))
     return problems
 
 
@@ -364,23 +333,6 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _secondary_launcher_settings(cfg: DictConfig) -> dict[str, Any]:
-    """For a launcher that is not the job's primary one (node_rank > 0, torchrun rank > 0):
-    point Hydra at a throw-away directory, since the processes adopt rank 0's run
-    directory once the process group exists."""
-    import atexit
-    import shutil
-    import tempfile
-
-    from igniter.distributed import make_runner
-
-    if make_runner(cfg.runner).is_primary:
-        return {}
-    scratch = tempfile.mkdtemp(prefix="igniter-secondary-")
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    return {"hydra.run.dir": scratch, "hydra.output_subdir": None}
-
-
 def _run_composed(cfg: DictConfig, config_name: str) -> None:
     """Run one job on the config composed for validation, as ``hydra.main`` would
     (Hydra's ``run_job``: run directory, ``.hydra/`` files, logging, callbacks), without
@@ -392,7 +344,7 @@ def _run_composed(cfg: DictConfig, config_name: str) -> None:
 
     with read_write(cfg), open_dict(cfg):
         cfg.hydra.mode = RunMode.RUN
-        for key, value in _secondary_launcher_settings(cfg).items():
+        for key, value in secondary_launcher_settings(cfg).items():
             OmegaConf.update(cfg, key, value)
     run_dir = Path(cfg.hydra.run.dir)
     from igniter.rundir import RunDirectory
