@@ -80,7 +80,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-from igniter.cli import compose_config, plain_config  # noqa: E402
+from igniter.compose import compose_config, plain_config  # noqa: E402
 from igniter.handlers import loss_of  # noqa: E402
 from igniter.io import AtomicDiskSaver  # noqa: E402
 from igniter.registry import event_handler_registry, io_registry  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from igniter.build import import_modules
-from igniter.cli import _hydra_args, _report, config_problems, plain_config
+from igniter.compose import config_problems, hydra_args as _hydra_args, plain_config, report_problems as _report
 from igniter.distributed import make_runner
 from igniter.errors import ConfigError, Problem
 from igniter.preflight import first_batch

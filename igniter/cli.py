@@ -6,16 +6,14 @@
 ``igniter --cfg job``            Hydra's resolved-config print (and other Hydra flags)
 
 Every config problem is reported at once, one line each, with exit status 2
-and no traceback, before any process is spawned or job submitted.
+and no traceback, before any process is spawned or job submitted. Composing and
+validating live in :mod:`igniter.compose`, launcher checks in
+:mod:`igniter.distributed.launchers`.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import importlib.resources
-import itertools
-import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -24,230 +22,14 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from igniter.config import CONFIG_MODULE, register_schema, unknown_keys
-from igniter.distributed.launchers import is_cluster_launcher, launcher_problems, secondary_launcher_settings
-from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, NO_VALUE, ConfigError, Problem, TrainingDiverged
-from igniter.registry import suggest
+from igniter.compose import compose_config, config_problems, hydra_args, plain_config, report_problems, sweep_points
+from igniter.config import CONFIG_MODULE, register_schema
+from igniter.distributed.launchers import secondary_launcher_settings
+from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError, Problem, TrainingDiverged
 
-__all__ = ["main", "compose_config", "sweep_points", "config_problems", "launch"]
-
-def _config_groups() -> set[str]:
-    root = importlib.resources.files(CONFIG_MODULE)
-    return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
-
-
-def _with_config_dir(overrides: Sequence[str], config_dir: str | None) -> list[str]:
-    overrides = list(overrides)
-    if config_dir:
-        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
-    return overrides
-
-
-def compose_config(
-    overrides: Sequence[str] = (), config_name: str = "config", config_dir: str | None = None, with_hydra: bool = False
-) -> DictConfig:
-    """Compose the config as ``igniter`` would, without creating a run directory
-    (``with_hydra``: keep the ``hydra`` node, e.g. to read the launcher settings).
-
-    Raises:
-        hydra.errors.ConfigCompositionException / omegaconf errors: unknown key,
-            wrong type, unknown config-group option (see :func:`config_problems`).
-    """
-    from hydra import compose, initialize_config_module
-
-    register_schema()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=_with_config_dir(overrides, config_dir), return_hydra_config=with_hydra)
-
-
-def _parse(overrides: Sequence[str]) -> list[Any]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_overrides(list(overrides))
-
-
-def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
-    """Expand ``a=1,2 b=x,y`` into the override lists of every multirun job (cartesian product)."""
-    choices = []
-    for o in _parse(overrides):
-        if o.is_sweep_override():
-            try:
-                values = list(o.sweep_string_iterator())
-            except Exception:  # e.g. glob sweeps: validated by Hydra itself later
-                values = []
-            key = o.get_key_element()
-            choices.append([f"{key}={v}" for v in values] or [o.input_line])
-        else:
-            choices.append([o.input_line])
-    return [list(p) for p in itertools.product(*choices)]
-
-
-def _omegaconf_cause(exc: BaseException) -> Any:
-    from omegaconf.errors import OmegaConfBaseException
-
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _full_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a plain nested dict (lists not walked)."""
-    keys = []
-    for k, v in node.items():
-        keys.append(f"{prefix}{k}")
-        if isinstance(v, dict):
-            keys += _full_keys(v, f"{prefix}{k}.")
-    return keys
-
-
-def _shared_components(a: str, b: str) -> int:
-    return len(os.path.commonprefix([a.split("."), b.split(".")]))
-
-
-def _sibling_suggestion(base: DictConfig | None, full_key: str) -> str:
-    """A did-you-mean for an unknown ``full_key``: a close match among its siblings, else
-    the same name elsewhere in the config (``solver.params.lr`` -> ``solver.lr``), then
-    the keys its parent has."""
-    if base is None:
-        return ""
-    parent, _, leaf = full_key.rpartition(".")
-    node = OmegaConf.select(base, parent) if parent else base
-    if not isinstance(node, DictConfig):
-        return ""
-    keys = [str(k) for k in node.keys()]
-    hint = suggest(leaf, keys)
-    if not hint:
-        tree = OmegaConf.to_container(base, resolve=False)
-        elsewhere = [k for k in _full_keys(tree) if k.rpartition(".")[2] == leaf and not k.startswith("hydra.")]
-        if elsewhere:  # the nearest: most leading components shared with full_key
-            hint = f" Did you mean '{max(elsewhere, key=lambda k: _shared_components(k, full_key))}'?"
-    listing = f"Keys of '{parent or '<root>'}': {', '.join(keys)}." if keys else f"'{parent}' is empty."
-    return f"{hint} {listing}"
-
-
-def _composition_problem(override: Any, exc: BaseException, base: DictConfig | None) -> Problem:
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    key = override.key_or_group if override is not None else "command line"
-    value = override.value() if override is not None else None
-    if isinstance(exc, MissingConfigException) and exc.options is not None:
-        options = list(exc.options)
-        return Problem(key, f"no such option in config group '{key}' (available: {', '.join(options)}).{suggest(str(value), options)}", value)
-    cause = _omegaconf_cause(exc)
-    if cause is not None:
-        msg = str(getattr(cause, "msg", cause)).splitlines()[0]
-        hint = ""
-        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-            hint = _sibling_suggestion(base, cause.full_key)
-            if "Did you mean" not in hint and override is not None and not override.input_line.startswith("+"):
-                hint += f" To add a new key, write +{override.input_line}"
-        return Problem(str(cause.full_key), f"{msg}.{hint}".replace("..", "."), value)
-    return Problem(key, " ".join(str(exc).split()), value)
-
-
-def config_problems(
-    overrides: Sequence[str], config_name: str = "config", config_dir: str | None = None, keep_hydra: bool = False
-) -> tuple[DictConfig | None, list[Problem]]:
-    """Compose and validate one job's config (``keep_hydra``: return it with its ``hydra`` node).
-
-    Returns:
-        ``(cfg, problems)``; ``cfg`` is ``None`` when composition itself failed. A
-        failing composition is retried one override at a time so every bad
-        override is reported, not just the first.
-    """
-    from hydra.errors import OverrideParseException
-
-    from igniter.validate import validate
-
-    try:
-        parsed = _parse(overrides)
-    except OverrideParseException as e:
-        return None, [Problem("command line", " ".join(str(e).split()))]
-    try:
-        cfg = compose_config(overrides, config_name, config_dir, with_hydra=True)
-    except Exception as first:
-        groups = _config_groups()
-        choices = [o for o in parsed if o.key_or_group.split("@")[0].lstrip("~+") in groups]
-        problems, good = [], []
-        for o in choices:  # each group choice alone: a bad one is not blamed on the other overrides
-            try:
-                compose_config([o.input_line], config_name, config_dir)
-                good.append(o.input_line)
-            except Exception as e:
-                problems.append(_composition_problem(o, e, None))
-        try:
-            base = compose_config(good, config_name, config_dir)
-        except Exception:
-            base = None
-        good_choices = list(good)
-        for o in parsed:
-            if o in choices:
-                continue
-            try:  # the other overrides on top of the good group choices
-                compose_config(good_choices + [o.input_line], config_name, config_dir)
-                good.append(o.input_line)
-            except Exception as e:
-                problems.append(_composition_problem(o, e, base))
-        if not problems:
-            return None, [_composition_problem(None, first, base)]
-        try:  # report the value problems of the overrides that did compose, too
-            problems += validate(compose_config(good, config_name, config_dir))
-        except Exception:
-            pass
-        return None, problems
-    try:
-        launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    except Exception as e:
-        return None, [Problem("hydra.launcher", " ".join(str(e).split()))]
-    hydra_node = cfg.hydra
-    with open_dict(cfg):
-        del cfg["hydra"]
-    # a submitted job runs elsewhere: this machine's GPUs and paths are not checked
-    here = not is_cluster_launcher(launcher)
-    problems = _schema_problems(cfg) or validate(cfg, here=here) + launcher_problems(launcher, cfg)
-    if keep_hydra:
-        with read_write(cfg), open_dict(cfg):
-            cfg.hydra = hydra_node
-    return cfg, problems
-
-
-def _schema_problems(cfg: DictConfig) -> list[Problem]:
-    """Keys added with ``+`` that the schema does not declare (Hydra accepts them and
-    nothing would read them): one problem each, with a did-you-mean."""
-    problems = []
-    for key, declared in unknown_keys(cfg):
-        parent, _, leaf = key.rpartition(".")
-        try:
-            value = OmegaConf.select(cfg, key, throw_on_missing=False)
-        except Exception:
-            value = NO_VALUE
-        close = difflib.get_close_matches(leaf, declared, n=1, cutoff=0.6) or [d for d in declared if d.startswith(leaf)][:1]
-        hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
-        problems.append(
-            Problem(
-                key,
-                f"no such key in the config schema ('+' adds keys only inside free-form dicts such as model.params).{hint} "
-                f"Keys of '{parent or '<root>'}': {', '.join(declared)}.",
-                value if not OmegaConf.is_config(value) else OmegaConf.to_container(value),
-            )
-        )
-    return problems
-
-
-def _report(problems: list[Problem], header: str = "invalid configuration") -> int:
-    print(str(ConfigError(problems, header)), file=sys.stderr)
-    print("igniter: nothing was run. Fix the keys above (see `igniter --cfg job`).", file=sys.stderr)
-    return EXIT_CONFIG
-
-
-def _hydra_args(argv: Sequence[str]) -> Any:
-    from hydra._internal.utils import get_args_parser
-
-    return get_args_parser().parse_args(list(argv))
+# compose_config, sweep_points, config_problems, plain_config: re-exported from
+# igniter.compose, where they live, for code that imports them from here
+__all__ = ["main", "compose_config", "sweep_points", "config_problems", "plain_config", "launch"]
 
 
 def _prevalidate(args: Any) -> tuple[int, list[DictConfig]]:
@@ -266,15 +48,7 @@ def _prevalidate(args: Any) -> tuple[int, list[DictConfig]]:
         p if len(where) == len(points) else Problem(p.key, f"{p.expected} [sweep point: {'; '.join(where)}]", p.value)
         for p, where in found.values()
     ]
-    return (_report(problems) if problems else 0), configs
-
-
-def plain_config(cfg: DictConfig) -> DictConfig:
-    """The resolved config as a plain (struct) ``DictConfig``: no Hydra resolvers needed,
-    safe to pickle into spawned processes."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    OmegaConf.set_struct(out, True)
-    return out
+    return (report_problems(problems) if problems else 0), configs
 
 
 def launch(cfg: DictConfig, output_dir: Path, job: dict[str, Any] | None = None) -> None:
@@ -353,7 +127,7 @@ def _run_composed(cfg: DictConfig, config_name: str) -> None:
     try:  # Hydra would fail on it with a traceback
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        sys.exit(_report([Problem("output_dir", f"cannot create the run directory: {e.strerror}", str(run_dir))], "cannot start the run"))
+        sys.exit(report_problems([Problem("output_dir", f"cannot create the run directory: {e.strerror}", str(run_dir))], "cannot start the run"))
     callbacks = Callbacks(cfg)
     callbacks.on_run_start(config=cfg, config_name=config_name)
     ret = run_job(
@@ -441,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv and argv[0] in SUBCOMMANDS:
         sys.exit(_run_subcommand(argv[0], argv[1:]))
-    args = _hydra_args(argv)
+    args = hydra_args(argv)
     if args.help:  # the subcommands first, then Hydra's own help
         overview()
     if args.cfg and not args.resolve:  # the config a run would use: interpolations resolved

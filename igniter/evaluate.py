@@ -124,7 +124,7 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
     Raises:
         ConfigError: no ``config.yaml`` in ``run_dir``, a bad override, an invalid config.
     """
-    from igniter.cli import _config_groups, plain_config
+    from igniter.compose import config_groups as _config_groups, plain_config
     from igniter.config import IgniterConfig
     from igniter.validate import validate
 
