@@ -8,7 +8,8 @@
 Every config problem is reported at once, one line each, with exit status 2
 and no traceback, before any process is spawned or job submitted. Composing and
 validating live in :mod:`igniter.compose`, launcher checks in
-:mod:`igniter.distributed.launchers`.
+:mod:`igniter.distributed.launchers`; the exit status of a run that ended by an
+error is that error's ``exit_status`` (:mod:`igniter.errors`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from igniter.compose import compose_config, config_problems, hydra_args, plain_config, report_problems, sweep_points
 from igniter.config import CONFIG_MODULE, register_schema
 from igniter.distributed.launchers import secondary_launcher_settings
-from igniter.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError, Problem, TrainingDiverged
+from igniter.errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, IgniterError, Problem, TrainingDiverged
 
 # compose_config, sweep_points, config_problems, plain_config: re-exported from
 # igniter.compose, where they live, for code that imports them from here
@@ -71,12 +72,49 @@ def launch(cfg: DictConfig, output_dir: Path, job: dict[str, Any] | None = None)
 _SNAPSHOTS: dict[str, Any] = {}
 
 
-def _task(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
+def _end_of_run(e: BaseException, output_dir: Path, run_dir: Any) -> int:
+    """Say on stderr why the run ended by ``e`` and return the command's exit status
+    for it: ``e.exit_status`` (1 for an error that carries none).
 
+    Args:
+        e: what :func:`launch` raised (an :class:`~igniter.errors.IgniterError`,
+            ``RankFailed`` or ``Preempted``).
+        output_dir: the run directory (for where the traceback is).
+        run_dir: its :class:`~igniter.rundir.RunDirectory`, discarded when the run never started.
+    """
     from igniter.distributed.runners import RankFailed
     from igniter.distributed.slurm import Preempted, wait_for_requeue
     from igniter.preflight import StepFailed
+
+    if isinstance(e, StepFailed):  # the run built: its directory and rank logs (with the traceback) stay
+        message = f"{e}\nigniter: the full traceback is in {output_dir / 'rank0.log'}"
+    elif isinstance(e, ConfigError):  # the run could not start: leave no trace of it
+        run_dir.discard()
+        message = str(e)
+    elif isinstance(e, RankFailed):
+        message = f"igniter: the run failed: {e}"
+    elif isinstance(e, TrainingDiverged):
+        message = f"igniter: training diverged: {e}"
+    else:
+        if isinstance(e, Preempted):  # exiting now would let submitit record a finished job: SLURM ends this attempt
+            wait_for_requeue(e)
+        message = f"igniter: {e}"
+    print(message, file=sys.stderr)
+    # RankFailed and Preempted carry no exit_status until they derive from IgniterError
+    return int(getattr(e, "exit_status", EXIT_FAILED))
+
+
+def _task(cfg: DictConfig) -> None:
+    """Hydra's task function: run one job in Hydra's run directory.
+
+    Raises:
+        SystemExit: the run ended by an error (its exit status, the reason on stderr)
+            or by Ctrl-C (130).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from igniter.distributed.runners import RankFailed
+    from igniter.distributed.slurm import Preempted
     from igniter.rundir import RunDirectory
 
     hydra_cfg = HydraConfig.get()
@@ -85,23 +123,8 @@ def _task(cfg: DictConfig) -> None:
     run_dir = _SNAPSHOTS.pop(str(output_dir.resolve()), None) or RunDirectory.of_job(output_dir)
     try:
         launch(cfg, output_dir, job)
-    except StepFailed as e:  # the run built: its directory and rank logs (with the traceback) stay
-        print(f"{e}\nigniter: the full traceback is in {output_dir / 'rank0.log'}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except ConfigError as e:  # the run could not start: leave no trace of it
-        run_dir.discard()
-        print(str(e), file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except RankFailed as e:
-        print(f"igniter: the run failed: {e}", file=sys.stderr)
-        sys.exit(1)
-    except TrainingDiverged as e:
-        print(f"igniter: training diverged: {e}", file=sys.stderr)
-        sys.exit(3)
-    except Preempted as e:
-        wait_for_requeue(e)
-        print(f"igniter: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (IgniterError, RankFailed, Preempted) as e:
+        sys.exit(_end_of_run(e, output_dir, run_dir))
     except KeyboardInterrupt:  # rank 0 logged where the run stopped and how to resume it
         print("igniter: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -80,7 +80,11 @@ def _parse(overrides: Sequence[str]) -> list[Any]:
 
 
 def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
-    """Expand ``a=1,2 b=x,y`` into the override lists of every multirun job (cartesian product)."""
+    """Expand ``a=1,2 b=x,y`` into the override lists of every multirun job (cartesian product).
+
+    Raises:
+        hydra.errors.OverrideParseException: an override is not valid syntax.
+    """
     choices = []
     for o in _parse(overrides):
         if o.is_sweep_override():
