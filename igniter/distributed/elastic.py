@@ -19,12 +19,13 @@ rank 0 of their own generation has written it.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from datetime import timedelta
 
 import torch.distributed as dist
+
+from igniter.distributed.environment import Torchrun
 
 __all__ = ["uses_agent_store", "generation_store"]
 
@@ -35,7 +36,7 @@ _PROBE_S = 3.0  # how long a worker tries to reach a published store before read
 
 def uses_agent_store() -> bool:
     """Whether the process was started by torchrun with the agent-hosted store (torch >= 2.4 default)."""
-    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return Torchrun().uses_agent_store
 
 
 def generation_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -48,8 +49,12 @@ def generation_store(rank: int, world_size: int, timeout: timedelta) -> dist.Sto
 
     Raises:
         TimeoutError: rank 0 did not publish a reachable store within ``timeout``.
+        RuntimeError: torchrun's ``MASTER_ADDR``/``MASTER_PORT`` (the agent's store) are not set.
     """
-    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    torchrun = Torchrun()
+    host, port = torchrun.master_addr, torchrun.master_port
+    if host is None or port is None:
+        raise RuntimeError("MASTER_ADDR and MASTER_PORT must be set by torchrun (the agent's store)")
     agent = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     if rank == 0:
         # rank 0 runs on the node of the agent that hosts MASTER_ADDR (rendezvous rank 0)

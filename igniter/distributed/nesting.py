@@ -19,16 +19,10 @@ validating it again.
 
 from __future__ import annotations
 
-import os
-
+from igniter.distributed.environment import Slurm, Torchrun
 from igniter.errors import Problem
 
 __all__ = ["outer_launcher_problem"]
-
-
-def _count(var: str) -> int:
-    value = os.environ.get(var, "")
-    return int(value) if value.isdigit() else 0
 
 
 def outer_launcher_problem(runner: str) -> Problem | None:
@@ -41,22 +35,24 @@ def outer_launcher_problem(runner: str) -> Problem | None:
     Returns:
         The problem, or ``None`` where the runner may run here.
     """
-    world = _count("WORLD_SIZE")
-    if world > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+    torchrun = Torchrun()
+    world = torchrun.world_size
+    if torchrun.is_worker and world > 1:
         return Problem(
             "runner.name",
-            f"this process is rank {os.environ['RANK']} of {world} started by torchrun (or a launcher like it: "
+            f"this process is rank {torchrun.rank} of {world} started by torchrun (or a launcher like it: "
             f"RANK, LOCAL_RANK, WORLD_SIZE are set), and runner={runner} would make each of them a run of its own, "
             f"{world} copies training into one run directory; make them one run with "
             "`torchrun --nproc-per-node N -m igniter runner=torchrun ...` (igniter eval: runner.name=torchrun), "
             f"or run `igniter runner={runner} ...` without torchrun",
             runner,
         )
-    tasks = _count("SLURM_NTASKS")
-    if tasks > 1 and "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:
+    slurm = Slurm()
+    tasks = slurm.world_size
+    if slurm.in_step and tasks > 1:
         return Problem(
             "runner.name",
-            f"this process is task {os.environ['SLURM_PROCID']} of a {tasks}-task SLURM step (srun), and "
+            f"this process is task {slurm.rank} of a {tasks}-task SLURM step (srun), and "
             f"runner={runner} would make each task a run of its own, {tasks} copies training into one run directory; "
             "make them one run with `srun igniter runner=slurm ...` (igniter eval: runner.name=slurm), "
             f"or start one task (`srun -n1`, or igniter straight from the sbatch script) for runner={runner}",

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from igniter.distributed.environment import Torchrun
+
 __all__ = ["ThreadPlan", "ThreadChoice", "usable_cores", "omp_set_by_torchrun", "choose_threads", "apply_threads", "chosen"]
 
 
@@ -104,10 +106,10 @@ def omp_set_by_torchrun() -> bool:
     workers are its children. The variable in the torchrun process's *initial*
     environment is the user's; absent there, torchrun added it.
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1":
+    if Torchrun().run_id is None or os.environ.get("OMP_NUM_THREADS") != "1":
         return False
     parent = _initial_environ(os.getppid())
-    return parent is not None and "TORCHELASTIC_RUN_ID" not in parent and "OMP_NUM_THREADS" not in parent
+    return parent is not None and Torchrun(parent).run_id is None and "OMP_NUM_THREADS" not in parent
 
 
 def choose_threads(plan: ThreadPlan, local_processes: int) -> ThreadChoice:
