@@ -28,7 +28,6 @@ Examples:
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from datetime import timedelta
 from typing import Any, Callable
@@ -38,12 +37,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from igniter.distributed.elastic import generation_store, uses_agent_store
+from igniter.distributed.elastic import generation_store
+from igniter.distributed.environment import Slurm, Torchrun
 from igniter.distributed.signals import ignore_sigint, sigint_scope, stop_children
 from igniter.distributed.nesting import outer_launcher_problem
+from igniter.distributed.slurm import attach_preemption
 from igniter.distributed.threads import ThreadPlan, apply_threads, chosen
 from igniter.distributed.worker_errors import RecordConfigErrors, first_config_error, recorded_config_errors
-from igniter.errors import Problem
+from igniter.errors import EXIT_FAILED, IgniterError, Problem
 from igniter.registry import runner_registry
 
 __all__ = [
@@ -69,12 +70,15 @@ for _name in ("Parallel", "auto_dataloader", "auto_model", "auto_optim"):
     logging.getLogger(prefix + _name)
 logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)  # logs before rank logs exist
 
-#: Variables torchrun sets in every worker (and that the torchrun runner reads).
-ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: Variables torchrun sets in every worker (and that the torchrun runner needs).
+ENV_VARS = Torchrun.REQUIRED
 
 
-class RankFailed(RuntimeError):
-    """A process of the run raised or died; ``rank`` is its global rank, ``details`` its traceback."""
+class RankFailed(IgniterError):
+    """A process of the run raised or died; ``rank`` is its global rank, ``details`` its traceback.
+    Exit status 1."""
+
+    exit_status = EXIT_FAILED
 
     def __init__(self, rank: int, details: str) -> None:
         self.rank, self.details = rank, details
@@ -177,9 +181,7 @@ class Runner:
         choice = chosen()
         if choice is not None:
             logger.info("%s", choice.describe())
-        if "SLURM_JOB_ID" in os.environ:
-            from igniter.distributed.slurm import attach_preemption
-
+        if Slurm().in_job:
             attach_preemption(trainer, save_checkpoint)
 
     def launch(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -312,29 +314,30 @@ class TorchrunRunner(JoinRunner):
 
     @property
     def world_size(self) -> int:
-        env = os.environ.get("WORLD_SIZE")
-        return int(env) if env else self.cfg.nproc_per_node * self.cfg.nnodes
+        torchrun = Torchrun()
+        return torchrun.world_size if torchrun.present else self.cfg.nproc_per_node * self.cfg.nnodes
 
     @property
     def is_primary(self) -> bool:
-        return os.environ.get("RANK", "0") == "0"
+        return Torchrun().rank == 0
 
     def init_process_group(self) -> None:
         """Under torchrun's agent-hosted store, form the group on a store of this generation's own
         (:mod:`igniter.distributed.elastic`: restarted workers would otherwise read dead workers' addresses)."""
-        if not uses_agent_store():
+        torchrun = Torchrun()
+        if not torchrun.uses_agent_store:
             return super().init_process_group()
         timeout = timedelta(seconds=self.cfg.timeout_s)
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, world_size = torchrun.rank, torchrun.world_size
         if torch.cuda.is_available():  # as idist.initialize does
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(torchrun.local_rank)
         store = generation_store(rank, world_size, timeout)
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         idist.sync()  # ignite adopts the group
 
     def validate(self, here: bool = True) -> list[Problem]:
         problems = super().validate(here)
-        missing = [v for v in ENV_VARS if v not in os.environ]
+        missing = Torchrun().missing()
         if missing and here:
             problems.append(
                 Problem(

@@ -13,6 +13,10 @@
   ERROR for any exception, an empty message for Ctrl-C: :func:`quiet_engine_interrupts`
   drops that line while the exception being handled is a ``KeyboardInterrupt`` (other
   exceptions keep it).
+
+Scheduler signals (SIGUSR2 ahead of a SLURM time limit, SIGTERM on preemption) are
+only noted here (:func:`note_signals`); what to do about them (save, requeue, stop) is
+:mod:`igniter.distributed.slurm`'s decision, taken at an iteration boundary.
 """
 
 from __future__ import annotations
@@ -26,7 +30,17 @@ import threading
 import time
 from typing import Any, Iterator
 
-__all__ = ["interrupt_once", "sigint_scope", "ignore_sigint", "quiet_engine_interrupts", "raise_interrupt", "stop_children"]
+__all__ = [
+    "interrupt_once",
+    "sigint_scope",
+    "ignore_sigint",
+    "quiet_engine_interrupts",
+    "raise_interrupt",
+    "stop_children",
+    "NotedSignals",
+    "note_signals",
+    "default_action",
+]
 
 _ENGINE_LOGGERS = "ignite.engine.engine."  # Engine.logger: logging.getLogger(module + "." + class name)
 _ENGINE_MESSAGE = "Engine run is terminating due to exception"
@@ -152,3 +166,54 @@ def interrupt_once(window_s: float = 1.0) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class NotedSignals:
+    """Handlers that only record which of ``signums`` arrived last (a handler runs between
+    bytecodes, anywhere in training: acting there could tear a checkpoint). Made by
+    :func:`note_signals`.
+
+    Args:
+        signums: the signals to note.
+    """
+
+    def __init__(self, signums: tuple[int, ...]) -> None:
+        self.signums = signums
+        self.received = 0  # the last noted signal's number, 0 before any
+        self._previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def install(self) -> NotedSignals:
+        """Replace the handlers of :attr:`signums` (submitit's, which would requeue without
+        saving, among them), keeping the previous ones for :meth:`restore`.
+
+        Raises:
+            ValueError: called outside the main thread (Python sets handlers there only).
+        """
+        for signum in self.signums:
+            self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def restore(self) -> None:
+        """Put back the handlers :meth:`install` replaced (main thread only)."""
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler not set from Python, left alone
+                signal.signal(signum, previous)
+        self._previous.clear()
+
+
+def note_signals(*signums: int) -> NotedSignals:
+    """Note ``signums`` from now on instead of acting on them; read ``.received``.
+
+    Raises:
+        ValueError: called outside the main thread.
+    """
+    return NotedSignals(tuple(signums)).install()
+
+
+def default_action(signum: int) -> None:
+    """Give ``signum`` its default action again (SIGTERM: the process ends), e.g. once a
+    noted signal has been handled and the scheduler may kill the process."""
+    signal.signal(signum, signal.SIG_DFL)
