@@ -15,6 +15,9 @@ import subprocess
 import sys
 from typing import Any
 
+from igniter.distributed import default_backend
+from igniter.distributed.environment import NoLauncher, Slurm, detect
+
 __all__ = ["report", "main"]
 
 
@@ -49,52 +52,33 @@ def gpus() -> dict[str, Any]:
 
 
 def distributed_environment(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The launch mode the environment implies and its world size, rank and rendezvous."""
-    env = dict(os.environ if env is None else env)
-    torchrun_vars = {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in env}
-    slurm_vars = {k: v for k, v in env.items() if k.startswith("SLURM_") and k in (
-        "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NODEID", "SLURM_JOB_NODELIST",
-        "SLURM_JOB_NUM_NODES", "SLURM_STEP_ID", "SLURM_JOB_PARTITION", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")}
-    if "SLURM_PROCID" in env and "SLURM_JOB_ID" in env:
-        job_id = env["SLURM_JOB_ID"]
-        nodelist = env.get("SLURM_JOB_NODELIST", "")
-        master = _first_host(nodelist)
-        return {
-            "mode": "slurm (runner=slurm)" if "SLURM_STEP_ID" in env else "inside sbatch but not srun: use `srun igniter ...`",
-            "world_size": int(env.get("SLURM_NTASKS", 1)),
-            "rank": int(env["SLURM_PROCID"]),
-            "local_rank": int(env.get("SLURM_LOCALID", 0)),
-            "node_rank": int(env.get("SLURM_NODEID", 0)),
-            # ignite.distributed's convention (comp_models/native.py): port 15000 + last 4 digits of the job id
-            "master_addr": env.get("MASTER_ADDR", master),
-            "master_port": int(env.get("MASTER_PORT", 15000 + int(job_id[-4:]))) if job_id[-4:].isdigit() else env.get("MASTER_PORT"),
-            "variables": slurm_vars,
-        }
-    if {"RANK", "WORLD_SIZE"} <= set(env):
-        return {
-            "mode": "torchrun (runner=torchrun)",
-            "world_size": int(env["WORLD_SIZE"]),
-            "rank": int(env["RANK"]),
-            "local_rank": int(env.get("LOCAL_RANK", 0)),
-            "master_addr": env.get("MASTER_ADDR"),
-            "master_port": int(env["MASTER_PORT"]) if env.get("MASTER_PORT", "").isdigit() else None,
-            "variables": torchrun_vars,
-        }
-    return {"mode": "none (runner=single or runner=spawn)", "world_size": 1, "rank": 0, "variables": {**torchrun_vars, **slurm_vars}}
+    """The launch mode the environment implies and its world size, rank and rendezvous,
+    as :func:`igniter.distributed.environment.detect` reads it.
+
+    Args:
+        env: the environment variables (``None``: ``os.environ``).
+    """
+    found = detect(env)
+    if isinstance(found, NoLauncher):
+        return {"mode": "none (runner=single or runner=spawn)", "world_size": 1, "rank": 0, "variables": found.variables()}
+    info: dict[str, Any] = {
+        "mode": _MODES[found.name],
+        "world_size": found.world_size,
+        "rank": found.rank,
+        "local_rank": found.local_rank,
+        "master_addr": found.master_addr,
+        "master_port": found.master_port,
+        "variables": found.variables(),
+    }
+    if isinstance(found, Slurm):
+        info["node_rank"] = found.node_rank
+        if not found.in_step:
+            info["mode"] = "inside sbatch but not srun: use `srun igniter ...`"
+    return info
 
 
-def _first_host(nodelist: str) -> str | None:
-    if not nodelist:
-        return None
-    if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
-    return head
+#: What ``igniter doctor`` calls each launch environment (and the runner it takes).
+_MODES = {"slurm": "slurm (runner=slurm)", "torchrun": "torchrun (runner=torchrun)", "submitit-local": "submitit local (runner=slurm)"}
 
 
 def slurm_tools() -> dict[str, Any]:
@@ -130,7 +114,7 @@ def report() -> dict[str, Any]:
         "cuda": {"available": cuda, "version": torch.version.cuda, "device_count": torch.cuda.device_count() if cuda else 0},
         "nccl": {"available": dist.is_available() and dist.is_nccl_available(), "version": nccl_version},
         "gloo": {"available": dist.is_available() and dist.is_gloo_available()},
-        "default_backend": "nccl" if cuda else "gloo",
+        "default_backend": default_backend(),
         "gpus": gpus(),
         "cpu_count": os.cpu_count(),
         "distributed": distributed_environment(),
