@@ -1,10 +1,9 @@
 """The launch environment: who started this process, and what it says about the run.
 
 One small class per launcher is the only code in igniter that reads that launcher's
-variables (in the spirit of Lightning's ``plugins/environments``); runners, the
-one-launcher rule, threads, torchrun restarts, SLURM preemption and ``igniter doctor``
-ask it. Every class takes the environment as a mapping (``None``: ``os.environ``, read
-at each question, so changes made after construction count):
+variables (as Lightning's ``plugins/environments``); runners, the one-launcher rule,
+threads, torchrun restarts, SLURM preemption and ``igniter doctor`` ask it. Each class
+takes the variables as a mapping (``None``: ``os.environ``, read at each question):
 
 * :class:`NoLauncher`: ``igniter`` started by hand (``runner=single`` or ``spawn``);
 * :class:`Torchrun`: torchrun's workers (or any launcher that sets ``RANK``,
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
 import subprocess
 from typing import Mapping
@@ -30,8 +28,7 @@ __all__ = ["Environment", "NoLauncher", "Torchrun", "Slurm", "SubmititLocal", "d
 
 
 def _var(name: str, default: int | None) -> property:
-    """A property: variable ``name`` as an integer, ``default`` when it is unset,
-    empty or not an integer (``None``: the launcher does not say)."""
+    """A property: variable ``name`` as an integer, ``default`` when unset, empty or not an integer."""
 
     def get(self: Environment) -> int | None:
         value = self._int(name)
@@ -186,14 +183,12 @@ class Slurm(Environment):
 
     @property
     def present(self) -> bool:
-        """``SLURM_JOB_ID`` and ``SLURM_PROCID`` are set (the batch step or an srun task;
-        not a bare ``salloc`` shell)."""
+        """``SLURM_JOB_ID`` and ``SLURM_PROCID`` are set: the batch step or an srun task (no ``salloc`` shell)."""
         return self._has("SLURM_JOB_ID", "SLURM_PROCID")
 
     @property
     def in_job(self) -> bool:
-        """Inside a SLURM job at all (``SLURM_JOB_ID``), whatever started this process
-        under it: the scheduler's time-limit and preemption signals reach it."""
+        """Inside a SLURM job at all (``SLURM_JOB_ID``), under any launcher: its scheduler's signals reach us."""
         return "SLURM_JOB_ID" in self._env
 
     @property
@@ -208,8 +203,7 @@ class Slurm(Environment):
 
     @property
     def is_task(self) -> bool:
-        """Inside a task started by srun with everything ignite needs (not merely inside
-        an sbatch allocation)."""
+        """Inside a task started by srun with everything ignite needs (not merely in an sbatch allocation)."""
         return not self.missing_task_vars()
 
     rank = _var("SLURM_PROCID", 0)
@@ -236,13 +230,12 @@ class Slurm(Environment):
         :func:`expand_nodelist` (``[]`` for an unset or malformed list)."""
         if not self.nodelist:
             return []
-        if shutil.which("scontrol"):
-            try:
-                out = subprocess.run(["scontrol", "show", "hostnames", self.nodelist], capture_output=True, text=True, timeout=10)
-                if out.returncode == 0 and out.stdout.split():
-                    return out.stdout.split()
-            except (OSError, subprocess.SubprocessError):
-                pass
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", self.nodelist], capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.split():
+                return out.stdout.split()
+        except (OSError, subprocess.SubprocessError):  # no scontrol here
+            pass
         try:
             return expand_nodelist(self.nodelist)
         except ValueError:
@@ -281,13 +274,9 @@ class Slurm(Environment):
     def torch_variables(self, master_port: int) -> dict[str, str]:
         """torch's ``env://`` variables for this task with the rendezvous on ``master_port``
         (ignite reads ``MASTER_PORT`` only when all of them are set). The caller exports them."""
-        return {
-            "RANK": self._env["SLURM_PROCID"],
-            "LOCAL_RANK": self._env["SLURM_LOCALID"],
-            "WORLD_SIZE": self._env["SLURM_NTASKS"],
-            "MASTER_ADDR": self.first_host() or self.nodelist,
-            "MASTER_PORT": str(master_port),
-        }
+        env = self._env
+        return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                "MASTER_ADDR": self.first_host() or self.nodelist, "MASTER_PORT": str(master_port)}
 
 
 class SubmititLocal(Environment):
@@ -329,8 +318,8 @@ class SubmititLocal(Environment):
 
     @staticmethod
     def export_torch_variables() -> None:
-        """Set torch's ``env://`` variables in ``os.environ`` through submitit (which also
-        narrows ``CUDA_VISIBLE_DEVICES`` to this task's GPU).
+        """Set torch's ``env://`` variables in ``os.environ`` through submitit (which also narrows
+        ``CUDA_VISIBLE_DEVICES`` to this task's GPU).
 
         Raises:
             ImportError: submitit is not installed.

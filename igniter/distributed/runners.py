@@ -48,16 +48,8 @@ from igniter.errors import EXIT_FAILED, IgniterError, Problem
 from igniter.registry import runner_registry
 
 __all__ = [
-    "Runner",
-    "SingleRunner",
-    "SpawnRunner",
-    "TorchrunRunner",
-    "JoinRunner",
-    "RankFailed",
-    "make_runner",
-    "default_backend",
-    "free_port",
-    "ENV_VARS",
+    "Runner", "SingleRunner", "SpawnRunner", "TorchrunRunner", "JoinRunner", "RankFailed",
+    "make_runner", "default_backend", "free_port", "ENV_VARS",
 ]
 
 logger = logging.getLogger("igniter")
@@ -75,8 +67,7 @@ ENV_VARS = Torchrun.REQUIRED
 
 
 class RankFailed(IgniterError):
-    """A process of the run raised or died; ``rank`` is its global rank, ``details`` its traceback.
-    Exit status 1."""
+    """A process of the run raised or died (exit status 1); ``rank``: its global rank, ``details``: its traceback."""
 
     exit_status = EXIT_FAILED
 
