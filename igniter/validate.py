@@ -91,11 +91,13 @@ class _Checker:
         reserved: Iterable[str] = (),
         top: str = "",
         provided: Iterable[str] = (),
+        label: str = "",
     ) -> None:
         """Check ``params`` (config key ``key``) against ``fn``'s signature: unknown
         names, names igniter sets itself (``reserved``), and required names that
         neither ``params`` nor igniter (``provided``) supply (reported under
-        ``top.<name>`` when ``top`` is given, e.g. a dataset's ``root``)."""
+        ``top.<name>`` when ``top`` is given, e.g. a dataset's ``root``; ``label``: the
+        registered name to show, default ``fn``'s own)."""
         if fn is None:
             return
         reserved = set(reserved)
@@ -103,11 +105,11 @@ class _Checker:
         names -= reserved
         for p in sorted(required - reserved - set(provided) - set(params)):
             if top and p == "root":  # a dataset that reads files: say which key gives the directory
-                name = str(getattr(fn, "__name__", fn))
+                name = label or str(getattr(fn, "__name__", fn))
                 self.add(
                     f"{top}.root",
-                    f"dataset '{name}' reads files from a directory: set data.root=/dir/containing/{name.upper()} "
-                    f"(every split) or {top}.root=... (this split only)",
+                    f"dataset '{name}' requires 'root', the directory it reads: set data.root=/dir/containing/"
+                    f"{name.upper()} (every split) or {top}.root=... (this split only)",
                 )
                 continue
             self.add(f"{key}.{p}", f"{getattr(fn, '__name__', fn)} requires '{p}'")
@@ -140,7 +142,7 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
                 c.add(f"{key}.params.transform", f"is set by igniter from {key}.transforms; do not pass it in params", params[p])
             elif p in passed:
                 c.add(f"{key}.params.{p}", f"given twice: igniter already passes {key}.{p} = {passed[p]!r}; remove one", params[p])
-        c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed)
+        c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed, label=cfg.name)
     if cfg.root is not None and not os.path.isdir(cfg.root):
         c.add(f"{key}.root", "directory does not exist", cfg.root)
     c.positive(f"{key}.subset", cfg.subset, allow_none=True)
