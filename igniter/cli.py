@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from igniter.compose import compose_config, config_problems, hydra_args, plain_config, report_problems, sweep_points
 from igniter.config import CONFIG_MODULE, register_schema
 from igniter.distributed.launchers import secondary_launcher_settings
-from igniter.errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, IgniterError, Problem, TrainingDiverged
+from igniter.errors import EXIT_INTERRUPTED, ConfigError, IgniterError, Problem, TrainingDiverged
 
 # compose_config, sweep_points, config_problems, plain_config: re-exported from
 # igniter.compose, where they live, for code that imports them from here
@@ -72,13 +72,12 @@ def launch(cfg: DictConfig, output_dir: Path, job: dict[str, Any] | None = None)
 _SNAPSHOTS: dict[str, Any] = {}
 
 
-def _end_of_run(e: BaseException, output_dir: Path, run_dir: Any) -> int:
+def _end_of_run(e: IgniterError, output_dir: Path, run_dir: Any) -> int:
     """Say on stderr why the run ended by ``e`` and return the command's exit status
-    for it: ``e.exit_status`` (1 for an error that carries none).
+    for it: ``e.exit_status``.
 
     Args:
-        e: what :func:`launch` raised (an :class:`~igniter.errors.IgniterError`,
-            ``RankFailed`` or ``Preempted``).
+        e: what :func:`launch` raised.
         output_dir: the run directory (for where the traceback is).
         run_dir: its :class:`~igniter.rundir.RunDirectory`, discarded when the run never started.
     """
@@ -100,8 +99,7 @@ def _end_of_run(e: BaseException, output_dir: Path, run_dir: Any) -> int:
             wait_for_requeue(e)
         message = f"igniter: {e}"
     print(message, file=sys.stderr)
-    # RankFailed and Preempted carry no exit_status until they derive from IgniterError
-    return int(getattr(e, "exit_status", EXIT_FAILED))
+    return e.exit_status
 
 
 def _task(cfg: DictConfig) -> None:
@@ -113,8 +111,6 @@ def _task(cfg: DictConfig) -> None:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from igniter.distributed.runners import RankFailed
-    from igniter.distributed.slurm import Preempted
     from igniter.rundir import RunDirectory
 
     hydra_cfg = HydraConfig.get()
@@ -123,7 +119,7 @@ def _task(cfg: DictConfig) -> None:
     run_dir = _SNAPSHOTS.pop(str(output_dir.resolve()), None) or RunDirectory.of_job(output_dir)
     try:
         launch(cfg, output_dir, job)
-    except (IgniterError, RankFailed, Preempted) as e:
+    except IgniterError as e:  # RankFailed, Preempted, TrainingDiverged, ConfigError, ...
         sys.exit(_end_of_run(e, output_dir, run_dir))
     except KeyboardInterrupt:  # rank 0 logged where the run stopped and how to resume it
         print("igniter: interrupted (Ctrl-C)", file=sys.stderr)

@@ -4,8 +4,9 @@
 (``igniter.configs``) and overrides; :func:`config_problems` composes and
 validates it, reporting every bad override at once (with a did-you-mean where one
 exists); :func:`sweep_points` expands a multirun's sweep. Used by the ``igniter``
-command (:mod:`igniter.cli`), ``igniter check``, ``igniter eval`` and the benchmarks,
-none of which needs the others.
+command (:mod:`igniter.cli`), ``igniter check``, ``igniter eval`` and the benchmarks:
+here rather than in the CLI so that the subcommands, which the CLI imports, do not
+import it back.
 """
 
 from __future__ import annotations
