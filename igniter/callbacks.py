@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from igniter.record import read_record
 
 __all__ = ["ResultsTable", "results_rows", "format_table"]
 
@@ -22,9 +23,8 @@ def results_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
         row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(map(str, overrides)), "id": "-", "state": "no metrics.json"}
-        metrics_file = job_dir / "metrics.json"
-        if metrics_file.exists():
-            metrics = json.loads(metrics_file.read_text())
+        metrics = read_record(job_dir)
+        if metrics is not None:
             row["id"] = metrics.get("job", {}).get("id") or "-"
             row["state"] = metrics.get("status", "?")
             final = {k: v for k, v in metrics.get("final", {}).items() if k not in ("epoch", "iteration")}

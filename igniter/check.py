@@ -15,13 +15,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from igniter.assemble import build_training
 from igniter.build import import_modules
 from igniter.compose import config_problems, hydra_args as _hydra_args, plain_config, report_problems as _report
+from igniter.context import RunContext
 from igniter.distributed import make_runner
 from igniter.errors import ConfigError, Problem
 from igniter.preflight import first_batch
 from igniter.registry import RegistryError, function_registry
-from igniter.run import RunContext, build_run
 
 __all__ = ["main"]
 
@@ -71,7 +72,7 @@ def main(argv: list[str]) -> int:
     per_process = cfg.data.loader.batch_size // world
     try:
         import_modules(cfg.imports)
-        ctx = build_run(cfg, Path("."))
+        ctx = build_training(cfg, Path("."))
         _try_one_batch(ctx, per_process)
     except (ConfigError, RegistryError) as e:
         header = getattr(e, "header", "cannot build the run")

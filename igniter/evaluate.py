@@ -179,16 +179,18 @@ def _check_fits(cfg: DictConfig, state: Mapping[str, torch.Tensor], checkpoint: 
 
 
 def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
-    """Every process: build, load the weights, run the evaluator; rank 0 prints and writes ``output``.
+    """Every process: build the evaluation side only (model, validation data, evaluator: no
+    optimizer, trainer or training set), load the weights, run the evaluator; rank 0 prints
+    and writes ``output``.
 
     Raises:
         ConfigError: no validation dataset, or the checkpoint cannot be read or does not
             fit the model (:func:`eval_main` checks both before starting processes).
     """
+    from igniter.assemble import build_evaluation
     from igniter.resume import CheckpointInvalid
-    from igniter.run import build_run
 
-    ctx = build_run(cfg, Path(output).parent)
+    ctx = build_evaluation(cfg, Path(output).parent)
     if ctx.evaluator is None:
         raise ConfigError([Problem("data.val", "no validation dataset to evaluate on")], "cannot evaluate")
     try:
@@ -201,7 +203,7 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
         result = {"checkpoint": str(checkpoint), "samples": len(ctx.val_set), "world_size": idist.get_world_size(), "metrics": metrics}
         Path(output).write_text(json.dumps(result, indent=2))
         print(" ".join(f"{k}={v:.6f}" for k, v in metrics.items()) + f"  ({len(ctx.val_set)} samples, {checkpoint})")
-    # build_run's DDP-wrapped model holds the process group; kept alive by reference cycles
+    # build_evaluation's DDP-wrapped model holds the process group; kept alive by reference cycles
     # (engine handlers) until interpreter exit, after the group is destroyed, it made about
     # one run in ten abort there ("terminate called without an active exception", SIGABRT).
     del ctx

@@ -1,7 +1,7 @@
 """Event handlers: the event-handler registry's built-ins and the standard run handlers.
 
 A registered event handler is a factory ``factory(**params) -> handler`` that
-may also ask for ``ctx`` (the :class:`igniter.run.RunContext`: model,
+may also ask for ``ctx`` (the :class:`igniter.context.RunContext`: model,
 optimizer, engines, output dir, rank...). The returned ``handler(engine)`` is
 attached to the event named in ``handlers[i].event``. Example config::
 
@@ -15,13 +15,11 @@ are wired by the ``attach_*`` functions below; all are Ignite handlers.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ignite.distributed as idist
 import torch
@@ -29,9 +27,12 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
 
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
-from igniter.io import atomic_write
+from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
 from igniter.registry import event_handler_registry, io_registry
 from igniter.resume import TrainerState
+
+if TYPE_CHECKING:
+    from igniter.context import RunContext
 
 __all__ = [
     "log_state",
@@ -50,10 +51,6 @@ __all__ = [
 logger = logging.getLogger("igniter")
 
 
-def _scalar(value: Any) -> Any:
-    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-
-
 def _fmt(values: dict[str, Any]) -> str:
     return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
 
@@ -66,8 +63,8 @@ def log_state(message: str = "") -> Callable[[Engine], None]:
         out = engine.state.output
         parts = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
         if isinstance(out, dict):
-            parts.update({k: _scalar(v) for k, v in out.items()})
-        parts.update({k: _scalar(v) for k, v in engine.state.metrics.items()})
+            parts.update({k: scalar(v) for k, v in out.items()})
+        parts.update({k: scalar(v) for k, v in engine.state.metrics.items()})
         logger.info("%s%s", f"{message} " if message else "", _fmt(parts))
 
     return handler
@@ -80,57 +77,12 @@ def terminate_on_nan() -> Callable[[Engine], None]:
 
 
 @event_handler_registry("early_stopping")
-def early_stopping(ctx: Any, patience: int, min_delta: float = 0.0) -> Callable[[Engine], None]:
+def early_stopping(ctx: RunContext, patience: int, min_delta: float = 0.0) -> Callable[[Engine], None]:
     """Stop the trainer after ``patience`` evaluations without improving ``evaluation.monitor``
     (``ignite.handlers.EarlyStopping``). Attach it to the evaluator's ``COMPLETED``."""
     sign = 1.0 if ctx.cfg.evaluation.mode == "max" else -1.0
     metric = ctx.cfg.evaluation.monitor
     return EarlyStopping(patience, lambda e: sign * float(e.state.metrics[metric]), ctx.trainer, min_delta=min_delta)
-
-
-class MetricsRecord:
-    """Collects per-epoch validation metrics and writes ``metrics.json`` (rank 0).
-
-    Layout: ``{"status", "job", "epochs": [{"epoch", "iteration", <metric>: value}],
-    "final": {...}, "best": {...}, "wall_time_s" (process, s), "run_time_s"
-    (``trainer.run`` with handlers, s), "train_time_s" (epochs without
-    end-of-epoch handlers, s), "samples_per_s" (global samples / train_time_s),
-    "train_loss" (last step, rank 0), "world_size", "global_batch_size",
-    "per_process_batch_size", "iterations", "restarts"}``. Written atomically after every
-    evaluation and at the end, so a crash leaves the history so far.
-    """
-
-    def __init__(self, path: Path, monitor: str | None, mode: str, static: dict[str, Any]) -> None:
-        self.path, self.monitor, self.mode = Path(path), monitor, mode
-        self.data: dict[str, Any] = {"status": "running", **static, "epochs": [], "final": {}, "best": {}}
-
-    def resume(self, iteration: int) -> None:
-        """Continue the history of an interrupted run: keep its rows up to ``iteration``."""
-        if not self.path.is_file():
-            return
-        old = json.loads(self.path.read_text())
-        self.data["train_loss_history"] = [p for p in old.get("train_loss_history", []) if p[0] <= iteration]
-        for row in old.get("epochs", []):
-            if row["iteration"] <= iteration:
-                self.add_epoch(row["epoch"], row["iteration"], {k: v for k, v in row.items() if k not in ("epoch", "iteration")})
-        self.data["restarts"] = old.get("restarts", 0) + 1
-
-    def add_epoch(self, epoch: int, iteration: int, metrics: dict[str, Any]) -> None:
-        row = {"epoch": epoch, "iteration": iteration, **{k: _scalar(v) for k, v in metrics.items()}}
-        self.data["epochs"].append(row)
-        self.data["final"] = dict(row)
-        if self.monitor in row:
-            best = self.data["best"].get(self.monitor)
-            better = best is None or (row[self.monitor] > best if self.mode == "max" else row[self.monitor] < best)
-            if better:
-                self.data["best"] = dict(row)
-
-    def update(self, **values: Any) -> None:
-        self.data.update(values)
-
-    def write(self) -> None:
-        text = json.dumps(self.data, indent=2, default=float)
-        atomic_write(self.path, lambda f: f.write(text), binary=False)
 
 
 def _throttled(seconds: float) -> Callable[[Engine, int], bool]:
@@ -147,7 +99,7 @@ def _throttled(seconds: float) -> Callable[[Engine, int], bool]:
     return event_filter
 
 
-def attach_progress(ctx: Any) -> None:
+def attach_progress(ctx: RunContext) -> None:
     """Rank 0 progress: Ignite's tqdm ``ProgressBar`` on a terminal, else a log line
     every ``logging.log_every`` iterations (as under SLURM, where stdout is a file).
 
@@ -178,7 +130,7 @@ def attach_progress(ctx: Any) -> None:
     @trainer.on(PeriodicEvents.LOG)
     def _log_line(engine: Engine) -> None:
         out = engine.state.output
-        loss = _scalar(loss_of(out))
+        loss = scalar(loss_of(out))
         length = engine.state.epoch_length or 0
         in_epoch = (engine.state.iteration - 1) % length + 1 if length else engine.state.iteration
         logger.info(
@@ -191,12 +143,10 @@ def attach_progress(ctx: Any) -> None:
         )
 
 
-def attach_throughput(trainer: Engine, global_batch_size: int) -> None:
-    """Set ``trainer.state.samples_per_s`` (global samples / epoch time, s) at every epoch end,
-    and accumulate ``train_time_s`` / ``samples`` over the run."""
-    trainer.state.train_time_s = 0.0
-    trainer.state.samples = 0
-    trainer.state.samples_per_s = float("nan")
+def attach_throughput(ctx: RunContext) -> None:
+    """Set ``ctx.status.samples_per_s`` (global samples / epoch time, s) at every epoch end,
+    and accumulate ``train_time_s`` (s) / ``samples`` over the run (:class:`~igniter.context.RunStatus`)."""
+    trainer, status, global_batch_size = ctx.trainer, ctx.status, ctx.cfg.data.loader.batch_size
     epoch_start = {"t": 0.0, "it": 0}
 
     @trainer.on(Events.EPOCH_STARTED)
@@ -207,9 +157,9 @@ def attach_throughput(trainer: Engine, global_batch_size: int) -> None:
     def _end(engine: Engine) -> None:
         seconds = time.perf_counter() - epoch_start["t"]
         samples = (engine.state.iteration - epoch_start["it"]) * global_batch_size
-        engine.state.train_time_s += seconds
-        engine.state.samples += samples
-        engine.state.samples_per_s = samples / seconds if seconds > 0 else math.nan
+        status.train_time_s += seconds
+        status.samples += samples
+        status.samples_per_s = samples / seconds if seconds > 0 else math.nan
 
 
 def _any_rank(flag: bool | torch.Tensor) -> bool:
@@ -220,11 +170,6 @@ def _any_rank(flag: bool | torch.Tensor) -> bool:
     return bool(idist.all_reduce(value.to(idist.device()), op="MAX"))
 
 
-def loss_of(output: Any) -> Any:
-    """The loss in a step's output: ``output["loss"]`` of a dict (``None`` if absent), else the output itself."""
-    return output.get("loss") if isinstance(output, dict) else output
-
-
 def _nonfinite_loss(output: Any) -> torch.Tensor | bool:
     """Whether the step's loss is NaN/inf: a bool, or a 0-d bool tensor on the loss's GPU (no sync)."""
     loss = loss_of(output)
@@ -233,7 +178,7 @@ def _nonfinite_loss(output: Any) -> torch.Tensor | bool:
     return loss is not None and not math.isfinite(float(loss))
 
 
-def attach_nan_guard(trainer: Engine) -> None:
+def attach_nan_guard(ctx: RunContext) -> None:
     """Stop training when the loss is NaN or infinite, as Ignite's ``TerminateOnNan``
     does, at a fraction of its cost: it reads the loss only, and only on
     ``PeriodicEvents.CHECK_LOSS`` (every ``CHECK_LOSS_EVERY`` = 10 iterations: one host
@@ -241,26 +186,28 @@ def attach_nan_guard(trainer: Engine) -> None:
     same iteration; nothing on the other iterations). A non-finite loss makes the weights
     non-finite from that step on, so the next check sees it: the run stops at most 9
     iterations late; checkpoints check the current loss themselves and are skipped when
-    it is not finite. Records ``trainer.state.diverged = (iteration, loss)``; the run exits 3.
+    it is not finite. Records ``ctx.status.diverged = (iteration, loss)``; the run exits 3.
     """
-    trainer.state.diverged = None
+    status = ctx.status
 
-    @trainer.on(PeriodicEvents.CHECK_LOSS)
+    @ctx.trainer.on(PeriodicEvents.CHECK_LOSS)
     def _check(engine: Engine) -> None:
-        if engine.state.diverged is None and _any_rank(_nonfinite_loss(engine.state.output)):
-            loss = _scalar(loss_of(engine.state.output))
-            engine.state.diverged = (engine.state.iteration, loss)
+        if status.diverged is None and _any_rank(_nonfinite_loss(engine.state.output)):
+            loss = scalar(loss_of(engine.state.output))
+            status.diverged = (engine.state.iteration, loss)
             logger.error("loss is %s at iteration %d (checked every %d iterations): stopping", loss, engine.state.iteration, CHECK_LOSS_EVERY)
             engine.terminate()
 
 
-def _guarded(save: Checkpoint, trainer: Engine) -> Callable[[Engine], None]:
+def _guarded(save: Checkpoint, ctx: RunContext) -> Callable[[Engine], None]:
     """Call ``save`` unless the run has diverged or the current loss is not finite on
     any rank (the NaN guard may read the flag only every few steps): a NaN state
     never overwrites a good checkpoint. Every rank reaches the same decision."""
 
+    trainer = ctx.trainer
+
     def handler(engine: Engine) -> None:
-        if getattr(trainer.state, "diverged", None) is None and not _any_rank(_nonfinite_loss(trainer.state.output)):
+        if ctx.status.diverged is None and not _any_rank(_nonfinite_loss(trainer.state.output)):
             save(engine)
 
     return handler
@@ -305,7 +252,7 @@ def save_now(checkpointer: Checkpoint) -> Callable[[Engine], None]:
     return save
 
 
-def attach_checkpoints(ctx: Any) -> dict[str, Any]:
+def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     """Ignite ``Checkpoint``s through the io-registry saver ``checkpoint.saver`` into
     ``<run dir>/checkpoints`` (contents: :mod:`igniter.resume`).
 
@@ -338,7 +285,7 @@ def attach_checkpoints(ctx: Any) -> dict[str, Any]:
             score_name=monitor,
             global_step_transform=step,
         )
-        ctx.evaluator.add_event_handler(Events.COMPLETED, _guarded(best, ctx.trainer))
+        ctx.evaluator.add_event_handler(Events.COMPLETED, _guarded(best, ctx))
         to_save["best_checkpointer"] = best
     last = Checkpoint(to_save, saver, filename_prefix="last", n_saved=cfg.n_saved, global_step_transform=step, include_self=True)
     event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
@@ -346,5 +293,5 @@ def attach_checkpoints(ctx: Any) -> dict[str, Any]:
         event = event | Events.ITERATION_COMPLETED(every=cfg.every_iterations)
     if cfg.every_seconds:
         event = event | Events.ITERATION_COMPLETED(event_filter=_seconds_elapsed(cfg.every_seconds))
-    ctx.trainer.add_event_handler(event, _guarded(last, ctx.trainer))
+    ctx.trainer.add_event_handler(event, _guarded(last, ctx))
     return {**to_save, "checkpointer": last}

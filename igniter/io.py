@@ -14,7 +14,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping
 
 import ignite.distributed as idist
 from ignite.engine import Events
@@ -22,6 +22,9 @@ from ignite.handlers import DiskSaver, global_step_from_engine
 
 from igniter.events import PeriodicEvents
 from igniter.registry import io_registry
+
+if TYPE_CHECKING:
+    from igniter.context import RunContext
 
 __all__ = ["AtomicDiskSaver", "BatchedScalars", "atomic_write", "disk", "tensorboard"]
 
@@ -193,7 +196,7 @@ class BatchedScalars:
 
 
 @io_registry("tensorboard")
-def tensorboard(ctx: Any) -> Any:
+def tensorboard(ctx: RunContext) -> Any:
     """TensorBoard events in ``<run dir>/tb`` through Ignite's ``TensorboardLogger``.
 
     Scalars: ``train/loss`` every ``logging.log_every`` iterations, ``train/lr``

@@ -1,6 +1,9 @@
 """Checkpoint contents and resuming: the one place that knows how a run continues.
 
-Reading checkpoint files safely is :mod:`igniter.checkpoint_files`.
+Which checkpoint a run continues from (:func:`select_checkpoint`, :func:`resume_run`),
+how its ``metrics.json`` history continues (:func:`continue_record`) and what an
+interrupted run tells the user to type (:func:`resume_hint`). Reading files safely is
+:mod:`igniter.checkpoint_files`.
 
 A ``last_checkpoint_<iteration>.pt`` holds (all plain tensors and containers, so
 ``torch.load(weights_only=True)`` reads it without running code from the file):
@@ -29,8 +32,9 @@ import base64
 import json
 import logging
 import random
+import shlex
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import ignite.distributed as idist
 import numpy as np
@@ -41,6 +45,10 @@ from ignite.engine import Engine
 from igniter.checkpoint_files import CheckpointInvalid, check_checkpoint, check_model_state, checkpoint_files, load_checkpoint
 from igniter.errors import ConfigError, Problem
 
+if TYPE_CHECKING:
+    from igniter.context import RunContext
+    from igniter.record import MetricsRecord
+
 __all__ = [
     "TrainerState",
     "CheckpointInvalid",
@@ -50,6 +58,9 @@ __all__ = [
     "load_checkpoint",
     "select_checkpoint",
     "resume_mode",
+    "resume_run",
+    "continue_record",
+    "resume_hint",
 ]
 
 logger = logging.getLogger("igniter")
@@ -167,3 +178,80 @@ def select_checkpoint(resume: Any, directory: Path, model: torch.nn.Module, requ
         raise ConfigError(problems + [Problem("resume", f"no valid checkpoint in {directory}; use resume=false to start over", "auto")], "cannot resume")
     return None, None
 
+
+def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
+    """Load the checkpoint chosen by ``cfg.resume`` into ``to_load`` on every rank.
+
+    Rank 0 chooses (newest valid file) and broadcasts its choice, or its error, so
+    that no rank waits on a collective another rank never reaches.
+
+    Args:
+        ctx: the built run (model, trainer, output directory, rank).
+        to_load: what :func:`igniter.handlers.attach_checkpoints` returned (empty: no
+            checkpoints, nothing to resume).
+
+    Returns:
+        The checkpoint loaded, or ``None`` when the run starts from scratch.
+
+    Raises:
+        ConfigError: no valid checkpoint where one was expected (exit status 2).
+    """
+    if not to_load:
+        return None
+    required = tuple(k for k in to_load if k != "checkpointer") + ("checkpointer",)
+    directory = ctx.output_dir / "checkpoints"
+    choice, ckpt = "", None
+    if ctx.rank == 0:
+        try:
+            path, ckpt = select_checkpoint(ctx.cfg.resume, directory, ctx.model, required)
+            choice = str(path) if path else ""
+        except ConfigError as e:
+            choice = "ERROR:" + "\n".join(str(p) for p in e.problems)
+    if ctx.world_size > 1:
+        choice = idist.broadcast(choice, src=0, safe_mode=True)
+    if choice.startswith("ERROR:"):
+        lines = choice[len("ERROR:") :].split("\n")
+        raise ConfigError([Problem("resume", line) for line in lines], "cannot resume")
+    if not choice:
+        return None
+    if ckpt is None:  # ranks > 0 read the file rank 0 chose
+        try:
+            ckpt = check_checkpoint(Path(choice), ctx.model, required)
+        except CheckpointInvalid as e:
+            raise ConfigError([Problem("resume", f"{choice} {e}")], "cannot resume") from None
+    from ignite.handlers import Checkpoint
+
+    Checkpoint.load_objects({k: v for k, v in to_load.items() if k in ckpt}, ckpt)
+    logger.info("resumed from %s (epoch %d, iteration %d)", choice, ctx.trainer.state.epoch, ctx.trainer.state.iteration)
+    return Path(choice)
+
+
+def continue_record(record: MetricsRecord, iteration: int) -> None:
+    """Continue the ``metrics.json`` history of an interrupted run: keep the rows of the
+    file already at ``record.path`` up to ``iteration`` (the checkpoint's) and count one
+    more restart. Nothing happens when there is no such file."""
+    if not record.path.is_file():
+        return
+    old = json.loads(record.path.read_text())
+    record.data["train_loss_history"] = [p for p in old.get("train_loss_history", []) if p[0] <= iteration]
+    for row in old.get("epochs", []):
+        if row["iteration"] <= iteration:
+            record.add_epoch(row["epoch"], row["iteration"], {k: v for k, v in row.items() if k not in ("epoch", "iteration")})
+    record.data["restarts"] = old.get("restarts", 0) + 1
+
+
+def resume_hint(ctx: RunContext, job: dict[str, Any] | None) -> str:
+    """Where an interrupted run stopped, its newest checkpoint, and the command that resumes it.
+
+    Args:
+        ctx: the run.
+        job: Hydra's job info; its ``overrides`` are repeated in the command.
+    """
+    state = ctx.trainer.state
+    newest = checkpoint_files(ctx.output_dir / "checkpoints")[:1] if ctx.cfg.checkpoint.enabled else []
+    overrides = [o for o in (job or {}).get("overrides", []) if not o.startswith("output_dir=")]
+    where = f"interrupted at epoch {state.epoch}, iteration {state.iteration}"
+    if not newest:
+        return f"{where}; no checkpoint was written: a new run starts over"
+    command = shlex.join(["igniter", *overrides, f"output_dir={ctx.output_dir}"])
+    return f"{where}; newest checkpoint {newest[0]}; to resume from it: {command}"

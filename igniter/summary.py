@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -27,8 +26,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from ignite.engine import Engine, Events
 from ignite.handlers import HandlersTimeProfiler
 
+from igniter.record import METRICS_FILE, read_record
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from igniter.record import MetricsRecord
 
 __all__ = [
     "StepTimer", "record_first_iteration", "process_age_s", "interpreter_age_s", "attach_handler_profiler", "time_split",
@@ -113,7 +116,7 @@ def interpreter_age_s() -> float | None:
     return time.monotonic() - stamped_at + cpu_before
 
 
-def record_first_iteration(timer: StepTimer, record: Any) -> None:
+def record_first_iteration(timer: StepTimer, record: MetricsRecord) -> None:
     """Record ``first_iteration_s`` in ``metrics.json``: seconds from the start of this
     (rank 0) process's interpreter (:func:`interpreter_age_s`) to the end of this run's
     first training step: the start-up cost a user waits through (imports, config, data,
@@ -326,11 +329,10 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:  # --help or a usage error: an exit status, as every subcommand returns one
         return e.code if isinstance(e.code, int) else 2
     run: Path = args.run_dir
-    path = run / "metrics.json"
-    if not path.is_file():
-        print(f"igniter summary: no metrics.json in {run}", file=sys.stderr)
+    m = read_record(run)
+    if m is None:
+        print(f"igniter summary: no {METRICS_FILE} in {run}", file=sys.stderr)
         return 2
-    m = json.loads(path.read_text())
     print(f"run {run}\n{summary_table(m)}")
     if draw_curves(m, run / "curves.png"):
         print(f"  curves     {run / 'curves.png'}")

@@ -13,13 +13,16 @@ nothing is attached to the engine: no per-iteration cost.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
 
 from igniter.registry import event_handler_registry
+
+if TYPE_CHECKING:
+    from igniter.context import RunContext
 
 __all__ = ["QUANTITIES", "open_nvml", "GpuTelemetry", "gpu_telemetry"]
 
@@ -95,7 +98,7 @@ class GpuTelemetry:
 
 
 @event_handler_registry("gpu_telemetry")
-def gpu_telemetry(ctx: Any, writer: Any = None) -> GpuTelemetry | None:
+def gpu_telemetry(ctx: RunContext, writer: Any = None) -> GpuTelemetry | None:
     """A :class:`GpuTelemetry` handler for this rank's GPU, or ``None`` (after logging
     why on rank 0) when NVML is unavailable on any rank. Every rank must call it and
     attach the handler at the same event (the gather is collective). igniter attaches

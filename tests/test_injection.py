@@ -191,7 +191,7 @@ def test_check_accepts_the_original_igniter_data_config(tmp_path, monkeypatch, c
 def test_validate_reserves_exactly_the_step_arguments_build_run_provides(tmp_path, monkeypatch):
     """The names validate refuses in trainer.step_params are the keys build_run hands the
     step factory: both come from igniter.build.StepArgs."""
-    import igniter.run as run
+    import igniter.assemble as run  # build_run moved there (igniter.assemble.build_training)
     from igniter.cli import compose_config
     from igniter.validate import validate
 
@@ -204,7 +204,7 @@ def test_validate_reserves_exactly_the_step_arguments_build_run_provides(tmp_pat
 
     monkeypatch.setattr(run, "call_with", spy)
     cfg = compose_config(["data.train.subset=64", "data.val.subset=32", f"output_dir={tmp_path / 'run'}"])
-    run.build_run(cfg, tmp_path / "run")
+    run.build_training(cfg, tmp_path / "run")
     provided = seen["supervised"]  # the default trainer.step
     assert provided == set(STEP_ARGS)
 

@@ -1,0 +1,177 @@
+"""Assemble a run from its built components: model, data loaders, solver and engines.
+
+:func:`build_training` builds everything a training run needs (``igniter`` and
+``igniter check``); :func:`build_evaluation` only the evaluation side (``igniter
+eval``): no optimizer, no scheduler, no training set, no trainer. Each component
+comes from :mod:`igniter.build`; this module decides which, for which process,
+and how they are connected. Nothing here attaches handlers or trains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine
+from ignite.utils import manual_seed
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from igniter.build import (
+    StepArgs,
+    build_dataset,
+    build_metrics,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    call_with,
+    import_modules,
+    import_object,
+    plain,
+)
+from igniter.context import EvalContext, RunContext
+from igniter.distributed.sampler import ShardedSampler
+from igniter.events import PeriodicEvents
+from igniter.preflight import guard_first_step
+from igniter.registry import engine_registry, function_registry
+from igniter.summary import StepTimer
+
+__all__ = ["make_loader", "build_training", "build_evaluation"]
+
+
+def make_loader(dataset: Dataset, batch_size: int, cfg: DictConfig, train: bool, seed: int) -> DataLoader:
+    """A loader of ``batch_size / world_size`` samples per process over a :class:`ShardedSampler`.
+
+    Training drops the last partial global batch (``drop_last``) or pads it
+    like ``DistributedSampler``; evaluation shards without padding so every
+    sample counts exactly once.
+
+    Args:
+        dataset: the samples.
+        batch_size: the global batch size (all processes together).
+        cfg: the ``data.loader`` section.
+        train: shuffle (if configured) and drop or pad the tail.
+        seed: the sampler's shuffling seed (with the epoch).
+
+    Raises:
+        RegistryError: ``data.loader.collate_fn`` is not registered.
+    """
+    world_size, rank = idist.get_world_size(), idist.get_rank()
+    tail = ("drop" if cfg.drop_last else "pad") if train else "none"
+    sampler = ShardedSampler(dataset, world_size, rank, batch_size, shuffle=cfg.shuffle and train, seed=seed, tail=tail)
+    collate = function_registry.get(cfg.collate_fn, "data.loader.collate_fn") if cfg.collate_fn else None
+    kwargs: dict[str, Any] = {"collate_fn": collate} if collate else {}
+    return idist.auto_dataloader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory,
+        drop_last=False,
+        persistent_workers=cfg.num_workers > 0,
+        **kwargs,
+    )
+
+
+def _model(cfg: DictConfig) -> torch.nn.Module:
+    """User modules imported, seeds set, and the model on this process's device
+    (DDP-wrapped with several processes)."""
+    import_modules(cfg.imports)
+    manual_seed(cfg.trainer.seed)  # same initial weights on every rank
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    ddp: dict[str, Any] = {}
+    if idist.get_world_size() > 1:  # DistributedDataParallel options (auto_model passes them on)
+        ddp["gradient_as_bucket_view"] = cfg.runner.gradient_as_bucket_view
+        if cfg.runner.bucket_cap_mb is not None:
+            ddp["bucket_cap_mb"] = cfg.runner.bucket_cap_mb
+    return idist.auto_model(build_model(cfg.model), sync_bn=False, **ddp)
+
+
+def _val_data(cfg: DictConfig) -> tuple[Dataset | None, DataLoader | None]:
+    """``(val_set, val_loader)``, both ``None`` without ``data.val``."""
+    if cfg.data.val is None:
+        return None, None
+    val_set = build_dataset(cfg.data.val, "data.val")
+    loader_cfg = cfg.data.loader
+    return val_set, make_loader(val_set, loader_cfg.val_batch_size or loader_cfg.batch_size, loader_cfg, False, cfg.trainer.seed)
+
+
+def _evaluator(cfg: DictConfig, available: dict[str, Any]) -> Engine:
+    """The evaluation engine with its metrics attached.
+
+    ``available``: what the step, engine and metric factories may ask for by name.
+    """
+    # Evaluate the unwrapped module: DDP's forward may sync buffers, and shards can differ by one batch.
+    model = available["model"]
+    eval_step = call_with(function_registry.get(cfg.evaluation.step, "evaluation.step"), {**available, "model": getattr(model, "module", model)})
+    evaluator = call_with(
+        engine_registry.get(cfg.evaluation.engine, "evaluation.engine"), {"process_function": guard_first_step(eval_step, cfg, "evaluation")}
+    )
+    for name, metric in build_metrics(cfg.evaluation.metrics, available).items():
+        metric.attach(evaluator, name)
+    return evaluator
+
+
+def build_evaluation(cfg: DictConfig, output_dir: Path) -> EvalContext:
+    """Build the model, the validation data and the evaluator for this process.
+
+    The evaluation factories get what training gives them but the optimizer (none is
+    built): ``model``, ``loss_fn``, ``device``, ``grad_clip_norm``.
+
+    Raises:
+        ConfigError: a component cannot be built (the message names its config key).
+        RegistryError: a name is not registered.
+    """
+    model = _model(cfg)
+    loss_fn = function_registry.get(cfg.trainer.loss, "trainer.loss")
+    available = {"model": model, "loss_fn": loss_fn, "device": idist.device(), "grad_clip_norm": cfg.trainer.grad_clip_norm}
+    val_set, val_loader = _val_data(cfg)
+    evaluator = _evaluator(cfg, available) if val_loader is not None else None
+    return EvalContext(
+        cfg=cfg, output_dir=output_dir, rank=idist.get_rank(), world_size=idist.get_world_size(), device=idist.device(),
+        model=model, loss_fn=loss_fn, val_set=val_set, val_loader=val_loader, evaluator=evaluator,
+    )  # fmt: skip
+
+
+def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
+    """Build model, data, solver and engines for this process (no handlers, no training).
+
+    Args:
+        cfg: the resolved config.
+        output_dir: the run directory (nothing is written here).
+
+    Raises:
+        ConfigError: a component cannot be built (the message names its config key).
+        RegistryError: a name is not registered.
+    """
+    model = _model(cfg)
+    device = idist.device()
+    optimizer = idist.auto_optim(build_optimizer(cfg.solver, model))
+    scheduler = build_scheduler(cfg.solver.scheduler, optimizer)
+    loss_fn = function_registry.get(cfg.trainer.loss, "trainer.loss")
+    loader_cfg = cfg.data.loader
+    train_set = build_dataset(cfg.data.train, "data.train")
+    train_loader = make_loader(train_set, loader_cfg.batch_size, loader_cfg, True, cfg.trainer.seed)
+    val_set, val_loader = _val_data(cfg)
+    # What step/engine/metric factories may ask for by name: one definition (validate reserves the same names).
+    available = StepArgs(
+        model=model, optimizer=optimizer, loss_fn=loss_fn, device=device, grad_clip_norm=cfg.trainer.grad_clip_norm
+    ).as_dict()
+    step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
+    step_timer = StepTimer()
+    trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step_timer.wrap(guard_first_step(step, cfg, "training"))})
+    step_timer.attach(trainer)
+    trainer.register_events(*PeriodicEvents, event_to_attr={e: "iteration" for e in PeriodicEvents})
+    user_events = [import_object(path) for path in cfg.trainer.custom_events]
+    for enum in user_events:
+        trainer.register_events(*enum)
+    evaluator = _evaluator(cfg, available) if val_loader is not None else None
+    return RunContext(
+        cfg=cfg, output_dir=output_dir, rank=idist.get_rank(), world_size=idist.get_world_size(), device=device,
+        model=model, loss_fn=loss_fn, val_set=val_set, val_loader=val_loader, evaluator=evaluator,
+        optimizer=optimizer, scheduler=scheduler, train_set=train_set, train_loader=train_loader, trainer=trainer,
+        custom_events=[PeriodicEvents, *user_events], step_timer=step_timer,
+    )  # fmt: skip
