@@ -7,7 +7,7 @@ that key when the input is bad (e.g. a dataset file that is missing).
 
 This module is also the one definition of what igniter passes to factories
 itself (:data:`STEP_ARGS`, :data:`DATASET_ARGS`, :data:`OPTIMIZER_ARGS`...):
-:mod:`igniter.validate` reserves exactly these names and ``igniter.run.build_run``
+:mod:`igniter.validate` reserves exactly these names and ``igniter.assemble.build_training``
 provides exactly these values, so a new injected argument is one edit here.
 
 The rule (:func:`injected`): a factory gets an argument igniter supplies when

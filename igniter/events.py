@@ -85,7 +85,7 @@ def fire_periodic_events(trainer: Engine, log_every: int) -> None:
     """Fire :class:`PeriodicEvents` on ``trainer``: ``CHECK_LOSS`` every
     :data:`CHECK_LOSS_EVERY` iterations, then ``LOG`` every ``log_every`` iterations, from
     one ``ITERATION_COMPLETED`` handler (the events are registered by
-    :func:`igniter.run.build_run`)."""
+    :func:`igniter.assemble.build_training`)."""
     periods = ((PeriodicEvents.CHECK_LOSS, CHECK_LOSS_EVERY), (PeriodicEvents.LOG, log_every))
 
     @trainer.on(Events.ITERATION_COMPLETED)
