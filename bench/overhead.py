@@ -222,8 +222,8 @@ def run_igniter_bare(cfg: Any) -> tuple[int, float]:
 class UnwrittenSaver(AtomicDiskSaver):
     """Serializes every checkpoint as igniter's saver does, writes no file."""
 
-    def _save_func(self, checkpoint: Any, path: Path, func: Callable) -> None:
-        func(checkpoint, io.BytesIO(), **self.kwargs)
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        self.serialize(checkpoint)
 
     def remove(self, filename: str) -> None:
         pass

@@ -104,10 +104,8 @@ def attach_progress(ctx: RunContext) -> None:
     every ``logging.log_every`` iterations (as under SLURM, where stdout is a file).
 
     The bar is Ignite's default, one bar for the current epoch that is cleared at the
-    epoch's end (the epoch's validation line stays), redrawn at most 4 times a second:
-    Ignite re-renders the loss postfix on every update, and a bar kept per epoch is a
-    new ``tqdm`` and a forced redraw per epoch, ~1 ms each, which costs more than a small
-    model's training steps (measured with ``bench/overhead.py``).
+    epoch's end (the epoch's validation line stays), redrawn at most 4 times a second
+    (each redraw costs more than a small model's step: ``bench/overhead.py``).
 
     Lines printed while it is drawn (the validation line: its handler runs before the bar's
     close) go through ``tqdm.write`` (:mod:`igniter.console`), above the bar. A run stopped

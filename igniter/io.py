@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping
 
 import ignite.distributed as idist
+import torch
 from ignite.engine import Events
-from ignite.handlers import DiskSaver, global_step_from_engine
+from ignite.handlers import global_step_from_engine
+from ignite.handlers.checkpoint import BaseSaveHandler
 
 from igniter.events import PeriodicEvents
 from igniter.registry import io_registry
@@ -69,45 +71,60 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
         os.close(dir_fd)
 
 
-class AtomicDiskSaver(DiskSaver):
-    """Ignite's ``DiskSaver`` (rank 0 writes) made crash-safe, and written in the background.
+class AtomicDiskSaver(BaseSaveHandler):
+    """A crash-safe checkpoint writer (rank 0 writes), written in the background: Ignite's
+    public ``BaseSaveHandler`` (``__call__``, ``remove``).
 
-    * The checkpoint is serialized (``torch.save`` into memory) in the calling thread,
-      so the file holds the state of that moment; writing, fsync, rename and the
-      removal of rotated-out files run in one background thread, off the training
-      loop (they wait on the disk without holding the GIL). Serializing in the
-      background as well was measured slower: the pickler holds the GIL and the
-      training thread waits for it. One write is in flight at a time: the next
-      checkpoint first waits for the previous one, so files appear in order. Costs
-      host RAM for one serialized checkpoint.
-    * fsync before the atomic rename (Ignite's own atomic mode renames without
-      fsync, so a power loss could leave a truncated file behind the final name);
-    * ``remove`` is deferred until the next checkpoint is complete on disk:
-      Ignite's ``Checkpoint`` removes the oldest file *before* writing the new
-      one, so a kill in between would otherwise leave ``n_saved - 1`` files
-      (none with ``n_saved=1``);
+    * The checkpoint is serialized (:meth:`serialize`, ``torch.save`` into memory) in the
+      calling thread, so the file holds the state of that moment; writing, fsync, rename
+      and the removal of rotated-out files run in one background thread (serializing there
+      too was slower: the pickler holds the GIL). One write is in flight at a time, so
+      files appear in order; costs host RAM for one serialized checkpoint.
+    * fsync before the atomic rename (a power loss leaves no truncated file behind the name);
+    * ``remove`` is deferred until the next checkpoint is complete on disk: Ignite's
+      ``Checkpoint`` removes the oldest file *before* writing the new one, so a kill in
+      between would otherwise leave ``n_saved - 1`` files;
     * leftover temporary files of interrupted writes are deleted at start-up.
 
-    Call :meth:`flush` before relying on the newest file (end of training, requeue);
-    a write error is raised there or by the next save. At interpreter exit Python
-    waits for the write in flight.
+    Call :meth:`flush` before relying on the newest file (end of training, requeue); a
+    write error is raised there or by the next save. At interpreter exit Python waits for
+    the write in flight.
+
+    Args:
+        dirname: the checkpoint directory (created by rank 0 when ``create_dir``).
+        create_dir: create ``dirname`` if it is missing.
+        require_empty: raise ``ValueError`` if ``dirname`` already holds ``.pt`` files.
+        save_on_rank: the rank that writes (and removes).
     """
 
-    def __init__(self, dirname: str, **kwargs: Any) -> None:
-        super().__init__(dirname, **kwargs)
+    def __init__(self, dirname: str | Path, create_dir: bool = True, require_empty: bool = False, save_on_rank: int = 0) -> None:
+        self.dirname = Path(dirname).expanduser()
+        self.save_on_rank = save_on_rank
         self._pending_removal: list[str] = []
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igniter-checkpoint")
         self._in_flight: Future | None = None
-        if idist.get_rank() == 0:
-            for stale in Path(dirname).glob(".*.tmp"):
+        if idist.get_rank() == save_on_rank:
+            if create_dir:
+                self.dirname.mkdir(parents=True, exist_ok=True)
+            if require_empty and any(self.dirname.glob("*.pt")):
+                raise ValueError(f"{self.dirname} already holds checkpoints (.pt files)")
+            for stale in self.dirname.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
 
-    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        buffer = io.BytesIO()
-        func(checkpoint, buffer, **self.kwargs)
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        """Serialize ``checkpoint`` now and write it to ``<dirname>/<filename>`` in the background."""
+        if idist.get_rank() != self.save_on_rank:
+            return
+        buffer = self.serialize(checkpoint)
         self.flush()
         removals, self._pending_removal = self._pending_removal, []
-        self._in_flight = self._writer.submit(self._write, Path(path), buffer, removals)
+        self._in_flight = self._writer.submit(self._write, self.dirname / filename, buffer, removals)
+
+    def serialize(self, checkpoint: Mapping) -> io.BytesIO:
+        """``torch.save`` into memory (a hook for benchmarks that write nothing)."""
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        return buffer
 
     def _write(self, path: Path, buffer: io.BytesIO, removals: list[str]) -> None:
         atomic_write(path, lambda f: self.write_bytes(f, buffer.getbuffer()))
@@ -127,7 +144,8 @@ class AtomicDiskSaver(DiskSaver):
             in_flight.result()
 
     def remove(self, filename: str) -> None:
-        if idist.get_rank() == 0:  # only rank 0 writes, so only rank 0 removes
+        """Forget ``filename`` once the next checkpoint is on disk (only the writing rank removes)."""
+        if idist.get_rank() == self.save_on_rank:
             self._pending_removal.append(filename)
 
 
@@ -139,13 +157,9 @@ def disk(dirname: str) -> AtomicDiskSaver:
 
 class BatchedScalars:
     """A TensorBoard ``SummaryWriter`` whose ``add_scalar`` calls are handed to it in
-    batches, because each hand-off wakes TensorBoard's writer thread and a wake-up
-    costs the training thread more than a scalar does: 0.15-0.25 ms each on this
-    project's 2-core VM (the woken thread takes the GIL), ~1% of a 23 ms digits epoch
-    (a hand-written loop waking an idle thread 0-3 times per epoch). The default run
-    handed TensorBoard scalars up to three times per epoch; batched, TensorBoard's
-    share of the digits run went from ~4% to ~1% (``bench/overhead.py --variants
-    igniter igniter_no_tensorboard``).
+    batches: each hand-off wakes TensorBoard's writer thread, which costs the training
+    thread more than the scalar (~0.2 ms on a 2-core VM; TensorBoard's share of the
+    digits run ~4% -> ~1%, ``bench/overhead.py --variants igniter igniter_no_tensorboard``).
 
     Scalars are kept, as Python numbers with their wall time, until ``max_events`` are
     pending, the oldest is ``max_delay_s`` seconds old (checked when a scalar is added),

@@ -211,8 +211,9 @@ def _run_engine(ctx: RunContext) -> None:
     """``trainer.run`` unless the resumed checkpoint is already the end of training
     (Ignite would start a finished engine over)."""
     cfg, trainer = ctx.cfg, ctx.trainer
-    done = trainer.state.epoch_length is not None and trainer._is_done(trainer.state)
-    if done and trainer.state.max_epochs >= cfg.trainer.max_epochs:
+    state = trainer.state  # a finished engine's state (Ignite's own test is private: Engine._is_done)
+    done = bool(state.epoch_length and state.max_epochs) and state.iteration >= state.epoch_length * state.max_epochs
+    if done and state.max_epochs >= cfg.trainer.max_epochs:
         logger.info("the checkpoint is the end of training (epoch %d): nothing left to run", trainer.state.epoch)
         return
     run_start = time.perf_counter()

@@ -166,3 +166,20 @@ def test_subcommands_do_not_import_the_cli():
     for module in ("igniter.evaluate", "igniter.check", "igniter.compose", "igniter.distributed.launchers"):
         assert "igniter.cli" not in graph[module], module
     assert not any("igniter.cli" in c for c in _cycles(graph))
+
+
+def test_the_private_hydra_apis_igniter_uses_still_exist():
+    """igniter runs a composed job as ``hydra.main`` would (``run_job`` with Hydra's
+    ``Callbacks``) and parses argv with Hydra's own parser; these live in
+    ``hydra._internal`` (no public equivalent), so a Hydra that moves them must fail here.
+    pyproject caps hydra-core below 1.4."""
+    import inspect
+
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.utils import run_job
+
+    assert {"task_function", "config", "job_dir_key", "job_subdir_key", "hydra_context"} <= set(inspect.signature(run_job).parameters)
+    assert {"on_run_start", "on_run_end"} <= set(dir(Callbacks))
+    args = get_args_parser().parse_args(["--cfg", "job", "a=1"])
+    assert args.cfg == "job" and args.overrides == ["a=1"] and hasattr(args, "resolve")
