@@ -52,3 +52,21 @@ def mnist_root() -> Path:
     if not (MNIST_ROOT / "MNIST" / "raw").is_dir():
         pytest.skip(f"MNIST not found at {MNIST_ROOT}/MNIST/raw (set IGNITER_TEST_MNIST_ROOT to the directory holding MNIST/raw)")
     return MNIST_ROOT
+
+
+@pytest.fixture
+def restore_datasets():
+    """Import tests/fixtures/original_igniter_example afresh (it replaces the built-in ``mnist``
+    and ``digits``), and put igniter's datasets back after the test."""
+    import igniter  # noqa: F401  (every built-in registered)
+    from igniter.registry import dataset_registry
+
+    saved = {n: dataset_registry.entry(n) for n in dataset_registry.names()}
+    sys.modules.pop("original_igniter_example", None)
+    yield
+    sys.modules.pop("original_igniter_example", None)
+    for name in dataset_registry.names():  # only the fixture's own: other user modules stay imported
+        if name not in saved and dataset_registry.entry(name).module == "original_igniter_example":
+            dataset_registry.remove(name)
+    for name, entry in saved.items():
+        dataset_registry.register(entry.obj, name, override=True)

@@ -128,26 +128,6 @@ def test_optimizer_without_weight_decay():
 # --- validation says what building will do ----------------------------------------------------
 
 
-@pytest.fixture
-def builtin_datasets():
-    """Put igniter's datasets back after a test imports original_igniter_example in-process
-    (it replaces the built-in ``mnist`` and ``digits``)."""
-    import sys
-
-    import igniter  # noqa: F401
-    from igniter.registry import dataset_registry
-
-    saved = {n: dataset_registry.entry(n) for n in dataset_registry.names()}
-    sys.modules.pop("original_igniter_example", None)
-    yield
-    sys.modules.pop("original_igniter_example", None)
-    for name in dataset_registry.names():  # only the fixture's own: other user modules stay imported
-        if name not in saved and dataset_registry.entry(name).module == "original_igniter_example":
-            dataset_registry.remove(name)
-    for name, entry in saved.items():
-        dataset_registry.register(entry.obj, name, override=True)
-
-
 def _check(tmp_path, monkeypatch, capsys, overrides: list[str]) -> tuple[int, str]:
     from igniter.cli import main
 
@@ -176,14 +156,14 @@ USER = "imports=[original_igniter_example,my_project]"
         (["solver.name=LBFGS", "solver.weight_decay=0.1"], ["solver.weight_decay", "takes no 'weight_decay'"]),
     ],
 )
-def test_validate_rejects_what_the_factory_cannot_take(overrides, needles, tmp_path, monkeypatch, capsys, builtin_datasets):
+def test_validate_rejects_what_the_factory_cannot_take(overrides, needles, tmp_path, monkeypatch, capsys, restore_datasets):
     code, err = _check(tmp_path, monkeypatch, capsys, overrides)
     assert code == 2, err
     for needle in needles:
         assert needle in err, err
 
 
-def test_check_accepts_the_original_igniter_data_config(tmp_path, monkeypatch, capsys, builtin_datasets):
+def test_check_accepts_the_original_igniter_data_config(tmp_path, monkeypatch, capsys, restore_datasets):
     code, err = _check(tmp_path, monkeypatch, capsys, _user_configs(tmp_path))
     assert code == 0, err
 

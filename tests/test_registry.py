@@ -139,22 +139,6 @@ def igniter_log():
     log.setLevel(level)
 
 
-@pytest.fixture
-def restore_datasets():
-    """Import tests/fixtures/original_igniter_example afresh; put igniter's datasets back after."""
-    import igniter  # noqa: F401
-
-    saved = {n: dataset_registry.entry(n) for n in dataset_registry.names()}
-    sys.modules.pop("original_igniter_example", None)
-    yield
-    sys.modules.pop("original_igniter_example", None)
-    for name in dataset_registry.names():  # only the fixture's own: other user modules stay imported
-        if name not in saved and dataset_registry.entry(name).module == "original_igniter_example":
-            dataset_registry.remove(name)
-    for name, entry in saved.items():
-        dataset_registry.register(entry.obj, name, override=True)
-
-
 def test_user_module_replaces_builtin_datasets_and_says_so(restore_datasets, igniter_log):
     from igniter import datasets as builtin
 
