@@ -119,3 +119,17 @@ def test_mnist_subset_trains_lenet(tmp_path, mnist_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert metrics["final"]["accuracy"] > 0.9, metrics["final"]
+
+
+def test_mnist_tests_find_their_data_where_the_environment_says(tmp_path):
+    """IGNITER_TEST_MNIST_ROOT points the MNIST tests at another data directory."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = "import conftest; print(conftest.MNIST_ROOT)"
+    env = {**os.environ, "IGNITER_TEST_MNIST_ROOT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path.resolve())
