@@ -158,6 +158,7 @@ def test_eval_of_a_bad_file_reports_the_checkpoint_before_the_config(digits_run,
     assert not (run / "eval_metrics.json").exists()
 
 
+@pytest.mark.slow  # two spawned processes
 def test_eval_with_a_config_group_choice_runs_two_processes(digits_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
