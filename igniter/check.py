@@ -42,8 +42,9 @@ def _builtin_handlers(cfg: DictConfig) -> list[str]:
     return names
 
 
-def _try_one_batch(ctx: RunContext, per_process_batch: int) -> None:
-    """One training step and one evaluation batch on real data of the per-process size.
+def _try_one_batch(ctx: RunContext, world_size: int) -> None:
+    """One training step and one evaluation batch on real data of the per-process size
+    (the global batch sizes divided by the run's ``world_size``).
 
     Raises:
         StepFailed: the model cannot take the data (see :mod:`igniter.preflight`).
@@ -51,10 +52,9 @@ def _try_one_batch(ctx: RunContext, per_process_batch: int) -> None:
     logging.getLogger("ignite").addHandler(logging.NullHandler())  # the error is reported once, below
     loader = ctx.cfg.data.loader
     collate = function_registry.get(loader.collate_fn) if loader.collate_fn else None
-    ctx.trainer.run([first_batch(ctx.train_set, per_process_batch, collate)], max_epochs=1)
+    ctx.trainer.run([first_batch(ctx.train_set, loader.batch_size // world_size, collate)], max_epochs=1)
     if ctx.evaluator is not None:
-        world = ctx.cfg.data.loader.batch_size // per_process_batch
-        val_batch = (loader.val_batch_size or loader.batch_size) // world
+        val_batch = (loader.val_batch_size or loader.batch_size) // world_size
         ctx.evaluator.run([first_batch(ctx.val_set, val_batch, collate)])
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     try:
         import_modules(cfg.imports)
         ctx = build_training(cfg, Path("."))
-        _try_one_batch(ctx, per_process)
+        _try_one_batch(ctx, world)
     except (ConfigError, RegistryError) as e:
         header = getattr(e, "header", "cannot build the run")
         return _report(getattr(e, "problems", [Problem("?", str(e))]), header)
