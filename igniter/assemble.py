@@ -31,7 +31,11 @@ from igniter.build import (
     import_object,
     plain,
 )
+from igniter.compile import compile_options
 from igniter.context import EvalContext, RunContext
+from igniter.distributed.strategy import wrap_model
+from igniter.errors import ConfigError
+from igniter.precision import Autocast, make_autocast, make_scaler, precision_problems
 from igniter.distributed.sampler import ShardedSampler
 from igniter.events import PeriodicEvents
 from igniter.preflight import guard_first_step
@@ -82,12 +86,23 @@ def _model(cfg: DictConfig) -> torch.nn.Module:
     manual_seed(cfg.trainer.seed)  # same initial weights on every rank
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    ddp: dict[str, Any] = {}
-    if idist.get_world_size() > 1:  # DistributedDataParallel options (auto_model passes them on)
-        ddp["gradient_as_bucket_view"] = cfg.runner.gradient_as_bucket_view
-        if cfg.runner.bucket_cap_mb is not None:
-            ddp["bucket_cap_mb"] = cfg.runner.bucket_cap_mb
-    return idist.auto_model(build_model(cfg.model), sync_bn=False, **ddp)
+    ddp: dict[str, Any] = {"gradient_as_bucket_view": cfg.runner.gradient_as_bucket_view}  # DistributedDataParallel options
+    if cfg.runner.bucket_cap_mb is not None:
+        ddp["bucket_cap_mb"] = cfg.runner.bucket_cap_mb
+    return wrap_model(build_model(cfg.model), compile_options(cfg.trainer.compile), ddp)
+
+
+def _precision(cfg: DictConfig, device: torch.device) -> tuple[Autocast, torch.amp.GradScaler]:
+    """``(autocast, scaler)`` for ``trainer.precision`` on ``device``.
+
+    Raises:
+        ConfigError: ``16-mixed`` on a process without CUDA (validation catches it first
+            when the run starts on this machine; a cluster job is checked here).
+    """
+    problems = precision_problems(cfg.trainer.precision, device.type == "cuda")
+    if problems:
+        raise ConfigError(problems, header="cannot build the run")
+    return make_autocast(cfg.trainer.precision, device), make_scaler(cfg.trainer.precision, device)
 
 
 def _val_data(cfg: DictConfig) -> tuple[Dataset | None, DataLoader | None]:
@@ -118,8 +133,9 @@ def _evaluator(cfg: DictConfig, available: dict[str, Any]) -> Engine:
 def build_evaluation(cfg: DictConfig, output_dir: Path) -> EvalContext:
     """Build the model, the validation data and the evaluator for this process.
 
-    The evaluation factories get what training gives them but the optimizer (none is
-    built): ``model``, ``loss_fn``, ``device``, ``grad_clip_norm``.
+    The evaluation factories get what training gives them but the optimizer, scaler and
+    accumulation (none is built): ``model``, ``loss_fn``, ``device``, ``grad_clip_norm``,
+    ``autocast``.
 
     Raises:
         ConfigError: a component cannot be built (the message names its config key).
@@ -127,7 +143,8 @@ def build_evaluation(cfg: DictConfig, output_dir: Path) -> EvalContext:
     """
     model = _model(cfg)
     loss_fn = function_registry.get(cfg.trainer.loss, "trainer.loss")
-    available = {"model": model, "loss_fn": loss_fn, "device": idist.device(), "grad_clip_norm": cfg.trainer.grad_clip_norm}
+    autocast, _ = _precision(cfg, idist.device())
+    available = {"model": model, "loss_fn": loss_fn, "device": idist.device(), "grad_clip_norm": cfg.trainer.grad_clip_norm, "autocast": autocast}
     val_set, val_loader = _val_data(cfg)
     evaluator = _evaluator(cfg, available) if val_loader is not None else None
     return EvalContext(
@@ -157,9 +174,11 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
     train_loader = make_loader(train_set, loader_cfg.batch_size, loader_cfg, True, cfg.trainer.seed)
     val_set, val_loader = _val_data(cfg)
     # What step/engine/metric factories may ask for by name: one definition (validate reserves the same names).
+    autocast, scaler = _precision(cfg, device)
     available = StepArgs(
-        model=model, optimizer=optimizer, loss_fn=loss_fn, device=device, grad_clip_norm=cfg.trainer.grad_clip_norm
-    ).as_dict()
+        model=model, optimizer=optimizer, loss_fn=loss_fn, device=device, grad_clip_norm=cfg.trainer.grad_clip_norm,
+        autocast=autocast, scaler=scaler, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+    ).as_dict()  # fmt: skip
     step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
     step_timer = StepTimer()
     trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step_timer.wrap(guard_first_step(step, cfg, "training"))})
@@ -173,5 +192,5 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
         cfg=cfg, output_dir=output_dir, rank=idist.get_rank(), world_size=idist.get_world_size(), device=device,
         model=model, loss_fn=loss_fn, val_set=val_set, val_loader=val_loader, evaluator=evaluator,
         optimizer=optimizer, scheduler=scheduler, train_set=train_set, train_loader=train_loader, trainer=trainer,
-        custom_events=[PeriodicEvents, *user_events], step_timer=step_timer,
+        custom_events=[PeriodicEvents, *user_events], step_timer=step_timer, scaler=scaler,
     )  # fmt: skip

@@ -77,7 +77,11 @@ class StepArgs:
 
     ``build_run`` fills one and passes :meth:`as_dict` to :func:`call_with`;
     :mod:`igniter.validate` rejects these names in ``trainer.step_params``. A new
-    injected argument (e.g. ``scaler``) is a new field here.
+    injected argument is a new field here.
+
+    ``autocast``, ``scaler`` and ``accumulate_grad_batches`` come from
+    ``trainer.precision`` and ``trainer.accumulate_grad_batches`` (:mod:`igniter.precision`):
+    a custom step gets mixed precision and accumulation without re-implementing them.
     """
 
     model: torch.nn.Module
@@ -85,6 +89,9 @@ class StepArgs:
     loss_fn: Callable
     device: torch.device
     grad_clip_norm: float | None
+    autocast: Callable[[], Any]
+    scaler: torch.amp.GradScaler
+    accumulate_grad_batches: int
 
     def as_dict(self) -> dict[str, Any]:
         """The fields by name (shallow: the objects themselves, not copies)."""

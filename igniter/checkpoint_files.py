@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import torch
 
+from igniter.distributed.strategy import unwrap_model
+
 __all__ = ["CheckpointInvalid", "checkpoint_files", "load_checkpoint", "check_model_state", "check_checkpoint"]
 
 _STEP = re.compile(r"_(\d+)\.pt$")  # the iteration in last_checkpoint_<iteration>.pt
@@ -138,7 +140,7 @@ def check_model_state(state: Mapping[str, Any], model: torch.nn.Module) -> None:
     """
     if not isinstance(state, Mapping):
         raise CheckpointInvalid(f"has model weights of type {type(state).__name__}, not a state dict")
-    expected = getattr(model, "module", model).state_dict()
+    expected = unwrap_model(model).state_dict()
     if set(state) != set(expected):
         extra, absent = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
         raise CheckpointInvalid(f"does not fit the model: unexpected keys {extra[:5]}, missing keys {absent[:5]}")

@@ -133,6 +133,12 @@ class TrainerConfig:
     (``None``: one pass over the data). ``grad_clip_norm`` clips the global L2
     norm of the gradients. ``custom_events`` are dotted paths to
     ``ignite.engine.EventEnum`` classes registered on the trainer.
+
+    ``precision``: ``32``, ``bf16-mixed`` or ``16-mixed`` (CUDA only), see
+    :mod:`igniter.precision`. ``accumulate_grad_batches``: micro-batches per optimizer
+    step (``data.loader.batch_size`` stays the global batch of one step). ``compile``:
+    ``false``, ``true`` or ``{mode, backend, fullgraph, dynamic, options}`` for
+    ``torch.compile`` (:mod:`igniter.compile`).
     """
 
     engine: str = "supervised_trainer"
@@ -145,6 +151,9 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     custom_events: List[str] = field(default_factory=list)
+    precision: str = "32"
+    accumulate_grad_batches: int = 1
+    compile: Any = False
 
 
 @dataclass

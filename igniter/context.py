@@ -41,6 +41,8 @@ class RunStatus:
         stopped_by: the exception a handler stopped the run with (e.g. a SLURM preemption),
             raised by :func:`igniter.run.train` once the engine returns; ``None``.
         run_time_s: seconds of ``trainer.run``, handlers included (0.0 until it returns).
+        compile_s: seconds ``torch.compile`` spent inside training epochs (``trainer.compile``),
+            left out of ``train_time_s`` so that throughput is the compiled model's.
     """
 
     diverged: tuple[int, Any] | None = None
@@ -49,6 +51,7 @@ class RunStatus:
     samples_per_s: float = math.nan
     stopped_by: BaseException | None = None
     run_time_s: float = 0.0
+    compile_s: float = 0.0
 
 
 class RunState(State):
@@ -119,6 +122,7 @@ class RunContext(EvalContext):
     trainer: Engine
     custom_events: list = field(default_factory=list)
     step_timer: StepTimer = field(default_factory=StepTimer)  # data / step time of the trainer
+    scaler: torch.amp.GradScaler | None = None  # the loss scaler (enabled with trainer.precision=16-mixed)
     status: RunStatus = field(init=False)
 
     def __post_init__(self) -> None:

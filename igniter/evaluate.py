@@ -37,6 +37,7 @@ import ignite.distributed as idist
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from igniter.distributed.strategy import unwrap_model
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
 
 __all__ = ["model_state", "read_weights", "evaluate", "eval_main", "export_main"]
@@ -194,7 +195,7 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
     if ctx.evaluator is None:
         raise ConfigError([Problem("data.val", "no validation dataset to evaluate on")], "cannot evaluate")
     try:
-        getattr(ctx.model, "module", ctx.model).load_state_dict(read_weights(Path(checkpoint)))
+        unwrap_model(ctx.model).load_state_dict(read_weights(Path(checkpoint)))
     except (CheckpointInvalid, RuntimeError) as e:
         raise _checkpoint_error(checkpoint, CheckpointInvalid(str(e).splitlines()[0]), "cannot evaluate") from None
     ctx.evaluator.run(ctx.val_loader)

@@ -26,6 +26,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
 
+from igniter.compile import compile_options, compile_time_s
+from igniter.distributed.strategy import unwrap_model
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
 from igniter.registry import event_handler_registry, io_registry
@@ -143,17 +145,25 @@ def attach_progress(ctx: RunContext) -> None:
 
 def attach_throughput(ctx: RunContext) -> None:
     """Set ``ctx.status.samples_per_s`` (global samples / epoch time, s) at every epoch end,
-    and accumulate ``train_time_s`` (s) / ``samples`` over the run (:class:`~igniter.context.RunStatus`)."""
+    and accumulate ``train_time_s`` (s) / ``samples`` over the run (:class:`~igniter.context.RunStatus`).
+    With ``trainer.compile``, the seconds ``torch.compile`` spends in an epoch go to
+    ``compile_s`` instead of ``train_time_s``."""
     trainer, status, global_batch_size = ctx.trainer, ctx.status, ctx.cfg.data.loader.batch_size
-    epoch_start = {"t": 0.0, "it": 0}
+    compiling = compile_options(ctx.cfg.trainer.compile) is not None
+    epoch_start = {"t": 0.0, "it": 0, "compile": 0.0}
 
     @trainer.on(Events.EPOCH_STARTED)
     def _start(engine: Engine) -> None:
+        epoch_start["compile"] = (compile_time_s() or 0.0) if compiling else 0.0
         epoch_start["t"], epoch_start["it"] = time.perf_counter(), engine.state.iteration
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _end(engine: Engine) -> None:
         seconds = time.perf_counter() - epoch_start["t"]
+        if compiling:
+            compile_s = max(0.0, (compile_time_s() or 0.0) - epoch_start["compile"])
+            status.compile_s += compile_s
+            seconds -= compile_s
         samples = (engine.state.iteration - epoch_start["it"]) * global_batch_size
         status.train_time_s += seconds
         status.samples += samples
@@ -268,14 +278,17 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
         return {}
     saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(ctx.output_dir / "checkpoints"))
     step = global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED)
-    to_save: dict[str, Any] = {"model": ctx.model, "optimizer": ctx.optimizer, "trainer": TrainerState(ctx.trainer)}
+    model = unwrap_model(ctx.model)  # keys without DDP's "module." or torch.compile's "_orig_mod."
+    to_save: dict[str, Any] = {"model": model, "optimizer": ctx.optimizer, "trainer": TrainerState(ctx.trainer)}
     if ctx.scheduler is not None:
         to_save["lr_scheduler"] = ctx.scheduler
+    if ctx.scaler is not None and ctx.scaler.is_enabled():
+        to_save["scaler"] = ctx.scaler
     monitor = ctx.cfg.evaluation.monitor
     if ctx.evaluator is not None and monitor and cfg.n_best > 0:
         sign = 1.0 if ctx.cfg.evaluation.mode == "max" else -1.0
         best = Checkpoint(
-            {"model": ctx.model},
+            {"model": model},
             saver,
             filename_prefix="best",
             n_saved=cfg.n_best,

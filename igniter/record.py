@@ -8,6 +8,9 @@ Layout (one JSON object; times in seconds)::
     world_size, backend     processes and their torch.distributed backend (null: none)
     global_batch_size       data.loader.batch_size, all processes together
     per_process_batch_size  global_batch_size / world_size
+    precision               trainer.precision ("32", "bf16-mixed", "16-mixed")
+    accumulate_grad_batches micro-batches per optimizer step (each of per_process_batch_size / it)
+    compile                 whether trainer.compile is on
     train_loss_history      [[iteration, loss], ...] every logging.log_every iterations (rank 0's loss)
     epochs                  [{"epoch", "iteration", <metric>: value, ...}] one row per validation
     final, best             the last row, and the best by evaluation.monitor / evaluation.mode
@@ -17,7 +20,9 @@ Layout (one JSON object; times in seconds)::
     epochs_completed, iterations
     wall_time_s             the whole process (start-up, evaluation and summary included)
     run_time_s              trainer.run, handlers included (0.0 when it did not return)
-    train_time_s            training epochs without end-of-epoch handlers
+    train_time_s            training epochs without end-of-epoch handlers (and without compilation)
+    compile_s               seconds in torch.compile (training and evaluation), with trainer.compile
+    compile_train_s         the part of compile_s inside training epochs
     samples_per_s           global samples / train_time_s (null before an epoch ends)
     train_loss              the last step's loss (rank 0's), null when the step reports none
     time_split              {"data_s", "step_s", "handlers_s"} of run_time_s (when it returned)
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from igniter.compile import compile_options, compile_time_s
 from igniter.io import atomic_write
 
 if TYPE_CHECKING:
@@ -91,6 +97,9 @@ class MetricsRecord:
             "backend": backend,
             "global_batch_size": ctx.cfg.data.loader.batch_size,
             "per_process_batch_size": ctx.per_process_batch_size,
+            "precision": str(ctx.cfg.trainer.precision),
+            "accumulate_grad_batches": ctx.cfg.trainer.accumulate_grad_batches,
+            "compile": compile_options(ctx.cfg.trainer.compile) is not None,
             "train_loss_history": [],
         }
         return cls(ctx.output_dir / METRICS_FILE, ctx.cfg.evaluation.monitor, ctx.cfg.evaluation.mode, static)
@@ -144,6 +153,7 @@ def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[
         "run_time_s": status.run_time_s,
         "samples_per_s": status.samples / status.train_time_s if status.train_time_s > 0 else None,
         "train_loss": train_loss(state.output),
+        **({"compile_s": compile_time_s(), "compile_train_s": status.compile_s} if compile_options(ctx.cfg.trainer.compile) is not None else {}),
     }
 
 

@@ -9,11 +9,16 @@ A ``last_checkpoint_<iteration>.pt`` holds (all plain tensors and containers, so
 ``torch.load(weights_only=True)`` reads it without running code from the file):
 
 ``model``, ``optimizer``, ``lr_scheduler``
-    their ``state_dict()``s (DDP unwrapped by Ignite's ``Checkpoint``).
+    their ``state_dict()``s; the model's is the user's module's own, without DDP's
+    ``module.`` or ``torch.compile``'s ``_orig_mod.`` prefixes
+    (:func:`igniter.distributed.strategy.unwrap_model`).
 ``trainer``
     epoch, iteration, epoch_length, max_epochs, the ``DeterministicEngine``
     seed, and the RNG states (python, torch, numpy) of *every* rank as JSON
     strings, gathered from all ranks when the checkpoint is taken.
+``scaler``
+    the ``torch.amp.GradScaler``'s ``state_dict()`` (loss scale and growth tracker),
+    with ``trainer.precision=16-mixed`` only.
 ``checkpointer``, ``best_checkpointer``
     the ``Checkpoint`` handlers' own lists of saved files, so "keep the last N"
     keeps working across restarts.
@@ -198,7 +203,8 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
     """
     if not to_load:
         return None
-    required = tuple(k for k in to_load if k != "checkpointer") + ("checkpointer",)
+    # The scaler is optional: a 32 or bf16-mixed checkpoint resumes under 16-mixed with a fresh scale.
+    required = tuple(k for k in to_load if k not in ("checkpointer", "scaler")) + ("checkpointer",)
     directory = ctx.output_dir / "checkpoints"
     choice, ckpt = "", None
     if ctx.rank == 0:

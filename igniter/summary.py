@@ -165,6 +165,11 @@ def _metrics_text(row: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "iteration") and isinstance(v, (int, float)))
 
 
+def _micro_batches(m: dict[str, Any]) -> str:
+    k, per_process = m.get("accumulate_grad_batches", 1), m.get("per_process_batch_size")
+    return f" = {k} micro-batches of {per_process // k}" if k > 1 and isinstance(per_process, int) else ""
+
+
 def summary_table(m: dict[str, Any]) -> str:
     """A few aligned lines from a ``metrics.json`` dict."""
     split = m.get("time_split")
@@ -177,8 +182,14 @@ def summary_table(m: dict[str, Any]) -> str:
             + (f" = start-up and evaluation + data {split['data_s']:.1f} s + step {split['step_s']:.1f} s + handlers {split['handlers_s']:.1f} s" if split else "")),
         ("throughput", f"{m['samples_per_s']:.0f} samples/s" if m.get("samples_per_s") else "-"),
         ("start-up", f"first iteration done {m['first_iteration_s']:.2f} s after the interpreter started" if m.get("first_iteration_s") else "-"),
-        ("processes", f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"),
+        ("processes", f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"
+            + _micro_batches(m)),
     ]
+    if m.get("precision", "32") != "32":
+        rows.append(("precision", f"{m['precision']} (autocast)"))
+    if m.get("compile"):
+        seconds = m.get("compile_s")
+        rows.append(("compile", f"{seconds:.1f} s in torch.compile, not counted in the throughput" if seconds is not None else "on"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,9 +32,11 @@ from igniter.build import (
     plain,
     scheduler_factory,
 )
+from igniter.compile import compile_problems
 from igniter.distributed.runners import make_runner
 from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, PeriodicEvents, parse_event
+from igniter.precision import accumulation_problems, precision_problems
 from igniter.resume import resume_mode
 from igniter.registry import (
     Registry,
@@ -298,7 +301,13 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
         c.problems.extend(runner.validate(here))
     except RegistryError as e:
         c.add("runner.name", str(e), cfg.runner.name)
-    _check_data(c, cfg, max(1, runner.world_size) if runner else 1)
+    world_size = max(1, runner.world_size) if runner else 1
+    _check_data(c, cfg, world_size)
+    # 16-mixed and inductor's C++ compiler depend on the machine: checked here only when the run starts here.
+    cuda_here = torch.cuda.is_available() if here else None
+    c.problems += precision_problems(cfg.trainer.precision, cuda_here)
+    c.problems += accumulation_problems(cfg.trainer.accumulate_grad_batches, cfg.data.loader.batch_size, world_size)
+    c.problems += compile_problems(cfg.trainer.compile, cuda_here)
     resume = resume_mode(cfg.resume)
     if resume not in (None, "auto") and not os.path.isfile(resume):
         c.add("resume", "expected 'auto', false, or the path of an existing checkpoint file", cfg.resume)
