@@ -141,8 +141,10 @@ def accumulation_problems(k: Any, batch_size: Any, world_size: int) -> list[Prob
         return []
     lower, upper = batch_size // parts * parts, (batch_size // parts + 1) * parts
     sizes = " or ".join(str(b) for b in (lower, upper) if b > 0)
-    ks = [d for d in range(1, batch_size // world_size + 1) if (batch_size // world_size) % d == 0 and batch_size % world_size == 0]
-    nearest_k = min(ks, key=lambda d: (abs(d - k), d)) if ks else 1
+    per_process = batch_size // world_size if batch_size % world_size == 0 else 0
+    divisors = [d for d in range(1, per_process + 1) if per_process % d == 0] or [1]
+    nearest = {max([d for d in divisors if d < k] or [1]), min([d for d in divisors if d > k] or [divisors[-1]])}
+    nearest_k = " or ".join(str(d) for d in sorted(nearest))
     return [
         Problem(
             "trainer.accumulate_grad_batches",

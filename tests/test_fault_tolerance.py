@@ -82,9 +82,11 @@ def kill_and_resume(args: list[str], cwd: Path, delays: list[float]) -> list[str
     [
         # seconds after the run logged its start: the run takes ~9 s (single) and ~20 s (spawn) from there
         ([], (0.0, 5.0)),
-        (["runner=spawn", "runner.nproc_per_node=2"], (0.0, 10.0)),
+        # 2 processes with bf16 autocast and 2 micro-batches per step (no_sync): the plain
+        # 2-process path plus precision and accumulation, in one run (the suite's time budget)
+        (["runner=spawn", "runner.nproc_per_node=2", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2"], (0.0, 10.0)),
     ],
-    ids=["single", "spawn2"],
+    ids=["single", "spawn2-bf16-k2"],
 )
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(extra, delays, tmp_path):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
