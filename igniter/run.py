@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ build_run = build_training
 __all__ = ["RunContext", "build_run", "train", "setup_logging", "TrainingDiverged", "Interrupted"]
 
 logger = logging.getLogger("igniter")
+# Ignite warns that a sampler with an epoch cannot be reproduced when trainer.epoch_length differs
+# from the loader's length; igniter sets the sampler's pass itself (_wire's _set_epoch), so it is.
+warnings.filterwarnings("ignore", message="When defined engine's epoch length is different", category=UserWarning)
 
 
 def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -124,12 +128,17 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
     throughput, evaluation, then checkpoints and loggers that read their results."""
     cfg, trainer, evaluator = ctx.cfg, ctx.trainer, ctx.evaluator
     samplers = [ctx.train_loader.sampler]
+    batches_per_pass = len(ctx.train_loader)
 
-    @trainer.on(Events.EPOCH_STARTED)
+    # The sampler's epoch is the pass over the data, iteration // batches per pass: the trainer's
+    # epoch only when trainer.epoch_length is the loader's length. Ignite makes a new data iterator
+    # at the first epoch after a resume (skipping the batches already trained on) and when one
+    # is exhausted (DATALOADER_STOP_ITERATION): both see the pass an uninterrupted run is in.
+    @trainer.on(Events.EPOCH_STARTED | Events.DATALOADER_STOP_ITERATION)
     def _set_epoch(engine: Engine) -> None:
         for s in samplers:
             if hasattr(s, "set_epoch"):
-                s.set_epoch(engine.state.epoch - 1)
+                s.set_epoch(engine.state.iteration // batches_per_pass)
 
     if ctx.scheduler is not None:
         event = Events.ITERATION_COMPLETED if cfg.solver.scheduler.step_on == "iteration" else Events.EPOCH_COMPLETED

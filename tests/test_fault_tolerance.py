@@ -132,6 +132,21 @@ def _write_checkpoints(run: Path, tmp_path: Path) -> list[Path]:
     return files
 
 
+def test_resume_with_an_epoch_length_shorter_than_the_data_is_bit_identical(tmp_path):
+    """trainer.epoch_length=30 on 44 batches per pass: epochs start inside a pass and passes
+    end inside epochs. 1 epoch then the same command with 3 epochs (resumed at iteration 30)
+    equals 3 epochs straight (before: the resumed run drew the permutation of pass 1 at
+    iteration 30, and a finished pass was not reshuffled)."""
+    args = ["trainer.epoch_length=30", "trainer.seed=3", "logging.loggers=[]", "evaluation.every=3"]
+    for name, epochs in (("reference", [3]), ("resumed", [1, 3])):
+        for n in epochs:
+            proc = run_igniter([*args, f"trainer.max_epochs={n}", f"output_dir={tmp_path / name}"], tmp_path)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in (tmp_path / "resumed" / "rank0.log").read_text()
+    assert "reproducible manner" not in proc.stderr, "Ignite's warning does not apply: igniter sets the sampler's pass"
+    assert_bit_identical(final_model(tmp_path / "reference"), final_model(tmp_path / "resumed"))
+
+
 def test_truncated_and_wrong_model_checkpoints_fall_back_to_older_valid_one(tmp_path):
     run = tmp_path / "run"
     newest, middle, oldest = _write_checkpoints(run, tmp_path)
