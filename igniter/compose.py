@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import dataclasses
 import itertools
+import typing
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from igniter.config import CONFIG_MODULE, register_schema, unknown_keys
+from igniter.config import CONFIG_MODULE, IgniterConfig, register_schema
 from igniter.distributed.launchers import is_cluster_launcher, launcher_problems
 from igniter.errors import EXIT_CONFIG, NO_VALUE, ConfigError, Problem
 from igniter.registry import suggest
@@ -32,6 +34,7 @@ __all__ = [
     "sweep_points",
     "config_problems",
     "plain_config",
+    "unknown_keys",
     "hydra_args",
     "report_problems",
 ]
@@ -290,3 +293,47 @@ def report_problems(problems: list[Problem], header: str = "invalid configuratio
     print(str(ConfigError(problems, header)), file=sys.stderr)
     print("igniter: nothing was run. Fix the keys above (see `igniter --cfg job`).", file=sys.stderr)
     return EXIT_CONFIG
+
+
+def _schema_type(hint: Any) -> Any:
+    """``Optional[X]`` -> ``X``; other hints unchanged."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def unknown_keys(node: Any, schema: type = IgniterConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of a composed config that the schema does not declare.
+
+    Hydra's ``+key=value`` adds keys even to a typed (structured) config, so a
+    misspelt ``+trainer.max_epoch=3`` would be accepted and ignored; this walk
+    finds such keys. Free-form dictionaries (``Dict[str, Any]`` fields such as
+    ``model.params``, ``trainer.step_params``, ``*.params``) accept any key and
+    are not walked.
+
+    Args:
+        node: the composed config (a ``DictConfig`` or plain ``dict``), without
+            its ``hydra`` node.
+        schema: the dataclass ``node`` should follow.
+        prefix: the dotted key of ``node`` (for the returned names).
+
+    Returns:
+        ``[(dotted key, the keys its parent declares)]``, in config order.
+    """
+    hints = typing.get_type_hints(schema)
+    declared = [f.name for f in dataclasses.fields(schema)]
+    found: list[tuple[str, list[str]]] = []
+    for key in node.keys():
+        value = node[key]
+        if key not in hints:
+            found.append((f"{prefix}{key}", declared))
+            continue
+        hint = _schema_type(hints[key])
+        if dataclasses.is_dataclass(hint) and hasattr(value, "keys"):
+            found += unknown_keys(value, hint, f"{prefix}{key}.")
+        elif typing.get_origin(hint) in (list, List) and value is not None:
+            (item,) = typing.get_args(hint) or (Any,)
+            if dataclasses.is_dataclass(item):
+                for i, element in enumerate(value):
+                    if hasattr(element, "keys"):
+                        found += unknown_keys(element, item, f"{prefix}{key}[{i}].")
+    return found

@@ -11,8 +11,6 @@ over all processes. Each process loads ``batch_size / world_size``.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -32,11 +30,11 @@ __all__ = [
     "HandlerConfig",
     "CheckpointConfig",
     "LoggingConfig",
+    "FsdpConfig",
     "RunnerConfig",
     "IgniterConfig",
     "CONFIG_MODULE",
     "register_schema",
-    "unknown_keys",
 ]
 
 #: Python package holding the YAML config tree (``configs/`` in the repository).
@@ -201,7 +199,10 @@ class CheckpointConfig:
     save (checked every 10 iterations, decided by rank 0), when set. The last
     ``n_saved`` are kept, plus the ``n_best`` best by ``evaluation.monitor``.
     Files are written atomically and an old file is deleted only after its
-    successor is complete.
+    successor is complete. ``format``: ``torch`` (one file, rank 0 writes) or ``dcp``
+    (a ``torch.distributed.checkpoint`` directory every rank writes its shards to); ``None``:
+    ``torch`` with ``runner.strategy=ddp``, ``dcp`` with ``fsdp``. ``async_save`` (``dcp``):
+    training waits only for the copy to host memory.
     """
 
     enabled: bool = True
@@ -211,6 +212,8 @@ class CheckpointConfig:
     every_seconds: Optional[float] = None
     n_saved: int = 2
     n_best: int = 1
+    format: Optional[str] = None
+    async_save: bool = False
 
 
 @dataclass
@@ -236,6 +239,23 @@ class LoggingConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """FSDP2 options (``runner.strategy=fsdp``, :mod:`igniter.distributed.strategy`).
+
+    ``shard_modules``: class names (``Linear``) or dotted paths (``my_project.Block``) of the
+    submodules sharded as units; empty: every child of the root module with at least
+    ``min_params`` parameters. ``reshard_after_forward``: free the gathered parameters after
+    the forward pass (less memory, one more all-gather in the backward pass).
+    ``cpu_offload``: keep parameters, gradients and optimizer state in host memory.
+    """
+
+    shard_modules: List[str] = field(default_factory=list)
+    min_params: int = 100_000
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+
+@dataclass
 class RunnerConfig:
     """How processes are launched and joined (see :mod:`igniter.distributed`).
 
@@ -244,6 +264,8 @@ class RunnerConfig:
     ``bucket_cap_mb`` (MB, ``None``: PyTorch's 25) and ``gradient_as_bucket_view``
     are passed to ``DistributedDataParallel``: smaller buckets start all-reducing
     earlier in the backward pass; bucket views save a gradient copy per step.
+    ``strategy``: ``ddp`` (a full copy of the model per process) or ``fsdp`` (FSDP2: parameters,
+    gradients and optimizer state sharded over the processes; options in ``fsdp``).
     ``threads_per_process``: PyTorch intra-op threads of each process; ``None``:
     ``OMP_NUM_THREADS`` if the user set it, else usable cores / processes on the node
     (see :mod:`igniter.distributed.threads`).
@@ -260,6 +282,8 @@ class RunnerConfig:
     bucket_cap_mb: Optional[float] = None
     gradient_as_bucket_view: bool = True
     threads_per_process: Optional[int] = None
+    strategy: str = "ddp"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass
@@ -289,47 +313,3 @@ class IgniterConfig:
 def register_schema() -> None:
     """Store the schema as ``igniter_schema`` (the base of ``configs/config.yaml``)."""
     ConfigStore.instance().store(name="igniter_schema", node=IgniterConfig)
-
-
-def _schema_type(hint: Any) -> Any:
-    """``Optional[X]`` -> ``X``; other hints unchanged."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
-
-
-def unknown_keys(node: Any, schema: type = IgniterConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
-    """Keys of a composed config that the schema does not declare.
-
-    Hydra's ``+key=value`` adds keys even to a typed (structured) config, so a
-    misspelt ``+trainer.max_epoch=3`` would be accepted and ignored; this walk
-    finds such keys. Free-form dictionaries (``Dict[str, Any]`` fields such as
-    ``model.params``, ``trainer.step_params``, ``*.params``) accept any key and
-    are not walked.
-
-    Args:
-        node: the composed config (a ``DictConfig`` or plain ``dict``), without
-            its ``hydra`` node.
-        schema: the dataclass ``node`` should follow.
-        prefix: the dotted key of ``node`` (for the returned names).
-
-    Returns:
-        ``[(dotted key, the keys its parent declares)]``, in config order.
-    """
-    hints = typing.get_type_hints(schema)
-    declared = [f.name for f in dataclasses.fields(schema)]
-    found: list[tuple[str, list[str]]] = []
-    for key in node.keys():
-        value = node[key]
-        if key not in hints:
-            found.append((f"{prefix}{key}", declared))
-            continue
-        hint = _schema_type(hints[key])
-        if dataclasses.is_dataclass(hint) and hasattr(value, "keys"):
-            found += unknown_keys(value, hint, f"{prefix}{key}.")
-        elif typing.get_origin(hint) in (list, List) and value is not None:
-            (item,) = typing.get_args(hint) or (Any,)
-            if dataclasses.is_dataclass(item):
-                for i, element in enumerate(value):
-                    if hasattr(element, "keys"):
-                        found += unknown_keys(element, item, f"{prefix}{key}[{i}].")
-    return found
