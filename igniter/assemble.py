@@ -80,16 +80,13 @@ def make_loader(dataset: Dataset, batch_size: int, cfg: DictConfig, train: bool,
 
 
 def _model(cfg: DictConfig) -> torch.nn.Module:
-    """User modules imported, seeds set, and the model on this process's device
-    (DDP-wrapped with several processes)."""
+    """User modules imported, seeds set, and the model on this process's device, wrapped for
+    ``runner.strategy`` (:func:`igniter.distributed.strategy.wrap_model`)."""
     import_modules(cfg.imports)
     manual_seed(cfg.trainer.seed)  # same initial weights on every rank
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    ddp: dict[str, Any] = {"gradient_as_bucket_view": cfg.runner.gradient_as_bucket_view}  # DistributedDataParallel options
-    if cfg.runner.bucket_cap_mb is not None:
-        ddp["bucket_cap_mb"] = cfg.runner.bucket_cap_mb
-    return wrap_model(build_model(cfg.model), compile_options(cfg.trainer.compile), ddp)
+    return wrap_model(build_model(cfg.model), compile_options(cfg.trainer.compile), cfg.runner, cfg.trainer.precision)
 
 
 def _precision(cfg: DictConfig, device: torch.device) -> tuple[Autocast, torch.amp.GradScaler]:

@@ -17,22 +17,24 @@ from typing import Any, Mapping
 
 import torch
 
+from igniter.distributed.dcp_checkpoint import check_dcp
 from igniter.distributed.strategy import unwrap_model
 
 __all__ = ["CheckpointInvalid", "checkpoint_files", "load_checkpoint", "check_model_state", "check_checkpoint"]
 
-_STEP = re.compile(r"_(\d+)\.pt$")  # the iteration in last_checkpoint_<iteration>.pt
+_STEP = re.compile(r"_(\d+)\.(pt|dcp)$")  # the iteration in last_checkpoint_<iteration>.pt (a file) or .dcp (a directory)
 
 class CheckpointInvalid(Exception):
     """A checkpoint file cannot be used; the message says why."""
 
 
 def checkpoint_files(directory: Path, prefix: str = "last_checkpoint") -> list[Path]:
-    """``<prefix>_<iteration>.pt`` files in ``directory``, newest (highest iteration) first.
+    """``<prefix>_<iteration>.pt`` files and ``.dcp`` directories (``checkpoint.format=dcp``)
+    in ``directory``, newest (highest iteration) first.
 
-    Temporary files of interrupted writes (``.<name>.*.tmp``) never match.
+    Temporary files and directories of interrupted writes (``.<name>...tmp``) never match.
     """
-    files = [p for p in Path(directory).glob(f"{prefix}_*.pt") if _STEP.search(p.name)]
+    files = [p for p in Path(directory).glob(f"{prefix}_*") if _STEP.search(p.name)]
     return sorted(files, key=lambda p: int(_STEP.search(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
 
 
@@ -162,6 +164,11 @@ def check_checkpoint(path: Path, model: torch.nn.Module, required: tuple[str, ..
             not a dict, an entry of ``required`` is missing, or the model keys/shapes
             differ from ``model``'s.
     """
+    if path.is_dir():  # checkpoint.format=dcp: checked from its metadata, read collectively by resume_run
+        try:
+            return check_dcp(path, unwrap_model(model).state_dict(), required)
+        except ValueError as e:
+            raise CheckpointInvalid(str(e)) from None
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, Mapping):
         raise CheckpointInvalid(f"holds a {type(ckpt).__name__}, not a dict of states")

@@ -37,7 +37,7 @@ import ignite.distributed as idist
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from igniter.distributed.strategy import unwrap_model
+from igniter.distributed.strategy import evaluation_scope, unwrap_model
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
 
 __all__ = ["model_state", "read_weights", "evaluate", "eval_main", "export_main"]
@@ -198,7 +198,8 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
         unwrap_model(ctx.model).load_state_dict(read_weights(Path(checkpoint)))
     except (CheckpointInvalid, RuntimeError) as e:
         raise _checkpoint_error(checkpoint, CheckpointInvalid(str(e).splitlines()[0]), "cannot evaluate") from None
-    ctx.evaluator.run(ctx.val_loader)
+    with evaluation_scope(ctx.model):
+        ctx.evaluator.run(ctx.val_loader)
     metrics = {k: float(v) for k, v in ctx.evaluator.state.metrics.items()}
     if idist.get_rank() == 0:
         result = {"checkpoint": str(checkpoint), "samples": len(ctx.val_set), "world_size": idist.get_world_size(), "metrics": metrics}

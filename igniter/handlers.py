@@ -27,6 +27,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
 
 from igniter.compile import compile_options, compile_time_s
+from igniter.distributed.dcp_checkpoint import DcpSaver, ModelState, OptimizerState, checkpoint_format
 from igniter.distributed.strategy import unwrap_model
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
@@ -267,7 +268,9 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     Keeps the last ``checkpoint.n_saved`` (``last_checkpoint_<iteration>.pt``) and
     the ``checkpoint.n_best`` best by ``evaluation.monitor``
     (``best_model_<iteration>_<metric>=<value>.pt``). Every rank must call this
-    (taking a checkpoint gathers every rank's RNG state); only rank 0 writes.
+    (taking a checkpoint gathers every rank's RNG state); only rank 0 writes, except
+    with ``checkpoint.format=dcp`` (``.dcp`` directories every rank writes its shards to,
+    :mod:`igniter.distributed.dcp_checkpoint`).
 
     Returns:
         The objects a resume loads into (``Checkpoint.load_objects``), empty when
@@ -276,10 +279,17 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.cfg.checkpoint
     if not cfg.enabled:
         return {}
-    saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(ctx.output_dir / "checkpoints"))
     step = global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED)
-    model = unwrap_model(ctx.model)  # keys without DDP's "module." or torch.compile's "_orig_mod."
-    to_save: dict[str, Any] = {"model": model, "optimizer": ctx.optimizer, "trainer": TrainerState(ctx.trainer)}
+    model: Any = unwrap_model(ctx.model)  # keys without DDP's "module." or torch.compile's "_orig_mod."
+    optimizer: Any = ctx.optimizer
+    if checkpoint_format(ctx.cfg) == "dcp":  # a directory per checkpoint, every rank writes its shards
+        saver: Any = DcpSaver(ctx.output_dir / "checkpoints", cfg.async_save)
+        model, optimizer = ModelState(model), OptimizerState(model, ctx.optimizer)
+        names = {"last": "{filename_prefix}_{name}_{global_step}.dcp", "best": "{filename_prefix}_{name}_{global_step}_{score_name}={score}.dcp"}
+    else:
+        saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(ctx.output_dir / "checkpoints"))
+        names = {"last": None, "best": None}
+    to_save: dict[str, Any] = {"model": model, "optimizer": optimizer, "trainer": TrainerState(ctx.trainer)}
     if ctx.scheduler is not None:
         to_save["lr_scheduler"] = ctx.scheduler
     if ctx.scaler is not None and ctx.scaler.is_enabled():
@@ -295,10 +305,11 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
             score_function=Checkpoint.get_default_score_fn(monitor, sign),
             score_name=monitor,
             global_step_transform=step,
+            filename_pattern=names["best"],
         )
         ctx.evaluator.add_event_handler(Events.COMPLETED, _guarded(best, ctx))
         to_save["best_checkpointer"] = best
-    last = Checkpoint(to_save, saver, filename_prefix="last", n_saved=cfg.n_saved, global_step_transform=step, include_self=True)
+    last = Checkpoint(to_save, saver, filename_prefix="last", n_saved=cfg.n_saved, global_step_transform=step, include_self=True, filename_pattern=names["last"])
     event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
     if cfg.every_iterations:
         event = event | Events.ITERATION_COMPLETED(every=cfg.every_iterations)

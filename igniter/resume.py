@@ -48,6 +48,7 @@ from ignite.engine import Engine
 
 # Reading and checking the files is checkpoint_files' job; the names stay importable from here.
 from igniter.checkpoint_files import CheckpointInvalid, check_checkpoint, check_model_state, checkpoint_files, load_checkpoint
+from igniter.distributed.dcp_checkpoint import checkpoint_format, read_dcp
 from igniter.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -137,8 +138,11 @@ class TrainerState:
             self.engine.state.rng_states = _rng_states(rng[idist.get_rank()])
         else:
             logger.warning(
-                "checkpoint has RNG states of %d ranks, this run has %d: random streams restart", len(rng), idist.get_world_size()
-            )
+                "world size changed: the checkpoint was written by %d processes, this run has %d; the global batches "
+                "continue at the same sample, optimizer state and weights carry over (up to float summation order), "
+                "per-process random streams (dropout, augmentation) restart from the trainer's seed",
+                len(rng), idist.get_world_size(),
+            )  # fmt: skip
 
 
 def resume_mode(value: Any) -> str | None:
@@ -148,7 +152,20 @@ def resume_mode(value: Any) -> str | None:
     return str(value)
 
 
-def select_checkpoint(resume: Any, directory: Path, model: torch.nn.Module, required: tuple[str, ...]) -> tuple[Path | None, dict | None]:
+def _check(path: Path, model: torch.nn.Module, required: tuple[str, ...], fmt: str) -> dict[str, Any]:
+    """:func:`check_checkpoint`, and the file's kind against ``checkpoint.format``."""
+    kind = "dcp" if path.is_dir() else "torch"
+    if kind != fmt:
+        raise CheckpointInvalid(
+            f"was written with checkpoint.format={kind} and this run writes checkpoint.format={fmt}: "
+            f"resume it with checkpoint.format={kind}" + (" (runner.strategy=fsdp needs dcp)" if kind == "torch" else "")
+        )
+    return check_checkpoint(path, model, required)
+
+
+def select_checkpoint(
+    resume: Any, directory: Path, model: torch.nn.Module, required: tuple[str, ...], fmt: str = "torch"
+) -> tuple[Path | None, dict | None]:
     """Pick the checkpoint to resume from (call on rank 0).
 
     ``auto``: the newest valid ``last_checkpoint_*.pt`` in ``directory`` (invalid
@@ -166,14 +183,14 @@ def select_checkpoint(resume: Any, directory: Path, model: torch.nn.Module, requ
         if not path.is_file():
             raise ConfigError([Problem("resume", "checkpoint file does not exist", mode)], "cannot resume")
         try:
-            return path, check_checkpoint(path, model, required)
+            return path, _check(path, model, required, fmt)
         except CheckpointInvalid as e:
             raise ConfigError([Problem("resume", f"{path} {e}", mode)], "cannot resume") from None
     candidates = checkpoint_files(directory)
     problems = []
     for path in candidates:
         try:
-            ckpt = check_checkpoint(path, model, required)
+            ckpt = _check(path, model, required, fmt)
         except CheckpointInvalid as e:
             logger.warning("skipping checkpoint %s: it %s", path, e)
             problems.append(Problem("resume", f"{path} {e}", "auto"))
@@ -209,7 +226,7 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
     choice, ckpt = "", None
     if ctx.rank == 0:
         try:
-            path, ckpt = select_checkpoint(ctx.cfg.resume, directory, ctx.model, required)
+            path, ckpt = select_checkpoint(ctx.cfg.resume, directory, ctx.model, required, checkpoint_format(ctx.cfg))
             choice = str(path) if path else ""
         except ConfigError as e:
             choice = "ERROR:" + "\n".join(str(p) for p in e.problems)
@@ -220,7 +237,9 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
         raise ConfigError([Problem("resume", line) for line in lines], "cannot resume")
     if not choice:
         return None
-    if ckpt is None:  # ranks > 0 read the file rank 0 chose
+    if Path(choice).is_dir():  # a DCP checkpoint: every rank reads its shards, resharded to this run
+        ckpt = read_dcp(Path(choice), to_load)
+    elif ckpt is None:  # ranks > 0 read the file rank 0 chose
         try:
             ckpt = check_checkpoint(Path(choice), ctx.model, required)
         except CheckpointInvalid as e:

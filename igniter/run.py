@@ -27,6 +27,7 @@ from igniter.console import close_bars, setup_logging
 from igniter.context import RunContext
 from igniter.distributed import make_runner
 from igniter.distributed.signals import interrupt_once
+from igniter.distributed.strategy import evaluation_scope
 from igniter.errors import Interrupted, TrainingDiverged
 from igniter.events import PeriodicEvents, fire_periodic_events, parse_event
 from igniter.handlers import (
@@ -154,7 +155,8 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
             if last_eval["epoch"] == engine.state.epoch:
                 return
             last_eval["epoch"] = engine.state.epoch
-            evaluator.run(ctx.val_loader)
+            with evaluation_scope(ctx.model):  # a sharded model gathered once for the whole evaluation
+                evaluator.run(ctx.val_loader)
             metrics = {k: v for k, v in evaluator.state.metrics.items()}
             logger.info("epoch %d validation: %s", engine.state.epoch, _fmt_metrics(metrics))
             if record is not None:
