@@ -20,16 +20,18 @@ import pytest
 import torch
 
 from conftest import igniter_env, read_metrics, run_igniter
+from igniter.distributed.dcp_checkpoint import dcp_model_state
 from igniter.distributed.runners import free_port
+from igniter.resume import checkpoint_files
 
 # 25 steps of global batch 32 on digits, evaluation and checkpoint at the end only.
 COMMON = ["trainer.max_epochs=1", "trainer.epoch_length=25", "data.loader.batch_size=32", "trainer.seed=7", "solver.lr=0.01"]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    ckpts = sorted((run / "checkpoints").glob("last_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    ckpts = checkpoint_files(run / "checkpoints")
     assert ckpts, f"no checkpoint in {run}"
-    return torch.load(ckpts[-1], weights_only=True)["model"]
+    return dcp_model_state(ckpts[0]) if ckpts[0].is_dir() else torch.load(ckpts[0], weights_only=True)["model"]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -110,12 +112,19 @@ def sgd_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "launch, k",
-    [([], 4), (["runner=spawn", "runner.nproc_per_node=2"], 2), (["runner=spawn", "runner.nproc_per_node=4"], 1)],
-    ids=["1proc-k4", "2proc-k2", "4proc-k1"],
+    [
+        ([], 4),
+        (["runner=spawn", "runner.nproc_per_node=2"], 2),
+        (["runner=spawn", "runner.nproc_per_node=4"], 1),
+        (["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp"], 1),
+        (["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "runner.fsdp.shard_modules=[Linear]"], 2),
+    ],
+    ids=["1proc-k4", "2proc-k2", "4proc-k1", "fsdp2", "fsdp2-linear-k2"],
 )
-def test_gradient_accumulation_gives_the_same_model(sgd_reference, launch, k, tmp_path):
+def test_same_model_at_every_scale_strategy_and_accumulation(sgd_reference, launch, k, tmp_path):
     """Global batch 32 as 1 x 32 (the reference), 1 process x 4 micro-batches of 8,
-    2 processes x 2 of 8, 4 processes x 1 of 8: the same final weights."""
+    2 processes x 2 of 8, 4 processes x 1 of 8, FSDP over 2 processes (the root as one
+    unit; each Linear a unit, with 2 micro-batches): the same final weights."""
     proc = run_igniter([*SGD, *launch, f"trainer.accumulate_grad_batches={k}", f"output_dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")

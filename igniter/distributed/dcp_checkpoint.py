@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Mapping
@@ -260,5 +261,7 @@ def dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
     if not template:
         raise ValueError("has no model weights")
     state = {"model": template}
-    dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner(), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner(), no_dist=True)
     return state["model"]
