@@ -3,15 +3,19 @@
 Validates the config like a real run, builds every component on CPU, pushes one
 training batch (forward and backward) and one evaluation batch of the
 per-process size through the model, and prints the plan: world size, global and
-per-process batch size, iterations, and every handler the run will have.
-Nothing is written.
+per-process batch size, iterations, the bytes of parameters, gradients and optimizer
+state each process will hold (:func:`memory_plan`), and every handler the run will have.
+Nothing is written, and no process is started: with ``runner.strategy=fsdp`` the model is
+built whole and the share of each rank is computed.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from igniter.assemble import build_training
@@ -23,7 +27,7 @@ from igniter.errors import ConfigError, Problem
 from igniter.preflight import first_batch
 from igniter.registry import RegistryError, function_registry
 
-__all__ = ["main"]
+__all__ = ["main", "memory_plan", "format_bytes"]
 
 
 def _builtin_handlers(cfg: DictConfig) -> list[str]:
@@ -40,6 +44,56 @@ def _builtin_handlers(cfg: DictConfig) -> list[str]:
     if cfg.data.val is not None and cfg.evaluation.patience is not None:
         names.append(f"early stopping (patience {cfg.evaluation.patience})")
     return names
+
+
+def memory_plan(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str, world_size: int) -> dict[str, tuple[int, int]]:
+    """Bytes of parameters, gradients and optimizer state one rank holds, and all ranks together.
+
+    ``ddp``: every rank holds everything. ``fsdp``: FSDP2 shards every parameter on dim 0 in
+    ``ceil(dim0 / world_size)`` rows per rank (rank 0's share, the largest, is the one given;
+    the padding FSDP2 adds is counted), and with it the parameter's gradient and every
+    optimizer-state tensor of the parameter's shape (Adam's moments, SGD's momentum); other
+    state (Adam's scalar ``step``) and 0-dim parameters are whole on every rank. Gradients are
+    one per trainable parameter, of its dtype. Optimizer state is measured: what
+    ``optimizer.state`` holds after a step.
+
+    Returns:
+        ``{"parameters" | "gradients" | "optimizer state": (per rank, the whole model's)}``.
+    """
+
+    def share(t: torch.Tensor, like: torch.Tensor) -> tuple[int, int]:
+        whole = t.numel() * t.element_size()
+        if strategy != "fsdp" or t.dim() == 0 or t.shape != like.shape or t.shape[0] == 0:
+            return whole, whole
+        return -(-t.shape[0] // world_size) * (whole // t.shape[0]), whole
+
+    def add(pairs: list[tuple[int, int]]) -> tuple[int, int]:
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    params = list(model.parameters())
+    state = [share(v, p) for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    return {
+        "parameters": add([share(p, p) for p in params]),
+        "gradients": add([share(p, p) for p in params if p.requires_grad]),
+        "optimizer state": add(state),
+    }
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in decimal units: ``512 B``, ``34.9 kB``, ``1.2 MB``, ``3.40 GB``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _memory_line(ctx: RunContext, strategy: str, world: int) -> str:
+    plan = memory_plan(ctx.model, ctx.optimizer, strategy, world)
+    rank = ", ".join(f"{format_bytes(r)} {name}" for name, (r, _) in plan.items())
+    total = "/".join(format_bytes(t) for _, t in plan.values())
+    how = "sharded: about total / W per rank" if strategy == "fsdp" else "every rank holds it all"
+    return f"strategy {strategy} over {world} process{'es' if world > 1 else ''}: per rank {rank} (total {total}; {how})"
 
 
 def _try_one_batch(ctx: RunContext, world_size: int) -> None:
@@ -71,8 +125,14 @@ def main(argv: list[str]) -> int:
     per_process = cfg.data.loader.batch_size // world
     try:
         import_modules(cfg.imports)
-        ctx = build_training(cfg, Path("."))
+        built = cfg
+        if cfg.runner.strategy == "fsdp":  # no process group here: built whole, each rank's share computed
+            built = copy.deepcopy(cfg)
+            built.runner.strategy = "ddp"
+        ctx = build_training(built, Path("."))
         _try_one_batch(ctx, world)
+        if not ctx.optimizer.state:  # no step yet (gradient accumulation): one, for the state it creates
+            ctx.optimizer.step()
     except (ConfigError, RegistryError) as e:
         header = getattr(e, "header", "cannot build the run")
         return _report(getattr(e, "problems", [Problem("?", str(e))]), header)
@@ -85,6 +145,7 @@ def main(argv: list[str]) -> int:
         f"  data       train {cfg.data.train.name}: {len(ctx.train_set):,} samples"
         + (f" | val {cfg.data.val.name}: {len(ctx.val_set):,} samples" if ctx.val_set is not None else ""),
         f"  runner     {cfg.runner.name}: world size {world}, backend {cfg.runner.backend or 'auto'}",
+        f"  memory     {_memory_line(ctx, cfg.runner.strategy, world)}",
         f"  batch      global {loader.batch_size}, per process {per_process}",
         f"  schedule   {per_epoch} iterations/epoch x {cfg.trainer.max_epochs} epochs = {per_epoch * cfg.trainer.max_epochs} iterations",
         f"  optimizer  {cfg.solver.name} lr={cfg.solver.lr}" + (f", scheduler {cfg.solver.scheduler.name}" if cfg.solver.scheduler.name else ""),

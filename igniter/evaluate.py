@@ -3,25 +3,23 @@
     igniter eval <run dir | checkpoint> [key=value ...]     # e.g. data.val.subset=1000 runner=spawn
     igniter export <checkpoint> --format safetensors [--output model.safetensors]
 
-``eval`` first reads the checkpoint safely (``torch.load(weights_only=True)``,
-see :func:`igniter.resume.load_checkpoint`), then rebuilds the run's config from
-its saved ``config.yaml`` with the overrides applied as in training: config-group
-choices (``runner=spawn``, ``model=lenet``, ``data=mnist``, ``solver=sgd``,
-``experiment=mnist``) replace their node with the group's file from
-``igniter.configs``, then dotted overrides (``runner.nproc_per_node=2``) are merged
-on top; the result is validated like any config. It checks that the weights fit
-the model, runs only the evaluator on the validation set with the configured
-runner (so ``runner=spawn runner.nproc_per_node=2`` evaluates in parallel), prints
-the metrics and writes them to ``<run dir>/eval_metrics.json``. Given a run
-directory it uses the newest ``last_checkpoint_*.pt`` (the run's final weights).
+``eval`` reads the checkpoint safely (``torch.load(weights_only=True)``, a ``.dcp``
+directory consolidated in one process after its ``.metadata`` is checked), rebuilds
+the run's ``config.yaml`` with the overrides applied as in training (config-group
+choices such as ``runner=spawn`` or ``experiment=mnist`` replace their node with the
+group's file, then dotted keys are merged) and validates it; a run trained with
+``runner.strategy=fsdp`` is evaluated unsharded (``ddp``) when one process is asked
+for, sharded otherwise. It checks the weights fit the model, runs the evaluator on
+the validation set with the configured runner, prints the metrics and writes
+``<run dir>/eval_metrics.json``. A run directory means its newest ``last_checkpoint_*``.
 
-``export`` writes the model weights alone with ``safetensors`` for use outside
-igniter (``safetensors.torch.load_file``), with the permissions of any file the
-user creates (``0o666`` minus the umask), written atomically.
+``export`` writes the model weights alone with ``safetensors`` (one consolidated file,
+also from a ``.dcp`` directory), atomically, with the permissions of any file the
+user creates (``0o666`` minus the umask).
 
-Bad input (an unreadable checkpoint, a missing run config, a bad override, weights
-that do not fit the model) is reported in one paragraph naming the file, exit
-status 2, nothing written.
+Bad input (an unreadable or incomplete checkpoint, a missing run config, a bad
+override, weights that do not fit the model) is reported in one paragraph naming
+the file, exit status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -29,7 +27,9 @@ from __future__ import annotations
 import gc
 import importlib.resources
 import json
+import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,7 +37,7 @@ import ignite.distributed as idist
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from igniter.distributed.strategy import evaluation_scope, unwrap_model
+from igniter.distributed.strategy import evaluation_scope, is_sharded, unwrap_compiled, unwrap_model
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
 
 __all__ = ["model_state", "read_weights", "evaluate", "eval_main", "export_main"]
@@ -60,19 +60,63 @@ def model_state(ckpt: Any) -> Mapping[str, torch.Tensor]:
 
 
 def read_weights(path: Path) -> Mapping[str, torch.Tensor]:
-    """The model weights in checkpoint ``path``, loaded safely (no code from the file runs).
+    """The model weights in checkpoint ``path``, loaded safely (no code from the file runs):
+    a ``.pt`` file, or a ``checkpoint.format=dcp`` directory read whole in this process
+    (:func:`igniter.distributed.dcp_checkpoint.dcp_model_state`, every shard consolidated).
 
     Raises:
-        CheckpointInvalid: the file cannot be opened, is not a PyTorch checkpoint, holds
-            pickled Python objects, or has no model weights; the message reads after
-            the file's path (see :func:`igniter.resume.load_checkpoint`).
+        CheckpointInvalid: the file cannot be opened, is not a PyTorch checkpoint, holds pickled
+            objects, or has no model weights; the directory has no readable ``.metadata`` or
+            damaged data; the message reads after the path (:func:`igniter.resume.load_checkpoint`).
     """
     from igniter.resume import CheckpointInvalid, load_checkpoint
 
+    if path.is_dir():
+        return _read_dcp_weights(path)
     try:
         return model_state(load_checkpoint(path))
     except ValueError as e:
         raise CheckpointInvalid(str(e)) from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata``, allowed to name only DCP's metadata classes, torch sizes, dtypes,
+    layouts and paths (DCP itself reads it with a plain ``pickle.load``, which runs any code)."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = getattr(sys.modules.get(module), name, None) if module in ("torch", "torch.distributed.checkpoint.metadata") else None
+        torch_value = module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
+        if (module, name) in self.ALLOWED or torch_value or (module.endswith(".metadata") and isinstance(obj, type)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"its .metadata references {module}.{name}, not only DCP metadata; nothing from it was run")
+
+
+def _read_dcp_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full model weights of DCP directory ``path``, its ``.metadata`` checked first."""
+    from torch.distributed.checkpoint.api import CheckpointException  # and DCP's metadata classes importable by name
+
+    from igniter.distributed.dcp_checkpoint import dcp_model_state
+    from igniter.resume import CheckpointInvalid
+
+    incomplete = "is not a complete distributed checkpoint"
+    try:
+        with open(path / ".metadata", "rb") as f:
+            _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise CheckpointInvalid(f"{incomplete} (no readable .metadata: {e.strerror or e}; an interrupted write?)") from None
+    except Exception as e:
+        raise CheckpointInvalid(f"{incomplete} ({e})" if "nothing from it was run" in str(e) else f"{incomplete} (damaged .metadata: {type(e).__name__})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized, assuming ... a single process"
+            return dcp_model_state(path)
+    except ValueError as e:
+        raise CheckpointInvalid(str(e)) from None
+    except (Exception, CheckpointException) as e:  # a missing or truncated data file (CheckpointException: a traceback per rank)
+        detail = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+        raise CheckpointInvalid(f"{incomplete} (its data cannot be read: {detail.split('. This is an internal miniz error')[0][:200]})") from None
 
 
 def _checkpoint_error(path: Path | str, error: Exception, header: str) -> ConfigError:
@@ -80,15 +124,15 @@ def _checkpoint_error(path: Path | str, error: Exception, header: str) -> Config
 
 
 def _locate(target: Path) -> tuple[Path, Path]:
-    """``(run dir, checkpoint file)`` for a run directory or a checkpoint inside one."""
+    """``(run dir, checkpoint)`` for a run directory or a checkpoint (file or ``.dcp`` directory) inside one."""
     from igniter.resume import checkpoint_files
 
-    if target.is_dir():
+    if target.is_dir() and target.suffix != ".dcp":
         files = checkpoint_files(target / "checkpoints")
         if not files:
-            raise ConfigError([Problem("run", f"no last_checkpoint_*.pt in {target / 'checkpoints'}", str(target))], "cannot evaluate")
+            raise ConfigError([Problem("run", f"no last_checkpoint_*.pt or .dcp in {target / 'checkpoints'}", str(target))], "cannot evaluate")
         return target, files[0]
-    if target.is_file():
+    if target.exists():  # a .pt file or a .dcp directory
         return target.parent.parent, target
     raise ConfigError([Problem("run", "no such run directory or checkpoint file", str(target))], "cannot evaluate")
 
@@ -127,6 +171,9 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
     """
     from igniter.compose import config_groups as _config_groups, plain_config
     from igniter.config import IgniterConfig
+    from igniter.distributed import make_runner
+    from igniter.distributed.dcp_checkpoint import checkpoint_format
+    from igniter.registry import runner_registry
     from igniter.validate import validate
 
     path = run_dir / "config.yaml"
@@ -157,6 +204,9 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
     except Exception as e:
         key = getattr(e, "full_key", None) or "overrides"
         raise ConfigError([Problem(str(key), str(e).splitlines()[0])], "cannot evaluate") from None
+    asked = "runner.strategy" in {o.partition("=")[0].lstrip("+") for o in dotted}
+    if cfg.runner.strategy == "fsdp" and not asked and cfg.runner.name in runner_registry and make_runner(cfg.runner).world_size == 1:
+        cfg.checkpoint.format, cfg.runner.strategy = checkpoint_format(cfg), "ddp"  # trained sharded, evaluated whole in one process
     problems = validate(cfg)
     if problems:
         raise ConfigError(problems, "invalid configuration")
@@ -195,7 +245,12 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
     if ctx.evaluator is None:
         raise ConfigError([Problem("data.val", "no validation dataset to evaluate on")], "cannot evaluate")
     try:
-        unwrap_model(ctx.model).load_state_dict(read_weights(Path(checkpoint)))
+        if is_sharded(ctx.model):  # every rank reads the whole weights and keeps its shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(unwrap_compiled(ctx.model), dict(read_weights(Path(checkpoint))), options=StateDictOptions(full_state_dict=True))
+        else:
+            unwrap_model(ctx.model).load_state_dict(read_weights(Path(checkpoint)))
     except (CheckpointInvalid, RuntimeError) as e:
         raise _checkpoint_error(checkpoint, CheckpointInvalid(str(e).splitlines()[0]), "cannot evaluate") from None
     with evaluation_scope(ctx.model):
@@ -205,9 +260,8 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
         result = {"checkpoint": str(checkpoint), "samples": len(ctx.val_set), "world_size": idist.get_world_size(), "metrics": metrics}
         Path(output).write_text(json.dumps(result, indent=2))
         print(" ".join(f"{k}={v:.6f}" for k, v in metrics.items()) + f"  ({len(ctx.val_set)} samples, {checkpoint})")
-    # build_evaluation's DDP-wrapped model holds the process group; kept alive by reference cycles
-    # (engine handlers) until interpreter exit, after the group is destroyed, it made about
-    # one run in ten abort there ("terminate called without an active exception", SIGABRT).
+    # the wrapped model holds the process group; left to reference cycles (engine handlers) until after the
+    # group is destroyed at exit, it made about one run in ten abort ("terminate called without an active exception")
     del ctx
     gc.collect()
     if idist.get_world_size() > 1:

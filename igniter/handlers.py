@@ -27,7 +27,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
 
 from igniter.compile import compile_options, compile_time_s
-from igniter.distributed.dcp_checkpoint import DcpSaver, ModelState, OptimizerState, checkpoint_format
+from igniter.distributed.dcp_checkpoint import ModelState, OptimizerState, checkpoint_format, dcp_saver
 from igniter.distributed.strategy import unwrap_model
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
@@ -283,7 +283,7 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     model: Any = unwrap_model(ctx.model)  # keys without DDP's "module." or torch.compile's "_orig_mod."
     optimizer: Any = ctx.optimizer
     if checkpoint_format(ctx.cfg) == "dcp":  # a directory per checkpoint, every rank writes its shards
-        saver: Any = DcpSaver(ctx.output_dir / "checkpoints", cfg.async_save)
+        saver: Any = dcp_saver(cfg, ctx.output_dir / "checkpoints")
         model, optimizer = ModelState(model), OptimizerState(model, ctx.optimizer)
         names = {"last": "{filename_prefix}_{name}_{global_step}.dcp", "best": "{filename_prefix}_{name}_{global_step}_{score_name}={score}.dcp"}
     else:

@@ -17,6 +17,7 @@ import torch
 from conftest import igniter_env, read_metrics, run_igniter
 
 pytestmark = pytest.mark.slow  # real processes killed and restarted: minutes
+from igniter.distributed.dcp_checkpoint import dcp_model_state, read_extra
 from igniter.distributed.runners import free_port
 from igniter.resume import checkpoint_files
 
@@ -25,7 +26,8 @@ BASE = ["trainer.max_epochs=6", "checkpoint.every_iterations=10", "checkpoint.n_
 
 
 def final_model(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint_files(run / "checkpoints")[0], weights_only=True)["model"]
+    newest = checkpoint_files(run / "checkpoints")[0]
+    return dcp_model_state(newest) if newest.is_dir() else torch.load(newest, weights_only=True)["model"]
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:
@@ -38,7 +40,11 @@ def assert_all_checkpoints_load(run: Path) -> int:
     files = list((run / "checkpoints").glob("*.pt")) if (run / "checkpoints").exists() else []
     for f in files:
         torch.load(f, weights_only=True)  # raises on a truncated or corrupted file
-    return len(files)
+    dirs = list((run / "checkpoints").glob("*.dcp")) if (run / "checkpoints").exists() else []
+    for d in dirs:  # a directory under its final name is complete (renamed after the write)
+        dcp_model_state(d)
+        read_extra(d)
+    return len(files) + len(dirs)
 
 
 def command(args: list[str]) -> list[str]:
@@ -85,8 +91,10 @@ def kill_and_resume(args: list[str], cwd: Path, delays: list[float]) -> list[str
         # 2 processes with bf16 autocast and 2 micro-batches per step (no_sync): the plain
         # 2-process path plus precision and accumulation, in one run (the suite's time budget)
         (["runner=spawn", "runner.nproc_per_node=2", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2"], (0.0, 10.0)),
+        # FSDP with distributed checkpoints: some kills land inside a dcp save
+        (["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "runner.fsdp.shard_modules=[Linear]"], (0.0, 12.0)),
     ],
-    ids=["single", "spawn2-bf16-k2"],
+    ids=["single", "spawn2-bf16-k2", "spawn2-fsdp"],
 )
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(extra, delays, tmp_path):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
@@ -95,7 +103,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(extra, delays, t
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run = tmp_path / "killed"
-    args = [*BASE, *extra, "imports=[my_project]", "checkpoint.saver=slow_disk", f"output_dir={run}"]
+    saver = "slow_dcp" if "runner.strategy=fsdp" in extra else "slow_disk"
+    args = [*BASE, *extra, "imports=[my_project]", f"checkpoint.saver={saver}", f"output_dir={run}"]
     trials = [rng.uniform(delays[0], delays[1]) for _ in range(2)]
     log = kill_and_resume(args, tmp_path, sorted(trials))
     print("\n".join(log))

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-__all__ = ["checkpoint_format", "check_dcp", "SHARDED_KEYS", "ModelState", "OptimizerState", "SafeLoadPlanner", "DcpSaver", "dcp_metadata", "read_dcp", "dcp_model_state"]
+__all__ = ["checkpoint_format", "dcp_saver", "check_dcp", "SHARDED_KEYS", "ModelState", "OptimizerState", "SafeLoadPlanner", "DcpSaver", "dcp_metadata", "read_dcp", "dcp_model_state"]
 
 def checkpoint_format(cfg: Any) -> str:
     """``checkpoint.format`` of the whole config ``cfg``: as set, else ``dcp`` with
@@ -140,8 +140,12 @@ class DcpSaver(BaseSaveHandler):
             future.add_done_callback(lambda done: self._publish(done, tmp, final, removals))
             self._in_flight = future
         else:
-            dcp.save(sharded, checkpoint_id=str(tmp))
+            self.write(sharded, tmp)
             self._publish(None, tmp, final, removals)
+
+    def write(self, sharded: Mapping[str, Any], tmp: Path) -> None:
+        """``dcp.save`` of the model and optimizer states into ``tmp`` (a hook for tests)."""
+        dcp.save(dict(sharded), checkpoint_id=str(tmp))
 
     def _publish(self, done: Future | None, tmp: Path, final: Path, removals: list[str]) -> None:
         """Rank 0: rename the complete directory into place, then remove rotated-out ones."""
@@ -166,6 +170,24 @@ class DcpSaver(BaseSaveHandler):
     def remove(self, filename: str) -> None:
         """Forget ``filename`` once the next checkpoint is complete (rank 0 removes it)."""
         self._pending_removal.append(filename)
+
+
+def dcp_saver(cfg: Any, dirname: Path) -> DcpSaver:
+    """The saver of ``checkpoint.format=dcp``: a :class:`DcpSaver`, or what the io-registry
+    entry ``checkpoint.saver`` returns for ``dirname`` when it is not ``disk``.
+
+    Raises:
+        ConfigError: that entry does not return a :class:`DcpSaver` (it writes single files).
+    """
+    if cfg.saver == "disk":
+        return DcpSaver(dirname, cfg.async_save)
+    from igniter.errors import ConfigError, Problem
+    from igniter.registry import io_registry
+
+    saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(dirname))
+    if not isinstance(saver, DcpSaver):
+        raise ConfigError([Problem("checkpoint.saver", f"writes single files ({type(saver).__name__}); checkpoint.format=dcp needs disk or a DcpSaver", cfg.saver)], header="cannot build the run")
+    return saver
 
 
 def _fsync_dir(path: Path) -> None:

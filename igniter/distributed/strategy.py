@@ -197,8 +197,6 @@ def strategy_problems(cfg: Any, world_size: int) -> list[Problem]:
         if runner.fsdp.min_params < 0:
             problems.append(Problem("runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params))
     dcp = (ckpt.format or ("dcp" if runner.strategy == "fsdp" else "torch")) == "dcp"
-    if dcp and ckpt.saver != "disk":
-        problems.append(Problem("checkpoint.saver", "checkpoint.format=dcp writes directories with torch.distributed.checkpoint on a file system every rank sees; use saver disk", ckpt.saver))
     if ckpt.async_save and not dcp:
         problems.append(Problem("checkpoint.async_save", "needs checkpoint.format=dcp (torch-format files are already written in a background thread)", True))
     return problems

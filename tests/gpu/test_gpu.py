@@ -11,6 +11,7 @@ the runs use the digits default when scikit-learn is installed, else they are sk
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -189,3 +190,36 @@ def test_pin_memory_with_non_blocking_copies(tmp_path):
     assert_learned(metrics)
     # torch warns when pin_memory has no accelerator to pin for
     assert "no accelerator is found" not in text and "pin_memory' argument is set as true but" not in text
+
+
+@two_gpus
+def test_fsdp_bf16_mixed_two_processes(tmp_path):
+    """FSDP2 over two NCCL processes with bfloat16 compute (``MixedPrecisionPolicy(param_dtype=bfloat16,
+    reduce_dtype=float32)``), every child of 100+ parameters its own unit, ``dcp`` checkpoints;
+    ``igniter eval`` in one process reads the last one back."""
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    from igniter.distributed.dcp_checkpoint import dcp_model_state
+    from igniter.resume import checkpoint_files
+
+    run, metrics, text = train(tmp_path, "runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp",
+                               "runner.fsdp.min_params=100", "trainer.precision=bf16-mixed")  # fmt: skip
+    assert metrics["world_size"] == 2 and metrics["backend"] == "nccl", (metrics["world_size"], metrics["backend"])
+    assert_on_cuda(metrics, text)
+    assert_learned(metrics)
+    newest = checkpoint_files(run / "checkpoints")[0]
+    assert newest.is_dir() and newest.name == f"last_checkpoint_{metrics['iterations']}.dcp", newest
+    state = dcp_model_state(newest)  # consolidated from both ranks' shards
+    # the sharded parameters stay float32; only the gathered copies used for compute are bfloat16
+    assert state and all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    if "experiment=mnist" in data_args():
+        from igniter.models import LeNet
+
+        LeNet(num_classes=10, dropout=0.0).load_state_dict(state)
+    proc = run_igniter(["eval", str(run)], tmp_path, timeout=TIMEOUT)  # one process: evaluated unsharded
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((run / "eval_metrics.json").read_text())
+    assert evaluated["world_size"] == 1
+    # autocast in one process vs bfloat16 parameters under FSDP: the same weights, rounding apart
+    assert evaluated["metrics"]["accuracy"] == pytest.approx(metrics["final"]["accuracy"], abs=0.01)
