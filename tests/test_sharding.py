@@ -75,7 +75,7 @@ def reference(tmp_path_factory) -> Path:
         ([], ["runner=single"]),
         ([], ["runner=spawn", "runner.nproc_per_node=3"]),
         (FSDP, ["runner=single", "checkpoint.format=dcp"]),
-        (FSDP, ["runner=spawn", "runner.nproc_per_node=3", *FSDP]),
+        ([*FSDP, "checkpoint.async_save=true"], ["runner=spawn", "runner.nproc_per_node=3", *FSDP]),
     ],
     ids=["ddp2-to-1", "ddp2-to-3", "fsdp2-to-ddp1", "fsdp2-to-fsdp3"],
 )

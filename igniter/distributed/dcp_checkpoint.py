@@ -114,8 +114,11 @@ class DcpSaver(BaseSaveHandler):
             self.dirname.mkdir(parents=True, exist_ok=True)
             for stale in self.dirname.glob(".*.tmp"):  # an interrupted write's directory
                 shutil.rmtree(stale, ignore_errors=True)
+        self._group = None
         if idist.get_world_size() > 1:
             idist.barrier()  # no rank writes into a directory rank 0 is still cleaning
+            if async_save:  # background saves coordinate on a group of their own, never on training's
+                self._group = torch.distributed.new_group(backend="gloo")
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         """Write ``checkpoint`` to ``<dirname>/<filename>`` (a directory), collectively."""
@@ -136,7 +139,7 @@ class DcpSaver(BaseSaveHandler):
             idist.barrier()
         removals, self._pending_removal = self._pending_removal, []
         if self.async_save:
-            future = dcp.async_save(sharded, checkpoint_id=str(tmp))
+            future = dcp.async_save(dict(sharded), checkpoint_id=str(tmp), process_group=self._group)
             future.add_done_callback(lambda done: self._publish(done, tmp, final, removals))
             self._in_flight = future
         else:
