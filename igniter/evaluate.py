@@ -257,7 +257,7 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
         ctx.evaluator.run(ctx.val_loader)
     metrics = {k: float(v) for k, v in ctx.evaluator.state.metrics.items()}
     if idist.get_rank() == 0:
-        result = {"checkpoint": str(checkpoint), "samples": len(ctx.val_set), "world_size": idist.get_world_size(), "metrics": metrics}
+        result = {"checkpoint": str(checkpoint), "samples": len(ctx.val_set), "world_size": idist.get_world_size(), "strategy": cfg.runner.strategy, "metrics": metrics}
         Path(output).write_text(json.dumps(result, indent=2))
         print(" ".join(f"{k}={v:.6f}" for k, v in metrics.items()) + f"  ({len(ctx.val_set)} samples, {checkpoint})")
     # the wrapped model holds the process group; left to reference cycles (engine handlers) until after the
