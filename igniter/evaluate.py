@@ -27,7 +27,6 @@ from __future__ import annotations
 import gc
 import importlib.resources
 import json
-import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -79,31 +78,16 @@ def read_weights(path: Path) -> Mapping[str, torch.Tensor]:
         raise CheckpointInvalid(str(e)) from None
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's ``.metadata``, allowed to name only DCP's metadata classes, torch sizes, dtypes,
-    layouts and paths (DCP itself reads it with a plain ``pickle.load``, which runs any code)."""
-
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}  # fmt: skip
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = getattr(sys.modules.get(module), name, None) if module in ("torch", "torch.distributed.checkpoint.metadata") else None
-        torch_value = module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
-        if (module, name) in self.ALLOWED or torch_value or (module.endswith(".metadata") and isinstance(obj, type)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"its .metadata references {module}.{name}, not only DCP metadata; nothing from it was run")
-
-
 def _read_dcp_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full model weights of DCP directory ``path``, its ``.metadata`` checked first."""
     from torch.distributed.checkpoint.api import CheckpointException  # and DCP's metadata classes importable by name
 
-    from igniter.distributed.dcp_checkpoint import dcp_model_state
+    from igniter.distributed.dcp_checkpoint import check_metadata, dcp_model_state
     from igniter.resume import CheckpointInvalid
 
     incomplete = "is not a complete distributed checkpoint"
     try:
-        with open(path / ".metadata", "rb") as f:
-            _MetadataUnpickler(f).load()
+        check_metadata(path)
     except OSError as e:
         raise CheckpointInvalid(f"{incomplete} (no readable .metadata: {e.strerror or e}; an interrupted write?)") from None
     except Exception as e:

@@ -100,6 +100,28 @@ def test_export_of_a_damaged_dcp_directory_is_one_paragraph_and_writes_nothing(d
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_resume_refuses_a_dcp_checkpoint_whose_metadata_pickles_code(tmp_path):
+    """DCP reads .metadata with a plain pickle.load: resume checks it with the restricted
+    unpickler first, skips the checkpoint with its reason, and falls back to an older one."""
+    run = tmp_path / "run"
+    args = ["trainer.max_epochs=2", "data.train.subset=320", "checkpoint.format=dcp", "logging.loggers=[]", f"output_dir={run}"]
+    proc = run_igniter(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    newest, older = sorted(run.glob("checkpoints/last_checkpoint_*.dcp"), key=lambda p: int(p.stem.rsplit("_", 1)[1]), reverse=True)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    (newest / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    proc = run_igniter([*args[:1], "trainer.max_epochs=3", *args[1:]], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (run / "rank0.log").read_text()
+    assert f"skipping checkpoint {newest}" in log and "nothing from it was run" in log
+    assert f"resumed from {older}" in log
+    assert not (tmp_path / "PWNED").exists()
+
+
 # ---- a real fsdp run: export and eval reproduce it -----------------------------------------
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import sys
 import shutil
 import warnings
 from concurrent.futures import Future
@@ -40,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-__all__ = ["checkpoint_format", "dcp_saver", "check_dcp", "SHARDED_KEYS", "ModelState", "OptimizerState", "SafeLoadPlanner", "DcpSaver", "dcp_metadata", "read_dcp", "dcp_model_state"]
+__all__ = ["checkpoint_format", "dcp_saver", "check_metadata", "check_dcp", "SHARDED_KEYS", "ModelState", "OptimizerState", "SafeLoadPlanner", "DcpSaver", "dcp_metadata", "read_dcp", "dcp_model_state"]
 
 def checkpoint_format(cfg: Any) -> str:
     """``checkpoint.format`` of the whole config ``cfg``: as set, else ``dcp`` with
@@ -201,12 +203,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def dcp_metadata(path: Path) -> Any:
-    """DCP's ``Metadata`` of checkpoint directory ``path`` (keys, shapes, dtypes of every entry).
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata``, allowed to name only DCP's metadata classes, torch sizes, dtypes,
+    layouts and paths (DCP itself reads it with a plain ``pickle.load``, which runs any code)."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = getattr(sys.modules.get(module), name, None) if module in ("torch", "torch.distributed.checkpoint.metadata") else None
+        torch_value = module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
+        if (module, name) in self.ALLOWED or torch_value or (module.endswith(".metadata") and isinstance(obj, type)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"its .metadata references {module}.{name}, not only DCP metadata; nothing from it was run")
+
+
+def check_metadata(path: Path) -> None:
+    """Unpickle ``<path>/.metadata`` allowing only DCP's metadata classes (before DCP reads it
+    with a plain ``pickle.load``).
 
     Raises:
-        OSError, ValueError, RuntimeError...: the directory has no readable ``.metadata``.
+        OSError: no readable file.
+        pickle.UnpicklingError: it references anything else ("... nothing from it was run").
     """
+    with open(Path(path) / ".metadata", "rb") as f:
+        _MetadataUnpickler(f).load()
+
+
+def dcp_metadata(path: Path) -> Any:
+    """DCP's ``Metadata`` of checkpoint directory ``path`` (keys, shapes, dtypes of every entry),
+    its file checked by :func:`check_metadata` first.
+
+    Raises:
+        OSError, pickle.UnpicklingError, ValueError...: the directory has no readable or safe ``.metadata``.
+    """
+    check_metadata(path)
     return dcp.FileSystemReader(str(path)).read_metadata()
 
 
@@ -263,6 +293,7 @@ def read_dcp(path: Path, to_load: Mapping[str, Any]) -> dict[str, Any]:
     Returns:
         ``{name: state}`` for ``Checkpoint.load_objects(to_load, ...)``.
     """
+    check_metadata(path)
     template = {k: to_load[k].state_dict() for k in SHARDED_KEYS if k in to_load}
     dcp.load(template, checkpoint_id=str(path), planner=SafeLoadPlanner())
     return {**read_extra(path), **template}
