@@ -40,12 +40,16 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
-    cwd = tmp_path_factory.mktemp("single")
-    proc = run_igniter([*COMMON, f"output_dir={cwd / 'run'}"], cwd)
+def one_process_weights(args: list[str], cwd: Path) -> dict[str, torch.Tensor]:
+    """The final weights of a 1-process run of ``args`` in ``cwd``."""
+    proc = run_igniter([*args, f"output_dir={cwd / 'run'}"], cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return final_weights(cwd / "run")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return one_process_weights(COMMON, tmp_path_factory.mktemp("single"))
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +107,7 @@ SGD = [*COMMON, "solver=sgd"]
 
 @pytest.fixture(scope="module")
 def sgd_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
-    cwd = tmp_path_factory.mktemp("sgd")
-    proc = run_igniter([*SGD, f"output_dir={cwd / 'run'}"], cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return final_weights(cwd / "run")
+    return one_process_weights(SGD, tmp_path_factory.mktemp("sgd"))
 
 
 @pytest.mark.slow
