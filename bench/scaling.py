@@ -4,6 +4,7 @@ threads and with one thread per process.
 
     python bench/scaling.py --mnist ../shared/data            # full table, ~17 min on 2 cores
     python bench/scaling.py --mnist ../shared/data --batches 64 128 --rounds 3
+    python bench/scaling.py --mnist ../shared/data --accumulation   # k=4 with and without no_sync, ~3 min
 
 Threads: ``single``, ``spawn`` and ``torchrun`` pin one thread per process
 (``OMP_NUM_THREADS=1``, as in the earlier tables); ``single-default``,
@@ -28,6 +29,21 @@ turbo and the hypervisor). ``ddp`` is the same two processes as a hand-written
 ``DistributedDataParallel`` job (gloo, ``DistributedSampler``): what PyTorch itself
 reaches once the processes all-reduce and wait for each other every step.
 Writes ``bench/results/scaling.json`` (``--output``).
+
+``--accumulation``: 2 processes (spawn, one thread each) with
+``trainer.accumulate_grad_batches=4`` (``--accumulate``), ``nosync``: igniter's default
+step, which runs the first k-1 micro-batches under DDP's ``no_sync()``
+(``igniter.distributed.strategy.gradient_sync``), against ``sync``: a step registered
+here (``bench_accumulate_always_sync``, the same micro-batches, ``loss / k``, one
+optimizer step) that all-reduces after every micro-batch's backward. Both runs attach
+``bench_count_allreduce`` from ``handlers``: its factory registers a DDP communication
+hook (``default_hooks.allreduce_hook`` behind a counter) on ``ctx.model`` before the
+first forward, and at ``COMPLETED`` every rank writes how many buckets it all-reduced;
+the table shows igniter's samples/s and all-reduces per optimizer step (bucket
+all-reduces / iterations; expected ``nosync`` 1 and ``sync`` k with LeNet's one bucket).
+This module is importable by igniter's processes (``imports=[scaling]``, the bench
+directory on ``PYTHONPATH``) for those two registrations.
+Writes ``bench/results/scaling_accumulation.json`` (``--output``).
 """
 
 from __future__ import annotations
@@ -44,10 +60,65 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from igniter.precision import micro_batches  # noqa: E402
+from igniter.registry import event_handler_registry, function_registry  # noqa: E402
+
+
+@function_registry("bench_accumulate_always_sync")
+def accumulate_always_sync(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, device: torch.device,
+                           accumulate_grad_batches: int) -> Any:
+    """igniter's accumulation without ``no_sync``: ``k`` micro-batches, backward of ``loss / k``
+    on each (DDP all-reduces the gradients after every one), one optimizer step."""
+    k = accumulate_grad_batches
+
+    def step(engine: Any, batch: Any) -> dict[str, torch.Tensor]:
+        if not model.training:
+            model.train()
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for micro in micro_batches(batch, k):
+            x, y = micro[0].to(device, non_blocking=True), micro[1].to(device, non_blocking=True)
+            loss = loss_fn(model(x), y)
+            (loss / k).backward()
+            total += loss.detach().float() / k
+        optimizer.step()
+        return {"loss": total}
+
+    return step
+
+
+@event_handler_registry("bench_count_allreduce")
+def count_allreduce(ctx: Any) -> Any:
+    """Registers a counting DDP communication hook on ``ctx.model`` now (before the first
+    forward); the returned ``COMPLETED`` handler writes ``allreduce_rank<r>.json`` in the run
+    directory: bucket all-reduces, iterations, and the buckets seen."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = ctx.model
+    if not isinstance(model, DistributedDataParallel):
+        raise RuntimeError(f"bench_count_allreduce needs a DDP model (2 processes), got {type(model).__name__}")
+    counts = {"allreduces": 0, "buckets": set()}
+
+    def hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects annotations other than its own (strings here)
+        state["allreduces"] += 1
+        state["buckets"].add(bucket.index())
+        return allreduce_hook(None, bucket)  # None: the default process group, as DDP's own all-reduce
+
+    model.register_comm_hook(counts, hook)
+
+    def write(engine: Any) -> None:
+        record = {"allreduces": counts["allreduces"], "iterations": engine.state.iteration, "buckets": len(counts["buckets"])}
+        Path(ctx.output_dir, f"allreduce_rank{ctx.rank}.json").write_text(json.dumps(record))
+
+    return write
 
 
 def free_port() -> int:
@@ -70,6 +141,12 @@ MACHINE_VARIANTS = ("alone", "pair", "ddp")
 
 def run(variant: str, per_process_batch: int, iterations: int, mnist: str, extra: list[str] = ()) -> float:
     """igniter's training samples/s for ``variant`` (:data:`IGNITER_VARIANTS`)."""
+    return float(run_dir(variant, per_process_batch, iterations, mnist, extra)["samples_per_s"])
+
+
+def run_dir(variant: str, per_process_batch: int, iterations: int, mnist: str, extra: list[str] = ()) -> dict[str, Any]:
+    """igniter's ``metrics.json`` for ``variant``, with ``allreduce_rank<r>`` entries when
+    the run wrote those files (``bench_count_allreduce``)."""
     mode, pinned = IGNITER_VARIANTS[variant]
     nproc = 1 if mode == "single" else 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,10 +174,58 @@ def run(variant: str, per_process_batch: int, iterations: int, mnist: str, extra
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         if pinned:
             env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE), *filter(None, [env.get("PYTHONPATH")])])  # imports=[scaling]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
         if proc.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        return float(json.loads(Path(tmp, "run", "metrics.json").read_text())["samples_per_s"])
+        metrics = json.loads(Path(tmp, "run", "metrics.json").read_text())
+        for counts in sorted(Path(tmp, "run").glob("allreduce_rank*.json")):
+            metrics[counts.stem] = json.loads(counts.read_text())
+        return metrics
+
+
+#: ``--accumulation`` variants: name -> igniter overrides (on top of spawn, one thread per process)
+ACCUMULATION_VARIANTS = {"nosync": [], "sync": ["trainer.step=bench_accumulate_always_sync"]}
+
+
+def accumulation(args: argparse.Namespace) -> None:
+    """2 processes, ``trainer.accumulate_grad_batches=args.accumulate``, with and without
+    ``no_sync``: samples/s and all-reduces per optimizer step (see the module docstring)."""
+    k = args.accumulate
+    common = [f"trainer.accumulate_grad_batches={k}", "imports=[scaling]",
+              "handlers=[{name: bench_count_allreduce, event: COMPLETED}]", *args.extra]
+    rows = []
+    for b in args.batches:
+        samples: dict[str, list[float]] = {v: [] for v in ACCUMULATION_VARIANTS}
+        per_step: dict[str, list[float]] = {v: [] for v in ACCUMULATION_VARIANTS}
+        buckets: dict[str, int] = {}
+        for round_ in range(args.rounds):
+            order = list(ACCUMULATION_VARIANTS) if round_ % 2 == 0 else list(ACCUMULATION_VARIANTS)[::-1]
+            for v in order:
+                m = run_dir("spawn", b, args.iterations, args.mnist, [*common, *ACCUMULATION_VARIANTS[v]])
+                samples[v].append(float(m["samples_per_s"]))
+                ranks = [m[key] for key in sorted(m) if key.startswith("allreduce_rank")]
+                if len(ranks) != 2:
+                    raise SystemExit(f"{v}: expected 2 ranks' all-reduce counts, got {len(ranks)}")
+                per_step[v] += [r["allreduces"] / r["iterations"] for r in ranks]
+                buckets[v] = max(r["buckets"] for r in ranks)
+        med = {v: statistics.median(x) for v, x in samples.items()}
+        row = {
+            "per_process_batch": b, "micro_batch": b // k, "accumulate_grad_batches": k,
+            "samples_per_s": med, "allreduces_per_step": {v: statistics.median(x) for v, x in per_step.items()},
+            "buckets": buckets, "speedup_nosync": med["nosync"] / med["sync"], "all": samples,
+        }  # fmt: skip
+        rows.append(row)
+        print(
+            f"batch/process {b:4d} (micro-batch {b // k:3d}, k={k}) | samples/s "
+            + " ".join(f"{v}={med[v]:7.0f}" for v in ACCUMULATION_VARIANTS)
+            + f" | nosync/sync x{row['speedup_nosync']:.3f} | all-reduces/step "
+            + " ".join(f"{v}={row['allreduces_per_step'][v]:g}" for v in ACCUMULATION_VARIANTS)
+            + f" (buckets {buckets})",
+            flush=True,
+        )
+        write_results(rows, args, benchmark="scaling_accumulation",
+                      workload=f"MNIST + lenet, 2 processes (spawn, gloo), one thread each, accumulate_grad_batches={k}")
 
 
 def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at: float, rank: int, port: int) -> None:
@@ -201,8 +326,19 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[*IGNITER_VARIANTS, *MACHINE_VARIANTS],
                         choices=[*IGNITER_VARIANTS, *MACHINE_VARIANTS])
     parser.add_argument("--extra", nargs="*", default=[], help="more igniter overrides, e.g. runner.bucket_cap_mb=0.02")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "scaling.json", help="where the results JSON goes")
+    parser.add_argument("--output", type=Path, default=None, help="where the results JSON goes "
+                        "(default: bench/results/scaling.json, with --accumulation scaling_accumulation.json)")
+    parser.add_argument("--accumulation", action="store_true", help="2 processes with accumulation, with and without no_sync")
+    parser.add_argument("--accumulate", type=int, default=4, help="--accumulation's accumulate_grad_batches")
     args = parser.parse_args()
+    if args.accumulation:
+        if "--batches" not in sys.argv:
+            args.batches = [64, 128]
+        if "--rounds" not in sys.argv:
+            args.rounds = 3
+        args.output = args.output or HERE / "results" / "scaling_accumulation.json"
+        return accumulation(args)
+    args.output = args.output or HERE / "results" / "scaling.json"
 
     rows = []
     for b in args.batches:
@@ -230,11 +366,12 @@ def main() -> None:
         write_results(rows, args)
 
 
-def write_results(rows: list[dict], args: argparse.Namespace) -> None:
-    """``bench/results/scaling.json``, rewritten after every batch size (a crash keeps the rows so far)."""
+def write_results(rows: list[dict], args: argparse.Namespace, benchmark: str = "scaling",
+                  workload: str = "MNIST + lenet, gloo; threads=1 per process, except *-default: igniter's default threads") -> None:
+    """``args.output``, rewritten after every batch size (a crash keeps the rows so far)."""
     result = {
-        "benchmark": "scaling",
-        "workload": "MNIST + lenet, gloo; threads=1 per process, except *-default: igniter's default threads",
+        "benchmark": benchmark,
+        "workload": workload,
         "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__, "python": platform.python_version()},
         "iterations": args.iterations,
         "rounds": args.rounds,
