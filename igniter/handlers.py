@@ -222,6 +222,20 @@ def _guarded(save: Checkpoint, ctx: RunContext) -> Callable[[Engine], None]:
     return handler
 
 
+def _epoch_end(engine: Engine) -> bool:
+    """Whether the iteration just completed ends an epoch. Iteration-based checkpoints skip it:
+    the epoch's checkpoint comes at EPOCH_COMPLETED, after its validation. Taken here, before
+    the validation, a kill in between resumed at the next epoch without that epoch's row in
+    metrics.json (and without its best-checkpoint and early-stopping decisions)."""
+    length = engine.state.epoch_length
+    return bool(length) and engine.state.iteration % length == 0
+
+
+def _every_iterations(n: int) -> Callable[[Engine, int], bool]:
+    """Event filter: every ``n`` iterations, except at the end of an epoch (:func:`_epoch_end`)."""
+    return lambda engine, iteration: iteration % n == 0 and not _epoch_end(engine)
+
+
 def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
     """Event filter: ``True`` when ``seconds`` have passed since it last said ``True``.
 
@@ -231,7 +245,7 @@ def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
     last = {"t": time.monotonic()}
 
     def event_filter(engine: Engine, event: int) -> bool:
-        if event % 10:
+        if event % 10 or _epoch_end(engine):
             return False
         due = time.monotonic() - last["t"] >= seconds
         if idist.get_world_size() > 1:
@@ -312,7 +326,7 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     last = Checkpoint(to_save, saver, filename_prefix="last", n_saved=cfg.n_saved, global_step_transform=step, include_self=True, filename_pattern=names["last"])
     event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
     if cfg.every_iterations:
-        event = event | Events.ITERATION_COMPLETED(every=cfg.every_iterations)
+        event = event | Events.ITERATION_COMPLETED(event_filter=_every_iterations(cfg.every_iterations))
     if cfg.every_seconds:
         event = event | Events.ITERATION_COMPLETED(event_filter=_seconds_elapsed(cfg.every_seconds))
     ctx.trainer.add_event_handler(event, _guarded(last, ctx))

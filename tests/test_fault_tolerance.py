@@ -156,6 +156,26 @@ def test_resume_with_an_epoch_length_shorter_than_the_data_is_bit_identical(tmp_
     assert_bit_identical(final_model(tmp_path / "reference"), final_model(tmp_path / "resumed"))
 
 
+def test_a_kill_before_an_epochs_validation_resumes_with_that_validation(tmp_path):
+    """digits: 44 iterations per epoch, a checkpoint every 11. The process dies in epoch 1's
+    validation, after iteration 44's ITERATION_COMPLETED: iteration checkpoints skip epoch
+    ends (the epoch's own checkpoint follows its validation), so the run resumes from
+    iteration 33 and validates epoch 1 (before: it resumed from 44, at epoch 2, and
+    metrics.json never got epoch 1)."""
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    # dcp: a synchronous save, complete before the validation starts (a file written in the
+    # background might not be, and the test would pass by timing)
+    args = command(["imports=[my_project]", "evaluation.step=die_in_eval_once", "trainer.max_epochs=2", "checkpoint.every_iterations=11", "checkpoint.format=dcp", "logging.loggers=[]", f"output_dir={run}"])
+    env = {**igniter_env(), "DIE_ONCE_MARKER": str(marker)}
+    died = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert died.returncode == -signal.SIGKILL and marker.exists(), died.stderr[-3000:]
+    assert [p.name for p in checkpoint_files(run / "checkpoints")] == ["last_checkpoint_33.dcp", "last_checkpoint_22.dcp"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(epoch 0, iteration 33)" in (run / "rank0.log").read_text()
+    assert [e["epoch"] for e in read_metrics(run)["epochs"]] == [1, 2]
+
+
 def test_truncated_and_wrong_model_checkpoints_fall_back_to_older_valid_one(tmp_path):
     run = tmp_path / "run"
     newest, middle, oldest = _write_checkpoints(run, tmp_path)
