@@ -276,28 +276,32 @@ def test_two_spawn_jobs_at_once_both_finish(tmp_path):
 def test_dead_rank_ends_the_job(tmp_path):
     marker = f"output_dir={tmp_path / 'failing_run'}"
     args = ["imports=[my_project]", "trainer.step=fail_on_rank", *COMMON, "runner=spawn", "runner.nproc_per_node=2", marker]
-    before = igniter_processes()
+    tag = f"dead-rank-{os.getpid()}-{time.monotonic_ns()}"  # inherited by the launcher and its workers
     start = time.monotonic()
-    proc = run_igniter(args, tmp_path, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env={**igniter_env(), "IGNITER_TEST_TAG": tag}, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 60, f"took {elapsed:.0f} s"
     assert "rank 1 failed" in proc.stderr
     assert "injected failure on rank 1 at iteration 5" in proc.stderr
-    time.sleep(1)
-    assert igniter_processes() - before == set(), "processes left behind"
+    deadline = time.monotonic() + 10  # a condition: the job's processes are gone (exiting ones may linger a moment)
+    while processes_tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_tagged(tag) == set(), "processes left behind"
 
 
-def igniter_processes() -> set[int]:
-    """PIDs of igniter launchers and of torch-multiprocessing workers (read from /proc)."""
+def processes_tagged(tag: str) -> set[int]:
+    """PIDs of processes whose environment holds ``IGNITER_TEST_TAG=tag`` (read from /proc):
+    this test's launcher and workers only, whatever else runs on the machine."""
+    needle = f"IGNITER_TEST_TAG={tag}".encode()
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (entry / "environ").read_bytes()
             except OSError:
                 continue
-            if "-m igniter" in cmdline or "multiprocessing.spawn" in cmdline:
+            if needle in environ.split(b"\0"):
                 pids.add(int(entry.name))
     return pids
 

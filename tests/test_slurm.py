@@ -20,7 +20,9 @@ import torch
 from conftest import REPO, igniter_env, read_metrics, run_igniter
 from test_runners import COMMON, assert_same_weights, final_weights
 
-pytestmark = pytest.mark.slow  # a real SLURM cluster started by the fixture, jobs of several processes
+# a real SLURM cluster started by the fixture, jobs of several processes; one pytest-xdist worker
+# runs them all (`pytest -n 2 --dist loadgroup`): the cluster is one per machine
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 NEEDED = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
 
