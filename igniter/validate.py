@@ -309,7 +309,7 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
     c.problems += precision_problems(cfg.trainer.precision, cuda_here)
     c.problems += accumulation_problems(cfg.trainer.accumulate_grad_batches, cfg.data.loader.batch_size, world_size)
     c.problems += compile_problems(cfg.trainer.compile, cuda_here)
-    c.problems += strategy_problems(cfg, world_size)
+    c.problems += strategy_problems(cfg, world_size, cuda_here)
     resume = resume_mode(cfg.resume)
     if resume not in (None, "auto") and not os.path.isfile(resume):
         c.add("resume", "expected 'auto', false, or the path of an existing checkpoint file", cfg.resume)

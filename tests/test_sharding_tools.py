@@ -239,3 +239,20 @@ def test_memory_plan_counts_the_padded_rows_of_an_uneven_shard():
 
 def test_format_bytes():
     assert [format_bytes(n) for n in (512, 34_900, 1_234_567, 250e6, 3.4e9)] == ["512 B", "34.9 kB", "1.23 MB", "250 MB", "3.4 GB"]
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["runner.strategy=fsdp"], "runner.strategy"),  # one process: nothing to shard over
+        (["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "checkpoint.format=torch"], "checkpoint.format"),
+        (["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "runner.fsdp.cpu_offload=true"], "runner.fsdp.cpu_offload"),
+        (["checkpoint.async_save=true"], "checkpoint.async_save"),
+        (["runner.strategy=zero3"], "runner.strategy"),
+    ],
+    ids=["fsdp-one-process", "fsdp-torch-format", "cpu-offload-without-gpu", "async-torch-format", "unknown-strategy"],
+)
+def test_strategy_settings_that_cannot_work_exit_2_naming_the_key(overrides, key, tmp_path):
+    proc = run_igniter([*overrides, f"output_dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 2 and f"  {key} = " in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

@@ -22,7 +22,7 @@ import ignite.distributed as idist
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from igniter.errors import Problem
+from igniter.errors import ConfigError, Problem
 
 __all__ = ["wrap_model", "shard_units", "shard_model", "unwrap_model", "unwrap_compiled", "is_sharded", "evaluation_scope", "gradient_sync", "strategy_problems"]
 
@@ -45,6 +45,8 @@ def wrap_model(
         precision: ``trainer.precision``: with ``fsdp`` its ``MixedPrecisionPolicy``.
     """
     if getattr(runner, "strategy", "ddp") == "fsdp":
+        if runner.fsdp.cpu_offload and idist.device().type == "cpu":  # a cluster job validated without its nodes
+            raise ConfigError([Problem("runner.fsdp.cpu_offload", "needs a GPU: this process has none (its parameters are in host memory already)", True)], header="cannot build the run")
         model = shard_model(model.to(idist.device()) if not runner.fsdp.cpu_offload else model, runner.fsdp, precision)
         return torch.compile(model, **compile_options) if compile_options is not None else model  # type: ignore[return-value]
     if compile_options is not None:
@@ -177,12 +179,13 @@ def _no_gradient_sync(model: Any) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def strategy_problems(cfg: Any, world_size: int) -> list[Problem]:
+def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) -> list[Problem]:
     """Problems with ``runner.strategy``, ``runner.fsdp`` and ``checkpoint.format``/``async_save``.
 
     Args:
         cfg: the whole config.
         world_size: the processes the runner will start.
+        cuda_here: whether the processes will have CUDA (``None``: unknown, a cluster job).
     """
     runner, ckpt, problems = cfg.runner, cfg.checkpoint, []
     if runner.strategy not in ("ddp", "fsdp"):
@@ -194,6 +197,8 @@ def strategy_problems(cfg: Any, world_size: int) -> list[Problem]:
             problems.append(Problem("runner.strategy", f"fsdp shards over the processes of the run and this run has {world_size}; use runner=spawn/torchrun/slurm with 2 or more, or runner.strategy=ddp", "fsdp"))
         if ckpt.format == "torch":
             problems.append(Problem("checkpoint.format", "runner.strategy=fsdp writes sharded checkpoints: use dcp (the default with fsdp)", "torch"))
+        if runner.fsdp.cpu_offload and cuda_here is False:
+            problems.append(Problem("runner.fsdp.cpu_offload", "moves sharded parameters, gradients and optimizer state from the GPU to host memory; this run has no GPU (they are in host memory already): set it false", True))
         if runner.fsdp.min_params < 0:
             problems.append(Problem("runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params))
     dcp = (ckpt.format or ("dcp" if runner.strategy == "fsdp" else "torch")) == "dcp"
