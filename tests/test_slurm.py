@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 NEEDED = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: under pytest-xdist other modules' tests run in between
 def slurm(tmp_path_factory):
     missing = [c for c in NEEDED if shutil.which(c) is None and not Path("/usr/sbin", c).exists()]
     reason = None

@@ -159,12 +159,12 @@ class DcpSaver(BaseSaveHandler):
         if idist.get_rank() != 0:
             return
         if final.exists():  # the same iteration saved again (a resumed run)
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(self.dirname)
         for name in removals:
             if name != final.name:
-                shutil.rmtree(self.dirname / name, ignore_errors=True)
+                _discard(self.dirname / name)
 
     def flush(self) -> None:
         """Wait until the last checkpoint is on disk. Raises what its write raised."""
@@ -193,6 +193,17 @@ def dcp_saver(cfg: Any, dirname: Path) -> DcpSaver:
     if not isinstance(saver, DcpSaver):
         raise ConfigError([Problem("checkpoint.saver", f"writes single files ({type(saver).__name__}); checkpoint.format=dcp needs disk or a DcpSaver", cfg.saver)], header="cannot build the run")
     return saver
+
+
+def _discard(path: Path) -> None:
+    """Remove checkpoint directory ``path``: renamed to a temporary name first, so a kill in the
+    middle of the removal leaves a ``.*.tmp`` directory (deleted at the next start), never a
+    partial directory under a checkpoint's name."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".{path.name}.removed.tmp")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
