@@ -21,8 +21,8 @@ from conftest import REPO, igniter_env, read_metrics, run_igniter
 from test_runners import COMMON, assert_same_weights, final_weights
 
 # a real SLURM cluster started by the fixture, jobs of several processes; one pytest-xdist worker
-# runs them all (`pytest -n 2 --dist loadgroup`): the cluster is one per machine
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# runs this whole file (`pytest -n 2 --dist loadfile`): the cluster is one per machine
+pytestmark = pytest.mark.slow
 
 NEEDED = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
 
