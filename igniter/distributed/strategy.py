@@ -23,6 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from igniter.errors import ConfigError, Problem
+from igniter.precision import PRECISIONS
 
 __all__ = ["wrap_model", "shard_units", "shard_model", "unwrap_model", "unwrap_compiled", "is_sharded", "evaluation_scope", "gradient_sync", "strategy_problems"]
 
@@ -89,7 +90,7 @@ def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.M
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(idist.device().type, (idist.get_world_size(),))
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    dtype = PRECISIONS.get(str(precision))  # the autocast dtype of trainer.precision (None: float32)
     options: dict[str, Any] = {
         "mesh": mesh,
         "reshard_after_forward": fsdp.reshard_after_forward,
@@ -149,8 +150,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if isinstance(model, (DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch._dynamo's OptimizedModule
-            model = model._orig_mod
+        elif unwrap_compiled(model) is not model:  # torch._dynamo's OptimizedModule
+            model = unwrap_compiled(model)
         else:
             return model
 
@@ -201,7 +202,8 @@ def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) 
             problems.append(Problem("runner.fsdp.cpu_offload", "moves sharded parameters, gradients and optimizer state from the GPU to host memory; this run has no GPU (they are in host memory already): set it false", True))
         if runner.fsdp.min_params < 0:
             problems.append(Problem("runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params))
-    dcp = (ckpt.format or ("dcp" if runner.strategy == "fsdp" else "torch")) == "dcp"
-    if ckpt.async_save and not dcp:
+    from igniter.distributed.dcp_checkpoint import checkpoint_format  # the one rule for the default format
+
+    if ckpt.async_save and checkpoint_format(cfg) != "dcp":
         problems.append(Problem("checkpoint.async_save", "needs checkpoint.format=dcp (torch-format files are already written in a background thread)", True))
     return problems
