@@ -118,7 +118,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(extra, delays, t
 
 def test_resume_mid_epoch_is_bit_identical(tmp_path):
     """Die at iteration 155 (epoch 4, 23rd of 44 iterations); the newest checkpoint is
-    iteration 150, mid-epoch; re-running the same command finishes the run."""
+    iteration 150, mid-epoch, or 140 when the kill came before 150's background write was
+    on disk (a busy machine: CI run 4); re-running the same command finishes the run."""
     reference = tmp_path / "reference"
     assert run_igniter([*BASE, f"output_dir={reference}"], tmp_path).returncode == 0
     run = tmp_path / "run"
@@ -126,10 +127,11 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
     env = {**igniter_env(), "DIE_ONCE_MARKER": str(tmp_path / "died")}
     first = subprocess.run(command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0 and (tmp_path / "died").exists()
-    assert int(checkpoint_files(run / "checkpoints")[0].stem.rsplit("_", 1)[1]) == 150
+    newest = int(checkpoint_files(run / "checkpoints")[0].stem.rsplit("_", 1)[1])
+    assert newest in (150, 140), newest  # both inside epoch 4 (iterations 133-176)
     second = subprocess.run(command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "(epoch 3, iteration 150)" in second.stdout
+    assert "resumed from" in second.stdout and f"(epoch 3, iteration {newest})" in second.stdout
     assert_bit_identical(final_model(reference), final_model(run))
 
 
