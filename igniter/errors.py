@@ -20,6 +20,10 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_DIVERGED",
     "EXIT_INTERRUPTED",
+    "EXIT_HUNG",
+    "EXIT_CHECKPOINT_WRITE",
+    "RankHung",
+    "CheckpointWriteFailed",
     "NO_VALUE",
 ]
 
@@ -31,6 +35,12 @@ EXIT_CONFIG = 2
 
 #: Exit status when the loss became NaN or infinite.
 EXIT_DIVERGED = 3
+
+#: Exit status when a rank made no progress for ``runner.hang_timeout_s`` (the watchdog ended the job).
+EXIT_HUNG = 4
+
+#: Exit status when a checkpoint could not be written (no space left, or another OS error).
+EXIT_CHECKPOINT_WRITE = 5
 
 #: Exit status after Ctrl-C: 128 + SIGINT, the shell's convention for a process ended by SIGINT.
 EXIT_INTERRUPTED = 130
@@ -73,6 +83,23 @@ class TrainingDiverged(IgniterError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
     exit_status = EXIT_DIVERGED
+
+
+class RankHung(IgniterError):
+    """A rank made no progress for ``runner.hang_timeout_s`` seconds; the watchdog
+    (:mod:`igniter.distributed.watchdog`) wrote the live ranks' stacks to their rank logs
+    and ended every process of the job. The message names the rank, host, pid, iteration
+    and how long it was stalled."""
+
+    exit_status = EXIT_HUNG
+
+
+class CheckpointWriteFailed(IgniterError):
+    """A checkpoint could not be written (``ENOSPC`` or another ``OSError``). The previous
+    checkpoint is intact, the partial file was removed; the message names the directory
+    and, for a full disk, the bytes needed and free."""
+
+    exit_status = EXIT_CHECKPOINT_WRITE
 
 
 class Interrupted(KeyboardInterrupt):
