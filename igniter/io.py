@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,13 +25,16 @@ from ignite.engine import Events
 from ignite.handlers import global_step_from_engine
 from ignite.handlers.checkpoint import BaseSaveHandler
 
+from igniter.errors import CheckpointWriteFailed
 from igniter.events import PeriodicEvents
 from igniter.registry import io_registry
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
 
-__all__ = ["AtomicDiskSaver", "BatchedScalars", "atomic_write", "disk", "tensorboard"]
+__all__ = ["AtomicDiskSaver", "BatchedScalars", "CheckpointWriteError", "atomic_write", "disk", "fsync_dir", "tensorboard", "tensor_bytes", "write_failed"]
+
+logger = logging.getLogger("igniter")
 
 
 def _current_umask() -> int:
@@ -64,11 +70,93 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync directory ``path``: a rename or removal in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+class CheckpointWriteError(CheckpointWriteFailed, OSError):
+    """:class:`~igniter.errors.CheckpointWriteFailed` (exit status 5) that is also the ``OSError``
+    it stands for (``errno``), so code catching ``OSError`` around a save still catches it.
+    ``str()`` is the one-paragraph message; ``directory``, ``needed`` and ``free`` (bytes, or
+    ``None``) are kept for programs. Pickles whole (a spawned worker hands it to the launcher)."""
+
+    def __init__(self, message: str, code: int | None = None, directory: str | None = None, needed: int | None = None, free: int | None = None) -> None:
+        OSError.__init__(self, message)
+        self.errno, self.directory, self.needed, self.free = code, directory, needed, free
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.args[0], self.errno, self.directory, self.needed, self.free))
+
+
+def _size(n: int, about: str = "") -> str:
+    """``"134387 bytes (131.2 KiB)"``; with ``about`` (how ``n`` was estimated): ``"about 134387 bytes (131.2 KiB; <about>)"``."""
+    notes = [f"{n / 1024**k:.1f} {unit}" for k, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if n >= 1024**k][:1]
+    notes += [about] if about else []
+    return f"{'about ' if about else ''}{n} bytes" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def write_failed(error: BaseException, directory: Path, name: str, needed: int, about: str = "") -> CheckpointWriteError | None:
+    """The :class:`CheckpointWriteError` for ``error``, raised while writing checkpoint ``name``
+    in ``directory`` once its partial file is removed, or ``None`` when it is no write error.
+
+    A write error is an ``OSError``, itself or behind ``error`` (``__cause__``/``__context__``:
+    ``torch.save``'s C++ writer raises a ``RuntimeError`` over a full disk's ``OSError``), or
+    any error when fewer bytes are free than ``needed`` (an ``OSError`` pickled across ranks
+    loses that chain). The message is one paragraph naming the directory, the OS error and, for
+    a full disk, the bytes ``needed`` and the bytes free now (``shutil.disk_usage``); ``about``:
+    how ``needed`` was estimated, when it was. The original traceback goes to the rank log only.
+    """
+    cause, seen = error, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    cause = cause if isinstance(cause, OSError) else None
+    try:
+        free: int | None = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    full = isinstance(error, Exception) and free is not None and free < needed  # never for Ctrl-C
+    if cause is None and not full:
+        return None
+    code = cause.errno if cause else None
+    reason = (cause.strerror or str(cause) or type(cause).__name__) if cause else f"{type(error).__name__} while fewer bytes were free than it needs"
+    if code == errno.ENOSPC or full:
+        space = f"it needs {_size(needed, about)} and {'an unknown number of bytes' if free is None else _size(free)} are free there"
+        fix = "Free some space there (or point output_dir at a larger disk)"
+    else:
+        space, fix = f"it is {_size(needed, about)}", "Fix that"
+    message = (
+        f"checkpoint {name} could not be written to {directory}: {reason}; {space}. The run stopped; the checkpoints "
+        f"already in {directory} are intact and the partial {name} was removed. {fix} and run the same command again: "
+        "it resumes from the newest checkpoint."
+    )
+    logger.error("checkpoint %s could not be written:", name, exc_info=error, extra={"console": False})
+    return CheckpointWriteError(" ".join(message.split()), code or (errno.ENOSPC if full else None), str(directory), needed, free)
+
+
+def tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors, strings and bytes in ``value`` (nested mappings, lists, tuples;
+    a ``DTensor`` counts its global size): about what a checkpoint of ``value`` takes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 class AtomicDiskSaver(BaseSaveHandler):
@@ -87,8 +175,10 @@ class AtomicDiskSaver(BaseSaveHandler):
     * leftover temporary files of interrupted writes are deleted at start-up.
 
     Call :meth:`flush` before relying on the newest file (end of training, requeue); a
-    write error is raised there or by the next save. At interpreter exit Python waits for
-    the write in flight.
+    write error is raised there or by the next save, as :class:`CheckpointWriteError`
+    (exit status 5, a paragraph naming the directory and, for a full disk, the bytes needed
+    and free), its temporary file removed and the files it would have replaced kept. At
+    interpreter exit Python waits for the write in flight.
 
     Args:
         dirname: the checkpoint directory (created by rank 0 when ``create_dir``).
@@ -127,7 +217,10 @@ class AtomicDiskSaver(BaseSaveHandler):
         return buffer
 
     def _write(self, path: Path, buffer: io.BytesIO, removals: list[str]) -> None:
-        atomic_write(path, lambda f: self.write_bytes(f, buffer.getbuffer()))
+        try:
+            atomic_write(path, lambda f: self.write_bytes(f, buffer.getbuffer()))
+        except OSError as e:  # the temporary file is gone; the rotated-out files stay (removals never run)
+            raise write_failed(e, self.dirname, path.name, buffer.seek(0, io.SEEK_END)) from e  # type: ignore[misc]  (an OSError: never None)
         for filename in removals:
             if filename != path.name:
                 # missing_ok: a resumed run's handler may list files an earlier run already rotated out
@@ -138,7 +231,8 @@ class AtomicDiskSaver(BaseSaveHandler):
         f.write(data)
 
     def flush(self) -> None:
-        """Wait until the last checkpoint is on disk. Raises what its write raised (e.g. ``OSError``)."""
+        """Wait until the last checkpoint is on disk. Raises what its write raised
+        (:class:`CheckpointWriteError` for an ``OSError``, e.g. a full disk)."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.result()

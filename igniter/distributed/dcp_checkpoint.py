@@ -34,6 +34,7 @@ import ignite.distributed as idist
 import torch
 import torch.distributed.checkpoint as dcp
 from ignite.handlers.checkpoint import BaseSaveHandler
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -41,6 +42,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from igniter.errors import ConfigError, Problem
+from igniter.io import atomic_write, fsync_dir, tensor_bytes, write_failed
+from igniter.registry import io_registry
 
 __all__ = ["checkpoint_format", "dcp_saver", "check_metadata", "check_dcp", "SHARDED_KEYS", "ModelState", "OptimizerState", "SafeLoadPlanner", "DcpSaver", "dcp_metadata", "read_dcp", "dcp_model_state"]
 
@@ -123,30 +128,50 @@ class DcpSaver(BaseSaveHandler):
                 self._group = torch.distributed.new_group(backend="gloo")
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        """Write ``checkpoint`` to ``<dirname>/<filename>`` (a directory), collectively."""
+        """Write ``checkpoint`` to ``<dirname>/<filename>`` (a directory), collectively (a failure: :meth:`_failed`)."""
         self.flush()
         if "model" not in checkpoint:  # Ignite passes a single object's state unwrapped (best_model_*)
             checkpoint = {"model": checkpoint}
         sharded = {k: v for k, v in checkpoint.items() if k in SHARDED_KEYS}
         extra = {k: v for k, v in checkpoint.items() if k not in SHARDED_KEYS}
         final, tmp = self.dirname / filename, self.dirname / f".{filename}.tmp"
+        failed: BaseException | None = None
+        if idist.get_rank() == 0:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                atomic_write(tmp / EXTRA_FILE, lambda f: torch.save(extra, f))
+            except Exception as e:  # a full disk: torch.save raises RuntimeError over the OSError
+                failed = e
+        if idist.get_world_size() > 1 and idist.all_reduce(int(failed is not None), op="MAX"):  # (and a barrier)
+            failed = failed or OSError(f"rank 0 could not write {EXTRA_FILE}")
+        removals, self._pending_removal = self._pending_removal, []
+        self._in_flight_write = (final, tmp, checkpoint)
+        try:
+            if failed is not None:
+                raise failed
+            if self.async_save:
+                future = dcp.async_save(dict(sharded), checkpoint_id=str(tmp), process_group=self._group)
+                future.add_done_callback(lambda done: self._publish(done, tmp, final, removals))
+                self._in_flight = future
+            else:
+                self.write(sharded, tmp)
+                self._publish(None, tmp, final, removals)
+        except (Exception, CheckpointException) as e:
+            self._failed(e)
+
+    def _failed(self, error: BaseException) -> None:
+        """Rank 0 removes the failed write's temporary directory; every rank raises
+        :class:`~igniter.io.CheckpointWriteError` for a write error (``igniter.io.write_failed``;
+        inside DCP's ``CheckpointException`` too), what it was for anything else."""
+        final, tmp, states = self._in_flight_write  # states: Ignite passes every object's state_dict()
         if idist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            with open(tmp / EXTRA_FILE, "wb") as f:
-                torch.save(extra, f)
-                f.flush()
-                os.fsync(f.fileno())
-        if idist.get_world_size() > 1:
-            idist.barrier()
-        removals, self._pending_removal = self._pending_removal, []
-        if self.async_save:
-            future = dcp.async_save(dict(sharded), checkpoint_id=str(tmp), process_group=self._group)
-            future.add_done_callback(lambda done: self._publish(done, tmp, final, removals))
-            self._in_flight = future
-        else:
-            self.write(sharded, tmp)
-            self._publish(None, tmp, final, removals)
+        failure = error.failures[min(error.failures)][0] if isinstance(error, CheckpointException) and error.failures else error
+        written = write_failed(failure, self.dirname, final.name, tensor_bytes(states), "its tensors and strings, without file overhead")
+        if written is None:
+            raise error
+        raise written from error
 
     def write(self, sharded: Mapping[str, Any], tmp: Path) -> None:
         """``dcp.save`` of the model and optimizer states into ``tmp`` (a hook for tests)."""
@@ -154,23 +179,24 @@ class DcpSaver(BaseSaveHandler):
 
     def _publish(self, done: Future | None, tmp: Path, final: Path, removals: list[str]) -> None:
         """Rank 0: rename the complete directory into place, then remove rotated-out ones."""
-        if done is not None and done.exception() is not None:
-            return  # flush() raises it
-        if idist.get_rank() != 0:
-            return
+        if (done is not None and done.exception() is not None) or idist.get_rank() != 0:
+            return  # flush() raises a failed write's error
         if final.exists():  # the same iteration saved again (a resumed run)
             _discard(final)
         os.replace(tmp, final)
-        _fsync_dir(self.dirname)
+        fsync_dir(self.dirname)
         for name in removals:
             if name != final.name:
                 _discard(self.dirname / name)
 
     def flush(self) -> None:
-        """Wait until the last checkpoint is on disk. Raises what its write raised."""
+        """Wait until the last checkpoint is on disk. Raises what its write raised (see :meth:`_failed`)."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
-            in_flight.result()
+            try:
+                in_flight.result()
+            except (Exception, CheckpointException) as e:
+                self._failed(e)
 
     def remove(self, filename: str) -> None:
         """Forget ``filename`` once the next checkpoint is complete (rank 0 removes it)."""
@@ -186,9 +212,6 @@ def dcp_saver(cfg: Any, dirname: Path) -> DcpSaver:
     """
     if cfg.saver == "disk":
         return DcpSaver(dirname, cfg.async_save)
-    from igniter.errors import ConfigError, Problem
-    from igniter.registry import io_registry
-
     saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(dirname))
     if not isinstance(saver, DcpSaver):
         raise ConfigError([Problem("checkpoint.saver", f"writes single files ({type(saver).__name__}); checkpoint.format=dcp needs disk or a DcpSaver", cfg.saver)], header="cannot build the run")
@@ -204,14 +227,6 @@ def _discard(path: Path) -> None:
     doomed = path.with_name(f".{path.name}.removed.tmp")
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -1,12 +1,17 @@
-"""Bad input found inside a spawned process reaches the launcher as what it is.
+"""A run-ending error raised inside a spawned process reaches the launcher as what it is.
 
 ``torch.multiprocessing`` hands the launcher a worker's exception only as traceback
-text (``ProcessRaisedException``), so a :class:`~igniter.errors.ConfigError` raised
-while a worker builds (a missing data file, a damaged checkpoint) or on its first step
-would surface as "rank 1 failed" with a traceback and exit status 1. Each worker of
-``runner=spawn`` therefore records a ``ConfigError`` in a directory the launcher
-made (as torchelastic's ``TORCHELASTIC_ERROR_FILE`` does for any error); the launcher
-re-raises the lowest rank's, and the CLI reports it as one paragraph with exit status 2.
+text (``ProcessRaisedException``), so an :class:`~igniter.errors.IgniterError` raised
+in a worker (a :class:`~igniter.errors.ConfigError` while it builds: a missing data
+file, a damaged checkpoint; a :class:`~igniter.errors.CheckpointWriteFailed` when the
+disk is full; a :class:`~igniter.errors.TrainingDiverged`) would surface as "rank 1
+failed" with a traceback and exit status 1. Each worker of ``runner=spawn`` therefore
+records its ``IgniterError`` in a directory the launcher made (as torchelastic's
+``TORCHELASTIC_ERROR_FILE`` does for any error); the launcher re-raises the lowest
+rank's, and the CLI reports it as its paragraph with its own exit status (2, 5, 3...).
+
+``RecordConfigErrors``, ``recorded_config_errors`` and ``first_config_error`` are the
+names this module had when it recorded ``ConfigError`` alone; they are the same objects.
 """
 
 from __future__ import annotations
@@ -19,13 +24,20 @@ from typing import Any, Callable, Iterator
 
 import ignite.distributed as idist
 
-from igniter.errors import ConfigError
+from igniter.errors import IgniterError
 
-__all__ = ["RecordConfigErrors", "recorded_config_errors", "first_config_error"]
+__all__ = [
+    "RecordWorkerErrors",
+    "recorded_worker_errors",
+    "first_worker_error",
+    "RecordConfigErrors",
+    "recorded_config_errors",
+    "first_config_error",
+]
 
 
-class RecordConfigErrors:
-    """A picklable wrapper of a worker function: ``fn(*args)``, and a ``ConfigError`` it
+class RecordWorkerErrors:
+    """A picklable wrapper of a worker function: ``fn(*args)``, and an ``IgniterError`` it
     raises is also written to ``<directory>/rank<rank>.pickle`` before propagating.
 
     Args:
@@ -39,29 +51,37 @@ class RecordConfigErrors:
     def __call__(self, *args: Any) -> Any:
         try:
             return self.fn(*args)
-        except ConfigError as e:
+        except IgniterError as e:
             path = Path(self.directory) / f"rank{idist.get_rank():06d}.pickle"
             try:
-                path.write_bytes(pickle.dumps(e))
-            except Exception:  # an unpicklable value in a Problem: the traceback text still reaches the launcher
+                data = pickle.dumps(e)
+                pickle.loads(data)  # an error that cannot be rebuilt (a custom __init__) is left to the traceback text
+                path.write_bytes(data)
+            except Exception:  # e.g. an unpicklable value in a Problem: the traceback text still reaches the launcher
                 pass
             raise
 
 
 @contextlib.contextmanager
-def recorded_config_errors() -> Iterator[str]:
+def recorded_worker_errors() -> Iterator[str]:
     """A temporary error directory for one launch, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="igniter-worker-errors-") as directory:
         yield directory
 
 
-def first_config_error(directory: str) -> ConfigError | None:
-    """The ``ConfigError`` of the lowest rank that recorded one, or ``None``."""
+def first_worker_error(directory: str) -> IgniterError | None:
+    """The ``IgniterError`` of the lowest rank that recorded one, or ``None``."""
     for path in sorted(Path(directory).glob("rank*.pickle")):
         try:
             error = pickle.loads(path.read_bytes())
         except Exception:
             continue
-        if isinstance(error, ConfigError):
+        if isinstance(error, IgniterError):
             return error
     return None
+
+
+# The names runners.py and older code use (this module recorded ConfigError alone then).
+RecordConfigErrors = RecordWorkerErrors
+recorded_config_errors = recorded_worker_errors
+first_config_error = first_worker_error
