@@ -269,6 +269,10 @@ class RunnerConfig:
     ``threads_per_process``: PyTorch intra-op threads of each process; ``None``:
     ``OMP_NUM_THREADS`` if the user set it, else usable cores / processes on the node
     (see :mod:`igniter.distributed.threads`).
+    ``hang_timeout_s``: seconds without progress on every rank after which the job is hung: the
+    watchdog names the rank behind, writes the stacks to the rank logs and ends the job (exit
+    status 4); ``None``: no watchdog (:mod:`igniter.distributed.watchdog`). ``requeue_on_hang``:
+    inside a SLURM job, requeue it on a hang instead (it resumes from the newest checkpoint).
     """
 
     name: str = "single"
@@ -282,6 +286,8 @@ class RunnerConfig:
     bucket_cap_mb: Optional[float] = None
     gradient_as_bucket_view: bool = True
     threads_per_process: Optional[int] = None
+    hang_timeout_s: Optional[float] = 120.0
+    requeue_on_hang: bool = False
     strategy: str = "ddp"
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 

@@ -28,6 +28,7 @@ from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnN
 
 from igniter.compile import compile_options, compile_time_s
 from igniter.distributed.dcp_checkpoint import ModelState, OptimizerState, checkpoint_format, dcp_saver
+from igniter.distributed.progress import checkpoint_phase
 from igniter.distributed.strategy import unwrap_model
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
@@ -217,7 +218,8 @@ def _guarded(save: Checkpoint, ctx: RunContext) -> Callable[[Engine], None]:
 
     def handler(engine: Engine) -> None:
         if ctx.status.diverged is None and not _any_rank(_nonfinite_loss(trainer.state.output)):
-            save(engine)
+            with checkpoint_phase(ctx.output_dir / "checkpoints"):  # bytes written are progress for the watchdog
+                save(engine)
 
     return handler
 

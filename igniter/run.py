@@ -26,6 +26,7 @@ from igniter.build import call_with
 from igniter.console import close_bars, setup_logging
 from igniter.context import RunContext
 from igniter.distributed import make_runner
+from igniter.distributed.progress import attach_reports, checkpoint_phase
 from igniter.distributed.signals import interrupt_once
 from igniter.distributed.strategy import evaluation_scope
 from igniter.errors import Interrupted, TrainingDiverged
@@ -115,10 +116,13 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
         interrupted = True
     finally:
         close_bars()
-        if checkpointer is not None:
-            flush_checkpoints(checkpointer)
-        for lg in loggers:
-            lg.close()
+        try:
+            if checkpointer is not None:
+                with checkpoint_phase(ctx.output_dir / "checkpoints"):
+                    flush_checkpoints(checkpointer)
+        finally:  # a failed last write (CheckpointWriteFailed) still closes the loggers
+            for lg in loggers:
+                lg.close()
     # record
     summary = _record(ctx, record, interrupted, time.perf_counter() - start, profiler, telemetry)
     return _finish(ctx, record, summary, interrupted, job)
@@ -128,6 +132,7 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
     """Attach the standard handlers. Order matters: sampler epoch, scheduler,
     throughput, evaluation, then checkpoints and loggers that read their results."""
     cfg, trainer, evaluator = ctx.cfg, ctx.trainer, ctx.evaluator
+    attach_reports(trainer, evaluator)  # first: a user handler that blocks then shows as the rank behind
     samplers = [ctx.train_loader.sampler]
     batches_per_pass = len(ctx.train_loader)
 

@@ -34,21 +34,20 @@ from typing import Any, Callable
 
 import ignite.distributed as idist
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
-from igniter.distributed.elastic import generation_store
 from igniter.distributed.environment import Slurm, Torchrun
 from igniter.distributed.signals import ignore_sigint, sigint_scope, stop_children
 from igniter.distributed.nesting import outer_launcher_problem
 from igniter.distributed.slurm import attach_preemption
 from igniter.distributed.threads import ThreadPlan, apply_threads, chosen
-from igniter.distributed.worker_errors import RecordConfigErrors, first_config_error, recorded_config_errors
-from igniter.errors import EXIT_FAILED, IgniterError, Problem
+from igniter.distributed.watchdog import LauncherWatchdog, WatchPlan, start_reporting
+from igniter.distributed.worker_errors import RecordWorkerErrors, first_worker_error, recorded_worker_errors
+from igniter.errors import EXIT_FAILED, IgniterError, Problem, RankHung
 from igniter.registry import runner_registry
 
 __all__ = [
-    "Runner", "SingleRunner", "SpawnRunner", "TorchrunRunner", "JoinRunner", "RankFailed",
+    "Runner", "SingleRunner", "SpawnRunner", "JoinRunner", "RankFailed",
     "make_runner", "default_backend", "free_port", "ENV_VARS",
 ]
 
@@ -93,13 +92,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _call(local_rank: int, plan: ThreadPlan, fn: Callable[..., Any], *args: Any) -> None:
+def _call(local_rank: int, plan: ThreadPlan, watch: WatchPlan, fn: Callable[..., Any], *args: Any) -> None:
     """Every process's entry, under every runner: its thread count
-    (:mod:`igniter.distributed.threads`), Ctrl-C handling
+    (:mod:`igniter.distributed.threads`), its progress reports and hang watchdog
+    (:mod:`igniter.distributed.watchdog`), Ctrl-C handling
     (:mod:`igniter.distributed.signals`), then ``fn(*args)``."""
     apply_threads(plan, idist.get_nproc_per_node())
-    with sigint_scope():
-        fn(*args)
+    reporter = start_reporting(watch)
+    try:
+        with sigint_scope():
+            fn(*args)
+    finally:
+        if reporter is not None:
+            reporter.stopped.set()
 
 
 class Runner:
@@ -148,6 +153,9 @@ class Runner:
         port = self.cfg.master_port
         if port is not None and not 1024 <= port <= 65535:
             problems.append(Problem("runner.master_port", "expected a port in 1024-65535 (or null: pick a free one)", port))
+        hang = self.cfg.get("hang_timeout_s")
+        if hang is not None and hang <= 0:
+            problems.append(Problem("runner.hang_timeout_s", "expected a positive number of seconds (or null: no hang watchdog)", hang))
         threads = self.cfg.get("threads_per_process")
         if threads is not None and threads < 1:
             problems.append(Problem("runner.threads_per_process", "expected a positive number of threads (or null: cores / local processes)", threads))
@@ -156,6 +164,10 @@ class Runner:
     def thread_plan(self) -> ThreadPlan:
         """What every process needs to choose its thread count (:mod:`igniter.distributed.threads`)."""
         return ThreadPlan(configured=self.cfg.get("threads_per_process"))
+
+    def watch_plan(self, launcher_store: str | None = None) -> WatchPlan:
+        """What every process needs for its progress reports and the hang watchdog."""
+        return WatchPlan(self.cfg.get("hang_timeout_s"), launcher_store, bool(self.cfg.get("requeue_on_hang")))
 
     def parallel_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``idist.Parallel`` for this launch mode."""
@@ -181,8 +193,11 @@ class Runner:
         Raises:
             RankFailed: a process raised or exited non-zero (the others are stopped).
         """
-        with idist.Parallel(**self.parallel_kwargs()) as parallel:
-            parallel.run(_call, self.thread_plan(), fn, *args)
+        self._run(idist.Parallel(**self.parallel_kwargs()), self.watch_plan(), fn, *args)
+
+    def _run(self, parallel: idist.Parallel, watch: WatchPlan, fn: Callable[..., Any], *args: Any) -> None:
+        with parallel:
+            parallel.run(_call, self.thread_plan(), watch, fn, *args)
 
 
 @runner_registry("single")
@@ -253,25 +268,41 @@ class SpawnRunner(Runner):
         (:func:`igniter.distributed.signals.stop_children`); from then on this process
         ignores SIGINT (:mod:`igniter.distributed.signals`).
 
+        On one node the launcher also runs the hang watchdog (``runner.hang_timeout_s``,
+        :class:`~igniter.distributed.watchdog.LauncherWatchdog`).
+
         Raises:
             RankFailed: a process raised or exited non-zero (the others are stopped).
+            RankHung: no rank made progress for ``runner.hang_timeout_s`` (all were ended).
+            IgniterError: what a worker raised of igniter's own errors (bad input, divergence, a failed checkpoint write).
             KeyboardInterrupt: after Ctrl-C, once the processes have stopped.
         """
         from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-        with recorded_config_errors() as errors:
+        watchdog = None
+        if self.cfg.nnodes == 1 and self.cfg.get("hang_timeout_s") is not None:  # one launcher sees every rank
+            watchdog = LauncherWatchdog(self.world_size, self.cfg.hang_timeout_s)
+        watch = self.watch_plan(f"{watchdog.host}:{watchdog.port}" if watchdog is not None else None)
+        with recorded_worker_errors() as errors:
             try:
+                if watchdog is not None:
+                    watchdog.start()
                 with sigint_scope():  # before spawning: workers inherit an ignored SIGINT through exec
-                    super().launch(RecordConfigErrors(errors, fn), *args)
+                    self._run(idist.Parallel(**self.parallel_kwargs()), watch, RecordWorkerErrors(errors, fn), *args)
             except KeyboardInterrupt:
                 ignore_sigint()
                 stop_children()
                 raise
             except (ProcessRaisedException, ProcessExitedException) as e:
-                bad_input = first_config_error(errors)  # a worker's ConfigError: exit 2 with its paragraph
-                if bad_input is not None:
-                    raise bad_input from None
+                if watchdog is not None and watchdog.verdict is not None:
+                    raise RankHung(watchdog.verdict.message()) from None
+                known = first_worker_error(errors)  # a worker's IgniterError (ConfigError 2, TrainingDiverged 3, CheckpointWriteFailed 5)
+                if known is not None:
+                    raise known from None
                 raise RankFailed(self.cfg.node_rank * self.cfg.nproc_per_node + e.error_index, str(e)) from None
+            finally:
+                if watchdog is not None:
+                    watchdog.stop()
 
 
 class JoinRunner(Runner):
@@ -290,56 +321,9 @@ class JoinRunner(Runner):
         # Parallel(backend=...) would initialize without our timeout: initialize here, then run.
         self.init_process_group()
         try:
-            with idist.Parallel(backend=None) as parallel:
-                parallel.run(_call, self.thread_plan(), fn, *args)
+            self._run(idist.Parallel(backend=None), self.watch_plan(), fn, *args)
         finally:
             idist.finalize()
-
-
-@runner_registry("torchrun")
-class TorchrunRunner(JoinRunner):
-    """Join a process group whose processes were started by torchrun (``torchrun
-    --nproc-per-node N -m igniter runner=torchrun ...``), or by any launcher that
-    sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
-    """
-
-    @property
-    def world_size(self) -> int:
-        torchrun = Torchrun()
-        return torchrun.world_size if torchrun.present else self.cfg.nproc_per_node * self.cfg.nnodes
-
-    @property
-    def is_primary(self) -> bool:
-        return Torchrun().rank == 0
-
-    def init_process_group(self) -> None:
-        """Under torchrun's agent-hosted store, form the group on a store of this generation's own
-        (:mod:`igniter.distributed.elastic`: restarted workers would otherwise read dead workers' addresses)."""
-        torchrun = Torchrun()
-        if not torchrun.uses_agent_store:
-            return super().init_process_group()
-        timeout = timedelta(seconds=self.cfg.timeout_s)
-        rank, world_size = torchrun.rank, torchrun.world_size
-        if torch.cuda.is_available():  # as idist.initialize does
-            torch.cuda.set_device(torchrun.local_rank)
-        store = generation_store(rank, world_size, timeout)
-        dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-        idist.sync()  # ignite adopts the group
-
-    def validate(self, here: bool = True) -> list[Problem]:
-        problems = super().validate(here)
-        missing = Torchrun().missing()
-        if missing and here:
-            problems.append(
-                Problem(
-                    "runner.name",
-                    f"runner 'torchrun' expects to be started by torchrun, but {', '.join(missing)} "
-                    "is not set: run `torchrun --nproc-per-node N -m igniter runner=torchrun ...`, "
-                    "or use runner=spawn to let igniter start the processes",
-                    "torchrun",
-                )
-            )
-        return problems
 
 
 def make_runner(cfg: DictConfig) -> Runner:

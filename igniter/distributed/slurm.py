@@ -29,7 +29,7 @@ from igniter.distributed.environment import Slurm
 from igniter.distributed.signals import default_action, note_signals
 from igniter.errors import EXIT_FAILED, IgniterError
 
-__all__ = ["Preempted", "attach_preemption", "wait_for_requeue", "slurm_job_id", "in_slurm_task"]
+__all__ = ["Preempted", "attach_preemption", "requeue_job", "wait_for_requeue", "slurm_job_id", "in_slurm_task"]
 
 logger = logging.getLogger("igniter")
 
@@ -84,19 +84,27 @@ def attach_preemption(trainer: Engine, save_checkpoint: Callable[[Engine], None]
             save_checkpoint(engine)
         requeued = False
         if signum == signal.SIGUSR2 and idist.get_rank() == 0:
-            job = slurm_job_id() or "?"
-            r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            requeued = r.returncode == 0
-            logger.warning(
-                "SLURM signal %s at iteration %d: checkpoint saved, %s",
-                signal.Signals(signum).name,
-                engine.state.iteration,
-                f"job {job} requeued" if requeued else f"requeue of {job} failed: {r.stderr.strip()}",
-            )
+            requeued = requeue_job(f"SLURM signal {signal.Signals(signum).name} at iteration {engine.state.iteration}: checkpoint saved")
         if idist.get_world_size() > 1:
             requeued = bool(idist.broadcast(torch.tensor(int(requeued)), src=0).item())
         engine.state.stopped_by = Preempted(signum, engine.state.iteration, requeued)
         engine.terminate()
+
+
+def requeue_job(reason: str) -> bool:
+    """``scontrol requeue`` this SLURM job; logs ``reason`` and the outcome (a warning).
+
+    Returns:
+        Whether the requeue succeeded (``False`` outside a job or when ``scontrol`` fails).
+    """
+    job = slurm_job_id() or "?"
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        requeued, error = r.returncode == 0, r.stderr.strip()
+    except OSError as e:  # no scontrol on this host
+        requeued, error = False, str(e)
+    logger.warning("%s, %s", reason, f"job {job} requeued" if requeued else f"requeue of {job} failed: {error}")
+    return requeued
 
 
 def wait_for_requeue(stop: Preempted, limit_s: float = 300) -> None:

@@ -22,6 +22,7 @@ import ignite.distributed as idist
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from igniter.distributed.progress import watch_compiles
 from igniter.errors import ConfigError, Problem
 from igniter.precision import PRECISIONS
 
@@ -45,6 +46,8 @@ def wrap_model(
         runner: the ``runner`` config section.
         precision: ``trainer.precision``: with ``fsdp`` its ``MixedPrecisionPolicy``.
     """
+    if compile_options is not None:
+        watch_compiles()  # compile time counts as progress for the hang watchdog
     if getattr(runner, "strategy", "ddp") == "fsdp":
         if runner.fsdp.cpu_offload and idist.device().type == "cpu":  # a cluster job validated without its nodes
             raise ConfigError([Problem("runner.fsdp.cpu_offload", "needs a GPU: this process has none (its parameters are in host memory already)", True)], header="cannot build the run")

@@ -1,0 +1,348 @@
+"""The hang watchdog: a rank that makes no progress for ``runner.hang_timeout_s`` ends the job, named.
+
+Every rank publishes its progress (:mod:`igniter.distributed.progress`). The job is hung when
+*no* rank has made progress for ``hang_timeout_s`` seconds (ranks waiting for a slow but
+progressing peer are not hung: a long evaluation on rank 0 keeps the job alive). The
+culprit is then, in this order:
+
+1. a rank whose reporter thread stopped beating (the process is not running: SIGSTOP,
+   frozen; its stack cannot be read);
+2. else the rank(s) furthest behind (iteration, then phase, then count): the others went
+   on and wait for them in a collective;
+3. else every rank (all at the same point: a collective that not every rank called).
+
+Who watches (:class:`LauncherWatchdog`, :func:`in_process_watch`):
+
+* ``runner=spawn`` on one node: the launcher. It hosts a ``TCPStore`` of its own, reads every
+  rank's record, and on a hang writes the verdict, waits (at most ``DUMP_WAIT_S``) until the
+  live ranks have written their stacks, then kills every worker and raises
+  :class:`~igniter.errors.RankHung` (exit status 4).
+* ``torchrun``, ``slurm`` and multi-node spawn (no igniter launcher that sees every rank):
+  rank 0's reporter thread reads every rank; the others read rank 0's record only, so that a
+  hung rank 0 (or its store not answering) is noticed too. The deciding rank prints the
+  message, kills the culprit's process when it runs on the same host, and every rank leaves
+  with exit status 4 once it has written its stacks; torchrun's agent or ``srun`` then ends
+  what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.distributed as dist
+
+from igniter.distributed.progress import DUMPED, PHASES, STACK, VERDICT, Reporter, connect, dump_stacks, innermost_frames, leave_hung, rank_key
+
+__all__ = ["WatchPlan", "HangDetector", "Verdict", "LauncherWatchdog", "in_process_watch", "describe_stragglers", "start_reporting", "DUMP_WAIT_S"]
+
+logger = logging.getLogger("igniter")
+
+#: Seconds the watchdog waits for the live ranks to write their stacks before ending them.
+DUMP_WAIT_S = 15.0
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """What every process needs to report and watch (picklable, passed to spawned workers).
+
+    ``hang_timeout_s``: seconds without progress (``None``: no watchdog, reports only).
+    ``store``: ``"host:port"`` of the launcher's store when the launcher watches (spawn on
+    one node), ``None``: the process group's store, rank 0 watches.
+    ``requeue_on_hang``: inside a SLURM job, requeue it instead of ending it.
+    """
+
+    hang_timeout_s: float | None = 120.0
+    store: str | None = None
+    requeue_on_hang: bool = False
+
+    @property
+    def beat_s(self) -> float:
+        """Seconds between two reports of a rank: a tenth of the timeout, within 0.5-5 s."""
+        return min(5.0, max(0.5, (self.hang_timeout_s or 50.0) / 10))
+
+
+@dataclass
+class _Seen:
+    """What a watcher last saw of one rank, with its own monotonic clock."""
+
+    record: dict[str, Any] | None = None
+    signature: tuple | None = None
+    changed_at: float = 0.0
+    beat_at: float = 0.0
+
+
+def _signature(record: dict[str, Any]) -> tuple:
+    """What must change for the rank to count as progressing: its position, plus CPU seconds
+    while it sets up or compiles, plus bytes while it writes a checkpoint."""
+    busy = record["phase"] == "setup" or record.get("compiling", 0) > 0
+    return (record["iteration"], record["phase"], record["count"], record["cpu_s"] if busy else None, record["bytes"])
+
+
+def _never(rank: int) -> dict[str, Any]:
+    """The record shown for a rank that never reported (its process or reporter did not start)."""
+    return {"rank": rank, "host": "?", "pid": "?", "iteration": -1, "phase": "setup", "count": 0, "cpu_s": 0.0, "bytes": 0, "beat": 0}
+
+
+def _position(record: dict[str, Any]) -> tuple[int, int, int]:
+    return (record["iteration"], PHASES.index(record["phase"]) if record["phase"] in PHASES else 0, record["count"])
+
+
+@dataclass
+class Verdict:
+    """A declared hang: the ``culprits`` (records), whether they are ``not_responding``
+    (their reporter stopped), how long the job made no progress (``stalled_s``) and
+    every rank's last record (``records``)."""
+
+    culprits: list[dict[str, Any]]
+    not_responding: bool
+    stalled_s: float
+    timeout_s: float
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    stacks: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        """One sentence: which rank, host, pid, where, for how long."""
+        who = ", ".join(f"rank {c['rank']} (host {c['host']}, pid {c['pid']})" for c in self.culprits)
+        where = ", ".join(sorted({_where(c) for c in self.culprits}))
+        verb = "make" if len(self.culprits) > 1 else "made"
+        return f"{who} {verb} no progress for {self.stalled_s:.0f} s (runner.hang_timeout_s = {self.timeout_s:g}) {where}"
+
+    def message(self) -> str:
+        """The console paragraph, then the culprits' innermost frames when they could be read."""
+        text = f"{self.summary}."
+        if self.not_responding:
+            text += " It is not running (stopped, e.g. by SIGSTOP, or frozen): its stack cannot be read."
+        elif len(self.culprits) == len(self.records) > 1:
+            text += " Every rank stopped at the same point: a collective that not every rank called, or a hang in every rank."
+        others = [r for r in sorted(self.records) if r not in {c["rank"] for c in self.culprits}]
+        if others:
+            text += " Waiting for it: " + ", ".join(f"rank {r} {_where(self.records[r])}" for r in others) + "."
+        text += (" Every process of the job was ended (exit status 4); the stacks of the live ranks are in their"
+                 " rank{N}.log. The checkpoints on disk are complete: the same command resumes from the newest.")
+        for c in self.culprits:
+            stack = self.stacks.get(c["rank"], "").rstrip()
+            if stack:
+                text += f"\n  rank {c['rank']}'s innermost frames:\n" + "\n".join("    " + line for line in stack.splitlines())
+        return text
+
+
+def _where(record: dict[str, Any]) -> str:
+    phase = {"setup": "before its first iteration", "train": "in the training step of", "trained": "after the training step of",
+             "eval": "in the evaluation after", "checkpoint": "writing a checkpoint at", "done": "after the last iteration,"}
+    text = phase.get(record["phase"], record["phase"])
+    return text if record["phase"] == "setup" else f"{text} iteration {record['iteration']}"
+
+
+class HangDetector:
+    """Decides from successive observations of the ranks' records whether the job is hung.
+
+    Args:
+        ranks: the global ranks to watch.
+        timeout_s: ``runner.hang_timeout_s``.
+        beat_s: the reporters' period (a reporter silent for ``max(3 beats, timeout/2)`` is not responding).
+        now: the watcher's start (monotonic seconds): a rank that never reports counts from here.
+    """
+
+    def __init__(self, ranks: list[int], timeout_s: float, beat_s: float, now: float) -> None:
+        self.timeout_s, self.silent_s = timeout_s, max(3 * beat_s, timeout_s / 2)
+        self.seen = {r: _Seen(changed_at=now, beat_at=now) for r in ranks}
+
+    def observe(self, records: dict[int, dict[str, Any] | None], now: float) -> Verdict | None:
+        """Take in the latest records (``None``: not published yet, or unreadable); return a
+        :class:`Verdict` once no watched rank has progressed for ``timeout_s`` seconds."""
+        for rank, record in records.items():
+            seen = self.seen.setdefault(rank, _Seen(changed_at=now, beat_at=now))
+            if record is None:
+                continue
+            if seen.record is None or record["beat"] != seen.record["beat"]:
+                seen.beat_at = now
+            signature = _signature(record)
+            if signature != seen.signature:
+                seen.signature, seen.changed_at = signature, now
+            seen.record = record
+        stalled_s = now - max(s.changed_at for s in self.seen.values())
+        if stalled_s < self.timeout_s:
+            return None
+        known = {r: s.record for r, s in self.seen.items() if s.record is not None}
+        if not known:  # nobody has reported yet: the process group is still forming
+            return None
+        silent = [s.record or _never(r) for r, s in self.seen.items() if now - s.beat_at >= self.silent_s]
+        if silent:
+            culprits = silent
+        else:
+            lowest = min(_position(r) for r in known.values())
+            culprits = [r for r in known.values() if _position(r) == lowest]
+        return Verdict(sorted(culprits, key=lambda r: r["rank"]), bool(silent), stalled_s, self.timeout_s, known)
+
+
+def _read(store: dist.Store, ranks: list[int]) -> dict[int, dict[str, Any] | None]:
+    """Every rank's record in ``store`` (``None`` for a rank that has not published yet)."""
+    present = [r for r in ranks if store.check([rank_key(r)])]
+    values = store.multi_get([rank_key(r) for r in present]) if present else []
+    records: dict[int, dict[str, Any] | None] = dict.fromkeys(ranks)
+    records.update({r: json.loads(v) for r, v in zip(present, values)})
+    return records
+
+
+def _collect_stacks(store: dist.Store, verdict: Verdict) -> None:
+    """Wait (at most :data:`DUMP_WAIT_S`) until every responding rank has dumped its stacks;
+    put the culprits' innermost frames into ``verdict.stacks``."""
+    silent = {c["rank"] for c in verdict.culprits} if verdict.not_responding else set()
+    waiting = [r for r in verdict.records if r not in silent]
+    deadline = time.monotonic() + DUMP_WAIT_S
+    while waiting and time.monotonic() < deadline:
+        waiting = [r for r in waiting if not store.check([f"{DUMPED}{r}"])]
+        time.sleep(0.2)
+    for c in verdict.culprits:
+        if c["rank"] not in silent and store.check([f"{STACK}{c['rank']}"]):
+            verdict.stacks[c["rank"]] = store.get(f"{STACK}{c['rank']}").decode()
+
+
+def _kill_local(records: list[dict[str, Any]]) -> None:
+    """SIGKILL the processes of ``records`` that run on this host (a stopped process keeps a
+    SIGTERM pending until it is continued, so torchrun's agent would wait its grace period)."""
+    host = socket.gethostname()
+    for record in records:
+        if record["host"] == host and record["pid"] != os.getpid():
+            try:
+                os.kill(record["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class LauncherWatchdog(threading.Thread):
+    """The spawn launcher's watchdog thread: hosts the store the workers report to, and ends
+    them all when the job hangs (``verdict`` is then set; the launcher raises ``RankHung``).
+
+    Args:
+        world_size: number of ranks.
+        timeout_s: ``runner.hang_timeout_s``.
+        host: the address the workers reach the store at.
+    """
+
+    def __init__(self, world_size: int, timeout_s: float, host: str = "127.0.0.1") -> None:
+        super().__init__(name="igniter-watchdog", daemon=True)
+        self.world_size, self.timeout_s = world_size, timeout_s
+        self.server = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        self.host, self.port = host, self.server.port
+        self.verdict: Verdict | None = None
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        ranks = list(range(self.world_size))
+        plan = WatchPlan(self.timeout_s)
+        detector = HangDetector(ranks, self.timeout_s, plan.beat_s, time.monotonic())
+        store = connect(self.host, self.port, timeout_s=10)
+        while not self.stopped.wait(plan.beat_s):
+            verdict = detector.observe(_read(store, ranks), time.monotonic())
+            if verdict is None:
+                continue
+            store.set(VERDICT, json.dumps({"summary": verdict.summary}))
+            _collect_stacks(store, verdict)
+            self.verdict = verdict
+            for child in multiprocessing.active_children():
+                child.kill()
+            return
+
+    def stop(self) -> None:
+        """End the thread (the launch is over)."""
+        self.stopped.set()
+        self.join(timeout=10)
+
+
+def in_process_watch(rank: int, world_size: int, plan: WatchPlan) -> Any:
+    """The ``watch`` callback of a rank's :class:`~igniter.distributed.progress.Reporter`
+    when no launcher watches: rank 0 watches every rank, the others rank 0 only."""
+    assert plan.hang_timeout_s is not None
+    ranks = list(range(world_size)) if rank == 0 else sorted({0, rank})
+    detector = HangDetector(ranks, plan.hang_timeout_s, plan.beat_s, time.monotonic())
+    unreachable_since: list[float] = []
+
+    def watch(store: dist.Store | None) -> None:
+        now = time.monotonic()
+        if store is None:  # the store's host (rank 0) does not answer
+            unreachable_since[:] = unreachable_since or [now]
+            last = detector.seen[0].record
+            if rank != 0 and last is not None and now - unreachable_since[0] >= plan.hang_timeout_s:
+                verdict = Verdict([last], True, now - detector.seen[0].changed_at, plan.hang_timeout_s, {0: last})
+                _decide(None, verdict, rank, plan)
+            return
+        unreachable_since.clear()
+        verdict = detector.observe(_read(store, ranks), now)
+        if verdict is None:
+            return
+        if rank != 0 and not verdict.not_responding:
+            return  # rank 0 is alive and watches every rank: its decision
+        _decide(store, verdict, rank, plan)
+
+    return watch
+
+
+def _decide(store: dist.Store | None, verdict: Verdict, rank: int, plan: WatchPlan) -> None:
+    """End the job (or requeue it) on ``verdict``, from a rank's reporter thread."""
+    if store is not None:
+        store.set(VERDICT, json.dumps({"summary": verdict.summary}))
+        store.set(f"{STACK}{rank}", innermost_frames())
+        store.set(f"{DUMPED}{rank}", "1")
+        _collect_stacks(store, verdict)
+    dump_stacks(f"watchdog: {verdict.summary}")
+    logger.error("%s", verdict.message())
+    if plan.requeue_on_hang:
+        from igniter.distributed.slurm import requeue_job
+
+        requeue_job(f"watchdog: {verdict.summary}")
+    _kill_local(verdict.culprits)
+    leave_hung()
+
+
+def _group_store_address() -> tuple[str, int] | None:
+    """``(host, port)`` of the TCPStore under the default process group's store, if it is one."""
+    store: Any = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return (store.host, store.port) if isinstance(store, dist.TCPStore) else None
+
+
+def start_reporting(plan: WatchPlan) -> Reporter | None:
+    """Start this process's :class:`~igniter.distributed.progress.Reporter` (and, without a
+    watching launcher, its in-process watchdog). ``None`` outside a process group of 2 or more."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if plan.store is not None:  # the launcher watches and ends the workers itself
+        host, port = plan.store.rsplit(":", 1)
+        reporter = Reporter(connect(host, int(port), 10), rank, plan.beat_s, exit_on_verdict=False)
+    else:
+        address = _group_store_address()
+        if address is None:
+            return None
+        watch = in_process_watch(rank, world_size, plan) if plan.hang_timeout_s is not None else None
+        reporter = Reporter(connect(*address, timeout_s=min(10.0, plan.beat_s * 2)), rank, plan.beat_s, True, watch)
+    reporter.start()
+    return reporter
+
+
+def describe_stragglers(store: dist.Store, world_size: int, rank: int) -> str:
+    """For a collective that timed out: the ranks behind this one (their records), or ''."""
+    try:
+        records = {r: v for r, v in _read(store, list(range(world_size))).items() if v is not None}
+    except (RuntimeError, dist.DistError, OSError):
+        return "the progress records could not be read"
+    if rank not in records:
+        return ""
+    mine = _position(records[rank])
+    behind = [v for r, v in sorted(records.items()) if _position(v) < mine]
+    missing = [r for r in range(world_size) if r not in records]
+    parts = [f"rank {v['rank']} (host {v['host']}, pid {v['pid']}) last reported {_where(v)}" for v in behind]
+    parts += [f"rank {r} never reported progress" for r in missing]
+    return "; ".join(parts)
