@@ -194,3 +194,16 @@ def test_an_evaluation_three_times_the_hang_timeout_is_not_killed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.monotonic() - start > 12
     assert read_metrics(run)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_collective_timeout_without_watchdog_names_the_rank_that_did_not_join(tmp_path):
+    """runner.hang_timeout_s=null: gloo's timeout (runner.timeout_s=8) ends the job, and the
+    error names rank 1, asleep in a handler after iteration 15's step, beside gloo's message."""
+    run = tmp_path / "run"
+    handler = 'handlers=[{name: sleep_on_rank, event: "ITERATION_COMPLETED(once=15)", params: {rank: 1, seconds: 100000}}]'
+    args = [*SPAWN, "runner.hang_timeout_s=null", "runner.timeout_s=8", "trainer.max_epochs=2", handler, f"output_dir={run}"]
+    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "a collective timed out (runner.timeout_s); the rank(s) that did not join it: rank 1 (host" in proc.stderr, proc.stderr[-3000:]
+    assert "is behind: after the training step of iteration 15" in proc.stderr and "Timed out" in proc.stderr

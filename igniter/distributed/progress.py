@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 __all__ = [
     "PHASES", "Progress", "PROGRESS", "mark", "checkpoint_phase", "attach_reports", "watch_compiles",
-    "Reporter", "connect", "innermost_frames", "rank_key", "VERDICT", "STACK", "DUMPED", "PREFIX",
+    "Reporter", "connect", "innermost_frames", "rank_key", "read_records", "position", "describe_position", "never_reported", "VERDICT", "STACK", "DUMPED", "PREFIX",
 ]
 
 logger = logging.getLogger("igniter")
@@ -210,6 +210,7 @@ class Reporter(threading.Thread):
             "rank": self.rank, "host": self.host, "pid": self.pid, "iteration": p.iteration, "phase": p.phase,
             "count": p.count, "compiling": p.compiling, "cpu_s": round(time.process_time(), 1),
             "bytes": _bytes_under(p.watch_dir) if p.phase == "checkpoint" else 0, "beat": self.beat,
+            "time": round(time.time(), 1), "beat_s": self.beat_s,
         }
 
     def publish(self) -> None:
@@ -257,3 +258,30 @@ def leave_hung() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_HUNG)
+
+
+def never_reported(rank: int) -> dict[str, Any]:
+    """The record shown for a rank that never reported (its process or reporter did not start)."""
+    return {"rank": rank, "host": "?", "pid": "?", "iteration": -1, "phase": "setup", "count": 0, "cpu_s": 0.0, "bytes": 0, "beat": 0}
+
+
+def position(record: dict[str, Any]) -> tuple[int, int, int]:
+    """Where ``record``'s rank is, comparable between ranks: (iteration, phase order, count)."""
+    return (record["iteration"], PHASES.index(record["phase"]) if record["phase"] in PHASES else 0, record["count"])
+
+
+def describe_position(record: dict[str, Any]) -> str:
+    """``record``'s position in words, e.g. "in the training step of iteration 12"."""
+    phase = {"setup": "before its first iteration", "train": "in the training step of", "trained": "after the training step of",
+             "eval": "in the evaluation after", "checkpoint": "writing a checkpoint at", "done": "after the last iteration,"}
+    text = phase.get(record["phase"], record["phase"])
+    return text if record["phase"] == "setup" else f"{text} iteration {record['iteration']}"
+
+
+def read_records(store: dist.Store, ranks: list[int]) -> dict[int, dict[str, Any] | None]:
+    """Every rank's record in ``store`` (``None`` for a rank that has not published yet)."""
+    present = [r for r in ranks if store.check([rank_key(r)])]
+    values = store.multi_get([rank_key(r) for r in present]) if present else []
+    records: dict[int, dict[str, Any] | None] = dict.fromkeys(ranks)
+    records.update({r: json.loads(v) for r, v in zip(present, values)})
+    return records

@@ -41,6 +41,7 @@ from igniter.distributed.signals import ignore_sigint, sigint_scope, stop_childr
 from igniter.distributed.nesting import outer_launcher_problem
 from igniter.distributed.slurm import attach_preemption
 from igniter.distributed.threads import ThreadPlan, apply_threads, chosen
+from igniter.distributed.collective_timeout import CollectiveTimeout, describe_stragglers, is_collective_timeout
 from igniter.distributed.watchdog import LauncherWatchdog, WatchPlan, start_reporting
 from igniter.distributed.worker_errors import RecordWorkerErrors, first_worker_error, recorded_worker_errors
 from igniter.errors import EXIT_FAILED, IgniterError, Problem, RankHung
@@ -102,6 +103,10 @@ def _call(local_rank: int, plan: ThreadPlan, watch: WatchPlan, fn: Callable[...,
     try:
         with sigint_scope():
             fn(*args)
+    except Exception as e:
+        if reporter is None or not is_collective_timeout(e):
+            raise
+        raise CollectiveTimeout(e, describe_stragglers(reporter.store, idist.get_world_size(), idist.get_rank())) from e
     finally:
         if reporter is not None:
             reporter.stopped.set()
@@ -167,7 +172,7 @@ class Runner:
 
     def watch_plan(self, launcher_store: str | None = None) -> WatchPlan:
         """What every process needs for its progress reports and the hang watchdog."""
-        return WatchPlan(self.cfg.get("hang_timeout_s"), launcher_store, bool(self.cfg.get("requeue_on_hang")))
+        return WatchPlan(self.cfg.get("hang_timeout_s"), launcher_store, bool(self.cfg.get("requeue_on_hang")), self.cfg.timeout_s)
 
     def parallel_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``idist.Parallel`` for this launch mode."""

@@ -40,9 +40,11 @@ from typing import Any
 
 import torch.distributed as dist
 
-from igniter.distributed.progress import DUMPED, PHASES, STACK, VERDICT, Reporter, connect, dump_stacks, innermost_frames, leave_hung, rank_key
+from igniter.distributed.progress import (
+    DUMPED, STACK, VERDICT, Reporter, connect, describe_position, dump_stacks, innermost_frames, leave_hung, never_reported, position, read_records,
+)
 
-__all__ = ["WatchPlan", "HangDetector", "Verdict", "LauncherWatchdog", "in_process_watch", "describe_stragglers", "start_reporting", "DUMP_WAIT_S"]
+__all__ = ["WatchPlan", "HangDetector", "Verdict", "LauncherWatchdog", "in_process_watch", "start_reporting", "DUMP_WAIT_S"]
 
 logger = logging.getLogger("igniter")
 
@@ -58,16 +60,19 @@ class WatchPlan:
     ``store``: ``"host:port"`` of the launcher's store when the launcher watches (spawn on
     one node), ``None``: the process group's store, rank 0 watches.
     ``requeue_on_hang``: inside a SLURM job, requeue it instead of ending it.
+    ``collective_timeout_s``: ``runner.timeout_s``.
     """
 
     hang_timeout_s: float | None = 120.0
     store: str | None = None
     requeue_on_hang: bool = False
+    collective_timeout_s: float = 600.0
 
     @property
     def beat_s(self) -> float:
-        """Seconds between two reports of a rank: a tenth of the timeout, within 0.5-5 s."""
-        return min(5.0, max(0.5, (self.hang_timeout_s or 50.0) / 10))
+        """Seconds between two reports of a rank: a tenth of the hang timeout (of the collective
+        timeout without a watchdog, so a timed-out collective finds the silent ranks), within 0.5-5 s."""
+        return min(5.0, max(0.5, (self.hang_timeout_s or self.collective_timeout_s) / 10))
 
 
 @dataclass
@@ -87,15 +92,6 @@ def _signature(record: dict[str, Any]) -> tuple:
     return (record["iteration"], record["phase"], record["count"], record["cpu_s"] if busy else None, record["bytes"])
 
 
-def _never(rank: int) -> dict[str, Any]:
-    """The record shown for a rank that never reported (its process or reporter did not start)."""
-    return {"rank": rank, "host": "?", "pid": "?", "iteration": -1, "phase": "setup", "count": 0, "cpu_s": 0.0, "bytes": 0, "beat": 0}
-
-
-def _position(record: dict[str, Any]) -> tuple[int, int, int]:
-    return (record["iteration"], PHASES.index(record["phase"]) if record["phase"] in PHASES else 0, record["count"])
-
-
 @dataclass
 class Verdict:
     """A declared hang: the ``culprits`` (records), whether they are ``not_responding``
@@ -113,7 +109,7 @@ class Verdict:
     def summary(self) -> str:
         """One sentence: which rank, host, pid, where, for how long."""
         who = ", ".join(f"rank {c['rank']} (host {c['host']}, pid {c['pid']})" for c in self.culprits)
-        where = ", ".join(sorted({_where(c) for c in self.culprits}))
+        where = ", ".join(sorted({describe_position(c) for c in self.culprits}))
         verb = "make" if len(self.culprits) > 1 else "made"
         return f"{who} {verb} no progress for {self.stalled_s:.0f} s (runner.hang_timeout_s = {self.timeout_s:g}) {where}"
 
@@ -126,7 +122,7 @@ class Verdict:
             text += " Every rank stopped at the same point: a collective that not every rank called, or a hang in every rank."
         others = [r for r in sorted(self.records) if r not in {c["rank"] for c in self.culprits}]
         if others:
-            text += " Waiting for it: " + ", ".join(f"rank {r} {_where(self.records[r])}" for r in others) + "."
+            text += " Waiting for it: " + ", ".join(f"rank {r} {describe_position(self.records[r])}" for r in others) + "."
         text += (" Every process of the job was ended (exit status 4); the stacks of the live ranks are in their"
                  " rank{N}.log. The checkpoints on disk are complete: the same command resumes from the newest.")
         for c in self.culprits:
@@ -134,13 +130,6 @@ class Verdict:
             if stack:
                 text += f"\n  rank {c['rank']}'s innermost frames:\n" + "\n".join("    " + line for line in stack.splitlines())
         return text
-
-
-def _where(record: dict[str, Any]) -> str:
-    phase = {"setup": "before its first iteration", "train": "in the training step of", "trained": "after the training step of",
-             "eval": "in the evaluation after", "checkpoint": "writing a checkpoint at", "done": "after the last iteration,"}
-    text = phase.get(record["phase"], record["phase"])
-    return text if record["phase"] == "setup" else f"{text} iteration {record['iteration']}"
 
 
 class HangDetector:
@@ -176,22 +165,13 @@ class HangDetector:
         known = {r: s.record for r, s in self.seen.items() if s.record is not None}
         if not known:  # nobody has reported yet: the process group is still forming
             return None
-        silent = [s.record or _never(r) for r, s in self.seen.items() if now - s.beat_at >= self.silent_s]
+        silent = [s.record or never_reported(r) for r, s in self.seen.items() if now - s.beat_at >= self.silent_s]
         if silent:
             culprits = silent
         else:
-            lowest = min(_position(r) for r in known.values())
-            culprits = [r for r in known.values() if _position(r) == lowest]
+            lowest = min(position(r) for r in known.values())
+            culprits = [r for r in known.values() if position(r) == lowest]
         return Verdict(sorted(culprits, key=lambda r: r["rank"]), bool(silent), stalled_s, self.timeout_s, known)
-
-
-def _read(store: dist.Store, ranks: list[int]) -> dict[int, dict[str, Any] | None]:
-    """Every rank's record in ``store`` (``None`` for a rank that has not published yet)."""
-    present = [r for r in ranks if store.check([rank_key(r)])]
-    values = store.multi_get([rank_key(r) for r in present]) if present else []
-    records: dict[int, dict[str, Any] | None] = dict.fromkeys(ranks)
-    records.update({r: json.loads(v) for r, v in zip(present, values)})
-    return records
 
 
 def _collect_stacks(store: dist.Store, verdict: Verdict) -> None:
@@ -244,7 +224,7 @@ class LauncherWatchdog(threading.Thread):
         detector = HangDetector(ranks, self.timeout_s, plan.beat_s, time.monotonic())
         store = connect(self.host, self.port, timeout_s=10)
         while not self.stopped.wait(plan.beat_s):
-            verdict = detector.observe(_read(store, ranks), time.monotonic())
+            verdict = detector.observe(read_records(store, ranks), time.monotonic())
             if verdict is None:
                 continue
             store.set(VERDICT, json.dumps({"summary": verdict.summary}))
@@ -278,7 +258,7 @@ def in_process_watch(rank: int, world_size: int, plan: WatchPlan) -> Any:
                 _decide(None, verdict, rank, plan)
             return
         unreachable_since.clear()
-        verdict = detector.observe(_read(store, ranks), now)
+        verdict = detector.observe(read_records(store, ranks), now)
         if verdict is None:
             return
         if rank != 0 and not verdict.not_responding:
@@ -330,19 +310,3 @@ def start_reporting(plan: WatchPlan) -> Reporter | None:
         reporter = Reporter(connect(*address, timeout_s=min(10.0, plan.beat_s * 2)), rank, plan.beat_s, True, watch)
     reporter.start()
     return reporter
-
-
-def describe_stragglers(store: dist.Store, world_size: int, rank: int) -> str:
-    """For a collective that timed out: the ranks behind this one (their records), or ''."""
-    try:
-        records = {r: v for r, v in _read(store, list(range(world_size))).items() if v is not None}
-    except (RuntimeError, dist.DistError, OSError):
-        return "the progress records could not be read"
-    if rank not in records:
-        return ""
-    mine = _position(records[rank])
-    behind = [v for r, v in sorted(records.items()) if _position(v) < mine]
-    missing = [r for r in range(world_size) if r not in records]
-    parts = [f"rank {v['rank']} (host {v['host']}, pid {v['pid']}) last reported {_where(v)}" for v in behind]
-    parts += [f"rank {r} never reported progress" for r in missing]
-    return "; ".join(parts)
