@@ -20,7 +20,7 @@ import torch
 from igniter.distributed.dcp_checkpoint import check_dcp
 from igniter.distributed.strategy import unwrap_model
 
-__all__ = ["CheckpointInvalid", "checkpoint_files", "load_checkpoint", "check_model_state", "check_checkpoint"]
+__all__ = ["CheckpointInvalid", "checkpoint_files", "checkpoint_iteration", "load_checkpoint", "check_model_state", "check_checkpoint"]
 
 _STEP = re.compile(r"_(\d+)\.(pt|dcp)$")  # the iteration in last_checkpoint_<iteration>.pt (a file) or .dcp (a directory)
 
@@ -36,6 +36,18 @@ def checkpoint_files(directory: Path, prefix: str = "last_checkpoint") -> list[P
     """
     files = [p for p in Path(directory).glob(f"{prefix}_*") if _STEP.search(p.name)]
     return sorted(files, key=lambda p: int(_STEP.search(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+
+
+def checkpoint_iteration(path: Path) -> int:
+    """The iteration in a checkpoint's name (``last_checkpoint_<iteration>.pt`` or ``.dcp``).
+
+    Raises:
+        ValueError: ``path``'s name holds none.
+    """
+    match = _STEP.search(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint name (<prefix>_<iteration>.pt or .dcp)")
+    return int(match.group(1))
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format

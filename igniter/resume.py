@@ -47,7 +47,7 @@ import torch
 from ignite.engine import Engine
 
 # Reading and checking the files is checkpoint_files' job; the names stay importable from here.
-from igniter.checkpoint_files import CheckpointInvalid, check_checkpoint, check_model_state, checkpoint_files, load_checkpoint
+from igniter.checkpoint_files import CheckpointInvalid, check_checkpoint, check_model_state, checkpoint_files, checkpoint_iteration, load_checkpoint
 from igniter.distributed.dcp_checkpoint import checkpoint_format, read_dcp
 from igniter.errors import ConfigError, Problem
 
@@ -248,7 +248,22 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
 
     Checkpoint.load_objects({k: v for k, v in to_load.items() if k in ckpt}, ckpt)
     logger.info("resumed from %s (epoch %d, iteration %d)", choice, ctx.trainer.state.epoch, ctx.trainer.state.iteration)
+    if "checkpointer" in to_load and Path(choice).parent == directory:
+        _forget_leftovers(to_load["checkpointer"], directory, Path(choice))
     return Path(choice)
+
+
+def _forget_leftovers(checkpointer: Any, directory: Path, resumed: Path) -> None:
+    """Hand the saver the checkpoints older than ``resumed`` that its checkpointer no longer
+    lists: a kill between a new checkpoint's rename and the removal of the one it replaced
+    left them (found by bench/soak.py). The saver removes them once the next checkpoint is
+    complete, as any rotated-out file."""
+    listed = {name for _, name in checkpointer.state_dict()["_saved"]}
+    newest = checkpoint_iteration(resumed)
+    for path in checkpoint_files(directory):
+        if checkpoint_iteration(path) < newest and path.name not in listed:
+            logger.info("%s: a checkpoint rotated out before an earlier run was killed; it goes with the next save", path.name)
+            checkpointer.save_handler.remove(path.name)
 
 
 def continue_record(record: MetricsRecord, iteration: int) -> None:
