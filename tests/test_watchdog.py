@@ -81,6 +81,13 @@ def test_detector_keeps_a_job_alive_while_any_rank_progresses():
     assert all(_observe(d, float(t), {**_record(0, 3, "checkpoint", beat=t), "bytes": 1000 * t}) is None for t in range(30))
 
 
+def test_detector_counts_a_compile_in_flight_as_progress_while_its_reporter_beats():
+    d = HangDetector([0, 1], timeout_s=5, beat_s=1, now=0.0)
+    for t in range(40):  # rank 0 compiles its first step for 40 s (inductor works in other processes)
+        assert _observe(d, float(t), {**_record(0, 1, beat=t), "compiling": 1}, _record(1, 1, beat=t)) is None
+    assert any(_observe(d, float(t), _record(0, 1, beat=t), _record(1, 1, beat=t)) for t in range(40, 60))
+
+
 def test_detector_waits_for_the_first_reports():
     d = HangDetector([0, 1], timeout_s=5, beat_s=1, now=0.0)
     assert all(d.observe({0: None, 1: None}, float(t)) is None for t in range(100))
@@ -207,3 +214,15 @@ def test_a_collective_timeout_without_watchdog_names_the_rank_that_did_not_join(
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "a collective timed out (runner.timeout_s); the rank(s) that did not join it: rank 1 (host" in proc.stderr, proc.stderr[-3000:]
     assert "is behind: after the training step of iteration 15" in proc.stderr and "Timed out" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_three_times_the_hang_timeout_is_not_killed(tmp_path):
+    """hang_timeout_s=3; the last checkpoint trickles onto disk in 10 chunks a second apart
+    while rank 0 waits for it (and rank 1 for rank 0): the bytes written are progress."""
+    run = tmp_path / "run"
+    args = [*SPAWN, "runner.hang_timeout_s=3", "trainer.max_epochs=1", "checkpoint.saver=trickle_disk", f"output_dir={run}"]
+    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(run)["status"] == "completed"
+    load_checkpoint(checkpoint_files(run / "checkpoints")[0])

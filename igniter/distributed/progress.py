@@ -13,7 +13,7 @@ Phases, in the order they follow each other within an iteration (:data:`PHASES`)
 (building, before the first iteration: CPU time counts as progress), ``train`` (the
 iteration's step started), ``trained`` (its step returned), ``eval`` (one more evaluation
 batch per report), ``checkpoint`` (bytes written count as progress), ``done``. While
-``torch.compile`` compiles (TorchDynamo's compile callbacks) CPU time counts as progress too.
+``torch.compile`` compiles (TorchDynamo's compile callbacks) the reporter's beat counts as progress.
 
 When the watchdog has declared a hang it writes ``igniter/watch/verdict``; every reporter
 that is still running then writes all its threads' stacks to its ``rank{N}.log``
@@ -112,7 +112,7 @@ def attach_reports(trainer: Any, evaluator: Any | None) -> None:
 
 
 def watch_compiles() -> None:
-    """Count TorchDynamo compiles in flight from now on (CPU time is their progress). Called
+    """Count TorchDynamo compiles in flight from now on (while one runs, the rank counts as alive). Called
     where a model is compiled: importing TorchDynamo costs seconds, not paid without compile."""
     try:
         from torch._dynamo.callback import callback_handler
