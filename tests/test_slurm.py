@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -172,11 +173,17 @@ def test_usr2_saves_requeues_resumes_and_matches_uninterrupted(slurm, tmp_path):
         assert torch.equal(v, final_weights(job)[k]), k
 
 
-def test_sbatch_template_runs_two_tasks_with_srun(slurm, tmp_path):
+def template_script(tmp_path: Path) -> Path:
     """slurm/sbatch_template.sh as a user would submit it (GPU line dropped: this node has none)."""
     template = (REPO / "slurm" / "sbatch_template.sh").read_text()
     script = tmp_path / "job.sh"
     script.write_text("\n".join(line for line in template.splitlines() if "gpus-per-node" not in line) + "\n")
+    return script
+
+
+def test_sbatch_template_runs_two_tasks_with_srun(slurm, tmp_path):
+    """slurm/sbatch_template.sh as a user would submit it (GPU line dropped: this node has none)."""
+    script = template_script(tmp_path)
     env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RUN_DIR": str(tmp_path / "run")}
     proc = subprocess.run(
         ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out",
@@ -220,3 +227,64 @@ def test_runner_single_in_a_two_task_srun_step_exits_2_but_runs_in_the_batch_scr
     assert srun_out.count("2-task SLURM step") == 2 and "runner=slurm" in srun_out, details
     assert not run.exists(), "nothing may be written"
     assert proc.returncode == 0, proc.stderr
+
+
+def sacct_attempts(job_id: str) -> list[tuple[str, str, str]]:
+    """(JobID, State, ExitCode) of every attempt of ``job_id`` and of its steps, oldest first (``sacct -D``)."""
+    out = subprocess.run(["sacct", "-D", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"], capture_output=True, text=True, timeout=30).stdout
+    return [tuple(line.split("|")) for line in out.split() if line.count("|") == 2]
+
+
+def test_a_hang_under_srun_ends_the_step_with_4_and_requeue_on_hang_resumes(slurm, tmp_path):
+    """2 srun tasks (slurm/sbatch_template.sh, runner=slurm): rank 1 sleeps forever in a handler
+    after iteration 25, the first time only. Rank 0's watchdog names it, every rank dumps its
+    stacks and the step ends with exit code 4 within seconds (the time limit is 10 minutes);
+    runner.requeue_on_hang requeues the job once, and the second attempt resumes from
+    iteration 20's checkpoint and completes."""
+    run = tmp_path / "run"
+    env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RUN_DIR": str(run),
+           "SLEEP_ONCE_MARKER": str(tmp_path / "slept")}
+    overrides = ["imports=[my_project]", "logging.progress_bar=false", "logging.loggers=[]", "trainer.max_epochs=1", "trainer.epoch_length=40",
+                 "data.loader.batch_size=32", "trainer.seed=7", "checkpoint.every_iterations=10", "runner.hang_timeout_s=5",
+                 "runner.requeue_on_hang=true", 'handlers=[{name: sleep_once_on_rank, event: "ITERATION_COMPLETED(once=25)", params: {rank: 1}}]']
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out",
+         str(template_script(tmp_path)), *overrides],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    state = "PENDING"
+    try:  # both attempts, with SLURM's hold of a requeued job (BeginTime, about 12 s here)
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            time.sleep(0.5)
+            out = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+            state = out.stdout.strip() or state
+    finally:
+        if state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            subprocess.run(["scancel", job_id], capture_output=True)
+    output = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))  # --open-mode=append: both attempts
+    details = f"job {job_id}: {state}\n{output[-4000:]}"
+    assert state == "COMPLETED", details
+    job = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    assert "Restarts=1 " in job, details + job  # requeued exactly once
+
+    # the first attempt: rank 0 named rank 1, requeued the job; both tasks left with status 4
+    assert f"rank 1 (host {socket.gethostname()}, pid " in output and "made no progress for" in output, details
+    assert "after the training step of iteration 25" in output and "rank 1's innermost frames" in output, details
+    assert output.count(f"job {job_id} requeued") == 1, details
+    assert "Exited with exit code 4" in output, details
+    deadline = time.monotonic() + 30  # accounting lags behind the controller
+    while ((job_id, "COMPLETED", "0:0") not in sacct_attempts(job_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    attempts = sacct_attempts(job_id)
+    assert attempts[0][:2] == (job_id, "REQUEUED") and (f"{job_id}.0", "FAILED", "4:0") in attempts, attempts
+    assert attempts[-3:] == [(job_id, "COMPLETED", "0:0"), (f"{job_id}.batch", "COMPLETED", "0:0"), (f"{job_id}.0", "COMPLETED", "0:0")], attempts
+    rank1 = (run / "rank1.log").read_text()
+    assert "the stacks of every thread" in rank1 and "components.py\", line" in rank1 and "in handler" in rank1
+    assert "the stacks of every thread" in (run / "rank0.log").read_text()
+
+    # the second attempt: resumed from the newest checkpoint (iteration 20), completed
+    assert "resumed from" in output and "iteration 20)" in output, details
+    assert read_metrics(run)["status"] == "completed"

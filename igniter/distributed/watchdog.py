@@ -20,9 +20,10 @@ Who watches (:class:`LauncherWatchdog`, :func:`in_process_watch`):
 * ``torchrun``, ``slurm`` and multi-node spawn (no igniter launcher that sees every rank):
   rank 0's reporter thread reads every rank; the others read rank 0's record only, so that a
   hung rank 0 (or its store not answering) is noticed too. The deciding rank prints the
-  message, kills the culprit's process when it runs on the same host, and every rank leaves
-  with exit status 4 once it has written its stacks; torchrun's agent or ``srun`` then ends
-  what is left.
+  message, requeues the SLURM job if asked, kills a stopped culprit on its host, then writes
+  :data:`DECIDED`. The others dump their stacks and wait for it before they leave (exit
+  status 4): one leaving first would have ``srun --kill-on-bad-exit`` or torchrun's agent end
+  the deciding rank before its message and requeue. The deciding rank (the store) leaves last.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 import torch.distributed as dist
 
 from igniter.distributed.progress import (
-    DUMPED, STACK, VERDICT, Reporter, connect, describe_position, dump_stacks, innermost_frames, leave_hung, never_reported, position, read_records,
+    DUMPED, PREFIX, STACK, VERDICT, Reporter, connect, describe_position, dump_stacks, innermost_frames, leave_hung, never_reported, position, read_records,
 )
 
 __all__ = ["WatchPlan", "HangDetector", "Verdict", "LauncherWatchdog", "in_process_watch", "start_reporting", "DUMP_WAIT_S"]
@@ -50,6 +51,10 @@ logger = logging.getLogger("igniter")
 
 #: Seconds the watchdog waits for the live ranks to write their stacks before ending them.
 DUMP_WAIT_S = 15.0
+#: Written by the deciding rank once its message is out (and the job requeued): the others may leave.
+DECIDED = PREFIX + "decided"
+#: ``LEAVING + str(rank)``: that rank saw :data:`DECIDED` and leaves (the store's host may go).
+LEAVING = PREFIX + "leaving/"
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,12 @@ class _Seen:
 
 def _signature(record: dict[str, Any]) -> tuple:
     """What must change for the rank to count as progressing: its position, plus CPU seconds
-    while it sets up or compiles, plus bytes while it writes a checkpoint."""
-    busy = record["phase"] == "setup" or record.get("compiling", 0) > 0
-    return (record["iteration"], record["phase"], record["count"], record["cpu_s"] if busy else None, record["bytes"])
+    while it sets up, plus bytes while it writes a checkpoint. While TorchDynamo compiles,
+    every beat counts: inductor compiles in worker processes, whose CPU time is not this
+    process's, and a compile reports nothing until it ends."""
+    compiling = record["beat"] if record.get("compiling", 0) > 0 else None
+    cpu = record["cpu_s"] if record["phase"] == "setup" else None
+    return (record["iteration"], record["phase"], record["count"], cpu, record["bytes"], compiling)
 
 
 @dataclass
@@ -281,8 +289,34 @@ def _decide(store: dist.Store | None, verdict: Verdict, rank: int, plan: WatchPl
         from igniter.distributed.slurm import requeue_job
 
         requeue_job(f"watchdog: {verdict.summary}")
-    _kill_local(verdict.culprits)
+    silent = {c["rank"] for c in verdict.culprits} if verdict.not_responding else set()
+    _kill_local([c for c in verdict.culprits if c["rank"] in silent])
+    if store is not None:  # the others leave now; this rank hosts the store (rank 0): it leaves last
+        store.set(DECIDED, "1")
+        waiting = [r for r in verdict.records if r != rank and r not in silent]
+        deadline = time.monotonic() + 5.0
+        while waiting and time.monotonic() < deadline:
+            waiting = [r for r in waiting if not store.check([f"{LEAVING}{r}"])]
+            time.sleep(0.01)
+        _kill_local([c for c in verdict.culprits if c["rank"] in waiting])  # a culprit that did not leave itself
     leave_hung()
+
+
+class _LeaveAfterDecision(Reporter):
+    """A rank's reporter when no launcher watches: on a verdict it dumps its stacks, waits
+    (at most ``DUMP_WAIT_S`` + 30 s) for :data:`DECIDED`, notes :data:`LEAVING`, leaves (4)."""
+
+    def obey(self, verdict: dict[str, Any]) -> None:
+        self.exit_on_verdict = False
+        super().obey(verdict)
+        deadline = time.monotonic() + DUMP_WAIT_S + 30.0
+        try:
+            while not self.store.check([DECIDED]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.store.set(f"{LEAVING}{self.rank}", "1")
+        except (RuntimeError, dist.DistError, OSError):  # the deciding rank (the store's host) is gone
+            pass
+        leave_hung()
 
 
 def _group_store_address() -> tuple[str, int] | None:
@@ -307,6 +341,6 @@ def start_reporting(plan: WatchPlan) -> Reporter | None:
         if address is None:
             return None
         watch = in_process_watch(rank, world_size, plan) if plan.hang_timeout_s is not None else None
-        reporter = Reporter(connect(*address, timeout_s=min(10.0, plan.beat_s * 2)), rank, plan.beat_s, True, watch)
+        reporter = _LeaveAfterDecision(connect(*address, timeout_s=min(10.0, plan.beat_s * 2)), rank, plan.beat_s, True, watch)
     reporter.start()
     return reporter
