@@ -2,6 +2,7 @@
 
 ``igniter [overrides]``          compose, validate, train (Hydra run dir)
 ``igniter -m [sweep overrides]`` validate every sweep point, then Hydra multirun
+``igniter -m hparams_search=...`` an Optuna study: each trial validated before it runs
 ``igniter check [overrides]``    compose, validate, build everything, print the plan
 ``igniter --cfg job``            Hydra's resolved-config print (and other Hydra flags)
 
@@ -23,10 +24,12 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from igniter.callbacks import best_value, optuna_direction, proposes_lazily, record_failed_trial, study_problems, sweep_exit_status
+from igniter.callbacks import trial_problems, worst_value
 from igniter.compose import compose_config, config_problems, hydra_args, plain_config, report_problems, sweep_points
 from igniter.config import CONFIG_MODULE, register_schema
 from igniter.distributed.launchers import secondary_launcher_settings
-from igniter.errors import EXIT_INTERRUPTED, ConfigError, IgniterError, Problem, TrainingDiverged
+from igniter.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, IgniterError, Problem, TrainingDiverged
 
 # compose_config, sweep_points, config_problems, plain_config: re-exported from
 # igniter.compose, where they live, for code that imports them from here
@@ -36,7 +39,11 @@ __all__ = ["main", "compose_config", "sweep_points", "config_problems", "plain_c
 def _prevalidate(args: Any) -> tuple[int, list[DictConfig]]:
     """Validate every job's config; returns ``(exit status, composed configs)``.
 
-    A problem found in some sweep points only names those points."""
+    A problem found in some sweep points only names those points. A sweeper that
+    proposes its points one trial at a time (Optuna) gets :func:`_study_problems`."""
+    study = _study_problems(args) if args.multirun else None
+    if study is not None:
+        return study
     points = sweep_points(args.overrides) if args.multirun else [args.overrides]
     found: dict[str, tuple[Problem, list[str]]] = {}  # keyed by text: values may be unhashable lists
     configs = []
@@ -50,6 +57,37 @@ def _prevalidate(args: Any) -> tuple[int, list[DictConfig]]:
         for p, where in found.values()
     ]
     return (report_problems(problems) if problems else 0), configs
+
+
+def _study_problems(args: Any) -> tuple[int, list[DictConfig]] | None:
+    """Validate a study's config once, without the swept keys (its points are proposed one
+    trial at a time: each is validated by its trial, :func:`_trial`), and what the study
+    needs: ``evaluation.monitor``, an Optuna ``direction`` that follows ``evaluation.mode``.
+
+    Returns ``None`` for Hydra's basic sweeper (every point is validated up front), or
+    when the config without the sweep does not compose (each point says why)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(args.overrides))
+    except Exception:
+        return None
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    cfg, problems = config_problems(fixed, args.config_name or "config", args.config_dir, keep_hydra=True)
+    if cfg is None and any(o.is_interval_sweep() for o in parsed):  # not a grid: its points cannot say more
+        return report_problems(problems), [cfg]
+    if cfg is None or not proposes_lazily(cfg.hydra):
+        return ((report_problems(problems) if problems else 0), [cfg]) if len(fixed) == len(parsed) else None
+    problems = study_problems(cfg, problems, parsed)
+    return (report_problems(problems) if problems else 0), [cfg]
+
+
+def _sweeper_overrides(cfg: DictConfig | None, overrides: Sequence[str]) -> list[str]:
+    """The Optuna ``direction`` that follows ``evaluation.mode``, unless the command line
+    gives one (:func:`~igniter.callbacks.study_problems` checked it)."""
+    want = optuna_direction(cfg) if cfg is not None else None
+    given = any(o.startswith("hydra.sweeper.direction=") for o in overrides)
+    return [f"hydra.sweeper.direction={want}"] if want and not given else []
 
 
 def launch(cfg: DictConfig, output_dir: Path, job: dict[str, Any] | None = None) -> None:
@@ -102,20 +140,28 @@ def _end_of_run(e: IgniterError, output_dir: Path, run_dir: Any) -> int:
     return e.exit_status
 
 
-def _task(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> float | None:
     """Hydra's task function: run one job in Hydra's run directory.
+
+    Returns:
+        The best value of ``evaluation.monitor`` (by ``evaluation.mode``) over the run's
+        evaluations, ``None`` without one: what a sweeper such as Optuna optimizes.
 
     Raises:
         SystemExit: the run ended by an error (its exit status, the reason on stderr)
-            or by Ctrl-C (130).
+            or by Ctrl-C (130); a study's trial (:func:`_trial`) only by Ctrl-C.
     """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from igniter.record import read_record
     from igniter.rundir import RunDirectory
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     job = {"id": str(hydra_cfg.job.get("id") or ""), "num": hydra_cfg.job.get("num"), "overrides": list(hydra_cfg.overrides.task)}
+    if hydra_cfg.mode == RunMode.MULTIRUN and proposes_lazily(hydra_cfg):
+        return _trial(cfg, hydra_cfg, output_dir, job)
     run_dir = _SNAPSHOTS.pop(str(output_dir.resolve()), None) or RunDirectory.of_job(output_dir)
     try:
         launch(cfg, output_dir, job)
@@ -124,6 +170,48 @@ def _task(cfg: DictConfig) -> None:
     except KeyboardInterrupt:  # rank 0 logged where the run stopped and how to resume it
         print("igniter: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    return best_value(read_record(output_dir), cfg.evaluation.monitor)
+
+
+def _trial(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path, job: dict[str, Any]) -> float:
+    """One trial of a study: validate the proposed point (as ``igniter`` validates a run,
+    before anything is written), run it, return the best ``evaluation.monitor``.
+
+    A trial that cannot run or fails says why on stderr, keeps its directory's ``.hydra/``
+    (the table lists it) and returns :func:`~igniter.callbacks.worst_value`: the sweeper
+    goes on with the study. Ctrl-C and a SLURM preemption end the study as they end a run.
+    """
+    from igniter.distributed.slurm import Preempted
+    from igniter.record import read_record
+    from igniter.rundir import RunDirectory
+
+    where = f"trial {job['num']} ({' '.join(job['overrides'])})"
+    problems = trial_problems(cfg, hydra_cfg)
+    if problems:
+        print(ConfigError(problems, f"{where}: invalid configuration"), file=sys.stderr)
+        status, state = EXIT_CONFIG, "invalid config"
+    else:
+        run_dir = RunDirectory(output_dir)  # Hydra's .hydra/ files stay when the trial cannot start
+        try:
+            launch(cfg, output_dir, job)
+        except Preempted as e:
+            sys.exit(_end_of_run(e, output_dir, run_dir))
+        except IgniterError as e:
+            status = _end_of_run(e, output_dir, run_dir)
+            state = "invalid config" if isinstance(e, ConfigError) else "diverged" if isinstance(e, TrainingDiverged) else "failed"
+        except KeyboardInterrupt:
+            print("igniter: interrupted (Ctrl-C)", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        else:
+            value = best_value(read_record(output_dir), cfg.evaluation.monitor)
+            if value is not None:
+                return value
+            print(f"igniter: {where}: no evaluation of {cfg.evaluation.monitor} (evaluation.every={cfg.evaluation.every})", file=sys.stderr)
+            status, state = EXIT_FAILED, "no evaluation"
+    worst = worst_value(cfg.evaluation.mode)
+    print(f"igniter: trial {job['num']} failed ({state}); it returns {worst} and the study goes on", file=sys.stderr)
+    record_failed_trial(output_dir, state, worst, status)
+    return worst
 
 
 def _run_composed(cfg: DictConfig, config_name: str) -> None:
@@ -247,8 +335,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.multirun:
             _run_composed(configs[0], args.config_name or "config")
             return
+        argv += _sweeper_overrides(configs[0], args.overrides)
     import hydra
 
     register_schema()
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()
+    if sweep_exit_status():  # a study none of whose trials completed (igniter.callbacks)
+        sys.exit(sweep_exit_status())
