@@ -178,15 +178,19 @@ def test_a_skipped_all_reduce_deadlock_is_ended_and_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_sigstop_of_a_worker_ends_the_job_named(tmp_path):
+@pytest.mark.parametrize("rank", [1, 0], ids=["rank1", "rank0-hosting-the-store"])
+def test_torchrun_sigstop_of_a_worker_ends_the_job_named(rank, tmp_path):
+    """Rank 1 stopped: rank 0's watchdog names it. Rank 0 stopped (it hosts the store, whose
+    clients then wait forever): rank 1 notices and names it on its stderr."""
     run = tmp_path / "run"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     args = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", "runner=torchrun", *SPAWN[2:],
             "runner.hang_timeout_s=10", "trainer.max_epochs=3", _pid_handler(30), f"output_dir={run}"]
-    proc, pid, stopped, out, err = _stop_one_worker(args, run, tmp_path, rank=1)
+    proc, pid, stopped, out, err = _stop_one_worker(args, run, tmp_path, rank=rank)
     ended = time.monotonic() - stopped
     assert proc.returncode != 0 and ended < 60, f"exit {proc.returncode} {ended:.0f} s after the stop"
-    assert f"rank 1 (host {os.uname().nodename}, pid {pid}) made no progress for" in out, out[-3000:] + err[-3000:]
+    named = f"rank {rank} (host {os.uname().nodename}, pid {pid}) made no progress for"
+    assert named in (out if rank == 1 else err), out[-3000:] + err[-3000:]
     assert "exitcode  : 4" in err, err[-3000:]
     assert not _alive(pid)
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 __all__ = [
     "PHASES", "Progress", "PROGRESS", "mark", "checkpoint_phase", "attach_reports", "watch_compiles",
-    "Reporter", "connect", "innermost_frames", "rank_key", "read_records", "position", "describe_position", "never_reported", "VERDICT", "STACK", "DUMPED", "PREFIX",
+    "Reporter", "TimedStore", "connect", "innermost_frames", "rank_key", "read_records", "position", "describe_position", "never_reported", "VERDICT", "STACK", "DUMPED", "PREFIX",
 ]
 
 logger = logging.getLogger("igniter")
@@ -175,10 +175,56 @@ def dump_stacks(reason: str) -> None:
         handler.release()
 
 
-def connect(host: str, port: int, timeout_s: float) -> dist.TCPStore:
-    """A client of the store at ``host:port`` with its own connection and a short
-    ``timeout_s`` (the process group's client waits ``runner.timeout_s`` on a stopped host)."""
-    return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+class TimedStore:
+    """A store client whose every call returns within ``timeout_s`` or raises ``TimeoutError``:
+    a ``TCPStore`` client's ``check``/``get`` wait forever on a host that is stopped (SIGSTOP)
+    whatever its timeout. Each call runs in a daemon thread (a stuck one never holds up the
+    interpreter's exit); once one hangs, the later ones time out behind the client's lock.
+
+    Args:
+        store: the client.
+        timeout_s: seconds a call may take.
+    """
+
+    def __init__(self, store: dist.Store, timeout_s: float) -> None:
+        self.store, self.timeout_s = store, timeout_s
+
+    def _call(self, name: str, *args: Any) -> Any:
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                outcome["value"] = getattr(self.store, name)(*args)
+            except BaseException as e:  # handed to the caller's thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=call, name="igniter-store", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise TimeoutError(f"the store did not answer {name} within {self.timeout_s:g} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+    def set(self, key: str, value: str) -> None:
+        self._call("set", key, value)
+
+    def get(self, key: str) -> bytes:
+        return self._call("get", key)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._call("check", keys)
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        return self._call("multi_get", keys)
+
+
+def connect(host: str, port: int, timeout_s: float) -> TimedStore:
+    """A client of the store at ``host:port`` with its own connection, every call bounded by
+    ``timeout_s`` (:class:`TimedStore`; the process group's client waits ``runner.timeout_s``)."""
+    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    return TimedStore(client, timeout_s)
 
 
 class Reporter(threading.Thread):

@@ -1,14 +1,11 @@
 """The hang watchdog: a rank that makes no progress for ``runner.hang_timeout_s`` ends the job, named.
 
-Every rank publishes its progress (:mod:`igniter.distributed.progress`). The job is hung when
-*no* rank has made progress for ``hang_timeout_s`` seconds (ranks waiting for a slow but
-progressing peer are not hung: a long evaluation on rank 0 keeps the job alive). The
-culprit is then, in this order:
+Every rank publishes its progress (:mod:`igniter.distributed.progress`). The job is hung when *no*
+rank progressed for ``hang_timeout_s`` s (waiting for a slow but progressing peer is not a hang).
+The culprit is then, in this order:
 
-1. a rank whose reporter thread stopped beating (the process is not running: SIGSTOP,
-   frozen; its stack cannot be read);
-2. else the rank(s) furthest behind (iteration, then phase, then count): the others went
-   on and wait for them in a collective;
+1. a rank whose reporter thread stopped beating (not running: SIGSTOP, frozen; no stack to read);
+2. else the rank(s) furthest behind (iteration, phase, count): the others wait for them;
 3. else every rank (all at the same point: a collective that not every rank called).
 
 Who watches (:class:`LauncherWatchdog`, :func:`in_process_watch`):
@@ -28,12 +25,14 @@ Who watches (:class:`LauncherWatchdog`, :func:`in_process_watch`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,8 +120,9 @@ class Verdict:
         verb = "make" if len(self.culprits) > 1 else "made"
         return f"{who} {verb} no progress for {self.stalled_s:.0f} s (runner.hang_timeout_s = {self.timeout_s:g}) {where}"
 
-    def message(self) -> str:
-        """The console paragraph, then the culprits' innermost frames when they could be read."""
+    def message(self, requeue: bool = False) -> str:
+        """The console paragraph, then the culprits' innermost frames when they could be read
+        (``requeue``: the SLURM job is being requeued, ``runner.requeue_on_hang``)."""
         text = f"{self.summary}."
         if self.not_responding:
             text += " It is not running (stopped, e.g. by SIGSTOP, or frozen): its stack cannot be read."
@@ -131,8 +131,10 @@ class Verdict:
         others = [r for r in sorted(self.records) if r not in {c["rank"] for c in self.culprits}]
         if others:
             text += " Waiting for it: " + ", ".join(f"rank {r} {describe_position(self.records[r])}" for r in others) + "."
+        ending = ("The job is requeued (runner.requeue_on_hang) and resumes from the newest checkpoint" if requeue
+                  else "The checkpoints on disk are complete: the same command resumes from the newest")
         text += (" Every process of the job was ended (exit status 4); the stacks of the live ranks are in their"
-                 " rank{N}.log. The checkpoints on disk are complete: the same command resumes from the newest.")
+                 f" rank{{N}}.log. {ending}.")
         for c in self.culprits:
             stack = self.stacks.get(c["rank"], "").rstrip()
             if stack:
@@ -202,10 +204,8 @@ def _kill_local(records: list[dict[str, Any]]) -> None:
     host = socket.gethostname()
     for record in records:
         if record["host"] == host and record["pid"] != os.getpid():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(record["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class LauncherWatchdog(threading.Thread):
@@ -284,7 +284,9 @@ def _decide(store: dist.Store | None, verdict: Verdict, rank: int, plan: WatchPl
         store.set(f"{DUMPED}{rank}", "1")
         _collect_stacks(store, verdict)
     dump_stacks(f"watchdog: {verdict.summary}")
-    logger.error("%s", verdict.message())
+    logger.error("%s", verdict.message(plan.requeue_on_hang))
+    if rank != 0:  # rank 0 (the console's rank) is the hung one: say it on this rank's stderr too
+        print(f"igniter (rank {rank}): {verdict.message()}", file=sys.stderr, flush=True)
     if plan.requeue_on_hang:
         from igniter.distributed.slurm import requeue_job
 
