@@ -202,7 +202,8 @@ def config_problems(
         cfg = compose_config(overrides, config_name, config_dir, with_hydra=True)
     except Exception as first:
         groups = config_groups()
-        choices = [o for o in parsed if o.key_or_group.split("@")[0].lstrip("~+") in groups]
+        # hydra/... choices (hydra/sweeper=optuna, hydra/launcher=slurm) too: their keys (hydra.sweeper.*) need them
+        choices = [o for o in parsed if o.key_or_group.split("@")[0].lstrip("~+") in groups or o.key_or_group.startswith("hydra/")]
         problems, good = [], []
         for o in choices:  # each group choice alone: a bad one is not blamed on the other overrides
             try:

@@ -230,3 +230,14 @@ def test_a_checkpoint_write_three_times_the_hang_timeout_is_not_killed(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(run)["status"] == "completed"
     load_checkpoint(checkpoint_files(run / "checkpoints")[0])
+
+
+def test_a_hang_timeout_that_is_not_positive_is_a_config_error(tmp_path, monkeypatch, capsys):
+    from igniter.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["runner=spawn", "runner.hang_timeout_s=0"])
+    assert info.value.code == 2
+    assert "  runner.hang_timeout_s = 0.0: expected a positive number of seconds (or null: no hang watchdog)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing written"
