@@ -108,23 +108,23 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
     # run
     interrupted = False
     try:
-        _run_engine(ctx)
-    except StepFailed as e:  # one paragraph on the console (by the CLI), the traceback in rank{N}.log only
-        logger.error("the first step failed:", exc_info=e.__cause__, extra={"console": False})
-        raise
-    except KeyboardInterrupt:  # Ctrl-C: keep what is on disk, write the summary, then exit 130
-        interrupted = True
-    finally:
-        close_bars()
         try:
+            _run_engine(ctx)
+        except StepFailed as e:  # one paragraph on the console (by the CLI), the traceback in rank{N}.log only
+            logger.error("the first step failed:", exc_info=e.__cause__, extra={"console": False})
+            raise
+        except KeyboardInterrupt:  # Ctrl-C: keep what is on disk, write the summary, then exit 130
+            interrupted = True
+        finally:
+            close_bars()
             if checkpointer is not None:
                 with checkpoint_phase(ctx.output_dir / "checkpoints"):
                     flush_checkpoints(checkpointer)
-        finally:  # a failed last write (CheckpointWriteFailed) still closes the loggers
-            for lg in loggers:
-                lg.close()
-    # record
-    summary = _record(ctx, record, interrupted, time.perf_counter() - start, profiler, telemetry)
+        # record
+        summary = _record(ctx, record, interrupted, time.perf_counter() - start, profiler, telemetry)
+    finally:  # after the record (a tracker's close() uploads the final metrics.json and curves.png), also
+        for lg in loggers:  # when the run failed (e.g. CheckpointWriteFailed of the last write)
+            lg.close()
     return _finish(ctx, record, summary, interrupted, job)
 
 

@@ -37,8 +37,10 @@ class RunDirectory:
         self._files: dict[str, bytes | None] = {}
         self._logs: dict[str, int] = {}
         self._dirs: set[str] = set()
+        self._tb_files: set[str] = set()
         if self.existed:
             self._dirs = {rel for rel in _EARLY_DIRS if (self.path / rel).is_dir()}
+            self._tb_files = {p.name for p in self.path.glob("tb/events.out.tfevents.*")}
             for rel in _EARLY_FILES:
                 file = self.path / rel
                 self._files[rel] = file.read_bytes() if file.is_file() else None
@@ -72,6 +74,9 @@ class RunDirectory:
                 else:
                     with open(log, "r+b") as f:
                         f.truncate(size)
+            for events in self.path.glob("tb/events.out.tfevents.*"):  # TensorBoard started before a later logger failed
+                if events.name not in self._tb_files:
+                    events.unlink(missing_ok=True)
             for rel in _EARLY_DIRS:
                 folder = self.path / rel
                 if rel not in self._dirs and folder.is_dir() and not any(folder.iterdir()):

@@ -239,6 +239,12 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
     c.positive("checkpoint.every_seconds", k.every_seconds, allow_none=True)
     for i, name in enumerate(lg.loggers):
         c.name(io_registry, f"logging.loggers[{i}]", name)
+        if name == "mlflow":  # an optional extra: a missing package is a config problem, found before building
+            from igniter.trackers import package_problem
+
+            problem = package_problem(f"logging.loggers[{i}]", import_it=False)
+            if problem is not None:
+                c.add(problem.key, problem.expected, problem.value)
 
 
 def _check_data(c: _Checker, cfg: DictConfig, world_size: int) -> None:
