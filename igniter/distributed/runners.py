@@ -108,8 +108,9 @@ def _call(local_rank: int, plan: ThreadPlan, watch: WatchPlan, fn: Callable[...,
             raise
         raise CollectiveTimeout(e, describe_stragglers(reporter.store, idist.get_world_size(), idist.get_rank())) from e
     finally:
-        if reporter is not None:
+        if reporter is not None:  # no store call in flight at exit (C++ teardown under a live call aborted a rank)
             reporter.stopped.set()
+            reporter.join(timeout=2 * reporter.beat_s + 10)
 
 
 class Runner:

@@ -10,10 +10,8 @@ The culprit is then, in this order:
 
 Who watches (:class:`LauncherWatchdog`, :func:`in_process_watch`):
 
-* ``runner=spawn`` on one node: the launcher. It hosts a ``TCPStore`` of its own, reads every
-  rank's record, and on a hang writes the verdict, waits (at most ``DUMP_WAIT_S``) until the
-  live ranks have written their stacks, then kills every worker and raises
-  :class:`~igniter.errors.RankHung` (exit status 4).
+* ``runner=spawn`` on one node: the launcher, which hosts a ``TCPStore`` of its own; on a hang it
+  writes the verdict, waits for the live ranks' stacks, kills every worker, raises ``RankHung`` (4).
 * ``torchrun``, ``slurm`` and multi-node spawn (no igniter launcher that sees every rank):
   rank 0's reporter thread reads every rank; the others read rank 0's record only, so that a
   hung rank 0 (or its store not answering) is noticed too. The deciding rank prints the
@@ -41,7 +39,8 @@ from typing import Any
 import torch.distributed as dist
 
 from igniter.distributed.progress import (
-    DUMPED, PREFIX, STACK, VERDICT, Reporter, connect, describe_position, dump_stacks, innermost_frames, leave_hung, never_reported, position, read_records,
+    DUMPED, PREFIX, STACK, VERDICT, Reporter, connect, describe_position, dump_stacks, innermost_frames, leave_hung, never_reported, position, rank_key,
+    read_records,
 )
 
 __all__ = ["WatchPlan", "HangDetector", "Verdict", "LauncherWatchdog", "in_process_watch", "start_reporting", "DUMP_WAIT_S"]
@@ -185,8 +184,7 @@ class HangDetector:
 
 
 def _collect_stacks(store: dist.Store, verdict: Verdict) -> None:
-    """Wait (at most :data:`DUMP_WAIT_S`) until every responding rank has dumped its stacks;
-    put the culprits' innermost frames into ``verdict.stacks``."""
+    """Wait (at most :data:`DUMP_WAIT_S`) for the responding ranks' stacks; keep the culprits' innermost frames."""
     silent = {c["rank"] for c in verdict.culprits} if verdict.not_responding else set()
     waiting = [r for r in verdict.records if r not in silent]
     deadline = time.monotonic() + DUMP_WAIT_S
@@ -242,8 +240,7 @@ class LauncherWatchdog(threading.Thread):
                 child.kill()
             return
 
-    def stop(self) -> None:
-        """End the thread (the launch is over)."""
+    def stop(self) -> None:  # the launch is over
         self.stopped.set()
         self.join(timeout=10)
 
@@ -260,8 +257,8 @@ def in_process_watch(rank: int, world_size: int, plan: WatchPlan) -> Any:
         now = time.monotonic()
         if store is None:  # the store's host (rank 0) does not answer
             unreachable_since[:] = unreachable_since or [now]
-            last = detector.seen[0].record
-            if rank != 0 and last is not None and now - unreachable_since[0] >= plan.hang_timeout_s:
+            last = detector.seen[0].record or never_reported(0)  # stopped before this rank first read it
+            if rank != 0 and now - unreachable_since[0] >= plan.hang_timeout_s:
                 verdict = Verdict([last], True, now - detector.seen[0].changed_at, plan.hang_timeout_s, {0: last})
                 _decide(None, verdict, rank, plan)
             return
@@ -345,4 +342,8 @@ def start_reporting(plan: WatchPlan) -> Reporter | None:
         watch = in_process_watch(rank, world_size, plan) if plan.hang_timeout_s is not None else None
         reporter = _LeaveAfterDecision(connect(*address, timeout_s=min(10.0, plan.beat_s * 2)), rank, plan.beat_s, True, watch)
     reporter.start()
+    if plan.store is None and watch is not None and rank != 0:  # know rank 0's host and pid before training
+        with contextlib.suppress(RuntimeError, dist.DistError, OSError):
+            reporter.store.get(rank_key(0))  # waits (a bounded time) for rank 0's first record
+            watch(reporter.store)
     return reporter
