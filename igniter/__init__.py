@@ -30,5 +30,6 @@ from igniter.registry import (  # noqa: E402,F401
 # with a registry decorator belongs here (telemetry: the gpu_telemetry handler).
 from igniter import datasets, distributed, engines, functions, handlers, io, models, solver, telemetry, transforms  # noqa: F401,E402
 from igniter import trackers  # noqa: F401,E402  (the mlflow logger; mlflow itself is imported on use)
+from igniter import wandb_tracker  # noqa: F401,E402  (the wandb logger; wandb itself is imported on use)
 
 __version__ = "0.1.0"
