@@ -239,10 +239,11 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
     c.positive("checkpoint.every_seconds", k.every_seconds, allow_none=True)
     for i, name in enumerate(lg.loggers):
         c.name(io_registry, f"logging.loggers[{i}]", name)
-        if name == "mlflow":  # an optional extra: a missing package is a config problem, found before building
-            from igniter.trackers import package_problem
+        if name in ("mlflow", "wandb"):  # optional extras: a missing package is a config problem, found before building
+            from igniter.trackers import package_problem as mlflow_problem
+            from igniter.wandb_tracker import package_problem as wandb_problem
 
-            problem = package_problem(f"logging.loggers[{i}]", import_it=False)
+            problem = (mlflow_problem if name == "mlflow" else wandb_problem)(f"logging.loggers[{i}]", import_it=False)
             if problem is not None:
                 c.add(problem.key, problem.expected, problem.value)
 
