@@ -17,11 +17,9 @@ import contextlib
 import importlib.util
 import logging
 import os
-import re
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ignite.engine import Events
 from ignite.handlers import global_step_from_engine
@@ -32,20 +30,20 @@ from igniter.errors import ConfigError, Problem
 from igniter.events import PeriodicEvents
 from igniter.io import atomic_write
 from igniter.registry import io_registry
+from igniter.tracker_base import ARTIFACTS, GuardedTracker, reason, redact
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
     from igniter.context import RunContext
 
-__all__ = ["MLflowTracker", "RUN_ID_FILE", "flatten_params", "mlflow_logger", "package_problem", "start_mlflow"]
+__all__ = ["ARTIFACTS", "GuardedTracker", "reason", "redact", "MLflowTracker", "RUN_ID_FILE", "flatten_params", "mlflow_logger", "package_problem", "start_mlflow"]
 
 logger = logging.getLogger("igniter")
 
 RUN_ID_FILE = "mlflow_run_id"  #: in the run directory: the MLflow run a resumed run continues
 DEFAULT_EXPERIMENT = "igniter"  #: without MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID
 CHECK_TIMEOUT_S = 5  #: seconds the tracker has to answer at start-up (no retries)
-ARTIFACTS = ("config.yaml", "metrics.json", "curves.png")  #: uploaded by close(), those this run wrote
 #: During the run, unless set in the environment: retries and seconds per request, so that a
 #: tracker gone away costs training seconds once (it is then left alone), not minutes of retries.
 RUN_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -73,22 +71,6 @@ def flatten_params(tree: Any, prefix: str = "", max_length: int = _MAX_PARAM_VAL
     return {k: v for key, value in items for k, v in flatten_params(value, f"{prefix}.{key}" if prefix else str(key), max_length).items()}
 
 
-def _redact(uri: str) -> str:
-    """``uri`` without a password (``https://user:secret@host`` -> ``https://user:***@host``)."""
-    return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", uri)
-
-
-def _reason(error: BaseException, timeout_s: float | None = None) -> str:
-    """A short reason for a failed request: the OS error (``Connection refused``), a timeout, or the message."""
-    text = " ".join(str(error).split())
-    found = re.search(r"\[Errno -?\d+\] ([^\"')(]+)", text)
-    if found:
-        return found.group(1).strip()
-    if "timed out" in text.lower() or "timeout" in type(error).__name__.lower():
-        return f"no answer within {timeout_s} s" if timeout_s else "the request timed out"
-    return (text[:300] + "...") if len(text) > 300 else text or type(error).__name__
-
-
 @contextlib.contextmanager
 def _http_limits(limits: Mapping[str, str], force: bool = False) -> Iterator[None]:
     """MLflow's HTTP retry/timeout variables set to ``limits`` inside the block (MLflow reads
@@ -111,7 +93,7 @@ def _http_limits(limits: Mapping[str, str], force: bool = False) -> Iterator[Non
             os.environ.pop(key, None)
 
 
-class MLflowTracker(MLflowLogger):
+class MLflowTracker(GuardedTracker, MLflowLogger):
     """Ignite's ``MLflowLogger`` bound to one MLflow run through an ``MlflowClient`` (no
     global active run), its handlers and calls guarded: the first failure is logged once (a
     warning naming the URI and the reason) and the tracker is then left alone; the run goes
@@ -137,13 +119,7 @@ class MLflowTracker(MLflowLogger):
         self.completed = False
         self.started = time.time()
 
-    def attach(self, engine: Any, log_handler: Callable, event_name: Any, *args: Any, **kwargs: Any) -> Any:
-        """Ignite's ``attach``, the handler guarded: whatever it raises disables the tracker, never the run."""
-
-        def guarded(engine: Any, tracker: "MLflowTracker", event: Any, *more: Any, **kw: Any) -> None:
-            self.guard(f"logging at {getattr(event, 'name', event)}", lambda: log_handler(engine, tracker, event, *more, **kw))
-
-        return super().attach(engine, guarded, event_name, *args, **kwargs)
+    name, label = "mlflow", "MLflow"
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log ``metrics`` (Ignite's ``"tag name"`` keys become ``tag/name``) at ``step``;
@@ -162,18 +138,14 @@ class MLflowTracker(MLflowLogger):
                 continue
         self.guard(f"logging metrics at step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch) if batch else None)
 
-    def guard(self, what: str, call: Callable[[], Any]) -> None:
-        """``call()`` unless the tracker failed before; an exception is logged once and disables it."""
-        if self.failed:
-            return
-        try:
-            with _http_limits(RUN_LIMITS):
-                call()
-        except Exception as e:  # any failure of the tracker: the training goes on
-            self.failed = True
-            logger.warning("mlflow: %s failed (tracking URI %s: %s); the run goes on without MLflow, whose run %s stops here; "
-                           "metrics.json, TensorBoard and the checkpoints in %s are complete", what, _redact(self.uri), _reason(e), self.run_id, self.ctx.output_dir)
-            logger.info("mlflow failure:", exc_info=e, extra={"console": False})
+    def call_scope(self) -> Any:
+        return _http_limits(RUN_LIMITS)
+
+    def failure_detail(self, error: BaseException) -> str:
+        return f"tracking URI {redact(self.uri)}: {reason(error)}"
+
+    def run_id_for_messages(self) -> str:
+        return self.run_id
 
     def close(self) -> None:
         """Upload ``config.yaml``, ``metrics.json`` and ``curves.png`` (those this run has
@@ -184,14 +156,6 @@ class MLflowTracker(MLflowLogger):
             if path.is_file() and (name == "config.yaml" or path.stat().st_mtime >= self.started):
                 self.guard(f"uploading {name}", lambda p=path: self.client.log_artifact(self.run_id, str(p)))
         self.guard("ending the run", lambda: self.client.set_terminated(self.run_id, self.end_status()))
-
-    def end_status(self) -> str:
-        """The MLflow run status for how training ended (see :meth:`close`)."""
-        status, state = self.ctx.status, self.ctx.trainer.state
-        if sys.exc_info()[1] is not None or status.diverged:
-            return "FAILED"
-        done = self.completed or bool(state.epoch_length and state.iteration >= state.epoch_length * self.ctx.cfg.trainer.max_epochs)
-        return "KILLED" if status.stopped_by is not None or not done else "FINISHED"
 
 
 def package_problem(key: str = "logging.loggers", import_it: bool = True) -> Problem | None:
@@ -245,7 +209,7 @@ def _open_run(ctx: RunContext, client: "MlflowClient", experiment_id: str) -> tu
             old = client.get_run(old_id)
         except MlflowException as e:
             old = None
-            logger.warning("mlflow: run %s (%s) is not at %s (%s): starting a new MLflow run", old_id, id_file, _redact(client.tracking_uri), _reason(e))
+            logger.warning("mlflow: run %s (%s) is not at %s (%s): starting a new MLflow run", old_id, id_file, redact(client.tracking_uri), reason(e))
         if old is not None and old.info.lifecycle_stage != "deleted":
             if ctx.trainer.state.iteration > 0:  # resumed: the same MLflow run, from the checkpoint's step
                 client.update_run(old_id, status="RUNNING")
@@ -304,7 +268,7 @@ def start_mlflow(ctx: RunContext, key: str = "logging.loggers") -> MLflowTracker
             run_id, last_steps, params = _open_run(ctx, client, experiment_id)
     except Exception as e:
         logger.info("mlflow start-up failure:", exc_info=e, extra={"console": False})
-        expected = (f"the MLflow tracker at {_redact(uri)} (MLFLOW_TRACKING_URI) cannot be used: {_reason(e, CHECK_TIMEOUT_S)}. "
+        expected = (f"the MLflow tracker at {redact(uri)} (MLFLOW_TRACKING_URI) cannot be used: {reason(e, CHECK_TIMEOUT_S)}. "
                     "Start the server or point MLFLOW_TRACKING_URI at one, or remove mlflow from logging.loggers")
         raise ConfigError([Problem(key, expected, "mlflow")], header="cannot start the run") from None
     tracker = MLflowTracker(client, run_id, uri, last_steps, ctx)

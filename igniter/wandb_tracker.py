@@ -22,7 +22,7 @@ import shutil
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ignite.engine import Events
 from ignite.handlers import global_step_from_engine
@@ -33,9 +33,7 @@ from igniter.errors import ConfigError, Problem
 from igniter.events import PeriodicEvents
 from igniter.io import atomic_write
 from igniter.registry import io_registry
-from igniter.trackers import ARTIFACTS, MLflowTracker
-from igniter.trackers import _reason as reason  # private in trackers.py (should be public): a failure's short reason
-from igniter.trackers import _redact as redact  # private in trackers.py (should be public): a URL without its password
+from igniter.tracker_base import ARTIFACTS, GuardedTracker, reason, redact
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
@@ -49,7 +47,7 @@ DEFAULT_PROJECT = "igniter"  #: without WANDB_PROJECT
 INIT_TIMEOUT_S = 30  #: seconds ``wandb.init`` has to reach the server, unless WANDB_INIT_TIMEOUT says
 
 
-class WandBTracker(WandBLogger):
+class WandBTracker(GuardedTracker, WandBLogger):
     """Ignite's ``WandBLogger`` bound to one W&B run (``run.log``, not the global
     ``wandb.log``), its handlers and calls guarded: the first failure is logged once (a
     warning with the reason) and the tracker is then left alone; the run goes on
@@ -73,13 +71,7 @@ class WandBTracker(WandBLogger):
         self.completed = False
         self.started = time.time()
 
-    def attach(self, engine: Any, log_handler: Callable, event_name: Any, *args: Any, **kwargs: Any) -> Any:
-        """Ignite's ``attach``, the handler guarded: whatever it raises disables the tracker, never the run."""
-
-        def guarded(engine: Any, tracker: "WandBTracker", event: Any, *more: Any, **kw: Any) -> None:
-            self.guard(f"logging at {getattr(event, 'name', event)}", lambda: log_handler(engine, tracker, event, *more, **kw))
-
-        return super().attach(engine, guarded, event_name, *args, **kwargs)
+    name, label = "wandb", "W&B"
 
     def log(self, data: Mapping[str, Any], step: int | None = None) -> None:
         """``run.log(data, step=step)`` (what Ignite's handlers call); nothing when ``step``
@@ -88,17 +80,8 @@ class WandBTracker(WandBLogger):
             return
         self.guard(f"logging at step {step}", lambda: self.run.log(dict(data), step=step))
 
-    def guard(self, what: str, call: Callable[[], Any]) -> None:
-        """``call()`` unless the tracker failed before; an exception is logged once and disables it."""
-        if self.failed:
-            return
-        try:
-            call()
-        except Exception as e:  # any failure of the tracker: the training goes on
-            self.failed = True
-            logger.warning("wandb: %s failed (%s); the run goes on without W&B, whose run %s stops here; "
-                           "metrics.json, TensorBoard and the checkpoints in %s are complete", what, reason(e), self.run.id, self.ctx.output_dir)
-            logger.info("wandb failure:", exc_info=e, extra={"console": False})
+    def run_id_for_messages(self) -> str:
+        return self.run.id
 
     def close(self) -> None:
         """Save ``config.yaml``, ``metrics.json`` and ``curves.png`` (those this run has
@@ -110,8 +93,7 @@ class WandBTracker(WandBLogger):
             path = Path(self.ctx.output_dir) / name  # a resumed run's directory may hold older ones
             if path.is_file() and (name == "config.yaml" or path.stat().st_mtime >= self.started):
                 self.guard(f"saving {name}", lambda p=path: self._save(p, files))
-        # the end state as the MLflow logger decides it (FINISHED, KILLED, FAILED); reads ctx and completed only
-        status = MLflowTracker.end_status(self)  # type: ignore[arg-type]
+        status = self.end_status()
         self.guard("finishing the run", lambda: self.run.finish(exit_code=0 if status == "FINISHED" else 1))
 
     def _save(self, path: Path, files: Path) -> None:

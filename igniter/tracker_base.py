@@ -1,0 +1,90 @@
+"""What the experiment trackers (:mod:`igniter.trackers`: MLflow, :mod:`igniter.wandb_tracker`:
+W&B) share: failures that disable a tracker once and never the run, how a run's end maps to a
+tracker's run status, and short, password-free reasons in messages."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+from typing import Any, Callable
+
+__all__ = ["ARTIFACTS", "GuardedTracker", "reason", "redact"]
+
+logger = logging.getLogger("igniter")
+
+ARTIFACTS = ("config.yaml", "metrics.json", "curves.png")  #: uploaded by close(), those this run wrote
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a password (``https://user:secret@host`` -> ``https://user:***@host``)."""
+    return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", uri)
+
+
+def reason(error: BaseException, timeout_s: float | None = None) -> str:
+    """A short reason for a failed request: the OS error (``Connection refused``), a timeout, or the message."""
+    text = " ".join(str(error).split())
+    found = re.search(r"\[Errno -?\d+\] ([^\"')(]+)", text)
+    if found:
+        return found.group(1).strip()
+    if "timed out" in text.lower() or "timeout" in type(error).__name__.lower():
+        return f"no answer within {timeout_s} s" if timeout_s else "the request timed out"
+    return (text[:300] + "...") if len(text) > 300 else text or type(error).__name__
+
+
+class GuardedTracker:
+    """What the trackers share (mixed into an Ignite ``BaseLogger`` subclass): every handler
+    attached and every call made through :meth:`guard` is guarded: the first failure is logged
+    once (a warning, the traceback in ``rank0.log``) and the tracker is then left alone; the
+    run goes on. Subclasses set ``name``, ``label``, ``ctx``, ``failed``, ``completed``, ``started`` and say
+    what failed in :meth:`failure_detail` and :meth:`run_id_for_messages`."""
+
+    name = "tracker"  # in messages' prefix
+    label = "the tracker"  # "the run goes on without <label>"
+    ctx: Any
+    failed: bool
+    completed: bool
+
+    def attach(self, engine: Any, log_handler: Callable, event_name: Any, *args: Any, **kwargs: Any) -> Any:
+        """Ignite's ``attach``, the handler guarded: whatever it raises disables the tracker, never the run."""
+
+        def guarded(engine: Any, tracker: Any, event: Any, *more: Any, **kw: Any) -> None:
+            self.guard(f"logging at {getattr(event, 'name', event)}", lambda: log_handler(engine, tracker, event, *more, **kw))
+
+        return super().attach(engine, guarded, event_name, *args, **kwargs)  # type: ignore[misc]
+
+    def call_scope(self) -> Any:
+        """The context every guarded call runs in (e.g. shorter HTTP retries)."""
+        return contextlib.nullcontext()
+
+    def failure_detail(self, error: BaseException) -> str:
+        """Why a call failed, for the warning (e.g. the URI and :func:`reason`)."""
+        return reason(error)
+
+    def run_id_for_messages(self) -> str:
+        """The tracker's run id, for the warning."""
+        return "?"
+
+    def guard(self, what: str, call: Callable[[], Any]) -> None:
+        """``call()`` unless the tracker failed before; an exception is logged once and disables it."""
+        if self.failed:
+            return
+        try:
+            with self.call_scope():
+                call()
+        except Exception as e:  # any failure of the tracker: the training goes on
+            self.failed = True
+            logger.warning("%s: %s failed (%s); the run goes on without %s, whose run %s stops here; "
+                           "metrics.json, TensorBoard and the checkpoints in %s are complete",
+                           self.name, what, self.failure_detail(e), self.label, self.run_id_for_messages(), self.ctx.output_dir)
+            logger.info("%s failure:", self.name, exc_info=e, extra={"console": False})
+
+    def end_status(self) -> str:
+        """How training ended, in MLflow's run statuses: FAILED (an exception on its way, a
+        diverged loss), KILLED (stopped before the end), FINISHED."""
+        status, state = self.ctx.status, self.ctx.trainer.state
+        if sys.exc_info()[1] is not None or status.diverged:
+            return "FAILED"
+        done = self.completed or bool(state.epoch_length and state.iteration >= state.epoch_length * self.ctx.cfg.trainer.max_epochs)
+        return "KILLED" if status.stopped_by is not None or not done else "FINISHED"
