@@ -5,12 +5,16 @@ tracker's run status, and short, password-free reasons in messages."""
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import logging
 import re
 import sys
 from typing import Any, Callable
 
-__all__ = ["ARTIFACTS", "GuardedTracker", "reason", "redact"]
+from igniter.errors import Problem
+
+__all__ = ["ARTIFACTS", "GuardedTracker", "package_problem", "reason", "redact"]
 
 logger = logging.getLogger("igniter")
 
@@ -88,3 +92,19 @@ class GuardedTracker:
             return "FAILED"
         done = self.completed or bool(state.epoch_length and state.iteration >= state.epoch_length * self.ctx.cfg.trainer.max_epochs)
         return "KILLED" if status.stopped_by is not None or not done else "FINISHED"
+
+
+def package_problem(package: str, key: str = "logging.loggers", import_it: bool = True) -> Problem | None:
+    """The :class:`Problem` with the tracker's ``package`` (the extra of the same name) under
+    ``key``: not installed, or (when ``import_it``) its import fails; ``None`` when it is usable.
+    ``import_it=False`` only looks it up (``find_spec``, milliseconds): for a check before
+    anything is built."""
+    try:
+        if importlib.util.find_spec(package) is not None:
+            if import_it:
+                importlib.import_module(package)
+            return None
+        why = f"the {package} package is not installed"
+    except Exception as e:  # a broken install: its import fails (ImportError, or anything else)
+        why = f"the {package} package cannot be imported ({type(e).__name__}: {e})"
+    return Problem(key, f"{why}: pip install 'igniter[{package}]' (or remove {package} from logging.loggers)", package)

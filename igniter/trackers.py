@@ -14,7 +14,6 @@ directory), ``MLFLOW_EXPERIMENT_NAME`` (default ``igniter``, created when missin
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from igniter.errors import ConfigError, Problem
 from igniter.events import PeriodicEvents
 from igniter.io import atomic_write
 from igniter.registry import io_registry
+from igniter import tracker_base
 from igniter.tracker_base import ARTIFACTS, GuardedTracker, reason, redact
 
 if TYPE_CHECKING:
@@ -159,18 +159,8 @@ class MLflowTracker(GuardedTracker, MLflowLogger):
 
 
 def package_problem(key: str = "logging.loggers", import_it: bool = True) -> Problem | None:
-    """The :class:`Problem` with the mlflow package under ``key``: not installed, or (when
-    ``import_it``) its import fails; ``None`` when it is usable. ``import_it=False`` only looks
-    it up (``find_spec``, milliseconds): for a check before anything is built."""
-    try:
-        if importlib.util.find_spec("mlflow") is not None:
-            if import_it:
-                import mlflow  # noqa: F401
-            return None
-        reason = "the mlflow package is not installed"
-    except Exception as e:  # a broken install: its import fails (ImportError, or anything else)
-        reason = f"the mlflow package cannot be imported ({type(e).__name__}: {e})"
-    return Problem(key, f"{reason}: pip install 'igniter[mlflow]' (or remove mlflow from logging.loggers)", "mlflow")
+    """:func:`igniter.tracker_base.package_problem` of the mlflow package."""
+    return tracker_base.package_problem("mlflow", key, import_it)
 
 
 def _experiment_id(client: "MlflowClient") -> str:

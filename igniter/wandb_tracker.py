@@ -15,7 +15,6 @@ and ``WANDB_CONSOLE`` is ``off`` (the console is igniter's: ``rank0.log`` keeps 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -33,6 +32,7 @@ from igniter.errors import ConfigError, Problem
 from igniter.events import PeriodicEvents
 from igniter.io import atomic_write
 from igniter.registry import io_registry
+from igniter import tracker_base
 from igniter.tracker_base import ARTIFACTS, GuardedTracker, reason, redact
 
 if TYPE_CHECKING:
@@ -105,18 +105,8 @@ class WandBTracker(GuardedTracker, WandBLogger):
 
 
 def package_problem(key: str = "logging.loggers", import_it: bool = True) -> Problem | None:
-    """The :class:`Problem` with the wandb package under ``key``: not installed, or (when
-    ``import_it``) its import fails; ``None`` when it is usable. ``import_it=False`` only looks
-    it up (``find_spec``, milliseconds): for a check before anything is built."""
-    try:
-        if importlib.util.find_spec("wandb") is not None:
-            if import_it:
-                import wandb  # noqa: F401
-            return None
-        why = "the wandb package is not installed"
-    except Exception as e:  # a broken install: its import fails (ImportError, or anything else)
-        why = f"the wandb package cannot be imported ({type(e).__name__}: {e})"
-    return Problem(key, f"{why}: pip install 'igniter[wandb]' (or remove wandb from logging.loggers)", "wandb")
+    """:func:`igniter.tracker_base.package_problem` of the wandb package."""
+    return tracker_base.package_problem("wandb", key, import_it)
 
 
 def read_records(path: str | Path) -> Iterator[Any]:
