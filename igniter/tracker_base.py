@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from igniter.errors import Problem
 
-__all__ = ["ARTIFACTS", "GuardedTracker", "package_problem", "reason", "redact"]
+__all__ = ["ARTIFACTS", "GuardedTracker", "attach_standard_handlers", "package_problem", "reason", "redact", "tracker_key"]
 
 logger = logging.getLogger("igniter")
 
@@ -108,3 +108,30 @@ def package_problem(package: str, key: str = "logging.loggers", import_it: bool 
     except Exception as e:  # a broken install: its import fails (ImportError, or anything else)
         why = f"the {package} package cannot be imported ({type(e).__name__}: {e})"
     return Problem(key, f"{why}: pip install 'igniter[{package}]' (or remove {package} from logging.loggers)", package)
+
+
+def tracker_key(ctx: Any, name: str) -> str:
+    """``logging.loggers[i]``: where ``name`` is listed (the key its start-up errors name)."""
+    loggers = list(ctx.cfg.logging.loggers)
+    return f"logging.loggers[{loggers.index(name)}]" if name in loggers else "logging.loggers"
+
+
+def attach_standard_handlers(tracker: Any, ctx: Any) -> Any:
+    """Attach to ``tracker`` (an Ignite logger) what every tracker logs, with TensorBoard's names:
+    ``train/loss`` and ``lr/group_<i>`` every ``logging.log_every`` iterations,
+    ``train/samples_per_s`` per epoch, ``val/<metric>`` after every evaluation (step = trainer
+    iteration); ``tracker.completed`` is set when training reaches its end. Returns ``tracker``."""
+    from ignite.engine import Events
+    from ignite.handlers import global_step_from_engine
+
+    from igniter.events import PeriodicEvents
+
+    trainer, every = ctx.trainer, PeriodicEvents.LOG  # every logging.log_every iterations
+    tracker.attach_output_handler(trainer, event_name=every, tag="train", output_transform=lambda out: out)
+    tracker.attach_opt_params_handler(trainer, event_name=every, optimizer=ctx.optimizer, param_name="lr")
+    at_iteration = global_step_from_engine(trainer, Events.ITERATION_COMPLETED)
+    tracker.attach_output_handler(trainer, event_name=Events.EPOCH_COMPLETED, tag="train", state_attributes=["samples_per_s"], global_step_transform=at_iteration)
+    if ctx.evaluator is not None:
+        tracker.attach_output_handler(ctx.evaluator, event_name=Events.COMPLETED, tag="val", metric_names="all", global_step_transform=at_iteration)
+    trainer.add_event_handler(Events.COMPLETED, lambda _: setattr(tracker, "completed", True))
+    return tracker

@@ -23,17 +23,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from ignite.engine import Events
-from ignite.handlers import global_step_from_engine
 from ignite.handlers.wandb_logger import WandBLogger
 from omegaconf import OmegaConf
 
 from igniter.errors import ConfigError, Problem
-from igniter.events import PeriodicEvents
 from igniter.io import atomic_write
 from igniter.registry import io_registry
 from igniter import tracker_base
-from igniter.tracker_base import ARTIFACTS, GuardedTracker, reason, redact
+from igniter.tracker_base import ARTIFACTS, GuardedTracker, attach_standard_handlers, reason, redact, tracker_key
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
@@ -242,15 +239,4 @@ def wandb_logger(ctx: RunContext) -> WandBTracker:
         ConfigError: before training (exit 2): the wandb package is missing, or the W&B
             run cannot start (see :func:`start_wandb`).
     """
-    loggers = list(ctx.cfg.logging.loggers)
-    key = f"logging.loggers[{loggers.index('wandb')}]" if "wandb" in loggers else "logging.loggers"
-    tracker = start_wandb(ctx, key)
-    trainer, every = ctx.trainer, PeriodicEvents.LOG  # every logging.log_every iterations
-    tracker.attach_output_handler(trainer, event_name=every, tag="train", output_transform=lambda out: out)
-    tracker.attach_opt_params_handler(trainer, event_name=every, optimizer=ctx.optimizer, param_name="lr")
-    at_iteration = global_step_from_engine(trainer, Events.ITERATION_COMPLETED)
-    tracker.attach_output_handler(trainer, event_name=Events.EPOCH_COMPLETED, tag="train", state_attributes=["samples_per_s"], global_step_transform=at_iteration)
-    if ctx.evaluator is not None:
-        tracker.attach_output_handler(ctx.evaluator, event_name=Events.COMPLETED, tag="val", metric_names="all", global_step_transform=at_iteration)
-    trainer.add_event_handler(Events.COMPLETED, lambda _: setattr(tracker, "completed", True))
-    return tracker
+    return attach_standard_handlers(start_wandb(ctx, tracker_key(ctx, "wandb")), ctx)
