@@ -181,17 +181,34 @@ def template_script(tmp_path: Path) -> Path:
     return script
 
 
+def sbatch_and_wait(args: list[str], cwd: Path, env: dict[str, str], limit_s: float = 300) -> tuple[str, str]:
+    """``sbatch --parsable *args``, then wait for the job to end by polling ``squeue`` every
+    0.3 s (``sbatch --wait`` polls at growing intervals: a job of 10 s took 42). Returns the
+    job id and its final state (``COMPLETED``, ``FAILED``, ...); cancels it past ``limit_s``."""
+    submitted = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id, state = submitted.stdout.strip().split(";")[0], "PENDING"
+    deadline = time.monotonic() + limit_s
+    while state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"):
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], capture_output=True)
+            break
+        time.sleep(0.3)
+        out = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+        state = out.stdout.strip() or state
+    return job_id, state
+
+
 def test_sbatch_template_runs_two_tasks_with_srun(slurm, tmp_path):
     """slurm/sbatch_template.sh as a user would submit it (GPU line dropped: this node has none)."""
     script = template_script(tmp_path)
     env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RUN_DIR": str(tmp_path / "run")}
-    proc = subprocess.run(
-        ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out",
-         str(script), *COMMON],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    job_id, state = sbatch_and_wait(
+        ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out", str(script), *COMMON],
+        tmp_path, env,
     )
     logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
-    assert proc.returncode == 0, proc.stderr + logs[-3000:]
+    assert state == "COMPLETED", f"job {job_id}: {state}\n" + logs[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert metrics["world_size"] == 2 and metrics["status"] == "completed"
     assert {"rank0.log", "rank1.log"} <= {p.name for p in (tmp_path / "run").iterdir()}
@@ -215,10 +232,7 @@ def test_runner_single_in_a_two_task_srun_step_exits_2_but_runs_in_the_batch_scr
         f"srun python -m igniter runner=single trainer.max_epochs=1 output_dir={run} > srun.txt 2>&1; echo \"srun $?\" >> status.txt\n"
     )
     env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(
-        ["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out", str(script)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    job_id, state = sbatch_and_wait(["--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out", str(script)], tmp_path, env)
     status = dict(line.split() for line in (tmp_path / "status.txt").read_text().splitlines())
     details = "".join(f"--- {n}\n{(tmp_path / n).read_text()[-2000:]}" for n in ("batch_env.txt", "batch.txt", "srun.txt"))
     assert status["batch"] == "0", details
@@ -226,7 +240,7 @@ def test_runner_single_in_a_two_task_srun_step_exits_2_but_runs_in_the_batch_scr
     srun_out = (tmp_path / "srun.txt").read_text()
     assert srun_out.count("2-task SLURM step") == 2 and "runner=slurm" in srun_out, details
     assert not run.exists(), "nothing may be written"
-    assert proc.returncode == 0, proc.stderr
+    assert state == "COMPLETED", f"job {job_id}: {state}"
 
 
 def sacct_attempts(job_id: str) -> list[tuple[str, str, str]]:
