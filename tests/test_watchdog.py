@@ -76,6 +76,8 @@ def test_detector_keeps_a_job_alive_while_any_rank_progresses():
         assert _observe(d, float(t), _record(0, 10, "eval", beat=t, count=t // 2), _record(1, 10, "trained", beat=t)) is None
     d = HangDetector([0], timeout_s=5, beat_s=1, now=0.0)
     assert all(_observe(d, float(t), _record(0, -1, "setup", beat=t, cpu_s=float(t))) is None for t in range(30))
+    d = HangDetector([0, 1], timeout_s=5, beat_s=1, now=0.0)  # rank 0 draws the curves, rank 1 waits for it
+    assert all(_observe(d, float(t), _record(0, 44, "done", beat=t, cpu_s=float(t)), _record(1, 44, "done", beat=t)) is None for t in range(30))
     assert any(_observe(d, float(t), _record(0, -1, "train", beat=t, cpu_s=float(t))) for t in range(30, 60))
     d = HangDetector([0], timeout_s=5, beat_s=1, now=0.0)
     assert all(_observe(d, float(t), {**_record(0, 3, "checkpoint", beat=t), "bytes": 1000 * t}) is None for t in range(30))

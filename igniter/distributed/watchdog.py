@@ -90,11 +90,11 @@ class _Seen:
 
 def _signature(record: dict[str, Any]) -> tuple:
     """What must change for the rank to count as progressing: its position, plus CPU seconds
-    while it sets up, plus bytes while it writes a checkpoint. While TorchDynamo compiles,
-    every beat counts: inductor compiles in worker processes, whose CPU time is not this
-    process's, and a compile reports nothing until it ends."""
+    while it sets up or records the run's end, plus bytes while it writes a checkpoint. While
+    TorchDynamo compiles every beat counts: inductor compiles in worker processes, whose CPU
+    time is not this process's, and a compile reports nothing until it ends."""
     compiling = record["beat"] if record.get("compiling", 0) > 0 else None
-    cpu = record["cpu_s"] if record["phase"] == "setup" else None
+    cpu = record["cpu_s"] if record["phase"] in ("setup", "done") else None  # building; the summary and curves
     return (record["iteration"], record["phase"], record["count"], cpu, record["bytes"], compiling)
 
 
