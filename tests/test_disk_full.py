@@ -221,13 +221,9 @@ def test_a_failed_dcp_write_removes_its_directory_and_raises_exit_5(tmp_path):
 
 def test_a_workers_igniter_error_reaches_the_launcher_as_itself(tmp_path):
     """runner=spawn records what a worker raised; any IgniterError comes back whole (its
-    message and exit status), under the module's old names too."""
+    message and exit status)."""
     from igniter.distributed import worker_errors
     from igniter.io import CheckpointWriteError
-
-    assert worker_errors.RecordConfigErrors is worker_errors.RecordWorkerErrors
-    assert worker_errors.first_config_error is worker_errors.first_worker_error
-    assert worker_errors.recorded_config_errors is worker_errors.recorded_worker_errors
 
     def fails(error):
         def fn():
@@ -237,10 +233,10 @@ def test_a_workers_igniter_error_reaches_the_launcher_as_itself(tmp_path):
 
     full = CheckpointWriteError("checkpoint x could not be written to /ckpt: No space left on device", errno.ENOSPC, "/ckpt", 10, 5)
     for error in (full, ConfigError([Problem("data.root", "does not exist", "/x")])):
-        with worker_errors.recorded_config_errors() as directory:
+        with worker_errors.recorded_worker_errors() as directory:
             with pytest.raises(type(error)):
-                worker_errors.RecordConfigErrors(directory, fails(error))()
-            again = worker_errors.first_config_error(directory)
+                worker_errors.RecordWorkerErrors(directory, fails(error))()
+            again = worker_errors.first_worker_error(directory)
         assert type(again) is type(error) and str(again) == str(error) and again.exit_status == error.exit_status
 
     with worker_errors.recorded_worker_errors() as directory:

@@ -235,16 +235,13 @@ class Reporter(threading.Thread):
         store: a store client of this thread's own (:func:`connect`).
         rank: this process's global rank.
         beat_s: seconds between reports.
-        exit_on_verdict: leave with exit status 4 after dumping the stacks (when no launcher
-            ends the processes: torchrun, SLURM).
         watch: called after every report with the store (the in-process watchdog of rank 0
             and of the other ranks, :mod:`igniter.distributed.watchdog`).
     """
 
-    def __init__(self, store: dist.Store, rank: int, beat_s: float, exit_on_verdict: bool, watch: Callable[[dist.Store], None] | None = None) -> None:
+    def __init__(self, store: dist.Store, rank: int, beat_s: float, watch: Callable[[dist.Store], None] | None = None) -> None:
         super().__init__(name="igniter-progress", daemon=True)
-        self.store, self.rank, self.beat_s = store, rank, beat_s
-        self.exit_on_verdict, self.watch = exit_on_verdict, watch
+        self.store, self.rank, self.beat_s, self.watch = store, rank, beat_s, watch
         self.beat = 0
         self.stopped = threading.Event()
         self.host, self.pid = socket.gethostname(), os.getpid()
@@ -284,13 +281,13 @@ class Reporter(threading.Thread):
                 logger.debug("progress report failed: %s", e)
 
     def obey(self, verdict: dict[str, Any]) -> None:
-        """Dump this process's stacks, publish its innermost frames, and leave if asked to."""
+        """Dump this process's stacks and publish its innermost frames (the watcher ends the
+        process; without a watching launcher a subclass leaves by itself,
+        :mod:`igniter.distributed.watchdog`)."""
         dump_stacks(f"watchdog: {verdict.get('summary', 'a rank made no progress')}")
         with contextlib.suppress(RuntimeError, dist.DistError, OSError):
             self.store.set(f"{STACK}{self.rank}", innermost_frames())
             self.store.set(f"{DUMPED}{self.rank}", "1")
-        if self.exit_on_verdict:
-            leave_hung()
 
 
 def leave_hung() -> None:

@@ -36,12 +36,12 @@ import ignite.distributed as idist
 import torch
 from omegaconf import DictConfig
 
+from igniter.distributed.collective_timeout import CollectiveTimeout, describe_stragglers, is_collective_timeout
 from igniter.distributed.environment import Slurm, Torchrun
 from igniter.distributed.signals import ignore_sigint, sigint_scope, stop_children
 from igniter.distributed.nesting import outer_launcher_problem
 from igniter.distributed.slurm import attach_preemption
 from igniter.distributed.threads import ThreadPlan, apply_threads, chosen
-from igniter.distributed.collective_timeout import CollectiveTimeout, describe_stragglers, is_collective_timeout
 from igniter.distributed.watchdog import LauncherWatchdog, WatchPlan, start_reporting
 from igniter.distributed.worker_errors import RecordWorkerErrors, first_worker_error, recorded_worker_errors
 from igniter.errors import EXIT_FAILED, IgniterError, Problem, RankHung

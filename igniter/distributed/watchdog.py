@@ -306,7 +306,6 @@ class _LeaveAfterDecision(Reporter):
     (at most ``DUMP_WAIT_S`` + 30 s) for :data:`DECIDED`, notes :data:`LEAVING`, leaves (4)."""
 
     def obey(self, verdict: dict[str, Any]) -> None:
-        self.exit_on_verdict = False
         super().obey(verdict)
         deadline = time.monotonic() + DUMP_WAIT_S + 30.0
         try:
@@ -334,13 +333,13 @@ def start_reporting(plan: WatchPlan) -> Reporter | None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if plan.store is not None:  # the launcher watches and ends the workers itself
         host, port = plan.store.rsplit(":", 1)
-        reporter = Reporter(connect(host, int(port), 10), rank, plan.beat_s, exit_on_verdict=False)
+        reporter = Reporter(connect(host, int(port), 10), rank, plan.beat_s)
     else:
         address = _group_store_address()
         if address is None:
             return None
         watch = in_process_watch(rank, world_size, plan) if plan.hang_timeout_s is not None else None
-        reporter = _LeaveAfterDecision(connect(*address, timeout_s=min(10.0, plan.beat_s * 2)), rank, plan.beat_s, True, watch)
+        reporter = _LeaveAfterDecision(connect(*address, timeout_s=min(10.0, plan.beat_s * 2)), rank, plan.beat_s, watch)
     reporter.start()
     if plan.store is None and watch is not None and rank != 0:  # know rank 0's host and pid before training
         with contextlib.suppress(RuntimeError, dist.DistError, OSError):

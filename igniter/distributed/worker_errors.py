@@ -9,9 +9,6 @@ failed" with a traceback and exit status 1. Each worker of ``runner=spawn`` ther
 records its ``IgniterError`` in a directory the launcher made (as torchelastic's
 ``TORCHELASTIC_ERROR_FILE`` does for any error); the launcher re-raises the lowest
 rank's, and the CLI reports it as its paragraph with its own exit status (2, 5, 3...).
-
-``RecordConfigErrors``, ``recorded_config_errors`` and ``first_config_error`` are the
-names this module had when it recorded ``ConfigError`` alone; they are the same objects.
 """
 
 from __future__ import annotations
@@ -26,14 +23,7 @@ import ignite.distributed as idist
 
 from igniter.errors import IgniterError
 
-__all__ = [
-    "RecordWorkerErrors",
-    "recorded_worker_errors",
-    "first_worker_error",
-    "RecordConfigErrors",
-    "recorded_config_errors",
-    "first_config_error",
-]
+__all__ = ["RecordWorkerErrors", "recorded_worker_errors", "first_worker_error"]
 
 
 class RecordWorkerErrors:
@@ -79,9 +69,3 @@ def first_worker_error(directory: str) -> IgniterError | None:
         if isinstance(error, IgniterError):
             return error
     return None
-
-
-# The names runners.py and older code use (this module recorded ConfigError alone then).
-RecordConfigErrors = RecordWorkerErrors
-recorded_config_errors = recorded_worker_errors
-first_config_error = first_worker_error
