@@ -29,6 +29,7 @@ from igniter.registry import (  # noqa: E402,F401
 # Built-in components: importing them fills the registries. Every module under igniter/
 # with a registry decorator belongs here (telemetry: the gpu_telemetry handler).
 from igniter import datasets, distributed, engines, functions, handlers, io, models, solver, telemetry, transforms  # noqa: F401,E402
+from igniter import object_store  # noqa: F401,E402  (the object_store saver; s3fs etc. imported on use)
 from igniter import trackers  # noqa: F401,E402  (the mlflow logger; mlflow itself is imported on use)
 from igniter import wandb_tracker  # noqa: F401,E402  (the wandb logger; wandb itself is imported on use)
 

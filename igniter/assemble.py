@@ -34,7 +34,9 @@ from igniter.build import (
 from igniter.compile import compile_options
 from igniter.context import EvalContext, RunContext
 from igniter.distributed.strategy import wrap_model
-from igniter.errors import ConfigError
+from igniter.checkpoint_files import CheckpointInvalid, check_model_state, load_checkpoint
+from igniter.errors import ConfigError, Problem
+from igniter.remote import fetch, is_url
 from igniter.precision import Autocast, make_autocast, make_scaler, precision_problems
 from igniter.distributed.sampler import ShardedSampler
 from igniter.events import PeriodicEvents
@@ -86,7 +88,34 @@ def _model(cfg: DictConfig) -> torch.nn.Module:
     manual_seed(cfg.trainer.seed)  # same initial weights on every rank
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return wrap_model(build_model(cfg.model), compile_options(cfg.trainer.compile), cfg.runner, cfg.trainer.precision)
+    model = build_model(cfg.model)
+    if cfg.model.get("weights"):
+        load_weights(model, str(cfg.model.weights), cfg.model.get("weights_sha256"))
+    return wrap_model(model, compile_options(cfg.trainer.compile), cfg.runner, cfg.trainer.precision)
+
+
+def load_weights(model: torch.nn.Module, source: str, sha256: str | None = None) -> None:
+    """Load ``model.weights`` into ``model`` (strict: every key and shape).
+
+    Args:
+        model: the freshly built model (before wrapping or sharding).
+        source: a local file or a URL (downloaded once into the cache, its SHA-256 checked:
+            :func:`igniter.object_store.fetch`), holding a model state dict or an igniter
+            checkpoint (its ``model`` entry). Read with ``weights_only=True``.
+        sha256: the expected hex digest of a download, or ``None``.
+
+    Raises:
+        ConfigError: the file cannot be read or downloaded, or does not fit the model.
+    """
+    local = fetch(source, "model.weights", sha256) if is_url(source) else Path(source).expanduser()
+    try:
+        state = load_checkpoint(local)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict) and "trainer" in state:
+            state = state["model"]  # an igniter checkpoint: its model
+        check_model_state(state, model)
+    except CheckpointInvalid as e:
+        raise ConfigError([Problem("model.weights", f"{source} {e}", source)], "cannot load the initial weights") from None
+    model.load_state_dict(state)
 
 
 def _precision(cfg: DictConfig, device: torch.device) -> tuple[Autocast, torch.amp.GradScaler]:

@@ -92,10 +92,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A model from the model registry, built as ``factory(**params)``."""
+    """A model from the model registry, built as ``factory(**params)``.
+
+    ``weights``: initial weights loaded before training (strict: every key and shape), a
+    local file or a URL (``s3://...``, ``https://...``) downloaded once into the cache
+    (:func:`igniter.object_store.cache_dir`); a model state dict or an igniter checkpoint
+    (its ``model``). ``weights_sha256``: the download's expected SHA-256 (hex), when known.
+    """
 
     name: str = MISSING
     params: Dict[str, Any] = field(default_factory=dict)
+    weights: Optional[str] = None
+    weights_sha256: Optional[str] = None
 
 
 @dataclass
@@ -203,9 +211,14 @@ class CheckpointConfig:
     (a ``torch.distributed.checkpoint`` directory every rank writes its shards to); ``None``:
     ``torch`` with ``runner.strategy=ddp``, ``dcp`` with ``fsdp``. ``async_save`` (``dcp``):
     training waits only for the copy to host memory.
+
+    ``dir``: where checkpoints go, ``<output_dir>/checkpoints`` when ``None``; a local path
+    or an fsspec URL (``s3://bucket/prefix``, ``gs://...``, ``file://...``): objects plus a
+    manifest written last (:mod:`igniter.object_store`), credentials from the environment.
     """
 
     enabled: bool = True
+    dir: Optional[str] = None
     saver: str = "disk"
     every_epochs: int = 1
     every_iterations: Optional[int] = None

@@ -129,6 +129,15 @@ class RunContext(EvalContext):
         self.status = bind_status(self.trainer)
 
     @property
+    def checkpoint_dir(self) -> str | Path:
+        """``checkpoint.dir``: a local path, or an fsspec URL (a ``str``) for object storage;
+        ``<output_dir>/checkpoints`` when unset."""
+        where = self.cfg.checkpoint.get("dir")
+        if not where:
+            return self.output_dir / "checkpoints"
+        return str(where).rstrip("/") if "://" in str(where) else Path(str(where)).expanduser()
+
+    @property
     def per_process_batch_size(self) -> int:
         """``data.loader.batch_size`` (global) divided by the world size."""
         return self.cfg.data.loader.batch_size // self.world_size

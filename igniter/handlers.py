@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import ignite.distributed as idist
@@ -218,7 +219,7 @@ def _guarded(save: Checkpoint, ctx: RunContext) -> Callable[[Engine], None]:
 
     def handler(engine: Engine) -> None:
         if ctx.status.diverged is None and not _any_rank(_nonfinite_loss(trainer.state.output)):
-            with checkpoint_phase(ctx.output_dir / "checkpoints"):  # bytes written are progress for the watchdog
+            with checkpoint_phase(ctx.checkpoint_dir):  # bytes written are progress for the watchdog
                 save(engine)
 
     return handler
@@ -298,12 +299,15 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     step = global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED)
     model: Any = unwrap_model(ctx.model)  # keys without DDP's "module." or torch.compile's "_orig_mod."
     optimizer: Any = ctx.optimizer
+    directory = ctx.checkpoint_dir
     if checkpoint_format(ctx.cfg) == "dcp":  # a directory per checkpoint, every rank writes its shards
-        saver: Any = dcp_saver(cfg, ctx.output_dir / "checkpoints")
+        saver: Any = dcp_saver(cfg, Path(directory))
         model, optimizer = ModelState(model), OptimizerState(model, ctx.optimizer)
         names = {"last": "{filename_prefix}_{name}_{global_step}.dcp", "best": "{filename_prefix}_{name}_{global_step}_{score_name}={score}.dcp"}
     else:
-        saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(ctx.output_dir / "checkpoints"))
+        # The default saver writes to local disk; for a URL, the object-store one (igniter.object_store).
+        name = "object_store" if isinstance(directory, str) and cfg.saver == "disk" else cfg.saver
+        saver = io_registry.get(name, "checkpoint.saver")(str(directory))
         names = {"last": None, "best": None}
     to_save: dict[str, Any] = {"model": model, "optimizer": optimizer, "trainer": TrainerState(ctx.trainer)}
     if ctx.scheduler is not None:

@@ -189,10 +189,7 @@ class AtomicDiskSaver(BaseSaveHandler):
 
     def __init__(self, dirname: str | Path, create_dir: bool = True, require_empty: bool = False, save_on_rank: int = 0) -> None:
         self.dirname = Path(dirname).expanduser()
-        self.save_on_rank = save_on_rank
-        self._pending_removal: list[str] = []
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igniter-checkpoint")
-        self._in_flight: Future | None = None
+        self._start_writer(save_on_rank)
         if idist.get_rank() == save_on_rank:
             if create_dir:
                 self.dirname.mkdir(parents=True, exist_ok=True)
@@ -201,6 +198,12 @@ class AtomicDiskSaver(BaseSaveHandler):
             for stale in self.dirname.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
 
+    def _start_writer(self, save_on_rank: int) -> None:
+        self.save_on_rank = save_on_rank
+        self._pending_removal: list[str] = []
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igniter-checkpoint")
+        self._in_flight: Future | None = None
+
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         """Serialize ``checkpoint`` now and write it to ``<dirname>/<filename>`` in the background."""
         if idist.get_rank() != self.save_on_rank:
@@ -208,7 +211,7 @@ class AtomicDiskSaver(BaseSaveHandler):
         buffer = self.serialize(checkpoint)
         self.flush()
         removals, self._pending_removal = self._pending_removal, []
-        self._in_flight = self._writer.submit(self._write, self.dirname / filename, buffer, removals)
+        self._in_flight = self._writer.submit(self._write, filename, buffer, removals)
 
     def serialize(self, checkpoint: Mapping) -> io.BytesIO:
         """``torch.save`` into memory (a hook for benchmarks that write nothing)."""
@@ -216,7 +219,9 @@ class AtomicDiskSaver(BaseSaveHandler):
         torch.save(checkpoint, buffer)
         return buffer
 
-    def _write(self, path: Path, buffer: io.BytesIO, removals: list[str]) -> None:
+    def _write(self, filename: str, buffer: io.BytesIO, removals: list[str]) -> None:
+        """Write ``buffer`` as ``filename``, then remove the rotated-out ``removals`` (the writer thread)."""
+        path = self.dirname / filename
         try:
             atomic_write(path, lambda f: self.write_bytes(f, buffer.getbuffer()))
         except OSError as e:  # the temporary file is gone; the rotated-out files stay (removals never run)

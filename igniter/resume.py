@@ -50,6 +50,8 @@ from ignite.engine import Engine
 from igniter.checkpoint_files import CheckpointInvalid, check_checkpoint, check_model_state, checkpoint_files, checkpoint_iteration, load_checkpoint
 from igniter.distributed.dcp_checkpoint import checkpoint_format, read_dcp
 from igniter.errors import ConfigError, Problem
+from igniter.object_store import complete_checkpoints, select_from_store
+from igniter.remote import fetched, is_url, open_store
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
@@ -164,13 +166,15 @@ def _check(path: Path, model: torch.nn.Module, required: tuple[str, ...], fmt: s
 
 
 def select_checkpoint(
-    resume: Any, directory: Path, model: torch.nn.Module, required: tuple[str, ...], fmt: str = "torch"
-) -> tuple[Path | None, dict | None]:
+    resume: Any, directory: Path | str, model: torch.nn.Module, required: tuple[str, ...], fmt: str = "torch"
+) -> tuple[Path | str | None, dict | None]:
     """Pick the checkpoint to resume from (call on rank 0).
 
     ``auto``: the newest valid ``last_checkpoint_*.pt`` in ``directory`` (invalid
     newer ones are reported with their path and reason, and skipped); ``None``
-    when there is none at all. A path: that file, which must be valid.
+    when there is none at all. A path: that file, which must be valid. A URL, or
+    ``directory`` a URL: the same from object storage (the URL, a ``str``, is returned;
+    :func:`igniter.object_store.select_from_store`).
 
     Raises:
         ConfigError: checkpoints exist but none is valid, or the given file is invalid.
@@ -178,6 +182,8 @@ def select_checkpoint(
     mode = resume_mode(resume)
     if mode is None:
         return None, None
+    if is_url(mode) or (mode == "auto" and is_url(directory)):
+        return select_from_store(mode, str(directory), lambda local: _check(local, model, required, fmt))
     if mode != "auto":
         path = Path(mode)
         if not path.is_file():
@@ -201,7 +207,7 @@ def select_checkpoint(
     return None, None
 
 
-def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
+def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
     """Load the checkpoint chosen by ``cfg.resume`` into ``to_load`` on every rank.
 
     Rank 0 chooses (newest valid file) and broadcasts its choice, or its error, so
@@ -222,7 +228,7 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
         return None
     # The scaler is optional: a 32 or bf16-mixed checkpoint resumes under 16-mixed with a fresh scale.
     required = tuple(k for k in to_load if k not in ("checkpointer", "scaler")) + ("checkpointer",)
-    directory = ctx.output_dir / "checkpoints"
+    directory = ctx.checkpoint_dir
     choice, ckpt = "", None
     if ctx.rank == 0:
         try:
@@ -237,20 +243,24 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | None:
         raise ConfigError([Problem("resume", line) for line in lines], "cannot resume")
     if not choice:
         return None
-    if Path(choice).is_dir():  # a DCP checkpoint: every rank reads its shards, resharded to this run
+    if not is_url(choice) and Path(choice).is_dir():  # a DCP checkpoint: every rank reads its shards, resharded to this run
         ckpt = read_dcp(Path(choice), to_load)
     elif ckpt is None:  # ranks > 0 read the file rank 0 chose
         try:
-            ckpt = check_checkpoint(Path(choice), ctx.model, required)
+            if is_url(choice):
+                with fetched(choice, "resume") as local:
+                    ckpt = check_checkpoint(local, ctx.model, required)
+            else:
+                ckpt = check_checkpoint(Path(choice), ctx.model, required)
         except CheckpointInvalid as e:
             raise ConfigError([Problem("resume", f"{choice} {e}")], "cannot resume") from None
     from ignite.handlers import Checkpoint
 
     Checkpoint.load_objects({k: v for k, v in to_load.items() if k in ckpt}, ckpt)
     logger.info("resumed from %s (epoch %d, iteration %d)", choice, ctx.trainer.state.epoch, ctx.trainer.state.iteration)
-    if "checkpointer" in to_load and Path(choice).parent == directory:
-        _forget_leftovers(to_load["checkpointer"], directory, Path(choice))
-    return Path(choice)
+    if "checkpointer" in to_load and not is_url(choice) and Path(choice).parent == directory:
+        _forget_leftovers(to_load["checkpointer"], Path(directory), Path(choice))
+    return choice if is_url(choice) else Path(choice)
 
 
 def _forget_leftovers(checkpointer: Any, directory: Path, resumed: Path) -> None:
@@ -288,7 +298,13 @@ def resume_hint(ctx: RunContext, job: dict[str, Any] | None) -> str:
         job: Hydra's job info; its ``overrides`` are repeated in the command.
     """
     state = ctx.trainer.state
-    newest = checkpoint_files(ctx.output_dir / "checkpoints")[:1] if ctx.cfg.checkpoint.enabled else []
+    directory = ctx.checkpoint_dir
+    if not ctx.cfg.checkpoint.enabled:
+        newest: list[Any] = []
+    elif is_url(directory):
+        newest = [f"{directory}/{name}" for name, _ in complete_checkpoints(*open_store(str(directory)))[:1]]
+    else:
+        newest = checkpoint_files(Path(directory))[:1]
     overrides = [o for o in (job or {}).get("overrides", []) if not o.startswith("output_dir=")]
     where = f"interrupted at epoch {state.epoch}, iteration {state.iteration}"
     if not newest:

@@ -118,7 +118,7 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
         finally:
             close_bars()
             if checkpointer is not None:
-                with checkpoint_phase(ctx.output_dir / "checkpoints"):
+                with checkpoint_phase(ctx.checkpoint_dir):
                     flush_checkpoints(checkpointer)
         # record
         summary = _record(ctx, record, interrupted, time.perf_counter() - start, profiler, telemetry)

@@ -37,6 +37,7 @@ from igniter.distributed.runners import make_runner
 from igniter.distributed.strategy import strategy_problems
 from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, PeriodicEvents, parse_event
+from igniter.remote import is_url, storage_problems
 from igniter.precision import accumulation_problems, precision_problems
 from igniter.resume import resume_mode
 from igniter.registry import (
@@ -318,8 +319,9 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
     c.problems += compile_problems(cfg.trainer.compile, cuda_here)
     c.problems += strategy_problems(cfg, world_size, cuda_here)
     resume = resume_mode(cfg.resume)
-    if resume not in (None, "auto") and not os.path.isfile(resume):
-        c.add("resume", "expected 'auto', false, or the path of an existing checkpoint file", cfg.resume)
+    if resume not in (None, "auto") and not is_url(resume) and not os.path.isfile(resume):
+        c.add("resume", "expected 'auto', false, the path of an existing checkpoint file or its URL", cfg.resume)
+    c.problems += storage_problems(cfg)
     if here:  # a cluster job's directory may live on a file system this machine does not see
         _check_output_dir(c, cfg.output_dir)
     _check_solver(c, cfg.solver)
