@@ -142,6 +142,8 @@ def results_rows(sweep_dir: Path, monitor: str | None = None) -> list[dict[str, 
     best ``monitor``) after the state."""
     rows = []
     jobs = sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if not jobs and (Path(sweep_dir) / ".hydra").is_dir():  # a single run submitted without -m: the sweep dir is its run dir
+        jobs = [Path(sweep_dir)]
     for job_dir in jobs:
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
@@ -214,8 +216,8 @@ class ResultsTable(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         study = proposes_lazily(config.hydra)
         monitor = OmegaConf.select(config, "evaluation.monitor", default=None) if study else None
-        if not sweep_dir.is_dir():
-            return
+        if not sweep_dir.is_dir() or OmegaConf.select(config, "hydra.launcher.wait", default=True) is False:
+            return  # wait=false: the launcher listed the jobs it submitted; `igniter status` shows them later
         rows = results_rows(sweep_dir, monitor)
         shown, common = without_common_overrides(rows, [str(o) for o in config.hydra.overrides.task])
         every = f"\nevery job: {' '.join(common)}" if common else ""

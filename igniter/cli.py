@@ -28,7 +28,7 @@ from igniter.callbacks import best_value, optuna_direction, proposes_lazily, rec
 from igniter.callbacks import trial_problems, worst_value
 from igniter.compose import compose_config, config_problems, hydra_args, plain_config, report_problems, sweep_points
 from igniter.config import CONFIG_MODULE, register_schema
-from igniter.distributed.launchers import secondary_launcher_settings
+from igniter.distributed.launchers import one_job_sweep, register_launcher, secondary_launcher_settings
 from igniter.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, IgniterError, Problem, TrainingDiverged
 
 # compose_config, sweep_points, config_problems, plain_config: re-exported from
@@ -287,6 +287,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "Write a checkpoint's model weights alone (safetensors).\n"
         "Default output: the checkpoint's path with the suffix .safetensors.",
     ),
+    "status": Subcommand("igniter.status:main", "<sweep dir | run dir>", "Each SLURM job's state, latest epoch and metrics; how to re-submit the failed."),
     "help": Subcommand("igniter.cli:overview", "", "This overview."),
 }
 
@@ -332,13 +333,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         status, configs = _prevalidate(args)
         if status:
             sys.exit(status)
-        if not args.multirun:
+        one_job = None if args.multirun else one_job_sweep(configs[0], argv)  # hydra/launcher=slurm without -m: submit it
+        if not args.multirun and one_job is None:
             _run_composed(configs[0], args.config_name or "config")
             return
+        argv = one_job or argv
         argv += _sweeper_overrides(configs[0], args.overrides)
     import hydra
 
     register_schema()
+    register_launcher()
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()
     if sweep_exit_status():  # a study none of whose trials completed (igniter.callbacks)

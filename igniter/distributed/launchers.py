@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from igniter.errors import Problem
 
-__all__ = ["is_cluster_launcher", "launcher_problems", "secondary_launcher_settings"]
+__all__ = ["is_cluster_launcher", "launcher_problems", "secondary_launcher_settings", "one_job_sweep", "register_launcher"]
 
 
 def is_cluster_launcher(launcher_cfg: Mapping[str, Any] | DictConfig) -> bool:
@@ -27,7 +27,8 @@ def is_cluster_launcher(launcher_cfg: Mapping[str, Any] | DictConfig) -> bool:
         launcher_cfg: ``hydra.launcher`` as a dict or ``DictConfig``.
     """
     # hydra-submitit-launcher's targets are hydra_plugins.hydra_submitit_launcher.
-    # submitit_launcher.{SlurmLauncher,LocalLauncher}: match the plugin, not one class.
+    # submitit_launcher.{SlurmLauncher,LocalLauncher}: match the plugin, not one class;
+    # igniter's hydra_plugins.igniter_submitit.SlurmLauncher (hydra/launcher=slurm) is one of them.
     return "submitit" in str(launcher_cfg.get("_target_", "") or "")
 
 
@@ -94,3 +95,39 @@ def secondary_launcher_settings(cfg: DictConfig) -> dict[str, Any]:
     scratch = tempfile.mkdtemp(prefix="igniter-secondary-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     return {"hydra.run.dir": scratch, "hydra.output_subdir": None}
+
+
+def one_job_sweep(cfg: DictConfig, argv: list[str]) -> list[str] | None:
+    """Hydra's arguments that submit a single run (no ``-m``) through a submitit launcher
+    (``igniter hydra/launcher=slurm ...``): a one-job sweep whose sweep directory, and job
+    directory, is the run's ``output_dir`` (Hydra runs a single run in this process, hydra#851).
+
+    Args:
+        cfg: the run's composed config, with its ``hydra`` node.
+        argv: the command line's arguments.
+
+    Returns:
+        The arguments for Hydra's multirun; ``None`` for a launcher that runs here.
+    """
+    if cfg is None or not is_cluster_launcher(cfg.hydra.launcher):
+        return None
+    from pathlib import Path
+
+    from igniter.distributed.submissions import hydra_value
+
+    output_dir = hydra_value(Path(str(cfg.output_dir)).absolute())  # pinned: ${now:...} would differ when composed again
+    return ["-m", *(a for a in argv if not a.startswith("output_dir=")), f"output_dir={output_dir}", "hydra.sweep.dir=${output_dir}", "hydra.sweep.subdir=."]
+
+
+def register_launcher() -> None:
+    """Give Hydra igniter's SLURM launcher (``hydra/launcher=slurm``:
+    ``hydra_plugins.igniter_submitit``). Hydra finds plugins by scanning the
+    ``hydra_plugins`` namespace on disk, which an editable install (``pip install -e``)
+    hides from the scan; registering it by hand works for either install. Nothing
+    happens without the ``slurm`` extra (hydra-submitit-launcher)."""
+    try:
+        from hydra.core.plugins import Plugins
+        from hydra_plugins.igniter_submitit import SlurmLauncher
+    except ImportError:
+        return
+    Plugins.instance().register(SlurmLauncher)
