@@ -74,11 +74,15 @@ def storage_problems(cfg: Any) -> list[Problem]:
     return problems
 
 
-def _storage_options(protocol: str) -> dict[str, Any]:
-    # Fail in seconds, not minutes, when the endpoint is down (botocore's defaults: 60 s x 5 tries).
-    if protocol in ("s3", "s3a"):
-        return {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}}
-    return {}
+def _storage_options(protocol: str, probe: bool = False) -> dict[str, Any]:
+    """Client settings. ``probe`` (the check at start): one try, a 3 s connect timeout, so a
+    store that is down is an error in seconds (s3fs x botocore retries took 19 s). Otherwise
+    botocore's standard retry mode with 5 attempts: an upload during training rides out a blip."""
+    if protocol not in ("s3", "s3a"):
+        return {}
+    if probe:
+        return {"config_kwargs": {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1}}}
+    return {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 5, "mode": "standard"}}}
 
 
 def open_store(url: str, key: str = "checkpoint.dir", create: bool = False) -> tuple[Any, str]:
@@ -100,11 +104,14 @@ def open_store(url: str, key: str = "checkpoint.dir", create: bool = False) -> t
 
     protocol = url.split("://", 1)[0]
     try:
-        fs, root = fsspec.core.url_to_fs(url, **_storage_options(protocol))
+        probe, root = fsspec.core.url_to_fs(url, **_storage_options(protocol, probe=True))
         root = root.rstrip("/")
-        if create:
-            fs.makedirs(root, exist_ok=True)
-        fs.ls(root, detail=False) if fs.exists(root) else fs.ls(root.split("/", 1)[0], detail=False)
+        probe.retries = 1  # s3fs's own retries (5, with back-off) on top of botocore's
+        if create and protocol in ("file", "local"):  # object stores have no directories (and makedirs would create a bucket)
+            probe.makedirs(root, exist_ok=True)
+        if not protocol.startswith("http"):  # a web server lists nothing: a missing file is found on reading
+            probe.ls(root, detail=False) if probe.exists(root) else probe.ls(root.split("/", 1)[0], detail=False)
+        fs = fsspec.core.url_to_fs(url, **_storage_options(protocol))[0]
     except Exception as e:  # botocore/aiohttp/OS errors alike: the store cannot be used
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "") if protocol.startswith("s3") else ""
         where = f" (endpoint {endpoint} from AWS_ENDPOINT_URL)" if endpoint else ""

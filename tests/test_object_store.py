@@ -1,0 +1,194 @@
+"""Checkpoints and weights in object storage, against a real S3-compatible server (moto's
+server mode, a separate process on 127.0.0.1 started here) with s3fs as the client."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import igniter_env
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from igniter.distributed.runners import free_port  # noqa: E402
+from igniter.errors import ConfigError  # noqa: E402
+from igniter.object_store import complete_checkpoints  # noqa: E402
+from igniter.remote import MANIFEST_SUFFIX, fetch, open_store  # noqa: E402
+
+BUCKET = "checkpoints"
+BASE = ["trainer.max_epochs=1", "checkpoint.every_iterations=10", "checkpoint.n_saved=2", "trainer.seed=3", "logging.progress_bar=false", "logging.loggers=[]"]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free port with bucket ``checkpoints``; yields the environment
+    (endpoint and dummy credentials) a client needs."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:  # until it answers (or has died)
+        assert server.poll() is None, server.stderr.read().decode()[-2000:]
+        try:
+            urllib.request.urlopen(endpoint, timeout=2)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "moto server did not answer in 120 s"
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # for the in-process clients below
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(BUCKET)
+    yield env
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def igniter(args: list[str], cwd: Path, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "igniter", *args], cwd=cwd, env={**igniter_env(), **env}, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def store_model(url: str) -> dict[str, torch.Tensor]:
+    """The model of the newest complete checkpoint under ``url``."""
+    fs, root = open_store(url)
+    name, _ = complete_checkpoints(fs, root)[0]
+    with fs.open(f"{root}/{name}", "rb") as f:
+        return torch.load(f, weights_only=True)["model"]
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max()}"
+
+
+def test_killed_mid_upload_resumes_from_the_newest_complete_checkpoint_bit_identically(s3, tmp_path):
+    """A run checkpointing to s3:// every 10 iterations is SIGKILLed after iteration 30's
+    object is uploaded and before its manifest: the store then holds 30's object without a
+    manifest and 20 as the newest complete checkpoint; the same command resumes from 20,
+    deletes the orphan, and ends with the weights of an uninterrupted run on local disk."""
+    reference = tmp_path / "reference"
+    assert igniter([*BASE, f"output_dir={reference}"], tmp_path, {}).returncode == 0
+    url = f"s3://{BUCKET}/killed"
+    args = [*BASE, "imports=[my_project]", "checkpoint.saver=stall_upload", f"checkpoint.dir={url}", f"output_dir={tmp_path / 'run'}"]
+    marker = tmp_path / "stalled"
+    env = {**igniter_env(), **s3, "STALL_UPLOAD_AT": "30", "STALL_UPLOAD_MARKER": str(marker)}
+    first = subprocess.Popen([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():  # the object of iteration 30 is uploaded, its manifest not
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the upload of iteration 30 never started"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    fs, root = open_store(url)
+    objects = sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False))
+    assert "last_checkpoint_30.pt" in objects and f"last_checkpoint_30.pt{MANIFEST_SUFFIX}" not in objects, objects
+    assert [name for name, _ in complete_checkpoints(fs, root)] == ["last_checkpoint_20.pt", "last_checkpoint_10.pt"]
+
+    second = igniter(args, tmp_path, s3)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = (tmp_path / "run" / "rank0.log").read_text()
+    assert f"resumed from {url}/last_checkpoint_20.pt (epoch 0, iteration 20)" in log
+    assert "last_checkpoint_30.pt: an upload that never completed" in log
+    fs.invalidate_cache()
+    names = [p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False)]
+    pts = sorted(n for n in names if n.endswith(".pt"))
+    assert all(f"{n}{MANIFEST_SUFFIX}" in names for n in pts), names  # no object without its manifest
+    assert [name for name, _ in complete_checkpoints(fs, root)] == ["last_checkpoint_44.pt", "last_checkpoint_40.pt"]  # n_saved=2
+    assert_bit_identical(torch.load(sorted((reference / "checkpoints").glob("last_checkpoint_44.pt"))[0], weights_only=True)["model"], store_model(url))
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # no request lines on the test's stderr
+        pass
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A directory served over HTTP on 127.0.0.1; yields ``(directory, base URL)``."""
+    served = tmp_path / "served"
+    served.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Quiet(*a, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_weights_from_s3_and_https_are_cached_with_their_checksum(s3, http_dir, tmp_path, monkeypatch):
+    """``model.weights`` from a local file and from s3:// (all-zero weights: the first loss is
+    exactly ln 10, which no initialisation gives) give the same run; downloads are cached with
+    their SHA-256 (a damaged cache file is downloaded again; a wrong expected digest is an
+    error naming the key, nothing kept)."""
+    from igniter.registry import model_registry
+
+    model = model_registry.get("mlp")(in_features=64, hidden=[128], num_classes=10)
+    weights = tmp_path / "weights.pt"
+    torch.save({k: torch.zeros_like(v) for k, v in model.state_dict().items()}, weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    fs, _ = open_store(f"s3://{BUCKET}")
+    fs.put(str(weights), f"{BUCKET}/models/weights.pt")
+    cache = tmp_path / "cache"
+    short = ["trainer.max_epochs=1", "trainer.epoch_length=2", "logging.log_every=1", "logging.progress_bar=false", "logging.loggers=[]"]
+    finals = {}
+    for name, source in (("local", str(weights)), ("s3", f"s3://{BUCKET}/models/weights.pt")):
+        proc = igniter([*short, f"model.weights={source}", f"model.weights_sha256={digest}", f"output_dir={tmp_path / name}"], tmp_path, {**s3, "IGNITER_CACHE_DIR": str(cache)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        first_loss = json.loads((tmp_path / name / "metrics.json").read_text())["train_loss_history"][0]
+        assert first_loss[0] == 1 and first_loss[1] == pytest.approx(math.log(10), abs=1e-6), first_loss
+        finals[name] = torch.load(tmp_path / name / "checkpoints" / "last_checkpoint_2.pt", weights_only=True)["model"]
+    assert_bit_identical(finals["local"], finals["s3"])
+    (cached,) = (cache / "downloads").glob("*-weights.pt")
+    assert Path(f"{cached}.sha256").read_text().strip() == digest
+
+    monkeypatch.setenv("IGNITER_CACHE_DIR", str(cache))
+    cached.write_bytes(b"damaged")
+    assert fetch(f"s3://{BUCKET}/models/weights.pt", "model.weights") == cached
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == digest  # downloaded again
+    served, base = http_dir
+    (served / "w.pt").write_bytes(weights.read_bytes())
+    assert fetch(f"{base}/w.pt", "model.weights", digest).read_bytes() == weights.read_bytes()
+    with pytest.raises(ConfigError, match=r"model.weights.*has SHA-256 .*expected 0{64}"):
+        fetch(f"{base}/w.pt", "model.weights", "0" * 64, cached=False)
+    with pytest.raises(ConfigError, match="model.weights.*cannot read"):
+        fetch(f"{base}/missing.pt", "model.weights")
+    assert not list((cache / "downloads").glob(".download-*"))  # no partial download left
+
+
+def test_bad_storage_input_is_one_error_before_training(s3, tmp_path):
+    """Credentials in a URL, a missing weights file and a malformed digest are config errors
+    (exit 2, all named at once, no run directory); an unreachable endpoint is exit 2 naming
+    checkpoint.dir and AWS_ENDPOINT_URL, before training, without a traceback; so is a
+    bucket that does not exist."""
+    run = tmp_path / "run"
+    proc = igniter(["checkpoint.dir=s3://key:secret@bucket/x", f"model.weights={tmp_path / 'nope.pt'}", "model.weights_sha256=abc", f"output_dir={run}"], tmp_path, s3)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for key in ("checkpoint.dir", "model.weights", "model.weights_sha256"):
+        assert key in proc.stderr
+    assert "secret" not in proc.stderr + proc.stdout and not run.exists()
+    down = {**s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    proc = igniter([f"checkpoint.dir=s3://{BUCKET}/x", f"output_dir={run}"], tmp_path, down)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"checkpoint.dir = 's3://{BUCKET}/x': cannot reach" in proc.stderr and "AWS_ENDPOINT_URL" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(run.glob("checkpoints/*")) and "epoch 1" not in proc.stdout  # stopped before training
+    with pytest.raises(ConfigError, match="checkpoint.dir.*cannot reach s3://no-such-bucket/x"):
+        open_store("s3://no-such-bucket/x")  # the same check, in this process: a bucket that does not exist
