@@ -77,6 +77,8 @@ def study_problems(cfg: DictConfig, problems: list[Problem], parsed: list[Any]) 
     problems = [p for p in problems if not any(p.key == k or p.key.startswith(f"{k}.") for k in swept)]
     if cfg.evaluation.monitor is None:
         problems.append(Problem("evaluation.monitor", "a study optimizes evaluation.monitor: name one of evaluation.metrics", None))
+    if OmegaConf.select(cfg, "hydra.launcher.wait", default=True) is False:  # the sweeper proposes from each trial's result
+        problems.append(Problem("hydra.launcher.wait", "a study needs each trial's result: it must be true", False))
     given = [o for o in parsed if o.get_key_element() == "hydra.sweeper.direction"]
     want = optuna_direction(cfg)
     if given and want and str(given[-1].value()) != want:

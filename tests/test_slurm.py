@@ -302,3 +302,89 @@ def test_a_hang_under_srun_ends_the_step_with_4_and_requeue_on_hang_resumes(slur
     # the second attempt: resumed from the newest checkpoint (iteration 20), completed
     assert "resumed from" in output and "iteration 20)" in output, details
     assert read_metrics(run)["status"] == "completed"
+
+
+def controller_states() -> dict[str, str]:
+    """Job id -> state of every job (one line per array task: ``123_0``) the controller holds."""
+    out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return dict(line.split("|", 1) for line in out.stdout.split())
+
+
+def wait_for(condition, what: str, limit_s: float = 120) -> dict[str, str]:
+    """Poll the controller every 0.3 s until ``condition(states)`` holds; returns the states."""
+    deadline = time.monotonic() + limit_s
+    while not condition(states := controller_states()):
+        assert time.monotonic() < deadline, f"{what}: not within {limit_s} s: {states}"
+        time.sleep(0.3)
+    return states
+
+
+def test_single_run_without_m_is_one_slurm_job_and_status_shows_it(slurm, tmp_path):
+    run = tmp_path / "run"
+    proc = run_igniter(["hydra/launcher=slurm", "trainer.max_epochs=1", "checkpoint.enabled=false", "logging.progress_bar=false", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(run)
+    job_id = metrics["job"]["id"]
+    assert metrics["status"] == "completed" and job_id and job_id in proc.stdout
+    assert wait_for(lambda s: s.get(job_id) not in ("RUNNING", "COMPLETING"), "job ended")[job_id] == "COMPLETED", "it ran on SLURM"
+    assert not (tmp_path / "multirun").exists(), "a single run: its own output_dir"
+    status = run_igniter(["status", str(run)], tmp_path)
+    assert status.returncode == 0, status.stderr
+    row = next(line.split() for line in status.stdout.splitlines() if line.startswith("0 "))
+    assert row[:5] == ["0", job_id, "COMPLETED", "completed", "1"], status.stdout
+
+
+def test_status_of_a_missing_or_empty_directory_exits_2(tmp_path, capsys):
+    from igniter.status import main as status_main
+
+    assert status_main([str(tmp_path / "nope")]) == 2
+    assert status_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "holds no jobs" in err and "Traceback" not in err
+
+
+def test_sweep_without_waiting_status_and_resubmitting_the_cancelled_job(slurm, tmp_path, monkeypatch):
+    """A 3-job sweep with wait=false returns while its jobs run; job 1 sleeps in its first epoch
+    (the first time only) until it is cancelled; `igniter status` shows the states, metrics and
+    the command that re-submits; that command, run again, submits job 1 alone into its directory."""
+    monkeypatch.setenv("SLEEP_ONCE_MARKER", str(tmp_path / "slept"))
+    sweep = tmp_path / "sweep"
+    command = ["-m", "hydra/launcher=slurm", "hydra.launcher.wait=false", f"hydra.sweep.dir={sweep}", "imports=[my_project]",
+               'handlers=[{name: sleep_once_on_rank, event: "ITERATION_COMPLETED(once=2)", params: {rank: 0}}]',
+               "handlers.0.params.rank=3,0,4", "trainer.max_epochs=1", "checkpoint.enabled=false", "logging.progress_bar=false"]
+    proc = run_igniter(command, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = json.loads((sweep / "submitted.json").read_text())["jobs"]
+    ids = {int(n): job["submissions"][-1]["id"] for n, job in jobs.items()}
+    assert sorted(ids) == [0, 1, 2] and str(sweep) in proc.stdout
+    assert all(i in proc.stdout and job["submissions"][-1]["log"] in proc.stdout for i, job in zip(ids.values(), jobs.values()))
+    assert controller_states()[ids[1]] in ("PENDING", "RUNNING"), "returned before the jobs ended"
+
+    wait_for(lambda s: s[ids[0]] == s[ids[2]] == "COMPLETED" and (tmp_path / "slept").exists(), "jobs 0 and 2 complete, job 1 sleeps")
+    subprocess.run(["scancel", ids[1]], check=True, timeout=30)
+    wait_for(lambda s: s[ids[1]] == "CANCELLED", "job 1 cancelled")
+    status = run_igniter(["status", str(sweep)], tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines() if line[:2] in ("0 ", "1 ", "2 ")}
+    assert rows["0"][1:5] == [ids[0], "COMPLETED", "completed", "1"] and rows["2"][1:5] == [ids[2], "COMPLETED", "completed", "1"], status.stdout
+    assert rows["1"][1:3] == [ids[1], "CANCELLED"] and "accuracy" in status.stdout, status.stdout
+    assert "job 1 (CANCELLED" in status.stdout and f"hydra.sweep.dir={sweep}" in status.stdout, status.stdout
+
+    kept = {n: (sweep / n / "metrics.json").read_bytes() for n in ("0", "2")}
+    first_log = (sweep / "1" / "rank0.log").read_bytes()
+    again = run_igniter(command, tmp_path)  # the same command: only job 1 is not completed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "submitted 1 SLURM job" in again.stdout and "job 0 (completed), job 2 (completed)" in again.stdout, again.stdout
+    record = json.loads((sweep / "submitted.json").read_text())["jobs"]
+    assert [len(record[n]["submissions"]) for n in ("0", "1", "2")] == [1, 2, 1]
+    new_id = record["1"]["submissions"][-1]["id"]
+    wait_for(lambda s: s.get(new_id) == "COMPLETED", "the re-submitted job completes")
+    metrics = read_metrics(sweep / "1")
+    assert metrics["status"] == "completed" and metrics["job"]["id"] == new_id and metrics["job"]["num"] == 1
+    assert (sweep / "1" / "rank0.log").read_bytes().startswith(first_log), "the same run directory, its log continued"
+    assert {n: (sweep / n / "metrics.json").read_bytes() for n in ("0", "2")} == kept, "completed runs untouched"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1", "2"]
+    other = run_igniter([*command[:-4], "handlers.0.params.rank=3,0,5", *command[-3:]], tmp_path)  # another sweep, same directory
+    assert other.returncode == 2 and "job 2's directory" in other.stderr and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert json.loads((sweep / "submitted.json").read_text())["jobs"] == record, "nothing submitted"
