@@ -151,6 +151,9 @@ def main(argv: Sequence[str]) -> int:
     except StatusError as e:
         print(f"igniter status: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except (OSError, ValueError) as e:  # a submitted.json that is not JSON, an unreadable directory
+        print(f"igniter status: cannot read the jobs of {target}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     rows = status_rows(jobs, target)
     print(f"igniter status of {target.resolve()}:\n{format_table(rows)}")
     failed = [(row, job) for row, job in zip(rows, jobs) if _failed(row["state"], row["run"])]
