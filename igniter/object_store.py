@@ -104,9 +104,9 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
             with fetched(candidate, "resume") as local:
                 return candidate, check(local)
         except (CheckpointInvalid, ConfigError) as e:
+            reason = f"it {e}" if isinstance(e, CheckpointInvalid) else "; ".join(p.expected for p in e.problems)
             if resume != "auto":
-                raise ConfigError([Problem("resume", f"{candidate} {e}", resume)], "cannot resume") from None
-            reason = str(e) if isinstance(e, CheckpointInvalid) else "; ".join(p.expected for p in e.problems)
+                raise ConfigError([Problem("resume", f"{candidate}: {reason}", resume)], "cannot resume") from None
             logger.warning("skipping checkpoint %s: %s", candidate, reason)
             problems.append(Problem("resume", f"{candidate}: {reason}", "auto"))
     if problems:

@@ -222,7 +222,8 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
         The checkpoint loaded, or ``None`` when the run starts from scratch.
 
     Raises:
-        ConfigError: no valid checkpoint where one was expected (exit status 2).
+        ConfigError: no valid checkpoint where one was expected, or the checkpoint was taken
+            at a later epoch than ``trainer.max_epochs`` (exit status 2).
     """
     if not to_load:
         return None
@@ -257,6 +258,10 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
     from ignite.handlers import Checkpoint
 
     Checkpoint.load_objects({k: v for k, v in to_load.items() if k in ckpt}, ckpt)
+    epoch, max_epochs = ctx.trainer.state.epoch, ctx.cfg.trainer.max_epochs
+    if max_epochs is not None and epoch > max_epochs:  # Ignite's engine.run would raise a ValueError
+        why = f"{choice} was taken at epoch {epoch}: continue with trainer.max_epochs={epoch} or more, or start over with resume=false"
+        raise ConfigError([Problem("trainer.max_epochs", why, max_epochs)], "cannot resume")
     logger.info("resumed from %s (epoch %d, iteration %d)", choice, ctx.trainer.state.epoch, ctx.trainer.state.iteration)
     if "checkpointer" in to_load and not is_url(choice) and Path(choice).parent == directory:
         _forget_leftovers(to_load["checkpointer"], Path(directory), Path(choice))

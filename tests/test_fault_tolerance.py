@@ -228,6 +228,18 @@ def test_no_valid_checkpoint_exits_2(tmp_path, three_epochs):
     assert "Traceback" not in proc.stderr
 
 
+def test_resuming_with_fewer_epochs_than_the_checkpoint_is_one_paragraph_and_changes_nothing(tmp_path, three_epochs):
+    """A checkpoint taken at epoch 3 and trainer.max_epochs=2: exit 2 naming the key and the
+    epoch (before: Ignite's ValueError with a traceback), the run's files unchanged."""
+    run = tmp_path / "run"
+    newest = _write_checkpoints(run, three_epochs)[0]
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_igniter(["trainer.max_epochs=2", "checkpoint.n_saved=3", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "trainer.max_epochs" in proc.stderr and f"{newest} was taken at epoch 3" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
@@ -482,12 +494,14 @@ def test_ctrl_c_writes_the_summary_exits_130_and_the_logged_command_resumes(extr
     assert f"output_dir={run}" in resume.group(1) and all(a in resume.group(1) for a in extra)
     newest = checkpoint_files(run / "checkpoints")[0]
     assert f"newest checkpoint {newest};" in out.read_text()
-    # the logged command, to 2 epochs instead of 60 (the suite's budget: the rest of 60 epochs took 30 s under spawn)
-    logged = [a if not a.startswith("trainer.max_epochs=") else "trainer.max_epochs=2" for a in shlex.split(resume.group(1))]
+    # the logged command, to one epoch past the checkpoint's instead of 60 (the suite's budget: the rest of 60 epochs took 30 s under spawn)
+    trainer = torch.load(newest, weights_only=True)["trainer"]
+    epochs = trainer["iteration"] // trainer["epoch_length"] + 1
+    logged = [a if not a.startswith("trainer.max_epochs=") else f"trainer.max_epochs={epochs}" for a in shlex.split(resume.group(1))]
     again = run_igniter(logged, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {newest}" in again.stdout
-    assert read_metrics(run)["status"] == "completed" and read_metrics(run)["iterations"] == 2 * 44
+    assert read_metrics(run)["status"] == "completed" and read_metrics(run)["iterations"] == epochs * 44
 
 
 def test_interrupt_once_takes_a_sigint_echo_as_the_same_ctrl_c():

@@ -192,3 +192,31 @@ def test_bad_storage_input_is_one_error_before_training(s3, tmp_path):
     assert not list(run.glob("checkpoints/*")) and "epoch 1" not in proc.stdout  # stopped before training
     with pytest.raises(ConfigError, match="checkpoint.dir.*cannot reach s3://no-such-bucket/x"):
         open_store("s3://no-such-bucket/x")  # the same check, in this process: a bucket that does not exist
+
+
+def test_resume_from_a_url_and_a_damaged_newest_checkpoint_in_the_store(s3):
+    """``resume=<URL>`` reads that checkpoint (its SHA-256 checked against its manifest);
+    ``resume=auto`` on a store whose newest checkpoint was damaged after its manifest was
+    written skips it, naming it, and takes the one before."""
+    import io
+
+    from igniter.object_store import write_checkpoint
+    from igniter.resume import select_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    url = f"s3://{BUCKET}/selected"
+    fs, root = open_store(url)
+    for iteration in (10, 20):
+        buffer = io.BytesIO()
+        torch.save({"model": {k: v + iteration for k, v in model.state_dict().items()}}, buffer)
+        write_checkpoint(fs, root, f"last_checkpoint_{iteration}.pt", buffer.getbuffer())
+    chosen, ckpt = select_checkpoint(f"{url}/last_checkpoint_10.pt", url, model, ("model",))
+    assert chosen == f"{url}/last_checkpoint_10.pt" and torch.equal(ckpt["model"]["bias"], model.bias.detach() + 10)
+    assert select_checkpoint("auto", url, model, ("model",))[0] == f"{url}/last_checkpoint_20.pt"
+
+    data = bytearray(fs.cat(f"{root}/last_checkpoint_20.pt"))
+    data[-30] ^= 0xFF  # same size, other bytes: only the digest tells
+    fs.pipe(f"{root}/last_checkpoint_20.pt", bytes(data))
+    assert select_checkpoint("auto", url, model, ("model",))[0] == f"{url}/last_checkpoint_10.pt"
+    with pytest.raises(ConfigError, match=r"resume.*last_checkpoint_20.pt.*SHA-256"):
+        select_checkpoint(f"{url}/last_checkpoint_20.pt", url, model, ("model",))
