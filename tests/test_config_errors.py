@@ -114,3 +114,15 @@ def test_plus_inside_a_free_form_dict_is_accepted(tmp_path, monkeypatch, capsys)
 
     monkeypatch.chdir(tmp_path)
     assert check(["+data.train.params.val_fraction=0.3"]) == 0, capsys.readouterr().err
+
+
+def test_the_slurm_launcher_without_its_extra_is_a_config_problem(monkeypatch):
+    """Without submitit/hydra-submitit-launcher (the `slurm` extra), hydra/launcher=slurm is one
+    problem naming the extra (before: Hydra's "Unknown plugin class" with a traceback)."""
+    import sys
+
+    from igniter.distributed.launchers import launcher_problems
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # an import of it raises ImportError
+    problems = launcher_problems({"_target_": "hydra_plugins.igniter_submitit.SlurmLauncher"}, None)
+    assert [p.key for p in problems] == ["hydra.launcher"] and "pip install 'igniter[slurm]'" in problems[0].expected

@@ -35,8 +35,8 @@ def is_cluster_launcher(launcher_cfg: Mapping[str, Any] | DictConfig) -> bool:
 def launcher_problems(launcher: Mapping[str, Any], cfg: DictConfig) -> list[Problem]:
     """Launcher settings that would make a submitted job hang or run the wrong scale.
 
-    For Hydra's submitit launchers (``hydra/launcher=slurm`` or ``submitit_local``):
-    one task per process, so ``tasks_per_node`` and ``nodes`` must equal the
+    For Hydra's submitit launchers (``hydra/launcher=slurm`` or ``submitit_local``): their
+    packages installed (the ``slurm`` extra), one task per process, so ``tasks_per_node`` and ``nodes`` must equal the
     runner's ``nproc_per_node`` and ``nnodes``, a multi-task job needs
     ``runner=slurm``, and GPU jobs need one GPU per task. Other launchers: none.
 
@@ -49,6 +49,11 @@ def launcher_problems(launcher: Mapping[str, Any], cfg: DictConfig) -> list[Prob
     """
     if not is_cluster_launcher(launcher):
         return []
+    try:  # the slurm extra; without it Hydra fails with "Unknown plugin class" and a traceback
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+        import submitit  # noqa: F401
+    except ImportError:
+        return [Problem("hydra.launcher", "the SLURM and submitit launchers need submitit and hydra-submitit-launcher: pip install 'igniter[slurm]'", str(launcher.get("_target_")))]
     problems = []
     tasks, nodes = int(launcher.get("tasks_per_node") or 1), int(launcher.get("nodes") or 1)
     runner = cfg.runner
