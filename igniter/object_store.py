@@ -23,7 +23,7 @@ from typing import Any, Callable
 from igniter.errors import ConfigError, Problem
 from igniter.io import AtomicDiskSaver, CheckpointWriteError
 from igniter.registry import io_registry
-from igniter.remote import MANIFEST_SUFFIX, fetched, one_line, open_store, sha256_of
+from igniter.remote import MANIFEST_SUFFIX, DigestMismatch, fetched, one_line, open_store, sha256_of
 
 __all__ = ["write_checkpoint", "delete_checkpoint", "complete_checkpoints", "select_from_store", "ObjectStoreSaver", "object_store"]
 
@@ -88,8 +88,8 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
     checkpoint's URL. ``check(local copy)`` reads and checks a downloaded copy (deleted after).
 
     Raises:
-        ConfigError: the store cannot be reached, the named checkpoint cannot be read, or
-            checkpoints exist and none is valid.
+        ConfigError: the store cannot be reached or read (a read failure never falls back to an
+            older checkpoint), the named checkpoint is invalid, or checkpoints exist and none is valid.
     """
     from igniter.checkpoint_files import CheckpointInvalid
 
@@ -103,7 +103,7 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
         try:
             with fetched(candidate, "resume") as local:
                 return candidate, check(local)
-        except (CheckpointInvalid, ConfigError) as e:
+        except (CheckpointInvalid, DigestMismatch) as e:  # a store that cannot be read is no reason to take an older one
             reason = f"it {e}" if isinstance(e, CheckpointInvalid) else "; ".join(p.expected for p in e.problems)
             if resume != "auto":
                 raise ConfigError([Problem("resume", f"{candidate}: {reason}", resume)], "cannot resume") from None

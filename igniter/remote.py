@@ -21,9 +21,14 @@ from typing import Any, BinaryIO, Iterator
 
 from igniter.errors import ConfigError, Problem
 
-__all__ = ["MANIFEST_SUFFIX", "is_url", "url_problems", "storage_problems", "open_store", "one_line", "sha256_of", "cache_dir", "fetch", "fetched"]
+__all__ = ["MANIFEST_SUFFIX", "DigestMismatch", "is_url", "url_problems", "storage_problems", "open_store", "one_line", "sha256_of", "cache_dir", "fetch", "fetched"]
 
 MANIFEST_SUFFIX = ".manifest.json"  # beside an object igniter wrote: its size and SHA-256 (igniter.object_store)
+class DigestMismatch(ConfigError):
+    """A download whose SHA-256 is not the expected one (a damaged or replaced object): the
+    one failure of :func:`fetch` after which an older checkpoint may be tried."""
+
+
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _CREDENTIALS = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@")
 _EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
@@ -169,8 +174,8 @@ def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True) ->
         sha256: the expected hex digest, or ``None``.
 
     Raises:
-        ConfigError: the object cannot be read, or its digest is not the expected one
-            (the partial download is removed).
+        DigestMismatch: its digest is not the expected one (the download is removed).
+        ConfigError: the object cannot be read (the partial download is removed).
     """
     fs, path = open_store(url, key)
     expected = (sha256 or _expected_sha256(fs, path) or "").lower() or None
@@ -187,7 +192,7 @@ def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True) ->
         with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as src:
             digest = _copy(src, out)
         if expected is not None and digest != expected:
-            raise ConfigError([Problem(key, f"{url} has SHA-256 {digest}, expected {expected}: the object changed or the download is damaged", url)], "cannot use the download")
+            raise DigestMismatch([Problem(key, f"{url} has SHA-256 {digest}, expected {expected}: the object changed or the download is damaged", url)], "cannot use the download")
         if not cached:
             return Path(tmp)
         os.replace(tmp, target)
