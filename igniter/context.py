@@ -24,6 +24,7 @@ from ignite.engine import Engine, State
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from igniter.remote import is_url
 from igniter.summary import StepTimer
 
 __all__ = ["RunStatus", "RunState", "bind_status", "EvalContext", "RunContext"]
@@ -135,7 +136,7 @@ class RunContext(EvalContext):
         where = self.cfg.checkpoint.get("dir")
         if not where:
             return self.output_dir / "checkpoints"
-        return str(where).rstrip("/") if "://" in str(where) else Path(str(where)).expanduser()
+        return str(where).rstrip("/") if is_url(where) else Path(str(where)).expanduser()
 
     @property
     def per_process_batch_size(self) -> int:

@@ -34,6 +34,7 @@ from igniter.distributed.strategy import unwrap_model
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
 from igniter.registry import event_handler_registry, io_registry
+from igniter.remote import is_url
 from igniter.resume import TrainerState
 
 if TYPE_CHECKING:
@@ -306,7 +307,7 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
         names = {"last": "{filename_prefix}_{name}_{global_step}.dcp", "best": "{filename_prefix}_{name}_{global_step}_{score_name}={score}.dcp"}
     else:
         # The default saver writes to local disk; for a URL, the object-store one (igniter.object_store).
-        name = "object_store" if isinstance(directory, str) and cfg.saver == "disk" else cfg.saver
+        name = "object_store" if is_url(directory) and cfg.saver == "disk" else cfg.saver
         saver = io_registry.get(name, "checkpoint.saver")(str(directory))
         names = {"last": None, "best": None}
     to_save: dict[str, Any] = {"model": model, "optimizer": optimizer, "trainer": TrainerState(ctx.trainer)}

@@ -307,7 +307,10 @@ def resume_hint(ctx: RunContext, job: dict[str, Any] | None) -> str:
     if not ctx.cfg.checkpoint.enabled:
         newest: list[Any] = []
     elif is_url(directory):
-        newest = [f"{directory}/{name}" for name, _ in complete_checkpoints(*open_store(str(directory)))[:1]]
+        try:  # the store may be what interrupted the run: an unreadable listing must not end it with another error
+            newest = [f"{directory}/{name}" for name, _ in complete_checkpoints(*open_store(str(directory)))[:1]]
+        except ConfigError:
+            newest = [f"in {directory} (the store could not be listed now)"]
     else:
         newest = checkpoint_files(Path(directory))[:1]
     overrides = [o for o in (job or {}).get("overrides", []) if not o.startswith("output_dir=")]
