@@ -70,7 +70,9 @@ def run(variant: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
         if args.threads:
             env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "igniter", *overrides], capture_output=True, text=True, env=env, cwd=tmp)
+        proc = subprocess.run(
+            [sys.executable, "-m", "igniter", *overrides], capture_output=True, text=True, env=env, cwd=tmp
+        )
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
@@ -81,13 +83,19 @@ def run(variant: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"), help="directory containing MNIST/raw")
+    parser.add_argument(
+        "--mnist", default=str(HERE.parent.parent / "shared" / "data"), help="directory containing MNIST/raw"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=200, help="iterations per epoch")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset, PyTorch's default)")
-    parser.add_argument("--warm", action="store_true", help="also a compiled run on the inductor cache the cold one left")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset, PyTorch's default)"
+    )
+    parser.add_argument(
+        "--warm", action="store_true", help="also a compiled run on the inductor cache the cold one left"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compile.json")
     args = parser.parse_args()
 
@@ -99,8 +107,12 @@ def main() -> None:
             order = names if round_ % 2 == 0 else ["compiled", *(["compiled_warm"] if args.warm else []), "eager"]
             for v in order:
                 runs[v].append(run(v, args, cache))
-        print(f"  round {round_ + 1}/{args.rounds}: "
-              + " ".join(f"{v} {runs[v][-1]['samples_per_s']:.0f}/s" for v in names), file=sys.stderr, flush=True)
+        print(
+            f"  round {round_ + 1}/{args.rounds}: "
+            + " ".join(f"{v} {runs[v][-1]['samples_per_s']:.0f}/s" for v in names),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def med(v: str, key: str) -> float | None:
         values = [r[key] for r in runs[v] if r.get(key) is not None]
@@ -126,8 +138,10 @@ def main() -> None:
         s = summary[v]
         line = f"  {v:13s} {s['samples_per_s']:8.0f} samples/s   wall {s['wall_s']:5.1f} s"
         if v != "eager":
-            line += (f"   speed-up x{s['speedup']:.3f} (paired x{s['speedup_paired']:.3f})"
-                     f"   compile {s['compile_s']:.1f} s (in training {s['compile_train_s']:.1f} s)")
+            line += (
+                f"   speed-up x{s['speedup']:.3f} (paired x{s['speedup_paired']:.3f})"
+                f"   compile {s['compile_s']:.1f} s (in training {s['compile_train_s']:.1f} s)"
+            )
         print(line + f"   loss {s['train_loss']:.4f}")
     record = {
         "benchmark": "compile",

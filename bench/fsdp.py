@@ -6,7 +6,7 @@
 Two processes (``torch.multiprocessing`` spawn, gloo, one thread each) train each model
 on synthetic MNIST-shaped data (per-rank batch ``--batch``, Adam), wrapped as igniter
 wraps it: ``ddp`` is ``DistributedDataParallel``; ``fsdp`` is igniter's own
-:func:`igniter.distributed.strategy.shard_model` (FSDP2 ``fully_shard`` on each child with
+:func:`igniter.parallel.strategy.shard_model` (FSDP2 ``fully_shard`` on each child with
 at least ``--min-params`` parameters, then the root).
 
 * **memory**: per rank, the bytes of the parameters and of Adam's state this rank holds,
@@ -22,7 +22,7 @@ at least ``--min-params`` parameters, then the root).
 * **save**: median over ``--repeats`` of writing the model and Adam state:
   ``torch.save`` (rank 0 writes the whole state, what ``checkpoint.format=torch`` does,
   ddp only), ``dcp`` (``torch.distributed.checkpoint.save``, every rank writes its
-  shards; igniter's :class:`~igniter.distributed.dcp_checkpoint.DcpSaver`, temporary
+  shards; igniter's :class:`~igniter.checkpoint.dcp.DcpSaver`, temporary
   directory and rename included) and ``async``: ``checkpoint.async_save=true``, where the
   training thread waits only for ``stall`` (the state copied to host memory and the
   write started) and ``async total`` is until the files are on disk.
@@ -82,8 +82,8 @@ def measure(name: str, strategy: str, args: argparse.Namespace, scratch: Path) -
     from torch.nn.parallel import DistributedDataParallel
 
     from igniter.check import memory_plan
-    from igniter.distributed.dcp_checkpoint import DcpSaver, ModelState, OptimizerState
-    from igniter.distributed.strategy import shard_model
+    from igniter.checkpoint.dcp import DcpSaver, ModelState, OptimizerState
+    from igniter.parallel.strategy import shard_model
 
     world, rank = dist.get_world_size(), dist.get_rank()
     model = build(name)
@@ -91,7 +91,9 @@ def measure(name: str, strategy: str, args: argparse.Namespace, scratch: Path) -
     if strategy == "ddp":
         wrapped = DistributedDataParallel(model)
     else:
-        fsdp = SimpleNamespace(shard_modules=[], min_params=args.min_params, reshard_after_forward=True, cpu_offload=False)
+        fsdp = SimpleNamespace(
+            shard_modules=[], min_params=args.min_params, reshard_after_forward=True, cpu_offload=False
+        )
         wrapped = shard_model(model, fsdp, "32")
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(rank)
@@ -125,14 +127,20 @@ def measure(name: str, strategy: str, args: argparse.Namespace, scratch: Path) -
             dist.barrier()
             t0 = time.perf_counter()
             if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, scratch / f"{name}_{i}.pt")
+                torch.save(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, scratch / f"{name}_{i}.pt"
+                )
             dist.barrier()
             saves["torch_save_s"].append(time.perf_counter() - t0)
         for async_save in (False, True):
             saver = DcpSaver(scratch / f"{name}_{strategy}", async_save=async_save)
             dist.barrier()
             t0 = time.perf_counter()
-            state = {"model": ModelState(wrapped).state_dict(), "optimizer": OptimizerState(wrapped, optimizer).state_dict(), "trainer": {"iteration": i}}
+            state = {
+                "model": ModelState(wrapped).state_dict(),
+                "optimizer": OptimizerState(wrapped, optimizer).state_dict(),
+                "trainer": {"iteration": i},
+            }
             saver(state, f"last_checkpoint_{i}_{int(async_save)}.dcp")
             stall = time.perf_counter() - t0
             saver.flush()
@@ -144,7 +152,12 @@ def measure(name: str, strategy: str, args: argparse.Namespace, scratch: Path) -
             else:
                 saves["dcp_save_s"] += [total]
     per_rank = [None] * world
-    mine = {"params": params, "adam": adam, "step_s": statistics.median(times), **{k: statistics.median(v) if v else None for k, v in saves.items()}}
+    mine = {
+        "params": params,
+        "adam": adam,
+        "step_s": statistics.median(times),
+        **{k: statistics.median(v) if v else None for k, v in saves.items()},
+    }
     dist.all_gather_object(per_rank, mine)
     worst = lambda key: max((r[key] for r in per_rank if r[key] is not None), default=None)  # noqa: E731
     return {
@@ -162,7 +175,14 @@ def measure(name: str, strategy: str, args: argparse.Namespace, scratch: Path) -
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, scratch: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     import ignite.distributed as idist
     import torch.distributed as dist
@@ -175,7 +195,10 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, scratch: 
             results.append(measure(name, strategy, args, Path(scratch)))
             if rank == 0:
                 r = results[-1]
-                print(f"  {name} {strategy}: {r['params_adam_bytes'] / 1e6:.2f} MB, step {r['step_ms']:.1f} ms", flush=True)
+                print(
+                    f"  {name} {strategy}: {r['params_adam_bytes'] / 1e6:.2f} MB, step {r['step_ms']:.1f} ms",
+                    flush=True,
+                )
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()
@@ -216,7 +239,9 @@ def main() -> int:
     out = scratch / "results.json"
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     try:
-        torch.multiprocessing.spawn(worker, args=(world, free_port(), args, str(scratch), str(out)), nprocs=world, join=True)
+        torch.multiprocessing.spawn(
+            worker, args=(world, free_port(), args, str(scratch), str(out)), nprocs=world, join=True
+        )
         results = json.loads(out.read_text())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -228,7 +253,9 @@ def main() -> int:
     }  # fmt: skip
     print(table(results))
     for model, s in summary.items():
-        print(f"{model}: fsdp / ddp params+Adam per rank = {s['fsdp_vs_ddp_params_adam']:.3f} (target <= 0.55: {'met' if s['met'] else 'NOT met'}); igniter check's figure {'matches' if s['check_matches'] else 'DIFFERS from'} the measurement")
+        print(
+            f"{model}: fsdp / ddp params+Adam per rank = {s['fsdp_vs_ddp_params_adam']:.3f} (target <= 0.55: {'met' if s['met'] else 'NOT met'}); igniter check's figure {'matches' if s['check_matches'] else 'DIFFERS from'} the measurement"
+        )
     record = {
         "benchmark": "bench/fsdp.py",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -236,9 +263,16 @@ def main() -> int:
         "backend": "gloo",
         "threads_per_process": 1,
         "torch": torch.__version__,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+        },
         "wall_s": round(time.perf_counter() - started, 1),
-        "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other jobs on the cores skew the times
+        "load_average_1m_before_after": [
+            round(load_before, 2),
+            round(os.getloadavg()[0], 2),
+        ],  # other jobs on the cores skew the times
         "summary": summary,
         "results": results,
     }

@@ -103,9 +103,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
+from igniter.checkpoint.saver import AtomicDiskSaver  # noqa: E402
 from igniter.compose import compose_config, plain_config  # noqa: E402
 from igniter.handlers import loss_of  # noqa: E402
-from igniter.io import AtomicDiskSaver  # noqa: E402
 from igniter.registry import event_handler_registry, io_registry  # noqa: E402
 from igniter.run import build_run, train  # noqa: E402
 
@@ -401,7 +401,9 @@ def _lightning(cfg: Any, defaults: bool) -> tuple[int, float]:
 
     module = Module()
     accelerator = "gpu" if DEVICE.type == "cuda" else "cpu"
-    kwargs: dict[str, Any] = dict(max_epochs=cfg.trainer.max_epochs, accelerator=accelerator, devices=1, default_root_dir=cfg.output_dir)
+    kwargs: dict[str, Any] = dict(
+        max_epochs=cfg.trainer.max_epochs, accelerator=accelerator, devices=1, default_root_dir=cfg.output_dir
+    )
     if not defaults:
         kwargs.update(enable_progress_bar=False, enable_checkpointing=False, logger=False, enable_model_summary=False)
     trainer = L.Trainer(**kwargs, use_distributed_sampler=False)
@@ -440,7 +442,9 @@ def baseline(variant: str) -> str:
     return BASELINE.get(variant, "loop")
 
 
-def interleaved_run(order: list[str], workload: str, args: argparse.Namespace, tmp: str) -> dict[str, tuple[int, float, list[float]]]:
+def interleaved_run(
+    order: list[str], workload: str, args: argparse.Namespace, tmp: str
+) -> dict[str, tuple[int, float, list[float]]]:
     """One run of every variant in ``order``, taking turns ``args.block`` epochs at a time (see :class:`Turns`).
 
     Returns ``{variant: (iterations, final loss, seconds per epoch)}``.
@@ -532,7 +536,16 @@ def run_rounds(workload: str, variants: list[str], args: argparse.Namespace) -> 
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "round.json"
             cmd = [sys.executable, __file__, "--one-round", str(out), "--workloads", workload, "--variants", *order]
-            cmd += ["--epochs", str(args.epochs), "--block", str(args.block), "--mnist", args.mnist, "--device", args.device]
+            cmd += [
+                "--epochs",
+                str(args.epochs),
+                "--block",
+                str(args.block),
+                "--mnist",
+                args.mnist,
+                "--device",
+                args.device,
+            ]
             env = dict(os.environ)
             if args.device == "cpu":  # igniter takes idist.device(): CUDA hidden, it is the CPU as for the loop
                 env["CUDA_VISIBLE_DEVICES"] = ""
@@ -552,19 +565,34 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=3, help="epochs per turn (the first of each is not timed)")
     parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"))
     default = [v for v in VARIANTS if v not in OPT_IN]
-    parser.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS),
-                        help="'loop' is always run, and each variant's twin (igniter_bf16: loop_bf16, igniter_accum4: loop_accum4): ratios are to it")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cpu (default; CUDA hidden from the rounds) or cuda (model and batches on cuda:0, epochs timed after torch.cuda.synchronize())")
-    parser.add_argument("--out", type=Path, default=None, help="the JSON written (default: bench/results/overhead_<workloads>.json)")
-    parser.add_argument("--one-round", metavar="JSON", help=argparse.SUPPRESS)  # internal: run one round in this process
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=default,
+        choices=list(VARIANTS),
+        help="'loop' is always run, and each variant's twin (igniter_bf16: loop_bf16, igniter_accum4: loop_accum4): ratios are to it",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu (default; CUDA hidden from the rounds) or cuda (model and batches on cuda:0, epochs timed after torch.cuda.synchronize())",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the JSON written (default: bench/results/overhead_<workloads>.json)"
+    )
+    parser.add_argument(
+        "--one-round", metavar="JSON", help=argparse.SUPPRESS
+    )  # internal: run one round in this process
     args = parser.parse_args()
     if args.one_round:
         return one_round(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         built = torch.version.cuda or "none: a CPU-only build"
-        sys.exit(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__}, CUDA {built}); "
-                 "run on a machine with a GPU and a CUDA build of torch, or use --device cpu")
+        sys.exit(
+            f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__}, CUDA {built}); "
+            "run on a machine with a GPU and a CUDA build of torch, or use --device cpu"
+        )
     variants = ["loop"]
     for v in args.variants:
         for name in (baseline(v), v):
@@ -583,7 +611,7 @@ def main() -> None:
         for done in run_rounds(workload, variants, args):
             per_epoch = {v: iterations / args.epochs for v, (iterations, _, _) in done.items()}
             us = {v: [s / per_epoch[v] * 1e6 for s in epochs] for v, (_, _, epochs) in done.items()}
-            for v, (iterations, loss, epochs) in done.items():
+            for v, (_iterations, loss, _epochs) in done.items():
                 epoch_us[v] += us[v]
                 round_ratios[v].append([x / b for x, b in zip(us[v], us[baseline(v)])])
                 ratios[v] += round_ratios[v][-1]
@@ -627,15 +655,33 @@ def main() -> None:
         # the twins compute something else than the loop (bfloat16; micro-batch sums in another order):
         # only variants that do the same arithmetic as their reference must end with its loss
         same_work = {v: r for v, r in rows.items() if v not in BASELINE.values()}
-        unequal = [f"{v} {r['final_loss']:.6f} vs {r['baseline']} {rows[r['baseline']]['final_loss']:.6f}"
-                   for v, r in same_work.items() if round(r["final_loss"], 5) != round(rows[r["baseline"]]["final_loss"], 5)]
-        print(f"  same final loss as its reference (twins: as their igniter variant): {'yes' if not unequal else 'NO: ' + '; '.join(unequal)}")
+        unequal = [
+            f"{v} {r['final_loss']:.6f} vs {r['baseline']} {rows[r['baseline']]['final_loss']:.6f}"
+            for v, r in same_work.items()
+            if round(r["final_loss"], 5) != round(rows[r["baseline"]]["final_loss"], 5)
+        ]
+        print(
+            f"  same final loss as its reference (twins: as their igniter variant): {'yes' if not unequal else 'NO: ' + '; '.join(unequal)}"
+        )
     out = args.out or HERE / "results" / f"overhead_{'_'.join(args.workloads)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "threads": 1, "device": args.device}
+    meta = {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": 1,
+        "device": args.device,
+    }
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(0)
-    record = {"benchmark": "overhead", "machine": meta, "rounds": args.rounds, "epochs": args.epochs, "block": args.block, "results": results}
+    record = {
+        "benchmark": "overhead",
+        "machine": meta,
+        "rounds": args.rounds,
+        "epochs": args.epochs,
+        "block": args.block,
+        "results": results,
+    }
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 

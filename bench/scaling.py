@@ -10,7 +10,7 @@ Threads: ``single``, ``spawn`` and ``torchrun`` pin one thread per process
 (``OMP_NUM_THREADS=1``, as in the earlier tables); ``single-default``,
 ``spawn-default`` and ``torchrun-default`` run what a user gets: no thread variable in
 the environment, igniter's rule (usable cores / processes on the node, see
-``igniter/distributed/threads.py``; one process keeps PyTorch's default). Each ``-default``
+``igniter/launch/cpu_threads.py``; one process keeps PyTorch's default). Each ``-default``
 variant's speed-up is over ``single-default``.
 
 For each per-process batch ``b`` the 1-process run uses global batch ``b`` and the
@@ -33,7 +33,7 @@ Writes ``bench/results/scaling.json`` (``--output``).
 ``--accumulation``: 2 processes (spawn, one thread each) with
 ``trainer.accumulate_grad_batches=4`` (``--accumulate``), ``nosync``: igniter's default
 step, which runs the first k-1 micro-batches under DDP's ``no_sync()``
-(``igniter.distributed.strategy.gradient_sync``), against ``sync``: a step registered
+(``igniter.parallel.strategy.gradient_sync``), against ``sync``: a step registered
 here (``bench_accumulate_always_sync``, the same micro-batches, ``loss / k``, one
 optimizer step) that all-reduces after every micro-batch's backward. Both runs attach
 ``bench_count_allreduce`` from ``handlers``: its factory registers a DDP communication
@@ -72,8 +72,13 @@ from igniter.registry import event_handler_registry, function_registry  # noqa: 
 
 
 @function_registry("bench_accumulate_always_sync")
-def accumulate_always_sync(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, device: torch.device,
-                           accumulate_grad_batches: int) -> Any:
+def accumulate_always_sync(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Any,
+    device: torch.device,
+    accumulate_grad_batches: int,
+) -> Any:
     """igniter's accumulation without ``no_sync``: ``k`` micro-batches, backward of ``loss / k``
     on each (DDP all-reduces the gradients after every one), one optimizer step."""
     k = accumulate_grad_batches
@@ -115,7 +120,11 @@ def count_allreduce(ctx: Any) -> Any:
     model.register_comm_hook(counts, hook)
 
     def write(engine: Any) -> None:
-        record = {"allreduces": counts["allreduces"], "iterations": engine.state.iteration, "buckets": len(counts["buckets"])}
+        record = {
+            "allreduces": counts["allreduces"],
+            "iterations": engine.state.iteration,
+            "buckets": len(counts["buckets"]),
+        }
         Path(ctx.output_dir, f"allreduce_rank{ctx.rank}.json").write_text(json.dumps(record))
 
     return write
@@ -169,7 +178,17 @@ def run_dir(variant: str, per_process_batch: int, iterations: int, mnist: str, e
             cmd = [sys.executable, "-m", "igniter", *args, "runner=spawn", "runner.nproc_per_node=2"]
         else:
             torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-            cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *args, "runner=torchrun"]
+            cmd = [
+                torchrun,
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(free_port()),
+                "-m",
+                "igniter",
+                *args,
+                "runner=torchrun",
+            ]
         # pinned: one thread per process; default: no thread setting at all (igniter's rule)
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         if pinned:
@@ -192,8 +211,12 @@ def accumulation(args: argparse.Namespace) -> None:
     """2 processes, ``trainer.accumulate_grad_batches=args.accumulate``, with and without
     ``no_sync``: samples/s and all-reduces per optimizer step (see the module docstring)."""
     k = args.accumulate
-    common = [f"trainer.accumulate_grad_batches={k}", "imports=[scaling]",
-              "handlers=[{name: bench_count_allreduce, event: COMPLETED}]", *args.extra]
+    common = [
+        f"trainer.accumulate_grad_batches={k}",
+        "imports=[scaling]",
+        "handlers=[{name: bench_count_allreduce, event: COMPLETED}]",
+        *args.extra,
+    ]
     rows = []
     for b in args.batches:
         samples: dict[str, list[float]] = {v: [] for v in ACCUMULATION_VARIANTS}
@@ -224,8 +247,12 @@ def accumulation(args: argparse.Namespace) -> None:
             + f" (buckets {buckets})",
             flush=True,
         )
-        write_results(rows, args, benchmark="scaling_accumulation",
-                      workload=f"MNIST + lenet, 2 processes (spawn, gloo), one thread each, accumulate_grad_batches={k}")
+        write_results(
+            rows,
+            args,
+            benchmark="scaling_accumulation",
+            workload=f"MNIST + lenet, 2 processes (spawn, gloo), one thread each, accumulate_grad_batches={k}",
+        )
 
 
 def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at: float, rank: int, port: int) -> None:
@@ -253,15 +280,21 @@ def machine_worker(per_process_batch: int, iterations: int, mnist: str, start_at
     dataset = mnist_dataset(mnist)
     model: torch.nn.Module = LeNet()
     if port:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120))
-        loader = DataLoader(dataset, batch_size=per_process_batch, sampler=DistributedSampler(dataset, 2, rank), drop_last=True)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+        )
+        loader = DataLoader(
+            dataset, batch_size=per_process_batch, sampler=DistributedSampler(dataset, 2, rank), drop_last=True
+        )
         model = DistributedDataParallel(model)
     else:
         loader = DataLoader(dataset, batch_size=per_process_batch, shuffle=True, drop_last=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = iter(loader)
     if time.time() > start_at:
-        print("machine worker: start-up took longer than the common start time; the pair overlaps less", file=sys.stderr)
+        print(
+            "machine worker: start-up took longer than the common start time; the pair overlaps less", file=sys.stderr
+        )
     time.sleep(max(0.0, start_at - time.time()))
     start = time.perf_counter()
     for _ in range(iterations):
@@ -288,7 +321,17 @@ def run_machine(variant: str, per_process_batch: int, iterations: int, mnist: st
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--machine-worker", str(per_process_batch), str(iterations), mnist, str(start_at), str(rank), str(port)],
+            [
+                sys.executable,
+                __file__,
+                "--machine-worker",
+                str(per_process_batch),
+                str(iterations),
+                mnist,
+                str(start_at),
+                str(rank),
+                str(port),
+            ],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
@@ -303,8 +346,11 @@ def run_machine(variant: str, per_process_batch: int, iterations: int, mnist: st
             except subprocess.TimeoutExpired:  # e.g. one DDP rank died and the other waits in a collective
                 out = ""
             if proc.returncode != 0 or not out.split():
-                print(f"machine worker ({variant}, batch {per_process_batch}) failed or hung (exit {proc.returncode}): "
-                      "this measurement is left out", file=sys.stderr)
+                print(
+                    f"machine worker ({variant}, batch {per_process_batch}) failed or hung (exit {proc.returncode}): "
+                    "this measurement is left out",
+                    file=sys.stderr,
+                )
                 return math.nan
             rates.append(float(out.split()[-1]))
     finally:
@@ -319,16 +365,31 @@ def main() -> None:
         machine_worker(int(b), int(n), mnist, float(start_at), int(rank), int(port))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mnist", default=str(HERE.parent.parent / "shared" / "data"), help="directory containing MNIST/raw")
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="per-process batch sizes")
+    parser.add_argument(
+        "--mnist", default=str(HERE.parent.parent / "shared" / "data"), help="directory containing MNIST/raw"
+    )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="per-process batch sizes"
+    )
     parser.add_argument("--iterations", type=int, default=60, help="training iterations per run")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=[*IGNITER_VARIANTS, *MACHINE_VARIANTS],
-                        choices=[*IGNITER_VARIANTS, *MACHINE_VARIANTS])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[*IGNITER_VARIANTS, *MACHINE_VARIANTS],
+        choices=[*IGNITER_VARIANTS, *MACHINE_VARIANTS],
+    )
     parser.add_argument("--extra", nargs="*", default=[], help="more igniter overrides, e.g. runner.bucket_cap_mb=0.02")
-    parser.add_argument("--output", type=Path, default=None, help="where the results JSON goes "
-                        "(default: bench/results/scaling.json, with --accumulation scaling_accumulation.json)")
-    parser.add_argument("--accumulation", action="store_true", help="2 processes with accumulation, with and without no_sync")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="where the results JSON goes "
+        "(default: bench/results/scaling.json, with --accumulation scaling_accumulation.json)",
+    )
+    parser.add_argument(
+        "--accumulation", action="store_true", help="2 processes with accumulation, with and without no_sync"
+    )
     parser.add_argument("--accumulate", type=int, default=4, help="--accumulation's accumulate_grad_batches")
     args = parser.parse_args()
     if args.accumulation:
@@ -366,13 +427,22 @@ def main() -> None:
         write_results(rows, args)
 
 
-def write_results(rows: list[dict], args: argparse.Namespace, benchmark: str = "scaling",
-                  workload: str = "MNIST + lenet, gloo; threads=1 per process, except *-default: igniter's default threads") -> None:
+def write_results(
+    rows: list[dict],
+    args: argparse.Namespace,
+    benchmark: str = "scaling",
+    workload: str = "MNIST + lenet, gloo; threads=1 per process, except *-default: igniter's default threads",
+) -> None:
     """``args.output``, rewritten after every batch size (a crash keeps the rows so far)."""
     result = {
         "benchmark": benchmark,
         "workload": workload,
-        "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "iterations": args.iterations,
         "rounds": args.rounds,
         "rows": rows,

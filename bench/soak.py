@@ -23,14 +23,14 @@ the igniter next to this script (first on the runs' ``PYTHONPATH``; the JSON nam
    (``os.killpg``, as a node failure does) a random ``uniform(0, bound)`` seconds later
    (``random.Random(--seed)``), and waits until no process of the group is left before the
    next start. A kill "mid-write" is one after which a temporary checkpoint file
-   (``checkpoints/.*.tmp``, :func:`igniter.io.atomic_write`) of that attempt is left: the
+   (``checkpoints/.*.tmp``, :func:`igniter.atomic_files.atomic_write`) of that attempt is left: the
    group died while a checkpoint was being written. After every kill every checkpoint on
    disk is checked. Each re-run of the same command resumes by itself (``resume=auto``) from
    the newest complete checkpoint; the iteration it says it resumed from is compared with
    the newest checkpoint on disk before it started.
 3. The same command once more, let run to the end (exit status 0 expected).
 4. Checks: every ``*.pt`` in ``killed/checkpoints`` loads with igniter's own checker
-   (:func:`igniter.resume.check_checkpoint`: ``torch.load(weights_only=True)``, the entries a
+   (:func:`igniter.checkpoint.resume.check_checkpoint`: ``torch.load(weights_only=True)``, the entries a
    resume needs, the model's keys and shapes; a ``best_model_*`` file, which holds the model's
    state dict alone, with ``load_checkpoint`` and ``check_model_state``), no temporary file is left, ``metrics.json``
    says ``completed`` with every epoch, and the model of the newest checkpoint (the final
@@ -70,13 +70,21 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import igniter  # noqa: E402,F401  (every built-in registered: the model factory below)
 from omegaconf import OmegaConf  # noqa: E402
 
+import igniter  # noqa: E402,F401  (every built-in registered: the model factory below)
 from igniter.build import build_model  # noqa: E402
-from igniter.resume import CheckpointInvalid, check_checkpoint, check_model_state, checkpoint_files, load_checkpoint  # noqa: E402
+from igniter.checkpoint.resume import (
+    CheckpointInvalid,
+    check_checkpoint,
+    check_model_state,
+    checkpoint_files,
+    load_checkpoint,
+)  # noqa: E402
 
-TRAINING_STARTED = re.compile(r"Trainer: Engine run (?:starting|resuming)")  # Ignite's line, after the build and any resume
+TRAINING_STARTED = re.compile(
+    r"Trainer: Engine run (?:starting|resuming)"
+)  # Ignite's line, after the build and any resume
 RESUMED = re.compile(r"resumed from (\S+) \(epoch \d+, iteration (\d+)\)")
 TRAINING_TOOK = re.compile(r"Trainer: Engine run finished\. Time taken: (\d+):(\d+):(\d+(?:\.\d+)?)")
 STEP = re.compile(r"_(\d+)\.pt$")
@@ -123,7 +131,9 @@ def log_count(run: Path, pattern: re.Pattern[str]) -> int:
 def start(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     """Start ``cmd`` as the leader of a new process group, its output into ``log``."""
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def wait_training_started(proc: subprocess.Popen, run: Path, seen: int, timeout: float = 600.0) -> bool:
@@ -232,8 +242,9 @@ def run_reference(args: argparse.Namespace, workdir: Path) -> float:
     return 3600 * int(hours) + 60 * int(minutes) + float(secs)
 
 
-def soak(args: argparse.Namespace, workdir: Path, bound: float, model: torch.nn.Module,
-         required: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+def soak(
+    args: argparse.Namespace, workdir: Path, bound: float, model: torch.nn.Module, required: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], list[str]]:
     """N kills and resumes of the run in ``workdir/killed``, then the last run to its end.
     Returns one record per attempt and the problems found on the way."""
     rng = random.Random(args.seed)
@@ -260,7 +271,9 @@ def soak(args: argparse.Namespace, workdir: Path, bound: float, model: torch.nn.
         if log_count(run, RESUMED) > resumed_before:
             record["resumed_from_iteration"] = int(resumed[-1][1])
             if newest_before is not None and int(resumed[-1][1]) != newest_before:
-                problems.append(f"attempt {i} resumed from iteration {resumed[-1][1]}, the newest checkpoint was {newest_before}")
+                problems.append(
+                    f"attempt {i} resumed from iteration {resumed[-1][1]}, the newest checkpoint was {newest_before}"
+                )
         elif newest_before is not None:
             problems.append(f"attempt {i} did not resume although checkpoint {newest_before} was on disk")
         if last:
@@ -316,10 +329,15 @@ def main() -> None:
 
     training = run_reference(args, workdir)
     bound = 1.5 * training / max(args.kills, 1)
-    print(f"reference: training took {training:.1f} s; kills uniform in [0, {bound:.2f}] s after training starts", flush=True)
+    print(
+        f"reference: training took {training:.1f} s; kills uniform in [0, {bound:.2f}] s after training starts",
+        flush=True,
+    )
     cfg = OmegaConf.load(workdir / "reference" / "config.yaml")
     model = build_model(cfg.model)
-    required = ("model", "optimizer", "trainer", "checkpointer") + (("lr_scheduler",) if cfg.solver.get("scheduler", {}).get("name") else ())
+    required = ("model", "optimizer", "trainer", "checkpointer") + (
+        ("lr_scheduler",) if cfg.solver.get("scheduler", {}).get("name") else ()
+    )
 
     attempts, problems = soak(args, workdir, bound, model, required)
     run = workdir / "killed"
@@ -342,7 +360,9 @@ def main() -> None:
         dw, differ = max_difference(reference, final_model(run))
         tensors = len(reference)
         if newest_iteration(run) != newest_iteration(workdir / "reference"):
-            problems.append(f"newest checkpoint {newest_iteration(run)}, the reference's {newest_iteration(workdir / 'reference')}")
+            problems.append(
+                f"newest checkpoint {newest_iteration(run)}, the reference's {newest_iteration(workdir / 'reference')}"
+            )
     if differ:
         problems.append(f"final weights differ from the reference: {differ}")
     unloadable = sorted(set(ever_unloadable) | set(bad))
@@ -357,7 +377,12 @@ def main() -> None:
     result = {
         "benchmark": "soak",
         "workload": "digits + mlp, runner=spawn nproc_per_node=2 (gloo, 1 thread per process), SIGKILL of the whole process group",
-        "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "igniter": source(),
         "command": " ".join(["python", *command(args, Path("<output_dir>"))[1:]]),
         "kills_asked": args.kills,

@@ -66,7 +66,9 @@ def import_times() -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """``python -X importtime -c 'import igniter.cli, igniter.run'``: the seconds each
     top-level package's modules take themselves (self time summed: torch, ignite, hydra,
     igniter...), and the 12 modules with the largest self time, largest first."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import igniter.cli, igniter.run"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import igniter.cli, igniter.run"], capture_output=True, text=True
+    )
     modules = []
     for line in proc.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|\s*(\S+)", line)
@@ -89,8 +91,15 @@ def main() -> None:
         "hand-written script, 1 iteration": [sys.executable, "-c", PLAIN_SCRIPT],
         "igniter check": [sys.executable, "-m", "igniter", "check"],
         "igniter, 1 iteration": [
-            sys.executable, "-m", "igniter", "trainer.max_epochs=1", "trainer.epoch_length=1", "data.val=null",
-            "checkpoint.enabled=false", "logging.loggers=[]", "output_dir=run",
+            sys.executable,
+            "-m",
+            "igniter",
+            "trainer.max_epochs=1",
+            "trainer.epoch_length=1",
+            "data.val=null",
+            "checkpoint.enabled=false",
+            "logging.loggers=[]",
+            "output_dir=run",
         ],
     }
     try:
@@ -106,7 +115,9 @@ def main() -> None:
             for name, cmd in variants.items():
                 times[name].append(timed(cmd, tmp))
                 if name == "igniter, 1 iteration":
-                    first_iteration.append(json.loads((Path(tmp) / "run" / "metrics.json").read_text())["first_iteration_s"])
+                    first_iteration.append(
+                        json.loads((Path(tmp) / "run" / "metrics.json").read_text())["first_iteration_s"]
+                    )
     med = {k: statistics.median(v) for k, v in times.items()}
     med["igniter, to the end of iteration 1"] = statistics.median(first_iteration)
     floor = med["floor: import torch, ignite"]
@@ -124,7 +135,19 @@ def main() -> None:
     out = HERE / "results" / "startup.json"
     out.parent.mkdir(exist_ok=True)
     meta = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    out.write_text(json.dumps({"benchmark": "startup", "machine": meta, "median_s": med, "all_s": {**times, "igniter, to the end of iteration 1": first_iteration}, "import_by_package_s": by_package, "import_offenders_s": offenders}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "startup",
+                "machine": meta,
+                "median_s": med,
+                "all_s": {**times, "igniter, to the end of iteration 1": first_iteration},
+                "import_by_package_s": by_package,
+                "import_offenders_s": offenders,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -9,8 +9,22 @@ module's registration replaces a built-in of the same name (see
 
 import time as _time
 
-_T0 = (_time.monotonic(), _time.process_time())  # igniter.summary.interpreter_age_s: before any other import
+_T0 = (_time.monotonic(), _time.process_time())  # igniter.timing.interpreter_age_s: before any other import
 
+# Built-in components: importing them fills the registries. Every module under igniter/
+# with a registry decorator belongs here (telemetry: the gpu_telemetry handler).
+from igniter import (  # noqa: F401,E402
+    datasets,
+    engines,
+    handlers,
+    launch,  # noqa: F401,E402  (the runners)
+    models,
+    solver,
+    steps,
+    telemetry,
+    transforms,
+)
+from igniter.checkpoint import object_store, saver  # noqa: F401,E402  (savers; s3fs etc. imported on use)
 from igniter.registry import (  # noqa: E402,F401
     REGISTRIES,
     Registry,
@@ -25,12 +39,6 @@ from igniter.registry import (  # noqa: E402,F401
     solver_registry,
     transforms_registry,
 )
-
-# Built-in components: importing them fills the registries. Every module under igniter/
-# with a registry decorator belongs here (telemetry: the gpu_telemetry handler).
-from igniter import datasets, distributed, engines, functions, handlers, io, models, solver, telemetry, transforms  # noqa: F401,E402
-from igniter import object_store  # noqa: F401,E402  (the object_store saver; s3fs etc. imported on use)
-from igniter import trackers  # noqa: F401,E402  (the mlflow logger; mlflow itself is imported on use)
-from igniter import wandb_tracker  # noqa: F401,E402  (the wandb logger; wandb itself is imported on use)
+from igniter.trackers import mlflow_tracker, tensorboard, wandb_tracker  # noqa: F401,E402  (mlflow/wandb imported on use)
 
 __version__ = "0.1.0"

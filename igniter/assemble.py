@@ -31,18 +31,19 @@ from igniter.build import (
     import_object,
     plain,
 )
+from igniter.checkpoint.files import CheckpointInvalid, check_model_state, load_checkpoint
+from igniter.checkpoint.location import checkpoint_dir
+from igniter.checkpoint.remote import fetch, is_url
 from igniter.compile import compile_options
 from igniter.context import EvalContext, RunContext
-from igniter.distributed.strategy import wrap_model
-from igniter.checkpoint_files import CheckpointInvalid, check_model_state, load_checkpoint
 from igniter.errors import ConfigError, Problem
-from igniter.remote import fetch, is_url
-from igniter.precision import Autocast, make_autocast, make_scaler, precision_problems
-from igniter.distributed.sampler import ShardedSampler
 from igniter.events import PeriodicEvents
+from igniter.parallel.sampler import ShardedSampler
+from igniter.parallel.strategy import wrap_model
+from igniter.precision import Autocast, make_autocast, make_scaler, precision_problems
 from igniter.preflight import guard_first_step
 from igniter.registry import engine_registry, function_registry
-from igniter.summary import StepTimer
+from igniter.timing import StepTimer
 
 __all__ = ["make_loader", "build_training", "build_evaluation"]
 
@@ -83,7 +84,7 @@ def make_loader(dataset: Dataset, batch_size: int, cfg: DictConfig, train: bool,
 
 def _model(cfg: DictConfig) -> torch.nn.Module:
     """User modules imported, seeds set, and the model on this process's device, wrapped for
-    ``runner.strategy`` (:func:`igniter.distributed.strategy.wrap_model`)."""
+    ``runner.strategy`` (:func:`igniter.parallel.strategy.wrap_model`)."""
     import_modules(cfg.imports)
     manual_seed(cfg.trainer.seed)  # same initial weights on every rank
     if cfg.trainer.deterministic:
@@ -100,7 +101,7 @@ def load_weights(model: torch.nn.Module, source: str, sha256: str | None = None)
     Args:
         model: the freshly built model (before wrapping or sharding).
         source: a local file or a URL (downloaded once into the cache, its SHA-256 checked:
-            :func:`igniter.object_store.fetch`), holding a model state dict or an igniter
+            :func:`igniter.checkpoint.object_store.fetch`), holding a model state dict or an igniter
             checkpoint (its ``model`` entry). Read with ``weights_only=True``.
         sha256: the expected hex digest of a download, or ``None``.
 
@@ -114,7 +115,9 @@ def load_weights(model: torch.nn.Module, source: str, sha256: str | None = None)
             state = state["model"]  # an igniter checkpoint: its model
         check_model_state(state, model)
     except CheckpointInvalid as e:
-        raise ConfigError([Problem("model.weights", f"{source} {e}", source)], "cannot load the initial weights") from None
+        raise ConfigError(
+            [Problem("model.weights", f"{source} {e}", source)], "cannot load the initial weights"
+        ) from None
     model.load_state_dict(state)
 
 
@@ -137,7 +140,9 @@ def _val_data(cfg: DictConfig) -> tuple[Dataset | None, DataLoader | None]:
         return None, None
     val_set = build_dataset(cfg.data.val, "data.val")
     loader_cfg = cfg.data.loader
-    return val_set, make_loader(val_set, loader_cfg.val_batch_size or loader_cfg.batch_size, loader_cfg, False, cfg.trainer.seed)
+    return val_set, make_loader(
+        val_set, loader_cfg.val_batch_size or loader_cfg.batch_size, loader_cfg, False, cfg.trainer.seed
+    )
 
 
 def _evaluator(cfg: DictConfig, available: dict[str, Any]) -> Engine:
@@ -147,9 +152,13 @@ def _evaluator(cfg: DictConfig, available: dict[str, Any]) -> Engine:
     """
     # Evaluate the unwrapped module: DDP's forward may sync buffers, and shards can differ by one batch.
     model = available["model"]
-    eval_step = call_with(function_registry.get(cfg.evaluation.step, "evaluation.step"), {**available, "model": getattr(model, "module", model)})
+    eval_step = call_with(
+        function_registry.get(cfg.evaluation.step, "evaluation.step"),
+        {**available, "model": getattr(model, "module", model)},
+    )
     evaluator = call_with(
-        engine_registry.get(cfg.evaluation.engine, "evaluation.engine"), {"process_function": guard_first_step(eval_step, cfg, "evaluation")}
+        engine_registry.get(cfg.evaluation.engine, "evaluation.engine"),
+        {"process_function": guard_first_step(eval_step, cfg, "evaluation")},
     )
     for name, metric in build_metrics(cfg.evaluation.metrics, available).items():
         metric.attach(evaluator, name)
@@ -170,7 +179,13 @@ def build_evaluation(cfg: DictConfig, output_dir: Path) -> EvalContext:
     model = _model(cfg)
     loss_fn = function_registry.get(cfg.trainer.loss, "trainer.loss")
     autocast, _ = _precision(cfg, idist.device())
-    available = {"model": model, "loss_fn": loss_fn, "device": idist.device(), "grad_clip_norm": cfg.trainer.grad_clip_norm, "autocast": autocast}
+    available = {
+        "model": model,
+        "loss_fn": loss_fn,
+        "device": idist.device(),
+        "grad_clip_norm": cfg.trainer.grad_clip_norm,
+        "autocast": autocast,
+    }
     val_set, val_loader = _val_data(cfg)
     evaluator = _evaluator(cfg, available) if val_loader is not None else None
     return EvalContext(
@@ -207,7 +222,10 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
     ).as_dict()  # fmt: skip
     step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
     step_timer = StepTimer()
-    trainer = call_with(engine_registry.get(cfg.trainer.engine, "trainer.engine"), {**available, "process_function": step_timer.wrap(guard_first_step(step, cfg, "training"))})
+    trainer = call_with(
+        engine_registry.get(cfg.trainer.engine, "trainer.engine"),
+        {**available, "process_function": step_timer.wrap(guard_first_step(step, cfg, "training"))},
+    )
     step_timer.attach(trainer)
     trainer.register_events(*PeriodicEvents, event_to_attr={e: "iteration" for e in PeriodicEvents})
     user_events = [import_object(path) for path in cfg.trainer.custom_events]
@@ -219,4 +237,5 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
         model=model, loss_fn=loss_fn, val_set=val_set, val_loader=val_loader, evaluator=evaluator,
         optimizer=optimizer, scheduler=scheduler, train_set=train_set, train_loader=train_loader, trainer=trainer,
         custom_events=[PeriodicEvents, *user_events], step_timer=step_timer, scaler=scaler,
+        checkpoint_dir=checkpoint_dir(cfg, output_dir),
     )  # fmt: skip

@@ -20,10 +20,12 @@ from omegaconf import DictConfig
 
 from igniter.assemble import build_training
 from igniter.build import import_modules
-from igniter.compose import config_problems, hydra_args as _hydra_args, plain_config, report_problems as _report
+from igniter.compose import config_problems, plain_config
+from igniter.compose import hydra_args as _hydra_args
 from igniter.context import RunContext
-from igniter.distributed import make_runner
 from igniter.errors import ConfigError, Problem
+from igniter.errors import report_problems as _report
+from igniter.launch.runners import make_runner
 from igniter.preflight import first_batch
 from igniter.registry import RegistryError, function_registry
 
@@ -37,7 +39,9 @@ def _builtin_handlers(cfg: DictConfig) -> list[str]:
     if k.enabled:
         when = f"every {k.every_epochs} epoch(s)" + (f", {k.every_iterations} iterations" if k.every_iterations else "")
         names.append(f"checkpoint ({when}; keep {k.n_saved} + {k.n_best} best)")
-    names.append({True: "progress bar", False: "log line per epoch", None: "progress bar on a terminal"}[lg.progress_bar])
+    names.append(
+        {True: "progress bar", False: "log line per epoch", None: "progress bar on a terminal"}[lg.progress_bar]
+    )
     names += [f"{name} (every {lg.log_every} iterations)" for name in lg.loggers]
     if lg.gpu_telemetry_every:
         names.append("gpu telemetry (when NVML finds a GPU)")
@@ -46,7 +50,9 @@ def _builtin_handlers(cfg: DictConfig) -> list[str]:
     return names
 
 
-def memory_plan(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str, world_size: int) -> dict[str, tuple[int, int]]:
+def memory_plan(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str, world_size: int
+) -> dict[str, tuple[int, int]]:
     """Bytes of parameters, gradients and optimizer state one rank holds, and all ranks together.
 
     ``ddp``: every rank holds everything. ``fsdp``: FSDP2 shards every parameter on dim 0 in
@@ -93,7 +99,9 @@ def _memory_line(ctx: RunContext, strategy: str, world: int) -> str:
     rank = ", ".join(f"{format_bytes(r)} {name}" for name, (r, _) in plan.items())
     total = "/".join(format_bytes(t) for _, t in plan.values())
     how = "sharded: about total / W per rank" if strategy == "fsdp" else "every rank holds it all"
-    return f"strategy {strategy} over {world} process{'es' if world > 1 else ''}: per rank {rank} (total {total}; {how})"
+    return (
+        f"strategy {strategy} over {world} process{'es' if world > 1 else ''}: per rank {rank} (total {total}; {how})"
+    )
 
 
 def _try_one_batch(ctx: RunContext, world_size: int) -> None:
@@ -148,7 +156,8 @@ def main(argv: list[str]) -> int:
         f"  memory     {_memory_line(ctx, cfg.runner.strategy, world)}",
         f"  batch      global {loader.batch_size}, per process {per_process}",
         f"  schedule   {per_epoch} iterations/epoch x {cfg.trainer.max_epochs} epochs = {per_epoch * cfg.trainer.max_epochs} iterations",
-        f"  optimizer  {cfg.solver.name} lr={cfg.solver.lr}" + (f", scheduler {cfg.solver.scheduler.name}" if cfg.solver.scheduler.name else ""),
+        f"  optimizer  {cfg.solver.name} lr={cfg.solver.lr}"
+        + (f", scheduler {cfg.solver.scheduler.name}" if cfg.solver.scheduler.name else ""),
         f"  handlers   built-in: {', '.join(_builtin_handlers(cfg))}",
         f"             from config: {', '.join(f'{h.name}@{h.event}' for h in cfg.handlers) or 'none'}",
     ]

@@ -9,7 +9,7 @@
 Every config problem is reported at once, one line each, with exit status 2
 and no traceback, before any process is spawned or job submitted. Composing and
 validating live in :mod:`igniter.compose`, launcher checks in
-:mod:`igniter.distributed.launchers`; the exit status of a run that ended by an
+:mod:`igniter.cluster.hydra_launchers`; the exit status of a run that ended by an
 error is that error's ``exit_status`` (:mod:`igniter.errors`).
 """
 
@@ -24,12 +24,29 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from igniter.callbacks import best_value, optuna_direction, proposes_lazily, record_failed_trial, study_problems, sweep_exit_status
-from igniter.callbacks import trial_problems, worst_value
-from igniter.compose import compose_config, config_problems, hydra_args, plain_config, report_problems, sweep_points
+from igniter.cluster.hydra_launchers import one_job_sweep, secondary_launcher_settings
+from igniter.compose import compose_config, config_problems, hydra_args, plain_config, sweep_points
 from igniter.config import CONFIG_MODULE, register_schema
-from igniter.distributed.launchers import one_job_sweep, register_launcher, secondary_launcher_settings
-from igniter.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, IgniterError, Problem, TrainingDiverged
+from igniter.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    ConfigError,
+    IgniterError,
+    Problem,
+    TrainingDiverged,
+    report_problems,
+)
+from igniter.sweeps import (
+    best_value,
+    optuna_direction,
+    proposes_lazily,
+    record_failed_trial,
+    study_problems,
+    sweep_exit_status,
+    trial_problems,
+    worst_value,
+)
 
 # compose_config, sweep_points, config_problems, plain_config: re-exported from
 # igniter.compose, where they live, for code that imports them from here
@@ -84,7 +101,7 @@ def _study_problems(args: Any) -> tuple[int, list[DictConfig]] | None:
 
 def _sweeper_overrides(cfg: DictConfig | None, overrides: Sequence[str]) -> list[str]:
     """The Optuna ``direction`` that follows ``evaluation.mode``, unless the command line
-    gives one (:func:`~igniter.callbacks.study_problems` checked it)."""
+    gives one (:func:`~igniter.sweeps.study_problems` checked it)."""
     want = optuna_direction(cfg) if cfg is not None else None
     given = any(o.startswith("hydra.sweeper.direction=") for o in overrides)
     return [f"hydra.sweeper.direction={want}"] if want and not given else []
@@ -94,8 +111,8 @@ def launch(cfg: DictConfig, output_dir: Path, job: dict[str, Any] | None = None)
     """Save the resolved config in ``output_dir`` and start the runner's processes.
 
     ``job``: Hydra's job id, number and overrides, recorded in ``metrics.json``."""
-    from igniter.distributed import make_runner
-    from igniter.io import atomic_write
+    from igniter.atomic_files import atomic_write
+    from igniter.launch.runners import make_runner
     from igniter.run import train
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +136,8 @@ def _end_of_run(e: IgniterError, output_dir: Path, run_dir: Any) -> int:
         output_dir: the run directory (for where the traceback is).
         run_dir: its :class:`~igniter.rundir.RunDirectory`, discarded when the run never started.
     """
-    from igniter.distributed.runners import RankFailed
-    from igniter.distributed.slurm import Preempted, wait_for_requeue
+    from igniter.launch.runners import RankFailed
+    from igniter.launch.slurm_job import Preempted, wait_for_requeue
     from igniter.preflight import StepFailed
 
     if isinstance(e, StepFailed):  # the run built: its directory and rank logs (with the traceback) stay
@@ -159,7 +176,11 @@ def _task(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    job = {"id": str(hydra_cfg.job.get("id") or ""), "num": hydra_cfg.job.get("num"), "overrides": list(hydra_cfg.overrides.task)}
+    job = {
+        "id": str(hydra_cfg.job.get("id") or ""),
+        "num": hydra_cfg.job.get("num"),
+        "overrides": list(hydra_cfg.overrides.task),
+    }
     if hydra_cfg.mode == RunMode.MULTIRUN and proposes_lazily(hydra_cfg):
         return _trial(cfg, hydra_cfg, output_dir, job)
     run_dir = _SNAPSHOTS.pop(str(output_dir.resolve()), None) or RunDirectory.of_job(output_dir)
@@ -178,10 +199,10 @@ def _trial(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path, job: dict[s
     before anything is written), run it, return the best ``evaluation.monitor``.
 
     A trial that cannot run or fails says why on stderr, keeps its directory's ``.hydra/``
-    (the table lists it) and returns :func:`~igniter.callbacks.worst_value`: the sweeper
+    (the table lists it) and returns :func:`~igniter.sweeps.worst_value`: the sweeper
     goes on with the study. Ctrl-C and a SLURM preemption end the study as they end a run.
     """
-    from igniter.distributed.slurm import Preempted
+    from igniter.launch.slurm_job import Preempted
     from igniter.record import read_record
     from igniter.rundir import RunDirectory
 
@@ -198,7 +219,13 @@ def _trial(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path, job: dict[s
             sys.exit(_end_of_run(e, output_dir, run_dir))
         except IgniterError as e:
             status = _end_of_run(e, output_dir, run_dir)
-            state = "invalid config" if isinstance(e, ConfigError) else "diverged" if isinstance(e, TrainingDiverged) else "failed"
+            state = (
+                "invalid config"
+                if isinstance(e, ConfigError)
+                else "diverged"
+                if isinstance(e, TrainingDiverged)
+                else "failed"
+            )
         except KeyboardInterrupt:
             print("igniter: interrupted (Ctrl-C)", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
@@ -206,7 +233,10 @@ def _trial(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path, job: dict[s
             value = best_value(read_record(output_dir), cfg.evaluation.monitor)
             if value is not None:
                 return value
-            print(f"igniter: {where}: no evaluation of {cfg.evaluation.monitor} (evaluation.every={cfg.evaluation.every})", file=sys.stderr)
+            print(
+                f"igniter: {where}: no evaluation of {cfg.evaluation.monitor} (evaluation.every={cfg.evaluation.every})",
+                file=sys.stderr,
+            )
             status, state = EXIT_FAILED, "no evaluation"
     worst = worst_value(cfg.evaluation.mode)
     print(f"igniter: trial {job['num']} failed ({state}); it returns {worst} and the study goes on", file=sys.stderr)
@@ -234,7 +264,12 @@ def _run_composed(cfg: DictConfig, config_name: str) -> None:
     try:  # Hydra would fail on it with a traceback
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        sys.exit(report_problems([Problem("output_dir", f"cannot create the run directory: {e.strerror}", str(run_dir))], "cannot start the run"))
+        sys.exit(
+            report_problems(
+                [Problem("output_dir", f"cannot create the run directory: {e.strerror}", str(run_dir))],
+                "cannot start the run",
+            )
+        )
     callbacks = Callbacks(cfg)
     callbacks.on_run_start(config=cfg, config_name=config_name)
     ret = run_job(
@@ -287,7 +322,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "Write a checkpoint's model weights alone (safetensors).\n"
         "Default output: the checkpoint's path with the suffix .safetensors.",
     ),
-    "status": Subcommand("igniter.status:main", "<sweep dir | run dir>", "Each SLURM job's state, latest epoch and metrics; how to re-submit the failed."),
+    "status": Subcommand(
+        "igniter.status:main",
+        "<sweep dir | run dir>",
+        "Each SLURM job's state, latest epoch and metrics; how to re-submit the failed.",
+    ),
     "help": Subcommand("igniter.cli:overview", "", "This overview."),
 }
 
@@ -297,7 +336,12 @@ _HELP_FLAGS = ("-h", "--help")
 def overview(argv: Sequence[str] = ()) -> int:
     """``igniter help``: the subcommands, then how to train."""
     width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: igniter [overrides ...]            train (Hydra app; see below)", "       igniter <subcommand> [args ...]", "", "subcommands:"]
+    lines = [
+        "usage: igniter [overrides ...]            train (Hydra app; see below)",
+        "       igniter <subcommand> [args ...]",
+        "",
+        "subcommands:",
+    ]
     lines += [f"  {name:<{width}}  {sub.about.splitlines()[0]}" for name, sub in SUBCOMMANDS.items()]
     lines += ["", "`igniter <subcommand> --help` shows a subcommand's usage.", ""]
     print("\n".join(lines))
@@ -314,6 +358,21 @@ def _run_subcommand(name: str, argv: list[str]) -> int:
 
 
 _PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "version")
+
+
+def register_launcher() -> None:
+    """Give Hydra igniter's SLURM launcher (``hydra/launcher=slurm``:
+    ``hydra_plugins.igniter_submitit``). Hydra finds plugins by scanning the
+    ``hydra_plugins`` namespace on disk, which an editable install (``pip install -e``)
+    hides from the scan; registering it by hand works for either install. Nothing
+    happens without the ``slurm`` extra (hydra-submitit-launcher)."""
+    try:
+        from hydra.core.plugins import Plugins
+
+        from hydra_plugins.igniter_submitit import SlurmLauncher
+    except ImportError:
+        return
+    Plugins.instance().register(SlurmLauncher)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -333,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         status, configs = _prevalidate(args)
         if status:
             sys.exit(status)
-        one_job = None if args.multirun else one_job_sweep(configs[0], argv)  # hydra/launcher=slurm without -m: submit it
+        one_job = (
+            None if args.multirun else one_job_sweep(configs[0], argv)
+        )  # hydra/launcher=slurm without -m: submit it
         if not args.multirun and one_job is None:
             _run_composed(configs[0], args.config_name or "config")
             return
@@ -345,5 +406,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     register_launcher()
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()
-    if sweep_exit_status():  # a study none of whose trials completed (igniter.callbacks)
+    if sweep_exit_status():  # a study none of whose trials completed (igniter.sweeps)
         sys.exit(sweep_exit_status())

@@ -3,7 +3,7 @@
 ``false`` (default): eager. ``true``: ``torch.compile(model)`` with PyTorch's defaults
 (the ``inductor`` backend). A mapping: its keys ``mode``, ``backend``, ``fullgraph``,
 ``dynamic`` and ``options`` are passed to ``torch.compile``. The model is compiled
-before it is wrapped for DDP (:func:`igniter.distributed.strategy.wrap_model`) and
+before it is wrapped for DDP (:func:`igniter.parallel.strategy.wrap_model`) and
 checkpoints hold the original module's ``state_dict`` (no ``_orig_mod.`` prefixes), so
 a compiled run resumes an eager one and the other way round.
 
@@ -51,12 +51,22 @@ def compile_problems(value: Any, cuda_here: bool | None) -> list[Problem]:
             runs on another machine: the compiler is not checked here).
     """
     if not (value is None or isinstance(value, bool) or isinstance(value, Mapping) or hasattr(value, "keys")):
-        return [Problem("trainer.compile", "expected false, true or a mapping of torch.compile arguments (mode, backend, fullgraph, dynamic, options)", value)]
+        return [
+            Problem(
+                "trainer.compile",
+                "expected false, true or a mapping of torch.compile arguments (mode, backend, fullgraph, dynamic, options)",
+                value,
+            )
+        ]
     options = compile_options(value)
     if options is None:
         return []
     problems = [
-        Problem(f"trainer.compile.{k}", f"not an argument of torch.compile (accepted: {', '.join(COMPILE_KEYS)})", options[k])
+        Problem(
+            f"trainer.compile.{k}",
+            f"not an argument of torch.compile (accepted: {', '.join(COMPILE_KEYS)})",
+            options[k],
+        )
         for k in options
         if k not in COMPILE_KEYS
     ]
@@ -65,7 +75,13 @@ def compile_problems(value: Any, cuda_here: bool | None) -> list[Problem]:
     backend = options.get("backend", "inductor")
     if not isinstance(backend, str) or backend not in torch.compiler.list_backends(exclude_tags=()):
         known = ", ".join(torch.compiler.list_backends())
-        return problems + [Problem("trainer.compile.backend", f"not a torch.compile backend (torch.compiler.list_backends(): {known}, and eager, aot_eager for debugging)", backend)]
+        return problems + [
+            Problem(
+                "trainer.compile.backend",
+                f"not a torch.compile backend (torch.compiler.list_backends(): {known}, and eager, aot_eager for debugging)",
+                backend,
+            )
+        ]
     if backend == "inductor" and cuda_here is False:
         problems += _cxx_problems()
     return problems

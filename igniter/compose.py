@@ -11,21 +11,20 @@ import it back.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.resources
-import dataclasses
 import itertools
-import typing
 import os
-import sys
+import typing
 from pathlib import Path
 from typing import Any, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from igniter.cluster.hydra_launchers import is_cluster_launcher, launcher_problems
 from igniter.config import CONFIG_MODULE, IgniterConfig, register_schema
-from igniter.distributed.launchers import is_cluster_launcher, launcher_problems
-from igniter.errors import EXIT_CONFIG, NO_VALUE, ConfigError, Problem
+from igniter.errors import NO_VALUE, Problem
 from igniter.registry import suggest
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "plain_config",
     "unknown_keys",
     "hydra_args",
-    "report_problems",
 ]
 
 
@@ -69,7 +67,9 @@ def compose_config(
 
     register_schema()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=_with_config_dir(overrides, config_dir), return_hydra_config=with_hydra)
+        return compose(
+            config_name=config_name, overrides=_with_config_dir(overrides, config_dir), return_hydra_config=with_hydra
+        )
 
 
 def _parse(overrides: Sequence[str]) -> list[Any]:
@@ -162,7 +162,11 @@ def _composition_problem(override: Any, exc: BaseException, base: DictConfig | N
     value = override.value() if override is not None else None
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         options = list(exc.options)
-        return Problem(key, f"no such option in config group '{key}' (available: {', '.join(options)}).{suggest(str(value), options)}", value)
+        return Problem(
+            key,
+            f"no such option in config group '{key}' (available: {', '.join(options)}).{suggest(str(value), options)}",
+            value,
+        )
     cause = _omegaconf_cause(exc)
     if cause is not None:
         msg = str(getattr(cause, "msg", cause)).splitlines()[0]
@@ -203,7 +207,11 @@ def config_problems(
     except Exception as first:
         groups = config_groups()
         # hydra/... choices (hydra/sweeper=optuna, hydra/launcher=slurm) too: their keys (hydra.sweeper.*) need them
-        choices = [o for o in parsed if o.key_or_group.split("@")[0].lstrip("~+") in groups or o.key_or_group.startswith("hydra/")]
+        choices = [
+            o
+            for o in parsed
+            if o.key_or_group.split("@")[0].lstrip("~+") in groups or o.key_or_group.startswith("hydra/")
+        ]
         problems, good = [], []
         for o in choices:  # each group choice alone: a bad one is not blamed on the other overrides
             try:
@@ -240,14 +248,14 @@ def config_problems(
         del cfg["hydra"]
     # a submitted job runs elsewhere: this machine's GPUs and paths are not checked
     here = not is_cluster_launcher(launcher)
-    problems = _schema_problems(cfg) or validate(cfg, here=here) + launcher_problems(launcher, cfg)
+    problems = schema_problems(cfg) or validate(cfg, here=here) + launcher_problems(launcher, cfg)
     if keep_hydra:
         with read_write(cfg), open_dict(cfg):
             cfg.hydra = hydra_node
     return cfg, problems
 
 
-def _schema_problems(cfg: DictConfig) -> list[Problem]:
+def schema_problems(cfg: DictConfig) -> list[Problem]:
     """Keys added with ``+`` that the schema does not declare (Hydra accepts them and
     nothing would read them): one problem each, with a did-you-mean."""
     problems = []
@@ -257,7 +265,10 @@ def _schema_problems(cfg: DictConfig) -> list[Problem]:
             value = OmegaConf.select(cfg, key, throw_on_missing=False)
         except Exception:
             value = NO_VALUE
-        close = difflib.get_close_matches(leaf, declared, n=1, cutoff=0.6) or [d for d in declared if d.startswith(leaf)][:1]
+        close = (
+            difflib.get_close_matches(leaf, declared, n=1, cutoff=0.6)
+            or [d for d in declared if d.startswith(leaf)][:1]
+        )
         hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
         problems.append(
             Problem(
@@ -287,13 +298,6 @@ def hydra_args(argv: Sequence[str]) -> Any:
     from hydra._internal.utils import get_args_parser
 
     return get_args_parser().parse_args(list(argv))
-
-
-def report_problems(problems: list[Problem], header: str = "invalid configuration") -> int:
-    """Print ``problems`` on stderr, one line each, and return the exit status for them (2)."""
-    print(str(ConfigError(problems, header)), file=sys.stderr)
-    print("igniter: nothing was run. Fix the keys above (see `igniter --cfg job`).", file=sys.stderr)
-    return EXIT_CONFIG
 
 
 def _schema_type(hint: Any) -> Any:

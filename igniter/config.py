@@ -96,7 +96,7 @@ class ModelConfig:
 
     ``weights``: initial weights loaded before training (strict: every key and shape), a
     local file or a URL (``s3://...``, ``https://...``) downloaded once into the cache
-    (:func:`igniter.object_store.cache_dir`); a model state dict or an igniter checkpoint
+    (:func:`igniter.checkpoint.object_store.cache_dir`); a model state dict or an igniter checkpoint
     (its ``model``). ``weights_sha256``: the download's expected SHA-256 (hex), when known.
     """
 
@@ -214,7 +214,7 @@ class CheckpointConfig:
 
     ``dir``: where checkpoints go, ``<output_dir>/checkpoints`` when ``None``; a local path
     or an fsspec URL (``s3://bucket/prefix``, ``gs://...``, ``file://...``): objects plus a
-    manifest written last (:mod:`igniter.object_store`), credentials from the environment.
+    manifest written last (:mod:`igniter.checkpoint.object_store`), credentials from the environment.
     """
 
     enabled: bool = True
@@ -253,7 +253,7 @@ class LoggingConfig:
 
 @dataclass
 class FsdpConfig:
-    """FSDP2 options (``runner.strategy=fsdp``, :mod:`igniter.distributed.strategy`).
+    """FSDP2 options (``runner.strategy=fsdp``, :mod:`igniter.parallel.strategy`).
 
     ``shard_modules``: class names (``Linear``) or dotted paths (``my_project.Block``) of the
     submodules sharded as units; empty: every child of the root module with at least
@@ -270,7 +270,7 @@ class FsdpConfig:
 
 @dataclass
 class RunnerConfig:
-    """How processes are launched and joined (see :mod:`igniter.distributed`).
+    """How processes are launched and joined (see :mod:`igniter.launch`).
 
     ``backend``: ``gloo``, ``nccl`` or ``None`` (nccl when CUDA is available,
     gloo otherwise). ``timeout_s``: collective-operation timeout in seconds.
@@ -281,10 +281,10 @@ class RunnerConfig:
     gradients and optimizer state sharded over the processes; options in ``fsdp``).
     ``threads_per_process``: PyTorch intra-op threads of each process; ``None``:
     ``OMP_NUM_THREADS`` if the user set it, else usable cores / processes on the node
-    (see :mod:`igniter.distributed.threads`).
+    (see :mod:`igniter.launch.cpu_threads`).
     ``hang_timeout_s``: seconds without progress on every rank after which the job is hung: the
     watchdog names the rank behind, writes the stacks to the rank logs and ends the job (exit
-    status 4); ``None``: no watchdog (:mod:`igniter.distributed.watchdog`). ``requeue_on_hang``:
+    status 4); ``None``: no watchdog (:mod:`igniter.supervision.watchdog`). ``requeue_on_hang``:
     inside a SLURM job, requeue it on a hang instead (it resumes from the newest checkpoint).
     """
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, TextIO
 
 from tqdm.std import tqdm  # already imported by torch (torch.hub): no start-up cost
 
-__all__ = ["setup_logging", "TqdmConsoleHandler", "bars_cleared", "route_warnings", "close_bars"]
+__all__ = ["setup_logging", "TqdmConsoleHandler", "bars_cleared", "route_warnings", "close_bars", "format_table"]
 
 
 #: Ignite's engines log this at ERROR for every exception that ends a run; igniter reports
@@ -89,8 +89,14 @@ def route_warnings() -> None:
     if getattr(previous, "_igniter_bars_cleared", False):
         return
 
-    def showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                    file: TextIO | None = None, line: str | None = None) -> None:
+    def showwarning(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         with bars_cleared(file if file is not None else sys.stderr):
             previous(message, category, filename, lineno, file, line)
 
@@ -117,3 +123,15 @@ def setup_logging(output_dir: Path, rank: int, level: str = "INFO") -> None:
         root.addHandler(console)
     root.setLevel(level)
     route_warnings()
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table; numbers with 4 significant digits."""
+    if not rows:
+        return "(no jobs)"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = {c: max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(cell(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)

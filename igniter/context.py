@@ -24,8 +24,7 @@ from ignite.engine import Engine, State
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from igniter.remote import is_url
-from igniter.summary import StepTimer
+from igniter.timing import StepTimer
 
 __all__ = ["RunStatus", "RunState", "bind_status", "EvalContext", "RunContext"]
 
@@ -124,19 +123,13 @@ class RunContext(EvalContext):
     custom_events: list = field(default_factory=list)
     step_timer: StepTimer = field(default_factory=StepTimer)  # data / step time of the trainer
     scaler: torch.amp.GradScaler | None = None  # the loss scaler (enabled with trainer.precision=16-mixed)
+    #: ``checkpoint.dir`` resolved once at start (:func:`igniter.checkpoint.location.checkpoint_dir`): a local
+    #: ``Path``, or an fsspec URL (a ``str``) for object storage; ``<output_dir>/checkpoints`` when unset.
+    checkpoint_dir: str | Path = Path("checkpoints")
     status: RunStatus = field(init=False)
 
     def __post_init__(self) -> None:
         self.status = bind_status(self.trainer)
-
-    @property
-    def checkpoint_dir(self) -> str | Path:
-        """``checkpoint.dir``: a local path, or an fsspec URL (a ``str``) for object storage;
-        ``<output_dir>/checkpoints`` when unset."""
-        where = self.cfg.checkpoint.get("dir")
-        if not where:
-            return self.output_dir / "checkpoints"
-        return str(where).rstrip("/") if is_url(where) else Path(str(where)).expanduser()
 
     @property
     def per_process_batch_size(self) -> int:

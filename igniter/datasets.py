@@ -46,7 +46,9 @@ class TensorPairDataset(Dataset):
 
 
 @dataset_registry("digits")
-def digits(split: str = "train", val_fraction: float = 0.2, split_seed: int = 0, transform: Transform = None) -> Dataset:
+def digits(
+    split: str = "train", val_fraction: float = 0.2, split_seed: int = 0, transform: Transform = None
+) -> Dataset:
     """scikit-learn's 8x8 handwritten digits (1797 samples; UCI optdigits test set).
 
     Returns ``x`` of shape ``[64]`` scaled to ``[0, 1]`` (pixel / 16) and ``y`` in 0-9.
@@ -120,7 +122,9 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: expected {int(np.prod(shape))} bytes of data for shape {shape}, found {payload.size}")
+        raise ValueError(
+            f"{path}: expected {int(np.prod(shape))} bytes of data for shape {shape}, found {payload.size}"
+        )
     return payload.reshape(shape)
 
 

@@ -1,7 +1,7 @@
 """``igniter doctor``: what the launcher sees on this machine. Always exits 0.
 
-    igniter doctor          # a readable report
-    igniter doctor --json   # the same, machine-readable
+igniter doctor          # a readable report
+igniter doctor --json   # the same, machine-readable
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import subprocess
 import sys
 from typing import Any
 
-from igniter.distributed import default_backend
-from igniter.distributed.environment import NoLauncher, Slurm, detect
+from igniter.launch.environment import NoLauncher, Slurm, detect
+from igniter.launch.runners import default_backend
 
 __all__ = ["report", "main"]
 
@@ -45,22 +45,38 @@ def gpus() -> dict[str, Any]:
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             name = pynvml.nvmlDeviceGetName(h)
-            devices.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name, "memory_total_bytes": int(mem.total)})
-        return {"available": bool(devices), "driver": driver.decode() if isinstance(driver, bytes) else driver, "devices": devices, "reason": None if devices else "NVML sees no device"}
+            devices.append(
+                {
+                    "index": i,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "memory_total_bytes": int(mem.total),
+                }
+            )
+        return {
+            "available": bool(devices),
+            "driver": driver.decode() if isinstance(driver, bytes) else driver,
+            "devices": devices,
+            "reason": None if devices else "NVML sees no device",
+        }
     finally:
         pynvml.nvmlShutdown()
 
 
 def distributed_environment(env: dict[str, str] | None = None) -> dict[str, Any]:
     """The launch mode the environment implies and its world size, rank and rendezvous,
-    as :func:`igniter.distributed.environment.detect` reads it.
+    as :func:`igniter.launch.environment.detect` reads it.
 
     Args:
         env: the environment variables (``None``: ``os.environ``).
     """
     found = detect(env)
     if isinstance(found, NoLauncher):
-        return {"mode": "none (runner=single or runner=spawn)", "world_size": 1, "rank": 0, "variables": found.variables()}
+        return {
+            "mode": "none (runner=single or runner=spawn)",
+            "world_size": 1,
+            "rank": 0,
+            "variables": found.variables(),
+        }
     info: dict[str, Any] = {
         "mode": _MODES[found.name],
         "world_size": found.world_size,
@@ -78,7 +94,11 @@ def distributed_environment(env: dict[str, str] | None = None) -> dict[str, Any]
 
 
 #: What ``igniter doctor`` calls each launch environment (and the runner it takes).
-_MODES = {"slurm": "slurm (runner=slurm)", "torchrun": "torchrun (runner=torchrun)", "submitit-local": "submitit local (runner=slurm)"}
+_MODES = {
+    "slurm": "slurm (runner=slurm)",
+    "torchrun": "torchrun (runner=torchrun)",
+    "submitit-local": "submitit local (runner=slurm)",
+}
 
 
 def slurm_tools() -> dict[str, Any]:
@@ -110,8 +130,24 @@ def report() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {p: _version(p) for p in ("torch", "pytorch-ignite", "hydra-core", "omegaconf", "submitit", "hydra-submitit-launcher", "nvidia-ml-py", "igniter")},
-        "cuda": {"available": cuda, "version": torch.version.cuda, "device_count": torch.cuda.device_count() if cuda else 0},
+        "versions": {
+            p: _version(p)
+            for p in (
+                "torch",
+                "pytorch-ignite",
+                "hydra-core",
+                "omegaconf",
+                "submitit",
+                "hydra-submitit-launcher",
+                "nvidia-ml-py",
+                "igniter",
+            )
+        },
+        "cuda": {
+            "available": cuda,
+            "version": torch.version.cuda,
+            "device_count": torch.cuda.device_count() if cuda else 0,
+        },
         "nccl": {"available": dist.is_available() and dist.is_nccl_available(), "version": nccl_version},
         "gloo": {"available": dist.is_available() and dist.is_gloo_available()},
         "default_backend": default_backend(),

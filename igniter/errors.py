@@ -7,10 +7,12 @@ environment) is reported as one line per problem, exit status 2.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 __all__ = [
+    "report_problems",
     "Problem",
     "IgniterError",
     "ConfigError",
@@ -44,6 +46,7 @@ EXIT_CHECKPOINT_WRITE = 5
 
 #: Exit status after Ctrl-C: 128 + SIGINT, the shell's convention for a process ended by SIGINT.
 EXIT_INTERRUPTED = 130
+
 
 class _NoValue:
     """The type of :data:`NO_VALUE`: one instance, kept as itself through pickling."""
@@ -87,19 +90,42 @@ class TrainingDiverged(IgniterError):
 
 class RankHung(IgniterError):
     """A rank made no progress for ``runner.hang_timeout_s`` seconds; the watchdog
-    (:mod:`igniter.distributed.watchdog`) wrote the live ranks' stacks to their rank logs
+    (:mod:`igniter.supervision.watchdog`) wrote the live ranks' stacks to their rank logs
     and ended every process of the job. The message names the rank, host, pid, iteration
     and how long it was stalled."""
 
     exit_status = EXIT_HUNG
 
 
-class CheckpointWriteFailed(IgniterError):
+class CheckpointWriteFailed(IgniterError, OSError):
     """A checkpoint could not be written (``ENOSPC`` or another ``OSError``). The previous
     checkpoint is intact, the partial file was removed; the message names the directory
-    and, for a full disk, the bytes needed and free."""
+    and, for a full disk, the bytes needed and free.
+
+    Also the ``OSError`` it stands for (``errno``), so code catching ``OSError`` around a
+    save still catches it. ``str()`` is the one-paragraph message; ``directory``, ``needed``
+    and ``free`` (bytes, or ``None``) are kept for programs. Pickles whole (a spawned worker
+    hands it to the launcher).
+    """
 
     exit_status = EXIT_CHECKPOINT_WRITE
+
+    def __init__(
+        self,
+        message: str,
+        code: int | None = None,
+        directory: str | None = None,
+        needed: int | None = None,
+        free: int | None = None,
+    ) -> None:
+        OSError.__init__(self, message)
+        self.errno, self.directory, self.needed, self.free = code, directory, needed, free
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.args[0], self.errno, self.directory, self.needed, self.free))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -129,3 +155,10 @@ class ConfigError(IgniterError):
         n = len(self.problems)
         lines = "\n".join(f"  {p}" for p in self.problems)
         return f"igniter: {self.header} ({n} problem{'s' if n != 1 else ''}):\n{lines}"
+
+
+def report_problems(problems: list[Problem], header: str = "invalid configuration") -> int:
+    """Print ``problems`` on stderr, one line each, and return the exit status for them (2)."""
+    print(str(ConfigError(problems, header)), file=sys.stderr)
+    print("igniter: nothing was run. Fix the keys above (see `igniter --cfg job`).", file=sys.stderr)
+    return EXIT_CONFIG

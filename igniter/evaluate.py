@@ -36,8 +36,8 @@ import ignite.distributed as idist
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from igniter.distributed.strategy import evaluation_scope, is_sharded, unwrap_compiled, unwrap_model
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
+from igniter.parallel.strategy import evaluation_scope, is_sharded, unwrap_compiled, unwrap_model
 
 __all__ = ["model_state", "read_weights", "evaluate", "eval_main", "export_main"]
 
@@ -61,14 +61,14 @@ def model_state(ckpt: Any) -> Mapping[str, torch.Tensor]:
 def read_weights(path: Path) -> Mapping[str, torch.Tensor]:
     """The model weights in checkpoint ``path``, loaded safely (no code from the file runs):
     a ``.pt`` file, or a ``checkpoint.format=dcp`` directory read whole in this process
-    (:func:`igniter.distributed.dcp_checkpoint.dcp_model_state`, every shard consolidated).
+    (:func:`igniter.checkpoint.dcp.dcp_model_state`, every shard consolidated).
 
     Raises:
         CheckpointInvalid: the file cannot be opened, is not a PyTorch checkpoint, holds pickled
             objects, or has no model weights; the directory has no readable ``.metadata`` or
-            damaged data; the message reads after the path (:func:`igniter.resume.load_checkpoint`).
+            damaged data; the message reads after the path (:func:`igniter.checkpoint.resume.load_checkpoint`).
     """
-    from igniter.resume import CheckpointInvalid, load_checkpoint
+    from igniter.checkpoint.resume import CheckpointInvalid, load_checkpoint
 
     if path.is_dir():
         return _read_dcp_weights(path)
@@ -82,25 +82,36 @@ def _read_dcp_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full model weights of DCP directory ``path``, its ``.metadata`` checked first."""
     from torch.distributed.checkpoint.api import CheckpointException  # and DCP's metadata classes importable by name
 
-    from igniter.distributed.dcp_checkpoint import check_metadata, dcp_model_state
-    from igniter.resume import CheckpointInvalid
+    from igniter.checkpoint.dcp import check_metadata, dcp_model_state
+    from igniter.checkpoint.resume import CheckpointInvalid
 
     incomplete = "is not a complete distributed checkpoint"
     try:
         check_metadata(path)
     except OSError as e:
-        raise CheckpointInvalid(f"{incomplete} (no readable .metadata: {e.strerror or e}; an interrupted write?)") from None
+        raise CheckpointInvalid(
+            f"{incomplete} (no readable .metadata: {e.strerror or e}; an interrupted write?)"
+        ) from None
     except Exception as e:
-        raise CheckpointInvalid(f"{incomplete} ({e})" if "nothing from it was run" in str(e) else f"{incomplete} (damaged .metadata: {type(e).__name__})") from None
+        raise CheckpointInvalid(
+            f"{incomplete} ({e})"
+            if "nothing from it was run" in str(e)
+            else f"{incomplete} (damaged .metadata: {type(e).__name__})"
+        ) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized, assuming ... a single process"
             return dcp_model_state(path)
     except ValueError as e:
         raise CheckpointInvalid(str(e)) from None
-    except (Exception, CheckpointException) as e:  # a missing or truncated data file (CheckpointException: a traceback per rank)
+    except (
+        Exception,
+        CheckpointException,
+    ) as e:  # a missing or truncated data file (CheckpointException: a traceback per rank)
         detail = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-        raise CheckpointInvalid(f"{incomplete} (its data cannot be read: {detail.split('. This is an internal miniz error')[0][:200]})") from None
+        raise CheckpointInvalid(
+            f"{incomplete} (its data cannot be read: {detail.split('. This is an internal miniz error')[0][:200]})"
+        ) from None
 
 
 def _checkpoint_error(path: Path | str, error: Exception, header: str) -> ConfigError:
@@ -109,12 +120,15 @@ def _checkpoint_error(path: Path | str, error: Exception, header: str) -> Config
 
 def _locate(target: Path) -> tuple[Path, Path]:
     """``(run dir, checkpoint)`` for a run directory or a checkpoint (file or ``.dcp`` directory) inside one."""
-    from igniter.resume import checkpoint_files
+    from igniter.checkpoint.resume import checkpoint_files
 
     if target.is_dir() and target.suffix != ".dcp":
         files = checkpoint_files(target / "checkpoints")
         if not files:
-            raise ConfigError([Problem("run", f"no last_checkpoint_*.pt or .dcp in {target / 'checkpoints'}", str(target))], "cannot evaluate")
+            raise ConfigError(
+                [Problem("run", f"no last_checkpoint_*.pt or .dcp in {target / 'checkpoints'}", str(target))],
+                "cannot evaluate",
+            )
         return target, files[0]
     if target.exists():  # a .pt file or a .dcp directory
         return target.parent.parent, target
@@ -132,13 +146,15 @@ def _apply_choice(cfg: DictConfig, schema: DictConfig, group: str, choice: str) 
     folder = importlib.resources.files(CONFIG_MODULE) / group
     options = sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
     if choice not in options:
-        expected = f"no such option in config group '{group}' (available: {', '.join(options)}).{suggest(choice, options)}"
+        expected = (
+            f"no such option in config group '{group}' (available: {', '.join(options)}).{suggest(choice, options)}"
+        )
         raise ConfigError([Problem(group, expected, choice)], "cannot evaluate")
     text = (folder / f"{choice}.yaml").read_text()
     node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
     defaults = node.pop("defaults", None) or []
     for entry in defaults:
-        for key, value in (entry.items() if isinstance(entry, Mapping) else []):  # "_self_" entries: no choice
+        for key, value in entry.items() if isinstance(entry, Mapping) else []:  # "_self_" entries: no choice
             _apply_choice(cfg, schema, str(key).split()[-1].strip("/"), str(value))
     if "@package _global_" in text:
         cfg.merge_with(node)
@@ -153,10 +169,11 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
     Raises:
         ConfigError: no ``config.yaml`` in ``run_dir``, a bad override, an invalid config.
     """
-    from igniter.compose import config_groups as _config_groups, plain_config
+    from igniter.checkpoint.dcp import checkpoint_format
+    from igniter.compose import config_groups as _config_groups
+    from igniter.compose import plain_config
     from igniter.config import IgniterConfig
-    from igniter.distributed import make_runner
-    from igniter.distributed.dcp_checkpoint import checkpoint_format
+    from igniter.launch.runners import make_runner
     from igniter.registry import runner_registry
     from igniter.validate import validate
 
@@ -171,14 +188,20 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
         if sep and key.lstrip("+") in groups:
             choices.append((key.lstrip("+"), value))
         elif "/" in key:
-            raise ConfigError([Problem(key, f"not a config group igniter eval uses (groups: {', '.join(sorted(groups))})", value)], "cannot evaluate")
+            raise ConfigError(
+                [Problem(key, f"not a config group igniter eval uses (groups: {', '.join(sorted(groups))})", value)],
+                "cannot evaluate",
+            )
         else:
             dotted.append(override)
     schema = OmegaConf.structured(IgniterConfig)
     try:
         cfg = OmegaConf.merge(schema, OmegaConf.load(path))
     except Exception as e:
-        raise ConfigError([Problem("run", f"{path} is not a valid igniter config: {str(e).splitlines()[0]}", str(run_dir))], "cannot evaluate") from None
+        raise ConfigError(
+            [Problem("run", f"{path} is not a valid igniter config: {str(e).splitlines()[0]}", str(run_dir))],
+            "cannot evaluate",
+        ) from None
     try:
         for group, choice in choices:
             _apply_choice(cfg, schema, group, choice)
@@ -189,8 +212,16 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
         key = getattr(e, "full_key", None) or "overrides"
         raise ConfigError([Problem(str(key), str(e).splitlines()[0])], "cannot evaluate") from None
     asked = "runner.strategy" in {o.partition("=")[0].lstrip("+") for o in dotted}
-    if cfg.runner.strategy == "fsdp" and not asked and cfg.runner.name in runner_registry and make_runner(cfg.runner).world_size == 1:
-        cfg.checkpoint.format, cfg.runner.strategy = checkpoint_format(cfg), "ddp"  # trained sharded, evaluated whole in one process
+    if (
+        cfg.runner.strategy == "fsdp"
+        and not asked
+        and cfg.runner.name in runner_registry
+        and make_runner(cfg.runner).world_size == 1
+    ):
+        cfg.checkpoint.format, cfg.runner.strategy = (
+            checkpoint_format(cfg),
+            "ddp",
+        )  # trained sharded, evaluated whole in one process
     problems = validate(cfg)
     if problems:
         raise ConfigError(problems, "invalid configuration")
@@ -200,11 +231,14 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
 def _check_fits(cfg: DictConfig, state: Mapping[str, torch.Tensor], checkpoint: Path) -> None:
     """Build the model on the CPU here and check the weights fit it, before any process starts."""
     from igniter.build import build_model
+    from igniter.checkpoint.resume import CheckpointInvalid, check_model_state
     from igniter.registry import RegistryError
-    from igniter.resume import CheckpointInvalid, check_model_state
 
     if cfg.data.val is None:
-        raise ConfigError([Problem("data.val", "no validation dataset to evaluate on: set data.val (e.g. data.val.name=...)")], "cannot evaluate")
+        raise ConfigError(
+            [Problem("data.val", "no validation dataset to evaluate on: set data.val (e.g. data.val.name=...)")],
+            "cannot evaluate",
+        )
     try:
         check_model_state(state, build_model(cfg.model))
     except CheckpointInvalid as e:
@@ -223,7 +257,7 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
             fit the model (:func:`eval_main` checks both before starting processes).
     """
     from igniter.assemble import build_evaluation
-    from igniter.resume import CheckpointInvalid
+    from igniter.checkpoint.resume import CheckpointInvalid
 
     ctx = build_evaluation(cfg, Path(output).parent)
     if ctx.evaluator is None:
@@ -232,7 +266,11 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
         if is_sharded(ctx.model):  # every rank reads the whole weights and keeps its shards
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(unwrap_compiled(ctx.model), dict(read_weights(Path(checkpoint))), options=StateDictOptions(full_state_dict=True))
+            set_model_state_dict(
+                unwrap_compiled(ctx.model),
+                dict(read_weights(Path(checkpoint))),
+                options=StateDictOptions(full_state_dict=True),
+            )
         else:
             unwrap_model(ctx.model).load_state_dict(read_weights(Path(checkpoint)))
     except (CheckpointInvalid, RuntimeError) as e:
@@ -241,7 +279,13 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
         ctx.evaluator.run(ctx.val_loader)
     metrics = {k: float(v) for k, v in ctx.evaluator.state.metrics.items()}
     if idist.get_rank() == 0:
-        result = {"checkpoint": str(checkpoint), "samples": len(ctx.val_set), "world_size": idist.get_world_size(), "strategy": cfg.runner.strategy, "metrics": metrics}
+        result = {
+            "checkpoint": str(checkpoint),
+            "samples": len(ctx.val_set),
+            "world_size": idist.get_world_size(),
+            "strategy": cfg.runner.strategy,
+            "metrics": metrics,
+        }
         Path(output).write_text(json.dumps(result, indent=2))
         print(" ".join(f"{k}={v:.6f}" for k, v in metrics.items()) + f"  ({len(ctx.val_set)} samples, {checkpoint})")
     # the wrapped model holds the process group; left to reference cycles (engine handlers) until after the
@@ -261,9 +305,8 @@ def eval_main(argv: list[str]) -> int:
         model, the run's ``config.yaml`` is missing or an override is bad; 1 when a
         process of the evaluation fails.
     """
-    from igniter.distributed import make_runner
-    from igniter.distributed.runners import RankFailed
-    from igniter.resume import CheckpointInvalid
+    from igniter.checkpoint.resume import CheckpointInvalid
+    from igniter.launch.runners import RankFailed, make_runner
 
     if not argv or argv[0].startswith("-"):
         print("usage: igniter eval <run dir | checkpoint> [key=value ...]", file=sys.stderr)
@@ -304,8 +347,8 @@ def export_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from safetensors.torch import save
 
-    from igniter.io import atomic_write
-    from igniter.resume import CheckpointInvalid
+    from igniter.atomic_files import atomic_write
+    from igniter.checkpoint.resume import CheckpointInvalid
 
     output: Path = args.output or args.checkpoint.with_suffix(".safetensors")
     try:
@@ -314,16 +357,22 @@ def export_main(argv: list[str]) -> int:
         except CheckpointInvalid as e:
             raise _checkpoint_error(args.checkpoint, e, "cannot export") from None
         if output.resolve() == args.checkpoint.resolve():
-            raise ConfigError([Problem("--output", "is the checkpoint itself: choose another file", str(output))], "cannot export")
+            raise ConfigError(
+                [Problem("--output", "is the checkpoint itself: choose another file", str(output))], "cannot export"
+            )
         try:
             data = save({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
         except (ValueError, RuntimeError) as e:
             reason = " ".join(str(e).split()).split(". ")[0]
-            raise _checkpoint_error(args.checkpoint, CheckpointInvalid(f"cannot be stored as safetensors: {reason}"), "cannot export") from None
+            raise _checkpoint_error(
+                args.checkpoint, CheckpointInvalid(f"cannot be stored as safetensors: {reason}"), "cannot export"
+            ) from None
         try:
             atomic_write(output, lambda f: f.write(data))
         except OSError as e:
-            raise ConfigError([Problem("--output", f"cannot write {output}: {e.strerror or e}", str(output))], "cannot export") from None
+            raise ConfigError(
+                [Problem("--output", f"cannot write {output}: {e.strerror or e}", str(output))], "cannot export"
+            ) from None
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_CONFIG

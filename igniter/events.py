@@ -235,8 +235,7 @@ class _Parser:
         name, self.pos = match.group(0), match.end()
         if name not in self.names:
             raise EventSpecError(
-                f"unknown event '{name}'.{suggest(name, list(self.names))} "
-                f"Events: {', '.join(sorted(self.names))}."
+                f"unknown event '{name}'.{suggest(name, list(self.names))} Events: {', '.join(sorted(self.names))}."
             )
         event = self.names[name]
         if self.peek() != "(":

@@ -27,15 +27,15 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
 
+from igniter.checkpoint.dcp import ModelState, OptimizerState, checkpoint_format, dcp_saver
+from igniter.checkpoint.remote import is_url
+from igniter.checkpoint.resume import TrainerState
 from igniter.compile import compile_options, compile_time_s
-from igniter.distributed.dcp_checkpoint import ModelState, OptimizerState, checkpoint_format, dcp_saver
-from igniter.distributed.progress import checkpoint_phase
-from igniter.distributed.strategy import unwrap_model
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
+from igniter.parallel.strategy import unwrap_model
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
 from igniter.registry import event_handler_registry, io_registry
-from igniter.remote import is_url
-from igniter.resume import TrainerState
+from igniter.supervision.progress import checkpoint_phase
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
@@ -131,6 +131,7 @@ def attach_progress(ctx: RunContext) -> None:
         )
         trainer.add_event_handler(Events.TERMINATE, bar._close)  # Ignite's own close; a no-op once closed
         return
+
     @trainer.on(PeriodicEvents.LOG)
     def _log_line(engine: Engine) -> None:
         out = engine.state.output
@@ -207,7 +208,12 @@ def attach_nan_guard(ctx: RunContext) -> None:
         if status.diverged is None and _any_rank(_nonfinite_loss(engine.state.output)):
             loss = scalar(loss_of(engine.state.output))
             status.diverged = (engine.state.iteration, loss)
-            logger.error("loss is %s at iteration %d (checked every %d iterations): stopping", loss, engine.state.iteration, CHECK_LOSS_EVERY)
+            logger.error(
+                "loss is %s at iteration %d (checked every %d iterations): stopping",
+                loss,
+                engine.state.iteration,
+                CHECK_LOSS_EVERY,
+            )
             engine.terminate()
 
 
@@ -263,7 +269,7 @@ def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
 
 def flush_checkpoints(checkpointer: Checkpoint) -> None:
     """Wait until the checkpoints taken so far are on disk (savers that write in the
-    background have ``flush()``, e.g. :class:`igniter.io.AtomicDiskSaver`)."""
+    background have ``flush()``, e.g. :class:`igniter.checkpoint.saver.AtomicDiskSaver`)."""
     flush = getattr(checkpointer.save_handler, "flush", None)
     if flush is not None:
         flush()
@@ -281,14 +287,14 @@ def save_now(checkpointer: Checkpoint) -> Callable[[Engine], None]:
 
 def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     """Ignite ``Checkpoint``s through the io-registry saver ``checkpoint.saver`` into
-    ``<run dir>/checkpoints`` (contents: :mod:`igniter.resume`).
+    ``<run dir>/checkpoints`` (contents: :mod:`igniter.checkpoint.resume`).
 
     Keeps the last ``checkpoint.n_saved`` (``last_checkpoint_<iteration>.pt``) and
     the ``checkpoint.n_best`` best by ``evaluation.monitor``
     (``best_model_<iteration>_<metric>=<value>.pt``). Every rank must call this
     (taking a checkpoint gathers every rank's RNG state); only rank 0 writes, except
     with ``checkpoint.format=dcp`` (``.dcp`` directories every rank writes its shards to,
-    :mod:`igniter.distributed.dcp_checkpoint`).
+    :mod:`igniter.checkpoint.dcp`).
 
     Returns:
         The objects a resume loads into (``Checkpoint.load_objects``), empty when
@@ -304,9 +310,12 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     if checkpoint_format(ctx.cfg) == "dcp":  # a directory per checkpoint, every rank writes its shards
         saver: Any = dcp_saver(cfg, Path(directory))
         model, optimizer = ModelState(model), OptimizerState(model, ctx.optimizer)
-        names = {"last": "{filename_prefix}_{name}_{global_step}.dcp", "best": "{filename_prefix}_{name}_{global_step}_{score_name}={score}.dcp"}
+        names = {
+            "last": "{filename_prefix}_{name}_{global_step}.dcp",
+            "best": "{filename_prefix}_{name}_{global_step}_{score_name}={score}.dcp",
+        }
     else:
-        # The default saver writes to local disk; for a URL, the object-store one (igniter.object_store).
+        # The default saver writes to local disk; for a URL, the object-store one (igniter.checkpoint.object_store).
         name = "object_store" if is_url(directory) and cfg.saver == "disk" else cfg.saver
         saver = io_registry.get(name, "checkpoint.saver")(str(directory))
         names = {"last": None, "best": None}
@@ -330,7 +339,15 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
         )
         ctx.evaluator.add_event_handler(Events.COMPLETED, _guarded(best, ctx))
         to_save["best_checkpointer"] = best
-    last = Checkpoint(to_save, saver, filename_prefix="last", n_saved=cfg.n_saved, global_step_transform=step, include_self=True, filename_pattern=names["last"])
+    last = Checkpoint(
+        to_save,
+        saver,
+        filename_prefix="last",
+        n_saved=cfg.n_saved,
+        global_step_transform=step,
+        include_self=True,
+        filename_pattern=names["last"],
+    )
     event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
     if cfg.every_iterations:
         event = event | Events.ITERATION_COMPLETED(event_filter=_every_iterations(cfg.every_iterations))

@@ -33,7 +33,15 @@ import torch
 
 from igniter.errors import Problem
 
-__all__ = ["PRECISIONS", "Autocast", "make_autocast", "make_scaler", "micro_batches", "precision_problems", "accumulation_problems"]
+__all__ = [
+    "PRECISIONS",
+    "Autocast",
+    "make_autocast",
+    "make_scaler",
+    "micro_batches",
+    "precision_problems",
+    "accumulation_problems",
+]
 
 #: ``trainer.precision`` values -> the autocast dtype (``None``: no autocast).
 PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -68,7 +76,7 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
 
     A disabled scaler's ``scale`` returns the loss unchanged and its ``step`` calls
     ``optimizer.step()``, so a step written with it is right at every precision. Its
-    ``state_dict()`` goes into checkpoints when it is enabled (:mod:`igniter.resume`).
+    ``state_dict()`` goes into checkpoints when it is enabled (:mod:`igniter.checkpoint.resume`).
     """
     return torch.amp.GradScaler(device.type, enabled=str(precision) == "16-mixed")
 
@@ -122,7 +130,13 @@ def precision_problems(precision: Any, cuda_here: bool | None) -> list[Problem]:
     if value not in PRECISIONS:
         return [Problem("trainer.precision", f"expected one of {', '.join(PRECISIONS)} (Lightning's names)", precision)]
     if value == "16-mixed" and cuda_here is False:
-        return [Problem("trainer.precision", "16-mixed (float16 with loss scaling) needs CUDA and this run has no GPU; bf16-mixed works on CPU", precision)]
+        return [
+            Problem(
+                "trainer.precision",
+                "16-mixed (float16 with loss scaling) needs CUDA and this run has no GPU; bf16-mixed works on CPU",
+                precision,
+            )
+        ]
     return []
 
 

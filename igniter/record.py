@@ -30,7 +30,7 @@ Layout (one JSON object; times in seconds)::
 
 The file is written atomically after every evaluation and at the end, so a crash
 leaves the history so far. How a resumed run continues the history is
-:func:`igniter.resume.continue_record`.
+:func:`igniter.checkpoint.resume.continue_record`.
 """
 
 from __future__ import annotations
@@ -41,13 +41,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from igniter.atomic_files import atomic_write
 from igniter.compile import compile_options, compile_time_s
-from igniter.io import atomic_write
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
 
-__all__ = ["METRICS_FILE", "RUN_STATUSES", "scalar", "loss_of", "train_loss", "MetricsRecord", "final_status", "run_summary", "read_record"]
+__all__ = [
+    "METRICS_FILE",
+    "RUN_STATUSES",
+    "scalar",
+    "loss_of",
+    "train_loss",
+    "MetricsRecord",
+    "final_status",
+    "run_summary",
+    "read_record",
+]
 
 #: The record's file name inside the run directory.
 METRICS_FILE = "metrics.json"
@@ -132,7 +142,15 @@ class MetricsRecord:
 def final_status(ctx: RunContext, interrupted: bool) -> str:
     """The final ``status`` (one of :data:`RUN_STATUSES`) of ``ctx``'s run."""
     status = ctx.status
-    return "interrupted" if interrupted else "diverged" if status.diverged else "stopped" if status.stopped_by else "completed"
+    return (
+        "interrupted"
+        if interrupted
+        else "diverged"
+        if status.diverged
+        else "stopped"
+        if status.stopped_by
+        else "completed"
+    )
 
 
 def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[str, Any]:
@@ -153,7 +171,11 @@ def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[
         "run_time_s": status.run_time_s,
         "samples_per_s": status.samples / status.train_time_s if status.train_time_s > 0 else None,
         "train_loss": train_loss(state.output),
-        **({"compile_s": compile_time_s(), "compile_train_s": status.compile_s} if compile_options(ctx.cfg.trainer.compile) is not None else {}),
+        **(
+            {"compile_s": compile_time_s(), "compile_train_s": status.compile_s}
+            if compile_options(ctx.cfg.trainer.compile) is not None
+            else {}
+        ),
     }
 
 

@@ -147,9 +147,13 @@ class Registry:
         old = self._entries.get(key)
         if old is not None and not override:
             if is_builtin(old.module) and not is_builtin(module):
-                logger.info("%s registry: '%s' from %s replaces igniter's built-in from %s", self.name, key, module, old.module)
+                logger.info(
+                    "%s registry: '%s' from %s replaces igniter's built-in from %s", self.name, key, module, old.module
+                )
             elif is_builtin(module) and not is_builtin(old.module):
-                logger.info("%s registry: '%s' from %s replaces igniter's built-in from %s", self.name, key, old.module, module)
+                logger.info(
+                    "%s registry: '%s' from %s replaces igniter's built-in from %s", self.name, key, old.module, module
+                )
                 return obj  # the user's entry, registered first, stays
             else:
                 raise RegistryError(

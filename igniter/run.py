@@ -4,7 +4,7 @@
 any, already exists (the runner made it), so ``idist`` reports this process's rank
 and world size. Each phase lives in its own module: building in
 :mod:`igniter.assemble`, the handlers in :mod:`igniter.handlers`, resuming in
-:mod:`igniter.resume`, the record in :mod:`igniter.record`; this module wires them
+:mod:`igniter.checkpoint.resume`, the record in :mod:`igniter.record`; this module wires them
 in order.
 """
 
@@ -23,12 +23,9 @@ from omegaconf import DictConfig
 
 from igniter.assemble import build_training
 from igniter.build import call_with
+from igniter.checkpoint.resume import continue_record, resume_hint, resume_run
 from igniter.console import close_bars, setup_logging
 from igniter.context import RunContext
-from igniter.distributed import make_runner
-from igniter.distributed.progress import attach_reports, checkpoint_phase
-from igniter.distributed.signals import interrupt_once
-from igniter.distributed.strategy import evaluation_scope
 from igniter.errors import Interrupted, TrainingDiverged
 from igniter.events import PeriodicEvents, fire_periodic_events, parse_event
 from igniter.handlers import (
@@ -39,11 +36,21 @@ from igniter.handlers import (
     flush_checkpoints,
     save_now,
 )
+from igniter.launch.runners import make_runner
+from igniter.launch.signals import interrupt_once
+from igniter.parallel.strategy import evaluation_scope
 from igniter.preflight import StepFailed
 from igniter.record import MetricsRecord, run_summary, train_loss
 from igniter.registry import event_handler_registry, io_registry
-from igniter.resume import continue_record, resume_hint, resume_run
-from igniter.summary import attach_handler_profiler, draw_curves, handler_profile, record_first_iteration, summary_table, time_split
+from igniter.summary import (
+    attach_handler_profiler,
+    draw_curves,
+    handler_profile,
+    record_first_iteration,
+    summary_table,
+    time_split,
+)
+from igniter.supervision.progress import attach_reports, checkpoint_phase
 from igniter.telemetry import gpu_telemetry
 
 # build_run: the name igniter.run had for build_training (kept for code that imports it).
@@ -93,7 +100,12 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
     if rank == 0:
         logger.info(
             "run dir %s | world size %d, backend %s, device %s | global batch %d, per-process batch %d",
-            output_dir, ctx.world_size, idist.backend() or "none", ctx.device, cfg.data.loader.batch_size, ctx.per_process_batch_size,
+            output_dir,
+            ctx.world_size,
+            idist.backend() or "none",
+            ctx.device,
+            cfg.data.loader.batch_size,
+            ctx.per_process_batch_size,
         )
     record = MetricsRecord.for_run(ctx, job, idist.backend()) if rank == 0 else None
     # wire
@@ -204,7 +216,10 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
     cfg, trainer = ctx.cfg, ctx.trainer
     loggers = []
     if ctx.rank == 0:
-        loggers = [call_with(io_registry.get(n, f"logging.loggers[{i}]"), {"ctx": ctx}) for i, n in enumerate(cfg.logging.loggers)]
+        loggers = [
+            call_with(io_registry.get(n, f"logging.loggers[{i}]"), {"ctx": ctx})
+            for i, n in enumerate(cfg.logging.loggers)
+        ]
     if record is not None:
         record_first_iteration(ctx.step_timer, record)
 
@@ -237,7 +252,9 @@ def _run_engine(ctx: RunContext) -> None:
     ctx.status.run_time_s = time.perf_counter() - run_start
 
 
-def _record(ctx: RunContext, record: MetricsRecord | None, interrupted: bool, wall_time_s: float, profiler: Any, telemetry: Any) -> dict[str, Any]:
+def _record(
+    ctx: RunContext, record: MetricsRecord | None, interrupted: bool, wall_time_s: float, profiler: Any, telemetry: Any
+) -> dict[str, Any]:
     """The end-of-run summary; rank 0 writes it to ``metrics.json``, logs the table and draws
     ``curves.png``. ``wall_time_s``: seconds since the run started building."""
     summary = run_summary(ctx, interrupted, wall_time_s)
@@ -256,7 +273,13 @@ def _record(ctx: RunContext, record: MetricsRecord | None, interrupted: bool, wa
     return summary
 
 
-def _finish(ctx: RunContext, record: MetricsRecord | None, summary: dict[str, Any], interrupted: bool, job: dict[str, Any] | None) -> dict[str, Any]:
+def _finish(
+    ctx: RunContext,
+    record: MetricsRecord | None,
+    summary: dict[str, Any],
+    interrupted: bool,
+    job: dict[str, Any] | None,
+) -> dict[str, Any]:
     """Return the run's result, or raise what ended it (see :func:`train`)."""
     state, status = ctx.trainer.state, ctx.status
     if interrupted:  # no collective from here: a peer may have left already

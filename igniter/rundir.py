@@ -74,7 +74,9 @@ class RunDirectory:
                 else:
                     with open(log, "r+b") as f:
                         f.truncate(size)
-            for events in self.path.glob("tb/events.out.tfevents.*"):  # TensorBoard started before a later logger failed
+            for events in self.path.glob(
+                "tb/events.out.tfevents.*"
+            ):  # TensorBoard started before a later logger failed
                 if events.name not in self._tb_files:
                     events.unlink(missing_ok=True)
             for rel in _EARLY_DIRS:

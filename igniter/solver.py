@@ -17,7 +17,9 @@ __all__ = ["warmup_cosine"]
 
 
 @solver_registry("warmup_cosine")
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_factor: float = 0.0
+) -> LambdaLR:
     """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_factor * lr`` at ``total_steps``.
 
     Steps are scheduler calls (iterations with ``step_on: iteration``). The cosine

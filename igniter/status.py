@@ -1,7 +1,7 @@
 """``igniter status <sweep dir | run dir>``: where the SLURM jobs of a sweep (or one run) are.
 
 One row per job: its number, SLURM job id and state (``squeue``, else ``sacct``:
-:func:`igniter.distributed.submissions.slurm_states`), the run's own status, latest
+:func:`igniter.cluster.submissions.slurm_states`), the run's own status, latest
 epoch and final metrics (its ``metrics.json``), and its run directory. Jobs that
 ended without completing are listed with their log and the command that re-submits
 them (the sweep's command with its sweep directory pinned, recorded at submission:
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from igniter.callbacks import format_table
-from igniter.distributed.submissions import ACTIVE_STATES, Submissions, slurm_states
+from igniter.cluster.submissions import ACTIVE_STATES, Submissions, slurm_states
+from igniter.console import format_table
 from igniter.errors import EXIT_CONFIG
 from igniter.record import read_record
 
@@ -75,9 +75,13 @@ def find_jobs(target: Path) -> tuple[list[Job], list[str] | None]:
         StatusError: ``target`` does not exist, is not a directory or holds no job.
     """
     if not target.exists():
-        raise StatusError(f"{target} does not exist. Give the sweep directory printed at submission (hydra.sweep.dir) or a run directory.")
+        raise StatusError(
+            f"{target} does not exist. Give the sweep directory printed at submission (hydra.sweep.dir) or a run directory."
+        )
     if not target.is_dir():
-        raise StatusError(f"{target} is not a directory. Give the sweep directory printed at submission (hydra.sweep.dir) or a run directory.")
+        raise StatusError(
+            f"{target} is not a directory. Give the sweep directory printed at submission (hydra.sweep.dir) or a run directory."
+        )
     record = Submissions(target)
     if record.exists:
         return _from_record(record), record.command or None
@@ -143,7 +147,10 @@ def main(argv: Sequence[str]) -> int:
         0, or 2 when the directory is not one to report on (one paragraph on stderr).
     """
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("igniter status: give one directory: a sweep directory (hydra.sweep.dir) or a run directory. See `igniter status --help`.", file=sys.stderr)
+        print(
+            "igniter status: give one directory: a sweep directory (hydra.sweep.dir) or a run directory. See `igniter status --help`.",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     target = Path(argv[0])
     try:
@@ -161,7 +168,9 @@ def main(argv: Sequence[str]) -> int:
         lines = ["", "ended without completing:"]
         lines += [f"  job {row['job']} ({row['state']}, run {row['run']}): log {job.log or '-'}" for row, job in failed]
         if command:
-            lines.append(f"re-submit them, each into its own run directory (completed jobs are skipped):\n  {shlex.join(command)}")
+            lines.append(
+                f"re-submit them, each into its own run directory (completed jobs are skipped):\n  {shlex.join(command)}"
+            )
         else:
             lines.append("re-submit them: run the sweep's command again with hydra.sweep.dir set to this directory")
         print("\n".join(lines))

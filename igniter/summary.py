@@ -2,7 +2,7 @@
 
 The table: epochs, iterations, best and final validation metrics, wall time
 split into data loading / forward-backward (the step function) / handlers
-(:class:`StepTimer`, or Ignite's ``HandlersTimeProfiler`` with ``logging.profile``), samples/s,
+(:class:`~igniter.timing.StepTimer`, or Ignite's ``HandlersTimeProfiler`` with ``logging.profile``), samples/s,
 start-up time and world size. ``curves.png``: one panel per kind of metric (training and
 validation losses together, every other validation metric on its own y-axis), drawn
 with matplotlib (``pip install 'igniter[plot]'``); without matplotlib the picture is
@@ -16,17 +16,16 @@ import contextlib
 import io
 import logging
 import math
-import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.handlers import HandlersTimeProfiler
 
 from igniter.record import METRICS_FILE, read_record
+from igniter.timing import StepTimer, interpreter_age_s
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,86 +33,20 @@ if TYPE_CHECKING:
     from igniter.record import MetricsRecord
 
 __all__ = [
-    "StepTimer", "record_first_iteration", "process_age_s", "interpreter_age_s", "attach_handler_profiler", "time_split",
-    "handler_profile", "summary_table", "Series", "Panel", "curve_panels", "curves_figure", "draw_curves", "main",
+    "record_first_iteration",
+    "attach_handler_profiler",
+    "time_split",
+    "handler_profile",
+    "summary_table",
+    "Series",
+    "Panel",
+    "curve_panels",
+    "curves_figure",
+    "draw_curves",
+    "main",
 ]
 
 logger = logging.getLogger("igniter")
-
-
-class StepTimer:
-    """Seconds spent fetching batches and in the step function, cheap enough to be always on.
-
-    The step is timed by :meth:`wrap` around the process function; a batch fetch from
-    Ignite's ``GET_BATCH_STARTED`` to the start of the step that uses it (one handler;
-    what runs between the two counts as data time: Ignite's dispatch of
-    ``GET_BATCH_COMPLETED`` and ``ITERATION_STARTED``, microseconds, and the handlers of
-    those events, none by default). Each per-iteration handler costs ~5-10x its
-    isolated time on a small model (measured with ``bench/overhead.py``), so the timer
-    has one. ``on_first_step`` is called once, when the first step returns.
-    ``logging.profile=true`` adds Ignite's ``HandlersTimeProfiler`` for the time of
-    every handler."""
-
-    def __init__(self) -> None:
-        self.data_s = self.step_s = 0.0
-        self._fetch_started: float | None = None
-        self.on_first_step: Callable[[], None] | None = None
-
-    def wrap(self, step: Callable[[Engine, Any], Any]) -> Callable[[Engine, Any], Any]:
-        """``step`` (an Ignite process function) with its time added to ``step_s`` and
-        the fetch of its batch to ``data_s``."""
-
-        def timed_step(engine: Engine, batch: Any) -> Any:
-            start = time.perf_counter()
-            if self._fetch_started is not None:  # None: run without a data loader, or the timer not attached
-                self.data_s += start - self._fetch_started
-                self._fetch_started = None
-            output = step(engine, batch)
-            self.step_s += time.perf_counter() - start
-            if self.on_first_step is not None:
-                callback, self.on_first_step = self.on_first_step, None
-                callback()
-            return output
-
-        return timed_step
-
-    def attach(self, trainer: Engine) -> None:
-        """Time the batch fetches of ``trainer``."""
-        trainer.add_event_handler(Events.GET_BATCH_STARTED, self._batch_started)
-
-    def _batch_started(self) -> None:
-        self._fetch_started = time.perf_counter()
-
-
-def process_age_s() -> float | None:
-    """Seconds since this process was created (its fork; Linux ``/proc``, 10 ms resolution), else ``None``.
-
-    An ``exec`` keeps the process and its creation time: for ``sh -c 'pip install ...; exec
-    igniter'`` this counts the shell's time too; :func:`interpreter_age_s` does not."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def interpreter_age_s() -> float | None:
-    """Seconds since this Python interpreter started, else ``None``.
-
-    Taken from ``igniter._T0 = (time.monotonic(), time.process_time())``, stamped by the
-    first statement of ``igniter/__init__.py``: the seconds since that stamp plus the
-    interpreter's CPU seconds before it (its start-up, ~0.05 s, is CPU-bound). Neither the
-    fork-to-exec time of the process nor a shell's wait for ``pip`` or ``sleep`` before it
-    ``exec``'d the interpreter counts; a shell's own CPU time before the ``exec`` does (the
-    kernel keeps it), usually milliseconds. Without the stamp: :func:`process_age_s`."""
-    stamp = getattr(sys.modules.get("igniter"), "_T0", None)
-    if not (isinstance(stamp, tuple) and len(stamp) == 2 and all(isinstance(t, float) for t in stamp)):
-        return process_age_s()
-    stamped_at, cpu_before = stamp
-    return time.monotonic() - stamped_at + cpu_before
 
 
 def record_first_iteration(timer: StepTimer, record: MetricsRecord) -> None:
@@ -143,7 +76,11 @@ def time_split(timer: StepTimer, profiler: HandlersTimeProfiler | None, run_time
     ``profiler`` when there is one, else from ``timer`` (handlers: the rest of
     ``run_time_s``, evaluation included)."""
     if profiler is None:
-        return {"data_s": timer.data_s, "step_s": timer.step_s, "handlers_s": max(0.0, run_time_s - timer.data_s - timer.step_s)}
+        return {
+            "data_s": timer.data_s,
+            "step_s": timer.step_s,
+            "handlers_s": max(0.0, run_time_s - timer.data_s - timer.step_s),
+        }
     rows = {row[0]: row[2] for row in profiler.get_results()}  # [handler, event, total s, ...]
 
     def seconds(name: str) -> float:
@@ -162,7 +99,9 @@ def handler_profile(profiler: HandlersTimeProfiler) -> str:
 
 
 def _metrics_text(row: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "iteration") and isinstance(v, (int, float)))
+    return ", ".join(
+        f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "iteration") and isinstance(v, (int, float))
+    )
 
 
 def _micro_batches(m: dict[str, Any]) -> str:
@@ -178,21 +117,40 @@ def summary_table(m: dict[str, Any]) -> str:
         ("epochs", f"{m.get('epochs_completed', '?')} ({m.get('iterations', '?')} iterations)"),
         ("final", _metrics_text(m.get("final", {})) or "-"),
         ("best", (_metrics_text(m.get("best", {})) + f" (epoch {m['best'].get('epoch')})") if m.get("best") else "-"),
-        ("wall time", f"{m.get('wall_time_s', 0):.1f} s"
-            + (f" = start-up and evaluation + data {split['data_s']:.1f} s + step {split['step_s']:.1f} s + handlers {split['handlers_s']:.1f} s" if split else "")),
+        (
+            "wall time",
+            f"{m.get('wall_time_s', 0):.1f} s"
+            + (
+                f" = start-up and evaluation + data {split['data_s']:.1f} s + step {split['step_s']:.1f} s + handlers {split['handlers_s']:.1f} s"
+                if split
+                else ""
+            ),
+        ),
         ("throughput", f"{m['samples_per_s']:.0f} samples/s" if m.get("samples_per_s") else "-"),
-        ("start-up", f"first iteration done {m['first_iteration_s']:.2f} s after the interpreter started" if m.get("first_iteration_s") else "-"),
-        ("processes", f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"
-            + _micro_batches(m)),
+        (
+            "start-up",
+            f"first iteration done {m['first_iteration_s']:.2f} s after the interpreter started"
+            if m.get("first_iteration_s")
+            else "-",
+        ),
+        (
+            "processes",
+            f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"
+            + _micro_batches(m),
+        ),
     ]
     if m.get("precision", "32") != "32":
         rows.append(("precision", f"{m['precision']} (autocast)"))
     if m.get("compile"):
         seconds = m.get("compile_s")
-        rows.append(("compile", f"{seconds:.1f} s in torch.compile, not counted in the throughput" if seconds is not None else "on"))
+        rows.append(
+            (
+                "compile",
+                f"{seconds:.1f} s in torch.compile, not counted in the throughput" if seconds is not None else "on",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
-
 
 
 _LOSS_WORDS = ("loss", "nll", "mse", "mae", "rmse")  # lower is better, on a loss scale: drawn with the training loss
@@ -256,7 +214,15 @@ def curve_panels(m: dict[str, Any]) -> list[Panel]:
         if name not in loss_names:
             series = per_epoch(name, "epoch", name)
             finite = [v for v in series.y if math.isfinite(v)]
-            panels.append(Panel(f"validation {name}", "epoch", name, [series], fraction=bool(finite) and all(0 <= v <= 1 for v in finite)))
+            panels.append(
+                Panel(
+                    f"validation {name}",
+                    "epoch",
+                    name,
+                    [series],
+                    fraction=bool(finite) and all(0 <= v <= 1 for v in finite),
+                )
+            )
     return [p for p in panels if any(s.x for s in p.series)]
 
 
@@ -292,7 +258,9 @@ def curves_figure(m: dict[str, Any]) -> Figure | None:
 
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(max(6.4, 4.3 * cols), 3.3 * rows + 0.4), dpi=100, layout="constrained")  # 6.4: room for the title
+    fig = Figure(
+        figsize=(max(6.4, 4.3 * cols), 3.3 * rows + 0.4), dpi=100, layout="constrained"
+    )  # 6.4: room for the title
     fig.suptitle(_title(m))
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -333,7 +301,10 @@ def main(argv: list[str]) -> int:
     """``igniter summary <run dir>``: print the table of ``<run dir>/metrics.json`` and (re)draw
     ``curves.png`` beside it. Returns the exit status: 0, or 2 for a usage error or a
     directory without ``metrics.json`` (``--help``: the usage, 0)."""
-    parser = argparse.ArgumentParser(prog="igniter summary", description="Print the end-of-run summary of a run directory and (re)draw its curves.png.")
+    parser = argparse.ArgumentParser(
+        prog="igniter summary",
+        description="Print the end-of-run summary of a run directory and (re)draw its curves.png.",
+    )
     parser.add_argument("run_dir", type=Path, help="a run's output directory, the one holding metrics.json")
     try:
         args = parser.parse_args(argv)

@@ -32,14 +32,14 @@ from igniter.build import (
     plain,
     scheduler_factory,
 )
+from igniter.checkpoint.remote import is_url, storage_problems
+from igniter.checkpoint.resume import resume_mode
 from igniter.compile import compile_problems
-from igniter.distributed.runners import make_runner
-from igniter.distributed.strategy import strategy_problems
 from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, PeriodicEvents, parse_event
-from igniter.remote import is_url, storage_problems
+from igniter.launch.runners import make_runner
+from igniter.parallel.strategy import strategy_problems
 from igniter.precision import accumulation_problems, precision_problems
-from igniter.resume import resume_mode
 from igniter.registry import (
     Registry,
     RegistryError,
@@ -141,12 +141,24 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
             if p == "transform":
                 c.add(f"{key}.transforms", f"{what} takes no 'transform' argument", plain(cfg.transforms))
             elif p == "root":
-                c.add(f"{key}.root", f"{what} takes no 'root' argument; pass the directory in {key}.params under the name it takes", cfg.root)
+                c.add(
+                    f"{key}.root",
+                    f"{what} takes no 'root' argument; pass the directory in {key}.params under the name it takes",
+                    cfg.root,
+                )
         for p in sorted(set(params) & set(DATASET_ARGS)):
             if p == "transform":
-                c.add(f"{key}.params.transform", f"is set by igniter from {key}.transforms; do not pass it in params", params[p])
+                c.add(
+                    f"{key}.params.transform",
+                    f"is set by igniter from {key}.transforms; do not pass it in params",
+                    params[p],
+                )
             elif p in passed:
-                c.add(f"{key}.params.{p}", f"given twice: igniter already passes {key}.{p} = {passed[p]!r}; remove one", params[p])
+                c.add(
+                    f"{key}.params.{p}",
+                    f"given twice: igniter already passes {key}.{p} = {passed[p]!r}; remove one",
+                    params[p],
+                )
         c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed, label=cfg.name)
     if cfg.root is not None and not os.path.isdir(cfg.root):
         c.add(f"{key}.root", "directory does not exist", cfg.root)
@@ -164,7 +176,11 @@ def _check_solver(c: _Checker, cfg: DictConfig) -> None:
     else:
         c.params(factory, plain(cfg.params), "solver.params", OPTIMIZER_ARGS)
         for p in optimizer_args(cfg, factory)[1]:
-            c.add(f"solver.{p}", f"optimizer '{cfg.name}' takes no '{p}' argument; leave solver.{p} at its default", cfg[p])
+            c.add(
+                f"solver.{p}",
+                f"optimizer '{cfg.name}' takes no '{p}' argument; leave solver.{p} at its default",
+                cfg[p],
+            )
     c.positive("solver.lr", cfg.lr)
     c.positive("solver.weight_decay", cfg.weight_decay, strict=False)
     sched = cfg.scheduler
@@ -241,8 +257,8 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
     for i, name in enumerate(lg.loggers):
         c.name(io_registry, f"logging.loggers[{i}]", name)
         if name in ("mlflow", "wandb"):  # optional extras: a missing package is a config problem, found before building
-            from igniter.trackers import package_problem as mlflow_problem
-            from igniter.wandb_tracker import package_problem as wandb_problem
+            from igniter.trackers.mlflow_tracker import package_problem as mlflow_problem
+            from igniter.trackers.wandb_tracker import package_problem as wandb_problem
 
             problem = (mlflow_problem if name == "mlflow" else wandb_problem)(f"logging.loggers[{i}]", import_it=False)
             if problem is not None:
@@ -287,17 +303,19 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
 
     Imports ``cfg.imports`` first so user-registered names are known. ``here``:
     the run starts on this machine (``False`` when submitting to a cluster, see
-    :meth:`igniter.distributed.Runner.validate`).
+    :meth:`igniter.launch.runners.Runner.validate`).
     """
     c = _Checker()
     for key in sorted(OmegaConf.missing_keys(cfg)):
-        c.add(key, "required value is missing (???); set it on the command line, e.g. " f"{key}=...")
+        c.add(key, f"required value is missing (???); set it on the command line, e.g. {key}=...")
     if c.problems:
         return c.problems
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        return [Problem(str(getattr(e, "full_key", "") or "?"), f"cannot resolve interpolation: {getattr(e, 'msg', e)}")]
+        return [
+            Problem(str(getattr(e, "full_key", "") or "?"), f"cannot resolve interpolation: {getattr(e, 'msg', e)}")
+        ]
     try:
         import_modules(cfg.imports)
     except ConfigError as e:

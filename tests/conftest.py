@@ -50,7 +50,9 @@ def _fixture_package_on_path(monkeypatch):
 @pytest.fixture
 def mnist_root() -> Path:
     if not (MNIST_ROOT / "MNIST" / "raw").is_dir():
-        pytest.skip(f"MNIST not found at {MNIST_ROOT}/MNIST/raw (set IGNITER_TEST_MNIST_ROOT to the directory holding MNIST/raw)")
+        pytest.skip(
+            f"MNIST not found at {MNIST_ROOT}/MNIST/raw (set IGNITER_TEST_MNIST_ROOT to the directory holding MNIST/raw)"
+        )
     return MNIST_ROOT
 
 

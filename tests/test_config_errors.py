@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_igniter
+
 from igniter.cli import main
 
 BAD_CONFIGS = [
@@ -22,7 +22,10 @@ BAD_CONFIGS = [
     (["solver.scheduler.name=StepLRR"], ["solver.scheduler.name", "Did you mean 'StepLR'"]),
     (["experiment=mnist", "data.root=/definitely/not/here"], ["data.train.root", "data.val.root"]),
     (["experiment=mnist"], ["data.train.root"]),
-    (["evaluation.metrics=[acuracy]", "evaluation.monitor=acuracy"], ["evaluation.metrics[0]", "Did you mean 'accuracy'"]),
+    (
+        ["evaluation.metrics=[acuracy]", "evaluation.monitor=acuracy"],
+        ["evaluation.metrics[0]", "Did you mean 'accuracy'"],
+    ),
     (["handlers=[{name:log_state,event:EPOCH_COMPLETD}]"], ["handlers[0].event", "EPOCH_COMPLETED"]),
     (["handlers=[{name:log_stat}]"], ["handlers[0].name", "Did you mean 'log_state'"]),
     (["+model.params.hiden=3"], ["model.params.hiden"]),
@@ -31,7 +34,10 @@ BAD_CONFIGS = [
     (["+solver.lrr=0.1"], ["solver.lrr", "Did you mean 'solver.lr'"]),
     (["+runner.nproc=2"], ["runner.nproc", "Did you mean 'runner.nproc_per_node'"]),
     (["+data.train.foo=1", "+logging.levle=INFO"], ["data.train.foo", "logging.levle", "Did you mean 'logging.level'"]),
-    (["handlers=[{name:log_state}]", "+handlers.0.evnt=EPOCH_COMPLETED"], ["handlers[0].evnt", "Did you mean 'handlers[0].event'"]),
+    (
+        ["handlers=[{name:log_state}]", "+handlers.0.evnt=EPOCH_COMPLETED"],
+        ["handlers[0].evnt", "Did you mean 'handlers[0].event'"],
+    ),
     (["imports=[no_such_module_xyz]"], ["imports[0]"]),
     (["runner.nproc_per_node=4"], ["runner.nproc_per_node", "runner=spawn"]),
     (["data.loader.num_workers=-1", "checkpoint.n_saved=0"], ["data.loader.num_workers", "checkpoint.n_saved"]),
@@ -121,7 +127,7 @@ def test_the_slurm_launcher_without_its_extra_is_a_config_problem(monkeypatch):
     problem naming the extra (before: Hydra's "Unknown plugin class" with a traceback)."""
     import sys
 
-    from igniter.distributed.launchers import launcher_problems
+    from igniter.cluster.hydra_launchers import launcher_problems
 
     monkeypatch.setitem(sys.modules, "submitit", None)  # an import of it raises ImportError
     problems = launcher_problems({"_target_": "hydra_plugins.igniter_submitit.SlurmLauncher"}, None)

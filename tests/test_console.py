@@ -20,16 +20,16 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import igniter_env
 from tqdm.std import tqdm
 
-from conftest import igniter_env
 from igniter.console import TqdmConsoleHandler, route_warnings
 
 # Pieces of Ignite's bar ("Epoch [1/2]: [3/16]  19%|##   | loss=2.3 [00:00<00:01]") or tqdm's default ("it/s]").
 BAR = re.compile(r"%\||it/s\]|Epoch \[\d+/\d+\]")
 
 # A handler that, mid-epoch with the bar drawn, warns and logs as a third-party library (Ignite) would.
-PROBE = '''
+PROBE = """
 import logging
 import warnings
 
@@ -43,7 +43,7 @@ def console_probe():
         logging.getLogger("ignite.console_probe").warning("console probe foreign line")
 
     return handler
-'''
+"""
 
 
 def _live_bar(stream: io.StringIO) -> tqdm:
@@ -89,7 +89,7 @@ def test_warnings_clear_the_bar_and_keep_their_display():
         bar = _live_bar(err)
         orig_stderr, sys.stderr = sys.stderr, err  # the display's default stream is stderr
         try:
-            warnings.warn("probe warning", UserWarning)
+            warnings.warn("probe warning", UserWarning, stacklevel=2)
         finally:
             sys.stderr = orig_stderr
             bar.close()
@@ -141,7 +141,13 @@ def test_progress_bar_in_a_real_terminal(tmp_path, columns, probe):
     (The probe run is separate: a line glued mid-epoch leaves the cursor on a fresh line, which
     would hide the validation line's glue.)"""
     run = tmp_path / "run"
-    args = ["trainer.max_epochs=2", "logging.progress_bar=true", "data.train.subset=512", "logging.loggers=[]", f"output_dir={run}"]
+    args = [
+        "trainer.max_epochs=2",
+        "logging.progress_bar=true",
+        "data.train.subset=512",
+        "logging.loggers=[]",
+        f"output_dir={run}",
+    ]
     if probe:  # the bar is drawn from iteration 1 of epoch 1 (16 iterations) until the epoch's end
         (tmp_path / "console_probe.py").write_text(PROBE)
         args += [
@@ -157,7 +163,9 @@ def test_progress_bar_in_a_real_terminal(tmp_path, columns, probe):
         # The shell records the exit status itself: tmux's #{pane_dead_status} was seen to stay empty.
         status_file = tmp_path / "exit_status"
         command = f"{shlex.join([sys.executable, '-m', 'igniter', *args])}; echo $? > {shlex.quote(str(status_file))}"
-        tmux("new-session", "-d", "-x", str(columns), "-y", "40", "-s", tmux.name, "-c", str(tmp_path), command, env=env)
+        tmux(
+            "new-session", "-d", "-x", str(columns), "-y", "40", "-s", tmux.name, "-c", str(tmp_path), command, env=env
+        )
         assert tmux.pane("#{window_width}") == str(columns)
         deadline = time.monotonic() + 300
         # Dead pane: the shell has exited and tmux has read all it printed (end of file).
@@ -180,6 +188,8 @@ def test_progress_bar_in_a_real_terminal(tmp_path, columns, probe):
     if not probe:
         return
     # Printed mid-epoch, with the bar drawn: a warning, a foreign logger's warning, a handler's log line.
-    assert any(re.fullmatch(r"\S+console_probe\.py:\d+: UserWarning: console probe warning", ln) for ln in lines), screen
+    assert any(re.fullmatch(r"\S+console_probe\.py:\d+: UserWarning: console probe warning", ln) for ln in lines), (
+        screen
+    )
     assert "[igniter] console probe foreign line" in lines, screen
     assert any(ln.startswith("[igniter] probe epoch 1 iteration 5 ") for ln in lines), screen

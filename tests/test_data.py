@@ -7,10 +7,10 @@ import struct
 
 import pytest
 import torch
-
 from conftest import read_metrics, run_igniter
+
 from igniter.datasets import digits, mnist, read_idx
-from igniter.distributed.sampler import ShardedSampler
+from igniter.parallel.sampler import ShardedSampler
 from igniter.transforms import normalize, random_shift
 
 
@@ -62,7 +62,9 @@ def test_read_idx_rejects_truncated_file(tmp_path):
 def test_read_idx_names_a_damaged_gzip_file(damage, tmp_path):
     blob = gzip.compress(struct.pack(">HBBI", 0, 8, 1, 1000) + bytes(range(250)) * 4)
     path = tmp_path / "train-labels-idx1-ubyte.gz"
-    path.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else blob[:10] + b"\xff" * (len(blob) - 18) + blob[-8:])
+    path.write_bytes(
+        blob[: len(blob) // 2] if damage == "truncated" else blob[:10] + b"\xff" * (len(blob) - 18) + blob[-8:]
+    )
     with pytest.raises(ValueError, match="damaged gzip file") as info:
         read_idx(path)
     assert str(path) in str(info.value)

@@ -23,14 +23,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import igniter_env, read_metrics
 from test_fault_tolerance import assert_all_checkpoints_load, assert_bit_identical, command, final_model
 
 from igniter.errors import EXIT_CHECKPOINT_WRITE, CheckpointWriteFailed, ConfigError, IgniterError, Problem
 
 # 3 epochs of 44 iterations on digits, a checkpoint at every epoch's end (44, 88, 132), no best-model files.
-ARGS = ["trainer.max_epochs=3", "checkpoint.n_best=0", "checkpoint.n_saved=2", "trainer.seed=3", "logging.progress_bar=false", "logging.loggers=[]"]
+ARGS = [
+    "trainer.max_epochs=3",
+    "checkpoint.n_best=0",
+    "checkpoint.n_saved=2",
+    "trainer.seed=3",
+    "logging.progress_bar=false",
+    "logging.loggers=[]",
+]
 FORMATS = {"torch": [], "dcp": ["checkpoint.format=dcp"]}
 PAGE = 4096
 
@@ -47,7 +53,9 @@ def _mount_tmpfs(path: Path, size: int) -> None:
     if shutil.which("mount") is None or shutil.which("umount") is None:
         pytest.skip("no mount/umount command to make a size-limited tmpfs")
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"mount -t tmpfs is not allowed here (exit {proc.returncode}: {proc.stderr.strip()})")
 
@@ -85,7 +93,12 @@ def leave_free(directory: Path, free: int) -> Path:
 def run_together(arg_lists: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
     """Run ``python -m igniter`` once per argument list, all at once (the host has cores to spare
     while each start-up imports); returns their completed processes in order."""
-    procs = [subprocess.Popen(command(args), cwd=cwd, env=igniter_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in arg_lists]
+    procs = [
+        subprocess.Popen(
+            command(args), cwd=cwd, env=igniter_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args in arg_lists
+    ]
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -100,9 +113,12 @@ def test_a_full_disk_stops_the_run_with_exit_5_keeps_the_checkpoint_and_the_run_
         pass
     # uninterrupted references, one per format: the final weights, and what one checkpoint takes
     references = {fmt: tmp_path / f"reference-{fmt}" for fmt in FORMATS}
-    for fmt, proc in zip(FORMATS, run_together([[*ARGS, *extra, f"output_dir={references[fmt]}"] for fmt, extra in FORMATS.items()], tmp_path)):
+    runs = [[*ARGS, *extra, f"output_dir={references[fmt]}"] for fmt, extra in FORMATS.items()]
+    for proc in run_together(runs, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
-    one = {fmt: next((references[fmt] / "checkpoints").glob("last_checkpoint_88.*")) for fmt in FORMATS}  # 44 is rotated out
+    one = {
+        fmt: next((references[fmt] / "checkpoints").glob("last_checkpoint_88.*")) for fmt in FORMATS
+    }  # 44 is rotated out
     size = {fmt: bytes_on_tmpfs(one[fmt]) for fmt in FORMATS}
     first = {"torch": "last_checkpoint_44.pt", "dcp": "last_checkpoint_44.dcp"}  # what the full disk keeps
 
@@ -110,7 +126,9 @@ def test_a_full_disk_stops_the_run_with_exit_5_keeps_the_checkpoint_and_the_run_
     args = {fmt: [*ARGS, *extra, f"output_dir={runs[fmt]}"] for fmt, extra in FORMATS.items()}
     with contextlib.ExitStack() as mounts:
         fillers = {}
-        for fmt in FORMATS:  # room for the first checkpoint and half of the second (the first stays while it is written)
+        for (
+            fmt
+        ) in FORMATS:  # room for the first checkpoint and half of the second (the first stays while it is written)
             directory = mounts.enter_context(tmpfs(runs[fmt] / "checkpoints", 8 * size[fmt]))
             fillers[fmt] = leave_free(directory, size[fmt] + size[fmt] // 2)
 
@@ -123,7 +141,10 @@ def test_a_full_disk_stops_the_run_with_exit_5_keeps_the_checkpoint_and_the_run_
             message = messages[0]
             if fmt == "torch":
                 assert proc.stderr.strip() == message, "one paragraph, nothing else on stderr"
-            assert f"last_checkpoint_88.{'pt' if fmt == 'torch' else 'dcp'} could not be written to {directory}: No space left on device" in message
+            assert (
+                f"last_checkpoint_88.{'pt' if fmt == 'torch' else 'dcp'} could not be written to {directory}: No space left on device"
+                in message
+            )
             found = re.search(r"it needs (about )?(\d+) bytes .*? and (\d+) bytes .*? are free there", message)
             assert found, message
             needed, free = int(found.group(2)), int(found.group(3))
@@ -136,10 +157,14 @@ def test_a_full_disk_stops_the_run_with_exit_5_keeps_the_checkpoint_and_the_run_
             assert f"{directory} are intact" in message and "run the same command again" in message
 
             # the previous checkpoint is intact and loads; no partial file or directory is left
-            assert sorted(p.name for p in directory.iterdir()) == sorted(["filler", first[fmt]]), list(directory.iterdir())
+            assert sorted(p.name for p in directory.iterdir()) == sorted(["filler", first[fmt]]), list(
+                directory.iterdir()
+            )
             assert assert_all_checkpoints_load(runs[fmt]) == 1
             assert read_metrics(runs[fmt])["status"] == "running", "the run did not complete"
-            assert "could not be written:\nTraceback" in (runs[fmt] / "rank0.log").read_text(), "the OS error's traceback: in the rank log only"
+            assert "could not be written:\nTraceback" in (runs[fmt] / "rank0.log").read_text(), (
+                "the OS error's traceback: in the rank log only"
+            )
 
         for fmt in FORMATS:  # space freed: the same command resumes from the kept checkpoint
             fillers[fmt].unlink()
@@ -163,7 +188,7 @@ class Unrebuildable(IgniterError):
 
 
 def test_a_failed_background_write_keeps_the_rotated_out_file_and_raises_exit_5(tmp_path):
-    from igniter.io import AtomicDiskSaver
+    from igniter.checkpoint.saver import AtomicDiskSaver
 
     class FullDisk(AtomicDiskSaver):
         full = False
@@ -192,7 +217,7 @@ def test_a_failed_background_write_keeps_the_rotated_out_file_and_raises_exit_5(
 
 
 def test_a_failed_dcp_write_removes_its_directory_and_raises_exit_5(tmp_path):
-    from igniter.distributed.dcp_checkpoint import DcpSaver, dcp_model_state
+    from igniter.checkpoint.dcp import DcpSaver, dcp_model_state
 
     class FullDisk(DcpSaver):
         full = False
@@ -214,16 +239,20 @@ def test_a_failed_dcp_write_removes_its_directory_and_raises_exit_5(tmp_path):
         saver({**state, "trainer": {"iteration": 2}}, "last_2.dcp")
     message = str(raised.value)
     assert raised.value.exit_status == EXIT_CHECKPOINT_WRITE and "\n" not in message
-    assert f"last_2.dcp could not be written to {tmp_path}: No space left on device; it needs about 4000 bytes" in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_1.dcp"], "the temporary directory is removed, the old one kept"
+    assert (
+        f"last_2.dcp could not be written to {tmp_path}: No space left on device; it needs about 4000 bytes" in message
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_1.dcp"], (
+        "the temporary directory is removed, the old one kept"
+    )
     assert torch.equal(dcp_model_state(tmp_path / "last_1.dcp")["w"], torch.ones(1000))
 
 
 def test_a_workers_igniter_error_reaches_the_launcher_as_itself(tmp_path):
     """runner=spawn records what a worker raised; any IgniterError comes back whole (its
     message and exit status)."""
-    from igniter.distributed import worker_errors
-    from igniter.io import CheckpointWriteError
+    from igniter.errors import CheckpointWriteFailed
+    from igniter.launch import worker_errors
 
     def fails(error):
         def fn():
@@ -231,7 +260,9 @@ def test_a_workers_igniter_error_reaches_the_launcher_as_itself(tmp_path):
 
         return fn
 
-    full = CheckpointWriteError("checkpoint x could not be written to /ckpt: No space left on device", errno.ENOSPC, "/ckpt", 10, 5)
+    full = CheckpointWriteFailed(
+        "checkpoint x could not be written to /ckpt: No space left on device", errno.ENOSPC, "/ckpt", 10, 5
+    )
     for error in (full, ConfigError([Problem("data.root", "does not exist", "/x")])):
         with worker_errors.recorded_worker_errors() as directory:
             with pytest.raises(type(error)):

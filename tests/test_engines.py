@@ -28,11 +28,17 @@ def record_run(cls: type) -> list[tuple]:
     engine = cls(lambda e, b: float(b))
     engine.register_events(*Probe)
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: calls.append(("epoch_started", e.state.epoch)))
-    engine.add_event_handler(Events.ITERATION_COMPLETED(every=2), lambda e, tag: calls.append((tag, e.state.iteration)), "every2")
-    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: e.fire_event(Probe.PING) if e.state.iteration == 3 else None)
+    engine.add_event_handler(
+        Events.ITERATION_COMPLETED(every=2), lambda e, tag: calls.append((tag, e.state.iteration)), "every2"
+    )
+    engine.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: e.fire_event(Probe.PING) if e.state.iteration == 3 else None
+    )
     engine.add_event_handler(Probe.PING, lambda e: calls.append(("ping", e.state.iteration, e.last_event_name)))
     engine.add_event_handler(Events.COMPLETED, lambda: calls.append(("completed, no engine argument",)))
-    engine.add_event_handler(Events.TERMINATE_SINGLE_EPOCH, lambda e, iter_counter: calls.append(("terminate epoch", iter_counter)))
+    engine.add_event_handler(
+        Events.TERMINATE_SINGLE_EPOCH, lambda e, iter_counter: calls.append(("terminate epoch", iter_counter))
+    )
     engine.add_event_handler(Events.ITERATION_COMPLETED(once=5), lambda e: e.terminate_epoch())
     Average(output_transform=lambda out: out).attach(engine, "mean")  # a metric: handlers registered without the engine
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: calls.append(("mean", e.state.metrics["mean"])))
@@ -47,7 +53,10 @@ def record_run(cls: type) -> list[tuple]:
 @pytest.mark.parametrize("cls", [Trainer, Evaluator])
 def test_handlers_are_called_as_ignite_calls_them(cls):
     ignite_calls = record_run(Engine)
-    assert ("terminate epoch", 5) in ignite_calls and ("exception", "ZeroDivisionError") in ignite_calls  # the runs cover them
+    assert ("terminate epoch", 5) in ignite_calls and (
+        "exception",
+        "ZeroDivisionError",
+    ) in ignite_calls  # the runs cover them
     assert record_run(cls) == ignite_calls
 
 

@@ -1,5 +1,5 @@
-"""The launch environment in one module (igniter.distributed.environment), scheduler
-signals in igniter.distributed.signals, and no import cycle inside igniter.distributed.
+"""The launch environment in one module (igniter.launch.environment), scheduler
+signals in igniter.launch.signals, and no import cycle inside igniter.distributed.
 
 Detection tests pass the environment as a dict: os.environ is never touched.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-import igniter.distributed.environment as environment
-from igniter.distributed.environment import NoLauncher, Slurm, SubmititLocal, Torchrun, detect, expand_nodelist
-from igniter.distributed.hostlist import tasks_per_node
+import igniter.launch.environment as environment
+from igniter.launch.environment import NoLauncher, Slurm, SubmititLocal, Torchrun, detect, expand_nodelist
+from igniter.launch.hostlist import tasks_per_node
 
 PACKAGE = Path(environment.__file__).resolve().parents[1]  # .../igniter
 
@@ -35,7 +35,7 @@ LAUNCHER_VARIABLE = re.compile(
 )
 
 #: Modules of igniter/distributed that may name those variables.
-READERS = {"distributed/environment.py"}  # one class per launcher; no other module needs an exception
+READERS = {"launch/environment.py"}  # one class per launcher; no other module needs an exception
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -68,12 +68,12 @@ def launcher_variable_uses(root: Path = PACKAGE) -> dict[str, list[str]]:
 
 def test_no_module_outside_distributed_reads_launcher_variables():
     outside = {f: u for f, u in launcher_variable_uses().items() if not f.startswith("distributed/")}
-    assert outside == {}, "ask igniter.distributed.environment instead"
+    assert outside == {}, "ask igniter.launch.environment instead"
 
 
 def test_inside_distributed_only_environment_reads_launcher_variables():
     inside = {f: u for f, u in launcher_variable_uses().items() if f.startswith("distributed/") and f not in READERS}
-    assert inside == {}, "ask igniter.distributed.environment instead"
+    assert inside == {}, "ask igniter.launch.environment instead"
 
 
 def test_the_scan_finds_what_it_looks_for(tmp_path):
@@ -91,15 +91,26 @@ TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "1
 
 #: Task 5 of a 6-task srun step on node 2 of 4.
 SRUN_TASK = {
-    "SLURM_JOB_ID": "4321", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "6", "SLURM_NODEID": "2",
-    "SLURM_JOB_NODELIST": "node[01-03,07]", "SLURM_JOB_NUM_NODES": "4", "SLURM_STEP_ID": "0",
-    "SLURM_TASKS_PER_NODE": "2(x3)", "PATH": "/usr/bin:/bin",
+    "SLURM_JOB_ID": "4321",
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS": "6",
+    "SLURM_NODEID": "2",
+    "SLURM_JOB_NODELIST": "node[01-03,07]",
+    "SLURM_JOB_NUM_NODES": "4",
+    "SLURM_STEP_ID": "0",
+    "SLURM_TASKS_PER_NODE": "2(x3)",
+    "PATH": "/usr/bin:/bin",
 }
 
 #: What submitit's local executor gives task 1 of 2 (submitit/local/local.py: start_controller, Controller).
 SUBMITIT_LOCAL = {
-    "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "12345", "SUBMITIT_LOCAL_GLOBALID": "1",
-    "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_NODEID": "0",
+    "SUBMITIT_EXECUTOR": "local",
+    "SUBMITIT_LOCAL_JOB_ID": "12345",
+    "SUBMITIT_LOCAL_GLOBALID": "1",
+    "SUBMITIT_LOCAL_LOCALID": "1",
+    "SUBMITIT_LOCAL_NTASKS": "2",
+    "SUBMITIT_LOCAL_NODEID": "0",
     "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
 }
 
@@ -133,9 +144,23 @@ def test_torchrun():
     assert found.local_world_size is None and found.node_rank == 0, "torchrun's own LOCAL_WORLD_SIZE/GROUP_RANK absent"
     assert found.is_worker and found.missing() == [] and found.in_step is False
     assert found.run_id is None and not found.uses_agent_store
-    more = detect({**TORCHRUN, "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1", "TORCHELASTIC_RUN_ID": "r1",
-                   "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"})
-    assert (more.local_world_size, more.node_rank, more.run_id, more.uses_agent_store, more.restart_count) == (4, 1, "r1", True, 2)
+    more = detect(
+        {
+            **TORCHRUN,
+            "LOCAL_WORLD_SIZE": "4",
+            "GROUP_RANK": "1",
+            "TORCHELASTIC_RUN_ID": "r1",
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RESTART_COUNT": "2",
+        }
+    )
+    assert (more.local_world_size, more.node_rank, more.run_id, more.uses_agent_store, more.restart_count) == (
+        4,
+        1,
+        "r1",
+        True,
+        2,
+    )
     assert Torchrun({"RANK": "0", "WORLD_SIZE": "2"}).missing() == ["LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
     assert not Torchrun({"RANK": "0", "WORLD_SIZE": "2"}).is_worker
 
@@ -150,9 +175,17 @@ def test_slurm_srun_step(no_scontrol):
     # ignite's rendezvous: the first host, port 15000 + the job id's last 4 digits
     assert (found.master_addr, found.master_port, found.job_id) == ("node01", 15000 + 4321, "4321")
     assert found.variables()["SLURM_JOB_NODELIST"] == "node[01-03,07]" and "PATH" not in found.variables()
-    assert found.torch_variables(29500) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "6", "MASTER_ADDR": "node01", "MASTER_PORT": "29500"}
+    assert found.torch_variables(29500) == {
+        "RANK": "5",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "6",
+        "MASTER_ADDR": "node01",
+        "MASTER_PORT": "29500",
+    }
     # torch's variables, all set (runner.master_port), take over as ignite does; array jobs requeue as <array>_<task>
-    both = Slurm({**SRUN_TASK, **found.torch_variables(29500), "SLURM_ARRAY_JOB_ID": "4320", "SLURM_ARRAY_TASK_ID": "1"})
+    both = Slurm(
+        {**SRUN_TASK, **found.torch_variables(29500), "SLURM_ARRAY_JOB_ID": "4320", "SLURM_ARRAY_TASK_ID": "1"}
+    )
     assert (both.master_addr, both.master_port, both.job_id) == ("node01", 29500, "4320_1")
     assert Slurm({**SRUN_TASK, "MASTER_PORT": "1234"}).master_port == 19321, "MASTER_PORT alone is ignored by ignite"
 
@@ -184,7 +217,14 @@ def test_submitit_local_agrees_with_submitit():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     found = SubmititLocal(SUBMITIT_LOCAL)
-    assert json.loads(out.stdout) == [found.rank, found.local_rank, found.world_size, found.local_world_size, found.master_addr, found.master_port]
+    assert json.loads(out.stdout) == [
+        found.rank,
+        found.local_rank,
+        found.world_size,
+        found.local_world_size,
+        found.master_addr,
+        found.master_port,
+    ]
 
 
 def test_environment_read_at_each_question():
@@ -222,7 +262,7 @@ def test_tasks_per_node():
 
 def test_doctor_asks_the_environment():
     import igniter.doctor as doctor
-    from igniter.distributed import default_backend
+    from igniter.launch.runners import default_backend
 
     assert doctor.default_backend is default_backend
     assert not hasattr(doctor, "_first_host")
@@ -234,9 +274,9 @@ def test_doctor_asks_the_environment():
 
 
 def test_rank_failed_and_preempted_are_igniter_errors():
-    from igniter.distributed.runners import RankFailed
-    from igniter.distributed.slurm import Preempted
     from igniter.errors import EXIT_FAILED, IgniterError
+    from igniter.launch.runners import RankFailed
+    from igniter.launch.slurm_job import Preempted
 
     failed, stopped = RankFailed(3, "Traceback ..."), Preempted(signal.SIGUSR2, 40, True)
     assert isinstance(failed, IgniterError) and isinstance(stopped, IgniterError)
@@ -247,7 +287,7 @@ def test_rank_failed_and_preempted_are_igniter_errors():
 
 
 def test_note_signals_records_and_restores():
-    from igniter.distributed.signals import default_action, note_signals
+    from igniter.launch.signals import default_action, note_signals
 
     before = signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGTERM)
     noted = note_signals(signal.SIGUSR2, signal.SIGTERM)
@@ -260,5 +300,6 @@ def test_note_signals_records_and_restores():
     finally:
         noted.restore()
     assert (signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGTERM)) == before
+
 
 # Import cycles: tests/test_structure.py walks the whole package (this module's subject included).

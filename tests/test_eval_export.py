@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import igniter_env, run_igniter
+
+from igniter.checkpoint.resume import CheckpointInvalid, check_checkpoint, checkpoint_files
 from igniter.models import MLP
-from igniter.resume import CheckpointInvalid, check_checkpoint, checkpoint_files
 
 NOT_A_CHECKPOINT = "is not a PyTorch checkpoint (cannot be read as one: "
 PICKLED = "contains pickled Python objects"
@@ -35,7 +35,9 @@ def digits_run(tmp_path_factory) -> Path:
     """A finished one-epoch digits run (8 iterations): config.yaml and last_checkpoint_8.pt."""
     cwd = tmp_path_factory.mktemp("eval_export")
     run = cwd / "run"
-    proc = run_igniter(["trainer.max_epochs=1", "data.train.subset=256", "logging.progress_bar=false", f"output_dir={run}"], cwd)
+    proc = run_igniter(
+        ["trainer.max_epochs=1", "data.train.subset=256", "logging.progress_bar=false", f"output_dir={run}"], cwd
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -163,8 +165,11 @@ def test_eval_with_a_config_group_choice_runs_two_processes(digits_run, tmp_path
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
     results = {}
-    for name, overrides in [("single", []), ("group", ["runner=spawn", "runner.nproc_per_node=2"]),
-                            ("dotted", ["runner.name=spawn", "runner.nproc_per_node=2"])]:
+    for name, overrides in [
+        ("single", []),
+        ("group", ["runner=spawn", "runner.nproc_per_node=2"]),
+        ("dotted", ["runner.name=spawn", "runner.nproc_per_node=2"]),
+    ]:
         (run / "eval_metrics.json").unlink(missing_ok=True)
         proc = run_igniter(["eval", str(run), *overrides], tmp_path)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
@@ -179,7 +184,11 @@ def test_eval_with_a_config_group_choice_runs_two_processes(digits_run, tmp_path
 
 def test_eval_rejects_an_unknown_group_option_and_weights_that_do_not_fit(digits_run, tmp_path):
     proc = run_igniter(["eval", str(digits_run), "runner=spwn"], tmp_path)
-    assert proc.returncode == 2 and "no such option in config group 'runner'" in proc.stderr and "Did you mean 'spawn'" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "no such option in config group 'runner'" in proc.stderr
+        and "Did you mean 'spawn'" in proc.stderr
+    )
     proc = run_igniter(["eval", str(digits_run), "model=lenet"], tmp_path)  # an MLP's weights, LeNet asked for
     assert proc.returncode == 2 and f"{last_checkpoint(digits_run)} does not fit the model" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -191,7 +200,12 @@ def test_export_follows_the_umask_like_checkpoints(digits_run, tmp_path, umask, 
     out = tmp_path / "weights.safetensors"
     proc = subprocess.run(
         [sys.executable, "-m", "igniter", "export", str(ckpt), "--output", str(out)],
-        cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(umask),
+        cwd=tmp_path,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.umask(umask),
     )
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_mode & 0o777 == mode, oct(out.stat().st_mode)

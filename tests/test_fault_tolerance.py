@@ -13,16 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import igniter_env, read_metrics, run_igniter
 
 pytestmark = pytest.mark.slow  # real processes killed and restarted: minutes
-from igniter.distributed.dcp_checkpoint import dcp_model_state, read_extra
-from igniter.distributed.runners import free_port
-from igniter.resume import checkpoint_files
+from igniter.checkpoint.dcp import dcp_model_state, read_extra
+from igniter.checkpoint.resume import checkpoint_files
+from igniter.launch.runners import free_port
 
 # 6 epochs of 44 iterations on digits; a checkpoint every 10 iterations and every epoch.
-BASE = ["trainer.max_epochs=6", "checkpoint.every_iterations=10", "checkpoint.n_saved=2", "trainer.seed=3", "logging.progress_bar=false"]
+BASE = [
+    "trainer.max_epochs=6",
+    "checkpoint.every_iterations=10",
+    "checkpoint.n_saved=2",
+    "trainer.seed=3",
+    "logging.progress_bar=false",
+]
 
 
 def final_model(run: Path) -> dict[str, torch.Tensor]:
@@ -64,7 +69,15 @@ def kill_and_resume(args: list[str], cwd: Path, delays: list[float]) -> list[str
     run = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
     for delay in delays:
         started = _runs_logged(run)
-        proc = subprocess.Popen(command(args), cwd=cwd, env=igniter_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            command(args),
+            cwd=cwd,
+            env=igniter_env(),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 300
         while _runs_logged(run) == started and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # polling for the condition, not a delay that decides the outcome
@@ -100,8 +113,17 @@ def base_reference(tmp_path_factory) -> Path:
         # 2 processes, FSDP with distributed checkpoints (some kills land inside a dcp save), bf16
         # autocast and 2 micro-batches per step: the 2-process path with every strategy feature in
         # one run (the suite's 15-minute budget); the DDP path is killed by the torchrun tests
-        (["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "runner.fsdp.shard_modules=[Linear]",
-          "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2"], (0.0, 7.0)),
+        (
+            [
+                "runner=spawn",
+                "runner.nproc_per_node=2",
+                "runner.strategy=fsdp",
+                "runner.fsdp.shard_modules=[Linear]",
+                "trainer.precision=bf16-mixed",
+                "trainer.accumulate_grad_batches=2",
+            ],
+            (0.0, 7.0),
+        ),
     ],
     ids=["single", "spawn2-fsdp-bf16-k2"],
 )
@@ -137,7 +159,14 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, base_reference):
     on disk (a busy machine: CI run 4); re-running the same command finishes the run."""
     reference = base_reference
     run = tmp_path / "run"
-    args = [*BASE, "imports=[my_project]", "trainer.step=die_once", "+trainer.step_params.rank=0", "+trainer.step_params.iteration=155", f"output_dir={run}"]
+    args = [
+        *BASE,
+        "imports=[my_project]",
+        "trainer.step=die_once",
+        "+trainer.step_params.rank=0",
+        "+trainer.step_params.iteration=155",
+        f"output_dir={run}",
+    ]
     env = {**igniter_env(), "DIE_ONCE_MARKER": str(tmp_path / "died")}
     first = subprocess.run(command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0 and (tmp_path / "died").exists()
@@ -190,11 +219,24 @@ def test_a_kill_before_an_epochs_validation_resumes_with_that_validation(tmp_pat
     run, marker = tmp_path / "run", tmp_path / "marker"
     # dcp: a synchronous save, complete before the validation starts (a file written in the
     # background might not be, and the test would pass by timing)
-    args = command(["imports=[my_project]", "evaluation.step=die_in_eval_once", "trainer.max_epochs=2", "checkpoint.every_iterations=11", "checkpoint.format=dcp", "logging.loggers=[]", f"output_dir={run}"])
+    args = command(
+        [
+            "imports=[my_project]",
+            "evaluation.step=die_in_eval_once",
+            "trainer.max_epochs=2",
+            "checkpoint.every_iterations=11",
+            "checkpoint.format=dcp",
+            "logging.loggers=[]",
+            f"output_dir={run}",
+        ]
+    )
     env = {**igniter_env(), "DIE_ONCE_MARKER": str(marker)}
     died = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert died.returncode == -signal.SIGKILL and marker.exists(), died.stderr[-3000:]
-    assert [p.name for p in checkpoint_files(run / "checkpoints")] == ["last_checkpoint_33.dcp", "last_checkpoint_22.dcp"]
+    assert [p.name for p in checkpoint_files(run / "checkpoints")] == [
+        "last_checkpoint_33.dcp",
+        "last_checkpoint_22.dcp",
+    ]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(epoch 0, iteration 33)" in (run / "rank0.log").read_text()
@@ -236,7 +278,11 @@ def test_resuming_with_fewer_epochs_than_the_checkpoint_is_one_paragraph_and_cha
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = run_igniter(["trainer.max_epochs=2", "checkpoint.n_saved=3", f"output_dir={run}"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "trainer.max_epochs" in proc.stderr and f"{newest} was taken at epoch 3" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        "trainer.max_epochs" in proc.stderr
+        and f"{newest} was taken at epoch 3" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
@@ -259,7 +305,13 @@ def test_pickled_code_in_checkpoint_is_refused(tmp_path, three_epochs):
 
 def test_nan_stops_run_keeps_last_finite_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = ["imports=[my_project]", "trainer.step=nan_at", "trainer.max_epochs=3", "checkpoint.every_iterations=10", f"output_dir={run}"]
+    args = [
+        "imports=[my_project]",
+        "trainer.step=nan_at",
+        "trainer.max_epochs=3",
+        "checkpoint.every_iterations=10",
+        f"output_dir={run}",
+    ]
     proc = run_igniter(args, tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "loss is nan at iteration 30" in proc.stderr
@@ -270,7 +322,13 @@ def test_nan_stops_run_keeps_last_finite_checkpoint(tmp_path):
     assert read_metrics(run)["status"] == "diverged"
 
 
-TORCHRUN_COMMON = ["trainer.max_epochs=2", "checkpoint.every_iterations=10", "trainer.seed=3", "runner=torchrun", "runner.timeout_s=30"]
+TORCHRUN_COMMON = [
+    "trainer.max_epochs=2",
+    "checkpoint.every_iterations=10",
+    "trainer.seed=3",
+    "runner=torchrun",
+    "runner.timeout_s=30",
+]
 
 
 def _torchrun() -> str:
@@ -282,8 +340,22 @@ def torchrun_reference(tmp_path_factory) -> Path:
     """The uninterrupted 2-process torchrun run the restart tests compare against (one per module)."""
     ref = tmp_path_factory.mktemp("torchrun") / "ref"
     proc = subprocess.run(
-        [_torchrun(), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *TORCHRUN_COMMON, f"output_dir={ref}"],
-        cwd=ref.parent, env=igniter_env(), capture_output=True, text=True, timeout=600,
+        [
+            _torchrun(),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "igniter",
+            *TORCHRUN_COMMON,
+            f"output_dir={ref}",
+        ],
+        cwd=ref.parent,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ref
@@ -291,7 +363,12 @@ def torchrun_reference(tmp_path_factory) -> Path:
 
 def _torchrun_dying_args(tmp_path: Path) -> tuple[str, list[str]]:
     """torchrun's path and the arguments of the reference run whose rank 1 SIGKILLs itself at iteration 25."""
-    dying = ["imports=[my_project]", "trainer.step=die_once", "+trainer.step_params.rank=1", "+trainer.step_params.iteration=25"]
+    dying = [
+        "imports=[my_project]",
+        "trainer.step=die_once",
+        "+trainer.step_params.rank=1",
+        "+trainer.step_params.iteration=25",
+    ]
     return _torchrun(), [*TORCHRUN_COMMON, *dying, f"output_dir={tmp_path / 'run'}"]
 
 
@@ -311,7 +388,11 @@ def test_torchrun_max_restarts_resumes_after_worker_killed(rendezvous, late_rank
         rdzv = ["--master-port", str(free_port())]
     proc = subprocess.run(
         [torchrun, "--nproc-per-node", "2", "--max-restarts", "2", *rdzv, "-m", "igniter", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists(), "the worker was killed once"
@@ -331,9 +412,29 @@ def test_torchrun_restart_across_two_agents(tmp_path, torchrun_reference):
     endpoint = f"127.0.0.1:{free_port()}"
     agents = [
         subprocess.Popen(
-            [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "2", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", endpoint, "--rdzv-id", "two-agents", "-m", "igniter", *args],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                torchrun,
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--max-restarts",
+                "2",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "two-agents",
+                "-m",
+                "igniter",
+                *args,
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -352,13 +453,24 @@ def test_torchrun_restart_across_two_agents(tmp_path, torchrun_reference):
 
 def test_nan_on_one_rank_stops_every_rank_without_hanging(tmp_path):
     run = tmp_path / "run"
-    args = ["imports=[my_project]", "trainer.step=nan_at", "+trainer.step_params.iteration=25", "+trainer.step_params.rank=1",
-            "trainer.max_epochs=3", "checkpoint.every_iterations=10", "runner=spawn", "runner.nproc_per_node=2",
-            "runner.timeout_s=60", f"output_dir={run}"]
+    args = [
+        "imports=[my_project]",
+        "trainer.step=nan_at",
+        "+trainer.step_params.iteration=25",
+        "+trainer.step_params.rank=1",
+        "trainer.max_epochs=3",
+        "checkpoint.every_iterations=10",
+        "runner=spawn",
+        "runner.nproc_per_node=2",
+        "runner.timeout_s=60",
+        f"output_dir={run}",
+    ]
     start = __import__("time").monotonic()
     proc = run_igniter(args, tmp_path, timeout=200)
     assert proc.returncode != 0
-    assert __import__("time").monotonic() - start < 60, "a NaN on one rank must not leave the others waiting in a collective"
+    assert __import__("time").monotonic() - start < 60, (
+        "a NaN on one rank must not leave the others waiting in a collective"
+    )
     assert "loss is nan at iteration 30" in proc.stderr  # rank 1 went NaN at 25; ranks agree at the next check
     newest = checkpoint_files(run / "checkpoints")[0]
     ckpt = torch.load(newest, weights_only=True)
@@ -373,11 +485,24 @@ def test_torchrun_divergence_lets_rank_0_finish_its_summary(tmp_path):
     must not exit before rank 0 has written its summary (status "diverged")."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     run = tmp_path / "run"
-    args = ["imports=[my_project]", "trainer.step=nan_at", "+trainer.step_params.iteration=25", "trainer.max_epochs=3",
-            "handlers=[{name: sleep_on_rank, event: COMPLETED, params: {rank: 0, seconds: 3}}]",
-            "runner=torchrun", "runner.timeout_s=60", f"output_dir={run}"]
-    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *args],
-                          cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=200)
+    args = [
+        "imports=[my_project]",
+        "trainer.step=nan_at",
+        "+trainer.step_params.iteration=25",
+        "trainer.max_epochs=3",
+        "handlers=[{name: sleep_on_rank, event: COMPLETED, params: {rank: 0, seconds: 3}}]",
+        "runner=torchrun",
+        "runner.timeout_s=60",
+        f"output_dir={run}",
+    ]
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *args],
+        cwd=tmp_path,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert proc.returncode != 0
     assert "exitcode  : 3" in proc.stderr and "training diverged" in proc.stderr, proc.stderr[-3000:]
     assert read_metrics(run)["status"] == "diverged", "rank 0 was stopped before its summary"
@@ -400,7 +525,7 @@ def test_background_write_is_complete_after_flush_and_errors_surface(tmp_path):
     file is removed only once its successor is written; a failed write raises at flush()."""
     import threading
 
-    from igniter.io import AtomicDiskSaver
+    from igniter.checkpoint.saver import AtomicDiskSaver
 
     release = threading.Event()
 
@@ -416,7 +541,9 @@ def test_background_write_is_complete_after_flush_and_errors_surface(tmp_path):
     saver.remove("a_1.pt")
     release.clear()
     saver({"w": torch.full((3,), 2.0)}, "a_2.pt")
-    assert (tmp_path / "a_1.pt").exists() and not (tmp_path / "a_2.pt").exists(), "old kept while the new one is written"
+    assert (tmp_path / "a_1.pt").exists() and not (tmp_path / "a_2.pt").exists(), (
+        "old kept while the new one is written"
+    )
     release.set()
     saver.flush()
     assert not (tmp_path / "a_1.pt").exists()
@@ -437,13 +564,13 @@ def test_atomic_write_gives_the_file_the_umask_permissions_not_owner_only(tmp_pa
     """mkstemp creates 0o600; a checkpoint or metrics.json gets what a plain open() would give it."""
     import re
 
-    import igniter.io
-    from igniter.io import atomic_write
+    import igniter.atomic_files
+    from igniter.atomic_files import atomic_write
 
     status = Path("/proc/self/status").read_text()
-    assert igniter.io._UMASK == int(re.search(r"Umask:\s*(\d+)", status).group(1), 8), "the process's umask"
+    assert igniter.atomic_files._UMASK == int(re.search(r"Umask:\s*(\d+)", status).group(1), 8), "the process's umask"
     for umask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
-        monkeypatch.setattr(igniter.io, "_UMASK", umask)
+        monkeypatch.setattr(igniter.atomic_files, "_UMASK", umask)
         atomic_write(tmp_path / "metrics.json", lambda f: f.write("{}"), binary=False)
         assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == expected, oct(umask)
 
@@ -451,7 +578,10 @@ def test_atomic_write_gives_the_file_the_umask_permissions_not_owner_only(tmp_pa
 @pytest.mark.parametrize(
     "extra, signal_to",
     [
-        (["handlers=[{name: log_state, event: EPOCH_COMPLETED}]"], "group"),  # an override the resume command must quote
+        (
+            ["handlers=[{name: log_state, event: EPOCH_COMPLETED}]"],
+            "group",
+        ),  # an override the resume command must quote
         (["runner=spawn", "runner.nproc_per_node=2"], "group"),
         # SIGINT to the spawn launcher alone: tests/test_runners.py::test_sigint_to_spawn_launcher_stops_the_run_quietly
     ],
@@ -470,7 +600,9 @@ def test_ctrl_c_writes_the_summary_exits_130_and_the_logged_command_resumes(extr
     args = ["trainer.max_epochs=60", "trainer.seed=3", "logging.progress_bar=false", *extra, f"output_dir={run}"]
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen(command(args), cwd=tmp_path, env=igniter_env(), start_new_session=True, stdout=o, stderr=e)
+        proc = subprocess.Popen(
+            command(args), cwd=tmp_path, env=igniter_env(), start_new_session=True, stdout=o, stderr=e
+        )
     try:
         deadline = time.monotonic() + 120
         while not checkpoint_files(run / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
@@ -497,7 +629,10 @@ def test_ctrl_c_writes_the_summary_exits_130_and_the_logged_command_resumes(extr
     # the logged command, to one epoch past the checkpoint's instead of 60 (the suite's budget: the rest of 60 epochs took 30 s under spawn)
     trainer = torch.load(newest, weights_only=True)["trainer"]
     epochs = trainer["iteration"] // trainer["epoch_length"] + 1
-    logged = [a if not a.startswith("trainer.max_epochs=") else f"trainer.max_epochs={epochs}" for a in shlex.split(resume.group(1))]
+    logged = [
+        a if not a.startswith("trainer.max_epochs=") else f"trainer.max_epochs={epochs}"
+        for a in shlex.split(resume.group(1))
+    ]
     again = run_igniter(logged, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {newest}" in again.stdout
@@ -509,7 +644,7 @@ def test_interrupt_once_takes_a_sigint_echo_as_the_same_ctrl_c():
     ignored; a later one interrupts again; the previous handler is restored afterwards."""
     import time
 
-    from igniter.distributed.signals import interrupt_once
+    from igniter.launch.signals import interrupt_once
 
     def sigint_then_wait() -> None:
         os.kill(os.getpid(), signal.SIGINT)
@@ -538,5 +673,8 @@ def test_a_checkpoint_left_by_a_kill_during_rotation_is_removed_after_the_resume
     shutil.copy(directory / "last_checkpoint_40.pt", directory / "last_checkpoint_30.pt")
     proc = run_igniter([*args, "trainer.max_epochs=2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "last_checkpoint_30.pt: a checkpoint rotated out before an earlier run was killed" in (run / "rank0.log").read_text()
+    assert (
+        "last_checkpoint_30.pt: a checkpoint rotated out before an earlier run was killed"
+        in (run / "rank0.log").read_text()
+    )
     assert [p.name for p in checkpoint_files(directory)] == ["last_checkpoint_88.pt", "last_checkpoint_80.pt"]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_metrics, run_igniter
 
 SHORT = ["trainer.max_epochs=1", "data.train.subset=256", "logging.progress_bar=false"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import read_metrics, run_igniter
 from omegaconf import OmegaConf
 
-from conftest import read_metrics, run_igniter
 from igniter.build import DATASET_ARGS, STEP_ARGS, dataset_args, optimizer_args
 from igniter.config import DatasetConfig, SolverConfig
 
@@ -144,19 +144,37 @@ USER = "imports=[original_igniter_example,my_project]"
     "overrides, needles",
     [
         # torchvision's signature has no 'bogus' (and no **kwargs to swallow it)
-        ([USER, "data.train.name=fake_mnist", "data.train.root=.", "+data.train.params.train=true", "+data.train.params.bogus=1"],
-         ["data.train.params.bogus", "accepted: download, root, train"]),
+        (
+            [
+                USER,
+                "data.train.name=fake_mnist",
+                "data.train.root=.",
+                "+data.train.params.train=true",
+                "+data.train.params.bogus=1",
+            ],
+            ["data.train.params.bogus", "accepted: download, root, train"],
+        ),
         # the built-in digits names its parameters
         (["+data.train.params.n=10"], ["data.train.params.n", "digits has no parameter 'n'"]),
         # a root the factory cannot take is named by its own key, not as a param
         ([USER, "data.train.name=blobs", "data.train.root=."], ["data.train.root", "takes no 'root' argument"]),
-        ([USER, "data.train.name=fake_mnist", "data.train.root=.", "+data.train.params.train=true", "+data.train.params.root=."],
-         ["data.train.params.root", "given twice"]),
+        (
+            [
+                USER,
+                "data.train.name=fake_mnist",
+                "data.train.root=.",
+                "+data.train.params.train=true",
+                "+data.train.params.root=.",
+            ],
+            ["data.train.params.root", "given twice"],
+        ),
         ([USER, "data.train.name=fake_mnist", "+data.train.params.train=true"], ["data.train.root", "requires 'root'"]),
         (["solver.name=LBFGS", "solver.weight_decay=0.1"], ["solver.weight_decay", "takes no 'weight_decay'"]),
     ],
 )
-def test_validate_rejects_what_the_factory_cannot_take(overrides, needles, tmp_path, monkeypatch, capsys, restore_datasets):
+def test_validate_rejects_what_the_factory_cannot_take(
+    overrides, needles, tmp_path, monkeypatch, capsys, restore_datasets
+):
     code, err = _check(tmp_path, monkeypatch, capsys, overrides)
     assert code == 2, err
     for needle in needles:

@@ -18,19 +18,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import igniter_env
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from igniter.distributed.runners import free_port  # noqa: E402
+from igniter.checkpoint.object_store import complete_checkpoints  # noqa: E402
+from igniter.checkpoint.remote import MANIFEST_SUFFIX, fetch, open_store  # noqa: E402
 from igniter.errors import ConfigError  # noqa: E402
-from igniter.object_store import complete_checkpoints  # noqa: E402
-from igniter.remote import MANIFEST_SUFFIX, fetch, open_store  # noqa: E402
+from igniter.launch.runners import free_port  # noqa: E402
 
 BUCKET = "checkpoints"
-BASE = ["trainer.max_epochs=1", "checkpoint.every_iterations=10", "checkpoint.n_saved=2", "trainer.seed=3", "logging.progress_bar=false", "logging.loggers=[]"]
+BASE = [
+    "trainer.max_epochs=1",
+    "checkpoint.every_iterations=10",
+    "checkpoint.n_saved=2",
+    "trainer.seed=3",
+    "logging.progress_bar=false",
+    "logging.loggers=[]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,11 @@ def s3():
     """A moto S3 server on a free port with bucket ``checkpoints``; yields the environment
     (endpoint and dummy credentials) a client needs."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:  # until it answers (or has died)
@@ -49,7 +59,12 @@ def s3():
         except OSError:
             assert time.monotonic() < deadline, "moto server did not answer in 120 s"
             time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # for the in-process clients below
     import s3fs
@@ -64,7 +79,15 @@ def s3():
 
 
 def igniter(args: list[str], cwd: Path, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "igniter", *args], cwd=cwd, env={**igniter_env(), **env}, capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=cwd,
+        env={**igniter_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 def store_model(url: str) -> dict[str, torch.Tensor]:
@@ -89,10 +112,23 @@ def test_killed_mid_upload_resumes_from_the_newest_complete_checkpoint_bit_ident
     reference = tmp_path / "reference"
     assert igniter([*BASE, f"output_dir={reference}"], tmp_path, {}).returncode == 0
     url = f"s3://{BUCKET}/killed"
-    args = [*BASE, "imports=[my_project]", "checkpoint.saver=stall_upload", f"checkpoint.dir={url}", f"output_dir={tmp_path / 'run'}"]
+    args = [
+        *BASE,
+        "imports=[my_project]",
+        "checkpoint.saver=stall_upload",
+        f"checkpoint.dir={url}",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     marker = tmp_path / "stalled"
     env = {**igniter_env(), **s3, "STALL_UPLOAD_AT": "30", "STALL_UPLOAD_MARKER": str(marker)}
-    first = subprocess.Popen([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not marker.exists():  # the object of iteration 30 is uploaded, its manifest not
         assert first.poll() is None, first.stderr.read()[-3000:]
@@ -114,8 +150,14 @@ def test_killed_mid_upload_resumes_from_the_newest_complete_checkpoint_bit_ident
     names = [p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False)]
     pts = sorted(n for n in names if n.endswith(".pt"))
     assert all(f"{n}{MANIFEST_SUFFIX}" in names for n in pts), names  # no object without its manifest
-    assert [name for name, _ in complete_checkpoints(fs, root)] == ["last_checkpoint_44.pt", "last_checkpoint_40.pt"]  # n_saved=2
-    assert_bit_identical(torch.load(sorted((reference / "checkpoints").glob("last_checkpoint_44.pt"))[0], weights_only=True)["model"], store_model(url))
+    assert [name for name, _ in complete_checkpoints(fs, root)] == [
+        "last_checkpoint_44.pt",
+        "last_checkpoint_40.pt",
+    ]  # n_saved=2
+    assert_bit_identical(
+        torch.load(sorted((reference / "checkpoints").glob("last_checkpoint_44.pt"))[0], weights_only=True)["model"],
+        store_model(url),
+    )
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -148,10 +190,20 @@ def test_weights_from_s3_and_https_are_cached_with_their_checksum(s3, http_dir, 
     fs, _ = open_store(f"s3://{BUCKET}")
     fs.put(str(weights), f"{BUCKET}/models/weights.pt")
     cache = tmp_path / "cache"
-    short = ["trainer.max_epochs=1", "trainer.epoch_length=2", "logging.log_every=1", "logging.progress_bar=false", "logging.loggers=[]"]
+    short = [
+        "trainer.max_epochs=1",
+        "trainer.epoch_length=2",
+        "logging.log_every=1",
+        "logging.progress_bar=false",
+        "logging.loggers=[]",
+    ]
     finals = {}
     for name, source in (("local", str(weights)), ("s3", f"s3://{BUCKET}/models/weights.pt")):
-        proc = igniter([*short, f"model.weights={source}", f"model.weights_sha256={digest}", f"output_dir={tmp_path / name}"], tmp_path, {**s3, "IGNITER_CACHE_DIR": str(cache)})
+        proc = igniter(
+            [*short, f"model.weights={source}", f"model.weights_sha256={digest}", f"output_dir={tmp_path / name}"],
+            tmp_path,
+            {**s3, "IGNITER_CACHE_DIR": str(cache)},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         first_loss = json.loads((tmp_path / name / "metrics.json").read_text())["train_loss_history"][0]
         assert first_loss[0] == 1 and first_loss[1] == pytest.approx(math.log(10), abs=1e-6), first_loss
@@ -180,7 +232,16 @@ def test_bad_storage_input_is_one_error_before_training(s3, tmp_path):
     checkpoint.dir and AWS_ENDPOINT_URL, before training, without a traceback; so is a
     bucket that does not exist."""
     run = tmp_path / "run"
-    proc = igniter(["checkpoint.dir=s3://key:secret@bucket/x", f"model.weights={tmp_path / 'nope.pt'}", "model.weights_sha256=abc", f"output_dir={run}"], tmp_path, s3)
+    proc = igniter(
+        [
+            "checkpoint.dir=s3://key:secret@bucket/x",
+            f"model.weights={tmp_path / 'nope.pt'}",
+            "model.weights_sha256=abc",
+            f"output_dir={run}",
+        ],
+        tmp_path,
+        s3,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     for key in ("checkpoint.dir", "model.weights", "model.weights_sha256"):
         assert key in proc.stderr
@@ -188,7 +249,11 @@ def test_bad_storage_input_is_one_error_before_training(s3, tmp_path):
     down = {**s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
     proc = igniter([f"checkpoint.dir=s3://{BUCKET}/x", f"output_dir={run}"], tmp_path, down)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"checkpoint.dir = 's3://{BUCKET}/x': cannot reach" in proc.stderr and "AWS_ENDPOINT_URL" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        f"checkpoint.dir = 's3://{BUCKET}/x': cannot reach" in proc.stderr
+        and "AWS_ENDPOINT_URL" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     assert not list(run.glob("checkpoints/*")) and "epoch 1" not in proc.stdout  # stopped before training
     with pytest.raises(ConfigError, match="checkpoint.dir.*cannot reach s3://no-such-bucket/x"):
         open_store("s3://no-such-bucket/x")  # the same check, in this process: a bucket that does not exist
@@ -200,8 +265,8 @@ def test_resume_from_a_url_and_a_damaged_newest_checkpoint_in_the_store(s3):
     written skips it, naming it, and takes the one before."""
     import io
 
-    from igniter.object_store import write_checkpoint
-    from igniter.resume import select_checkpoint
+    from igniter.checkpoint.object_store import write_checkpoint
+    from igniter.checkpoint.resume import select_checkpoint
 
     model = torch.nn.Linear(3, 2)
     url = f"s3://{BUCKET}/selected"

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, igniter_env, read_metrics, run_igniter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FIXTURES, igniter_env, read_metrics, run_igniter
 from igniter.models import MLP
 
 
 def run_with_env(args, cwd, extra_env):
     env = {**igniter_env(), **extra_env}
-    return subprocess.run([sys.executable, "-m", "igniter", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "igniter", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ def test_no_nvml_logs_one_line_and_attaches_nothing(digits_run):
 
 def test_fake_nvml_values_reach_tensorboard_and_metrics(tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(FIXTURES / "fake_nvml"), igniter_env()["PYTHONPATH"]])}
-    proc = run_with_env(["trainer.max_epochs=1", "logging.gpu_telemetry_every=10", f"output_dir={tmp_path / 'run'}"], tmp_path, env)
+    proc = run_with_env(
+        ["trainer.max_epochs=1", "logging.gpu_telemetry_every=10", f"output_dir={tmp_path / 'run'}"], tmp_path, env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     tags = scalar_tags(run)
@@ -95,7 +99,7 @@ class RecordingWriter:
 
 
 def test_batched_scalars_hand_on_in_batches_with_their_values_and_times():
-    from igniter.io import BatchedScalars
+    from igniter.trackers.tensorboard import BatchedScalars
 
     inner = RecordingWriter()
     writer = BatchedScalars(inner, max_events=3, max_delay_s=60)
@@ -107,7 +111,11 @@ def test_batched_scalars_hand_on_in_batches_with_their_values_and_times():
     writer.add_scalar("lr", 0.1, 1)
     assert inner.scalars == []  # kept
     writer.add_scalar("train/loss", 0.5, 2)
-    assert [(t, v, s) for t, v, s, _ in inner.scalars] == [("train/loss", 1.5, 1), ("lr", 0.1, 1), ("train/loss", 0.5, 2)]
+    assert [(t, v, s) for t, v, s, _ in inner.scalars] == [
+        ("train/loss", 1.5, 1),
+        ("lr", 0.1, 1),
+        ("train/loss", 0.5, 2),
+    ]
     first, second = inner.scalars[0][3], inner.scalars[1][3]
     assert before <= first and second - first >= 0.04  # each one's own wall time, not the hand-off's
     writer.add_scalar("lr", 0.2, 2)
@@ -117,7 +125,7 @@ def test_batched_scalars_hand_on_in_batches_with_their_values_and_times():
 
 
 def test_batched_scalars_hand_on_what_waited_max_delay():
-    from igniter.io import BatchedScalars
+    from igniter.trackers.tensorboard import BatchedScalars
 
     inner = RecordingWriter()
     writer = BatchedScalars(inner, max_events=100, max_delay_s=1.0)  # 1 s: a busy CI host stays inside it
@@ -140,9 +148,13 @@ def test_summary_and_curves_png(digits_run, tmp_path):
     assert width >= 600 and height >= 300
     m = read_metrics(digits_run)
     assert len(m["train_loss_history"]) == 176 // 10 and m["time_split"]["step_s"] > 0
-    proc = subprocess.run([sys.executable, "-m", "igniter", "summary", str(digits_run)], capture_output=True, text=True, env=igniter_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", "summary", str(digits_run)], capture_output=True, text=True, env=igniter_env()
+    )
     assert proc.returncode == 0
-    assert "epochs      4 (176 iterations)" in proc.stdout and "world size 1" in proc.stdout and "samples/s" in proc.stdout
+    assert (
+        "epochs      4 (176 iterations)" in proc.stdout and "world size 1" in proc.stdout and "samples/s" in proc.stdout
+    )
 
 
 def test_profile_logs_every_handler_and_splits_the_time(tmp_path):
@@ -150,7 +162,10 @@ def test_profile_logs_every_handler_and_splits_the_time(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "run" / "rank0.log").read_text()
     table = log.split("time per handler (logging.profile=true):", 1)[1]
-    for handler, event in [("_guarded.<locals>.handler", "EPOCH_COMPLETED"), ("attach_nan_guard.<locals>._check", "CHECK_LOSS")]:
+    for handler, event in [
+        ("_guarded.<locals>.handler", "EPOCH_COMPLETED"),
+        ("attach_nan_guard.<locals>._check", "CHECK_LOSS"),
+    ]:
         assert any(handler in line and event in line for line in table.splitlines()), table
     assert "Processing took total" in table and "Dataflow took total" in table
     split = read_metrics(tmp_path / "run")["time_split"]
@@ -159,15 +174,35 @@ def test_profile_logs_every_handler_and_splits_the_time(tmp_path):
 
 def test_doctor_json_in_torchrun_and_slurm_like_environments():
     base = {k: v for k, v in igniter_env().items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
-    torchrun = {**base, "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29400"}
-    out = subprocess.run([sys.executable, "-m", "igniter", "doctor", "--json"], env=torchrun, capture_output=True, text=True)
+    torchrun = {
+        **base,
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "MASTER_ADDR": "10.1.2.3",
+        "MASTER_PORT": "29400",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "igniter", "doctor", "--json"], env=torchrun, capture_output=True, text=True
+    )
     assert out.returncode == 0
     d = json.loads(out.stdout)["distributed"]
     assert (d["world_size"], d["rank"], d["master_addr"], d["master_port"]) == (8, 3, "10.1.2.3", 29400)
-    slurm = {**base, "SLURM_JOB_ID": "4321", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "6",
-             "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_JOB_NUM_NODES": "3", "SLURM_STEP_ID": "0",
-             "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "igniter", "doctor", "--json"], env=slurm, capture_output=True, text=True)
+    slurm = {
+        **base,
+        "SLURM_JOB_ID": "4321",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "6",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-09]",
+        "SLURM_JOB_NUM_NODES": "3",
+        "SLURM_STEP_ID": "0",
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "igniter", "doctor", "--json"], env=slurm, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     d = r["distributed"]
@@ -179,14 +214,20 @@ def test_doctor_json_in_torchrun_and_slurm_like_environments():
 
 
 def test_eval_reproduces_final_accuracy_and_export_loads(digits_run, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "igniter", "eval", str(digits_run)], capture_output=True, text=True, env=igniter_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", "eval", str(digits_run)], capture_output=True, text=True, env=igniter_env()
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads((digits_run / "eval_metrics.json").read_text())["metrics"]
     assert evaluated["accuracy"] == read_metrics(digits_run)["final"]["accuracy"]
     ckpt = max((digits_run / "checkpoints").glob("last_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     out = tmp_path / "weights.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "igniter", "export", str(ckpt), "--format", "safetensors", "--output", str(out)],
-                          capture_output=True, text=True, env=igniter_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", "export", str(ckpt), "--format", "safetensors", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env=igniter_env(),
+    )
     assert proc.returncode == 0, proc.stderr
     from safetensors.torch import load_file
 
@@ -197,9 +238,20 @@ def test_eval_reproduces_final_accuracy_and_export_loads(digits_run, tmp_path):
 
 
 def test_eval_mnist_run_reproduces_test_accuracy(tmp_path, mnist_root):
-    args = ["experiment=mnist", f"data.root={mnist_root}", "data.train.subset=4000", "trainer.max_epochs=1", f"output_dir={tmp_path / 'run'}"]
+    args = [
+        "experiment=mnist",
+        f"data.root={mnist_root}",
+        "data.train.subset=4000",
+        "trainer.max_epochs=1",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     assert run_igniter(args, tmp_path).returncode == 0
-    proc = subprocess.run([sys.executable, "-m", "igniter", "eval", str(tmp_path / "run")], capture_output=True, text=True, env=igniter_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", "eval", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=igniter_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads((tmp_path / "run" / "eval_metrics.json").read_text())
     assert evaluated["samples"] == 10_000
@@ -229,7 +281,7 @@ class SlowBatches:
 def test_step_timer_splits_batch_fetching_from_the_step():
     from ignite.engine import Engine
 
-    from igniter.summary import StepTimer
+    from igniter.timing import StepTimer
 
     timer = StepTimer()
     steps = []

@@ -11,14 +11,18 @@ import sys
 from collections import namedtuple
 from pathlib import Path
 
-import pytest
 import torch
-
 from conftest import igniter_env, read_metrics, run_igniter
-from igniter.precision import accumulation_problems, micro_batches, precision_problems
-from igniter.resume import checkpoint_files
 
-SHORT = ["trainer.max_epochs=1", "data.train.subset=192", "logging.loggers=[]", "trainer.seed=5"]  # 6 iterations per epoch, whole passes
+from igniter.checkpoint.resume import checkpoint_files
+from igniter.precision import accumulation_problems, micro_batches, precision_problems
+
+SHORT = [
+    "trainer.max_epochs=1",
+    "data.train.subset=192",
+    "logging.loggers=[]",
+    "trainer.seed=5",
+]  # 6 iterations per epoch, whole passes
 
 
 def newest_checkpoint(run: Path) -> dict:
@@ -57,7 +61,12 @@ def test_accumulation_must_split_the_global_batch_evenly():
     assert accumulation_problems(4, 32, 2) == [] and accumulation_problems(1, 33, 1) == []
     (problem,) = accumulation_problems(3, 32, 2)
     text = str(problem)
-    for needle in ("trainer.accumulate_grad_batches", "data.loader.batch_size", "data.loader.batch_size=30 or 36", "trainer.accumulate_grad_batches=2 or 4"):
+    for needle in (
+        "trainer.accumulate_grad_batches",
+        "data.loader.batch_size",
+        "data.loader.batch_size=30 or 36",
+        "trainer.accumulate_grad_batches=2 or 4",
+    ):
         assert needle in text, text
     assert [p.key for p in accumulation_problems(0, 32, 1)] == ["trainer.accumulate_grad_batches"]
 
@@ -96,7 +105,14 @@ def test_a_custom_step_gets_autocast_scaler_and_accumulation(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     function_registry.register(probe, "precision_probe")
     try:
-        cfg = compose_config(["trainer.step=precision_probe", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2", f"output_dir={tmp_path}"])
+        cfg = compose_config(
+            [
+                "trainer.step=precision_probe",
+                "trainer.precision=bf16-mixed",
+                "trainer.accumulate_grad_batches=2",
+                f"output_dir={tmp_path}",
+            ]
+        )
         build_training(cfg, tmp_path)
     finally:
         function_registry.remove("precision_probe")
@@ -109,7 +125,14 @@ def test_a_custom_step_gets_autocast_scaler_and_accumulation(tmp_path, monkeypat
 
 def test_compile_without_a_cxx_compiler_exits_2(tmp_path):
     env = {**igniter_env(), "CXX": str(tmp_path / "no-such-g++")}
-    proc = subprocess.run([sys.executable, "-m", "igniter", "trainer.compile=true", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", "trainer.compile=true", f"output_dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "trainer.compile" in proc.stderr and "C++ compiler" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -120,7 +143,11 @@ def test_compiled_and_eager_checkpoints_resume_each_other(tmp_path):
     it, a compiled run (aot_eager) resumes that, export reads the result; the weights follow
     an all-eager run of the same steps (inductor's fused kernels round differently)."""
     run, eager = tmp_path / "run", tmp_path / "eager"
-    for epochs, compile_arg in ((1, "trainer.compile=true"), (2, "trainer.compile=false"), (3, "trainer.compile={backend: aot_eager}")):
+    for epochs, compile_arg in (
+        (1, "trainer.compile=true"),
+        (2, "trainer.compile=false"),
+        (3, "trainer.compile={backend: aot_eager}"),
+    ):
         proc = run_igniter([*SHORT, f"trainer.max_epochs={epochs}", compile_arg, f"output_dir={run}"], tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         state = newest_checkpoint(run)
@@ -137,5 +164,20 @@ def test_compiled_and_eager_checkpoints_resume_each_other(tmp_path):
     for k in plain:
         assert torch.allclose(compiled[k], plain[k], atol=1e-5, rtol=1e-4), (k, (compiled[k] - plain[k]).abs().max())
     out = tmp_path / "model.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "igniter", "export", str(checkpoint_files(run / "checkpoints")[0]), "--output", str(out)], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "igniter",
+            "export",
+            str(checkpoint_files(run / "checkpoints")[0]),
+            "--output",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]

@@ -174,7 +174,10 @@ def test_user_entry_wins_whichever_is_registered_first(igniter_log):
     user = late_builtin.register(_made_in("my_project.things"), "x")
     late_builtin.register(_made_in("igniter.things"), "x")  # e.g. a built-in module imported later
     assert late_builtin.get("x") is user
-    assert any("'x' from my_project.things replaces igniter's built-in from igniter.things" in r.getMessage() for r in igniter_log)
+    assert any(
+        "'x' from my_project.things replaces igniter's built-in from igniter.things" in r.getMessage()
+        for r in igniter_log
+    )
 
     early_builtin = Registry("thing")
     early_builtin.register(_made_in("igniter.things"), "x")

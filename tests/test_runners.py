@@ -18,14 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import igniter_env, read_metrics, run_igniter
-from igniter.distributed.dcp_checkpoint import dcp_model_state
-from igniter.distributed.runners import free_port
-from igniter.resume import checkpoint_files
+
+from igniter.checkpoint.dcp import dcp_model_state
+from igniter.checkpoint.resume import checkpoint_files
+from igniter.launch.runners import free_port
 
 # 25 steps of global batch 32 on digits, evaluation and checkpoint at the end only.
-COMMON = ["trainer.max_epochs=1", "trainer.epoch_length=25", "data.loader.batch_size=32", "trainer.seed=7", "solver.lr=0.01"]
+COMMON = [
+    "trainer.max_epochs=1",
+    "trainer.epoch_length=25",
+    "data.loader.batch_size=32",
+    "trainer.seed=7",
+    "solver.lr=0.01",
+]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +82,13 @@ def test_spawn_rank_discipline_one_run_dir(spawn_job):
     assert len(runs) == 1, f"one Hydra output directory per job, found {runs}"
     run = runs[0]
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
-        "checkpoints", "config.yaml", "curves.png", "metrics.json", "rank0.log", "rank1.log", "tb",
+        "checkpoints",
+        "config.yaml",
+        "curves.png",
+        "metrics.json",
+        "rank0.log",
+        "rank1.log",
+        "tb",
     ]
     assert len(list((run / "tb").iterdir())) == 1, "one TensorBoard event file, written by rank 0"
     assert len(list((run / "checkpoints").glob("last_*.pt"))) == 1
@@ -90,7 +102,17 @@ def test_spawn_rank_discipline_one_run_dir(spawn_job):
 @pytest.mark.slow
 def test_torchrun_matches_single(reference, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *COMMON, "runner=torchrun"]
+    cmd = [
+        torchrun,
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "igniter",
+        *COMMON,
+        "runner=torchrun",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [p for p in (tmp_path / "outputs").glob("*/*")]
@@ -125,10 +147,14 @@ def test_same_model_at_every_scale_strategy_and_accumulation(sgd_reference, laun
     """Global batch 32 as 1 x 32 (the reference), 1 process x 4 micro-batches of 8,
     2 processes x 2 of 8, 4 processes x 1 of 8, FSDP over 2 processes (each Linear a unit,
     the root holding the rest; 2 micro-batches): the same final weights."""
-    proc = run_igniter([*SGD, *launch, f"trainer.accumulate_grad_batches={k}", f"output_dir={tmp_path / 'run'}"], tmp_path)
+    proc = run_igniter(
+        [*SGD, *launch, f"trainer.accumulate_grad_batches={k}", f"output_dir={tmp_path / 'run'}"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
-    assert metrics["accumulate_grad_batches"] == k and metrics["iterations"] == 25, "one iteration is one optimizer step"
+    assert metrics["accumulate_grad_batches"] == k and metrics["iterations"] == 25, (
+        "one iteration is one optimizer step"
+    )
     assert_same_weights(sgd_reference, final_weights(tmp_path / "run"))
 
 
@@ -141,7 +167,17 @@ def test_fsdp_bf16_stays_within_bf16_rounding_of_float32(sgd_reference, tmp_path
     bound, 5e-3, is 2^-6 of the weights' scale; a real error (a missed gradient reduction, a
     wrong scale) moves weights by the learning rate's order, 5e-2."""
     run = tmp_path / "run"
-    proc = run_igniter([*SGD, "runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "trainer.precision=bf16-mixed", f"output_dir={run}"], tmp_path)
+    proc = run_igniter(
+        [
+            *SGD,
+            "runner=spawn",
+            "runner.nproc_per_node=2",
+            "runner.strategy=fsdp",
+            "trainer.precision=bf16-mixed",
+            f"output_dir={run}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = final_weights(run)
     for k, expected in sgd_reference.items():
@@ -183,7 +219,14 @@ def _launch_nodes(prefixes: list[list[str]], addr: str, cwd: Path, env_extra: li
         ]
         env = {**igniter_env(), **extra}
         procs.append(
-            subprocess.Popen([*prefix, sys.executable, "-m", "igniter", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [*prefix, sys.executable, "-m", "igniter", *args],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
     return procs
 
@@ -199,7 +242,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple
 @pytest.mark.slow
 def test_two_nodes_on_loopback_match_single(reference, tmp_path):
     procs = _launch_nodes([[], []], "127.0.0.1", tmp_path, [{}, {}])
-    for code, out, err in _wait_all(procs):
+    for code, _out, err in _wait_all(procs):
         assert code == 0, err[-3000:]
     assert_same_weights(reference, final_weights(tmp_path / "node0"))
     assert not (tmp_path / "node1" / "checkpoints").exists(), "only rank 0 writes checkpoints"
@@ -253,7 +296,7 @@ def test_two_hosts_in_network_namespaces_match_single(reference, tmp_path, two_h
     envs = [{"GLOO_SOCKET_IFNAME": veth} for veth in VETH]
     procs = _launch_nodes(prefixes, ADDRS[0], tmp_path, envs)
     results = _wait_all(procs)
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err[-3000:]
     assert "world size 2, backend gloo" in results[0][1]
     assert_same_weights(reference, final_weights(tmp_path / "node0"))
@@ -265,9 +308,24 @@ def test_two_spawn_jobs_at_once_both_finish(tmp_path):
     for i in range(2):
         cwd = tmp_path / f"job{i}"
         cwd.mkdir()
-        args = [*COMMON, "runner=spawn", "runner.nproc_per_node=2", "checkpoint.enabled=false", f"output_dir={cwd / 'run'}"]
-        procs.append(subprocess.Popen([sys.executable, "-m", "igniter", *args], cwd=cwd, env=igniter_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for i, (code, out, err) in enumerate(_wait_all(procs)):
+        args = [
+            *COMMON,
+            "runner=spawn",
+            "runner.nproc_per_node=2",
+            "checkpoint.enabled=false",
+            f"output_dir={cwd / 'run'}",
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "igniter", *args],
+                cwd=cwd,
+                env=igniter_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for i, (code, _out, err) in enumerate(_wait_all(procs)):
         assert code == 0, err[-3000:]
         assert read_metrics(tmp_path / f"job{i}" / "run")["status"] == "completed"
 
@@ -275,10 +333,24 @@ def test_two_spawn_jobs_at_once_both_finish(tmp_path):
 @pytest.mark.slow
 def test_dead_rank_ends_the_job(tmp_path):
     marker = f"output_dir={tmp_path / 'failing_run'}"
-    args = ["imports=[my_project]", "trainer.step=fail_on_rank", *COMMON, "runner=spawn", "runner.nproc_per_node=2", marker]
+    args = [
+        "imports=[my_project]",
+        "trainer.step=fail_on_rank",
+        *COMMON,
+        "runner=spawn",
+        "runner.nproc_per_node=2",
+        marker,
+    ]
     tag = f"dead-rank-{os.getpid()}-{time.monotonic_ns()}"  # inherited by the launcher and its workers
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env={**igniter_env(), "IGNITER_TEST_TAG": tag}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=tmp_path,
+        env={**igniter_env(), "IGNITER_TEST_TAG": tag},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 60, f"took {elapsed:.0f} s"
@@ -342,7 +414,18 @@ def _torchrun() -> str:
 def test_torchrun_with_runner_single_exits_without_training(tmp_path):
     """Two torchrun workers with runner=single were two independent runs in one directory, exit 0."""
     run = tmp_path / "run"
-    cmd = [_torchrun(), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", *COMMON, "runner=single", f"output_dir={run}"]
+    cmd = [
+        _torchrun(),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "igniter",
+        *COMMON,
+        "runner=single",
+        f"output_dir={run}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stdout[-2000:]
     problem = next((line for line in proc.stderr.splitlines() if "this process is rank 0 of 2" in line), "")
@@ -357,7 +440,9 @@ def test_multi_task_slurm_step_with_runner_single_exits_2(tmp_path):
     cmd = [sys.executable, "-m", "igniter", *COMMON, "runner=single", f"output_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "runner.name = 'single'" in proc.stderr and "runner=slurm" in proc.stderr and "2-task SLURM step" in proc.stderr
+    assert (
+        "runner.name = 'single'" in proc.stderr and "runner=slurm" in proc.stderr and "2-task SLURM step" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
@@ -368,7 +453,11 @@ def test_multi_task_slurm_step_with_runner_single_exits_2(tmp_path):
         ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}, "spawn", True),
         ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "single", False),  # a 1-process torchrun
         ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0"}, "spawn", True),
-        ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}, "single", False),  # srun -n1
+        (
+            {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"},
+            "single",
+            False,
+        ),  # srun -n1
         ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, "spawn", False),  # the sbatch script itself
         ({}, "single", False),
     ],
@@ -377,7 +466,7 @@ def test_outer_launcher_rule(env, runner, rejected, monkeypatch):
     from omegaconf import OmegaConf
 
     from igniter.config import RunnerConfig
-    from igniter.distributed.runners import make_runner
+    from igniter.launch.runners import make_runner
 
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -391,7 +480,7 @@ def test_outer_launcher_rule(env, runner, rejected, monkeypatch):
 
 # --- threads per process ---------------------------------------------------------------------
 
-PROBE = '''
+PROBE = """
 from pathlib import Path
 
 import torch
@@ -404,7 +493,7 @@ def record_threads(ctx):
     def record(engine):
         Path(ctx.output_dir, f"threads_rank{ctx.rank}.txt").write_text(str(torch.get_num_threads()))
     return record
-'''
+"""
 
 
 def _two_cpus() -> list[int]:
@@ -429,12 +518,29 @@ def test_spawn_processes_share_the_cores(extra, omp, expected, tmp_path):
     if omp is not None:
         env["OMP_NUM_THREADS"] = omp
     run = tmp_path / "run"
-    args = ["imports=[threads_probe]", "handlers=[{name: record_threads, event: STARTED}]", "trainer.max_epochs=1",
-            "trainer.epoch_length=2", "checkpoint.enabled=false", "data.val=null", "logging.loggers=[]",
-            "runner=spawn", "runner.nproc_per_node=2", *extra, f"output_dir={run}"]
+    args = [
+        "imports=[threads_probe]",
+        "handlers=[{name: record_threads, event: STARTED}]",
+        "trainer.max_epochs=1",
+        "trainer.epoch_length=2",
+        "checkpoint.enabled=false",
+        "data.val=null",
+        "logging.loggers=[]",
+        "runner=spawn",
+        "runner.nproc_per_node=2",
+        *extra,
+        f"output_dir={run}",
+    ]
     cpus = _two_cpus()  # the same expectation on any machine: this run may use (up to) 2 CPUs
-    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(run / f"threads_rank{r}.txt").read_text() for r in (0, 1)] == [str(expected)] * 2
     lines = [line for line in proc.stdout.splitlines() if "threads:" in line]
@@ -443,8 +549,8 @@ def test_spawn_processes_share_the_cores(extra, omp, expected, tmp_path):
 
 
 def test_thread_choice_rules(monkeypatch):
-    import igniter.distributed.threads as threads
-    from igniter.distributed.threads import ThreadPlan, choose_threads
+    import igniter.launch.cpu_threads as threads
+    from igniter.launch.cpu_threads import ThreadPlan, choose_threads
 
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)))
     for var in ("OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID", "SLURM_CPUS_PER_TASK"):
@@ -503,12 +609,25 @@ def test_sigint_to_spawn_launcher_stops_the_run_quietly(case, tmp_path):
     import signal
 
     run = tmp_path / "run"
-    args = ["trainer.max_epochs=1000", "logging.progress_bar=false", "runner=spawn", "runner.nproc_per_node=2", f"output_dir={run}"]
+    args = [
+        "trainer.max_epochs=1000",
+        "logging.progress_bar=false",
+        "runner=spawn",
+        "runner.nproc_per_node=2",
+        f"output_dir={run}",
+    ]
     ignored = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if case == "background" else None
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=igniter_env(), stdout=o, stderr=e,
-                                start_new_session=True, preexec_fn=ignored)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "igniter", *args],
+            cwd=tmp_path,
+            env=igniter_env(),
+            stdout=o,
+            stderr=e,
+            start_new_session=True,
+            preexec_fn=ignored,
+        )
     try:
         started = "ignite.engine.engine.Trainer: Engine run starting"
         logs = [run / "rank0.log", run / "rank1.log"]
@@ -550,7 +669,7 @@ def _session_processes(sid: int) -> list[int]:
 def test_sigint_scope_takes_back_an_ignored_sigint_and_ignores_it_after_ctrl_c():
     import signal
 
-    from igniter.distributed.signals import raise_interrupt, sigint_scope
+    from igniter.launch.signals import raise_interrupt, sigint_scope
 
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -571,7 +690,7 @@ def test_sigint_scope_takes_back_an_ignored_sigint_and_ignores_it_after_ctrl_c()
 def test_ignite_error_line_dropped_for_ctrl_c_only(caplog):
     from ignite.engine import Engine
 
-    from igniter.distributed.signals import quiet_engine_interrupts
+    from igniter.launch.signals import quiet_engine_interrupts
 
     class Quiet(Engine):
         pass

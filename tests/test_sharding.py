@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import igniter_env
-from igniter.distributed.dcp_checkpoint import dcp_model_state
-from igniter.resume import checkpoint_files
+
+from igniter.checkpoint.dcp import dcp_model_state
+from igniter.checkpoint.resume import checkpoint_files
 
 pytestmark = pytest.mark.slow  # several multi-process runs per test
 
@@ -58,7 +58,9 @@ def global_batches(run: Path, tag: str) -> dict[int, list[int]]:
 
 def _run(args: list[str], cwd: Path, marker: Path, tag: str) -> subprocess.CompletedProcess:
     env = {**igniter_env(), "DIE_ONCE_MARKER": str(marker), "RUN_TAG": tag}
-    return subprocess.run([sys.executable, "-m", "igniter", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "igniter", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,14 @@ def test_resume_at_another_world_size_continues_the_same_global_batches(referenc
     log = (run / "rank0.log").read_text()
     assert f"resumed from {newest}" in log and "world size changed: the checkpoint was written by 2 processes" in log
 
-    expected, killed_part, got = global_batches(reference, "reference"), global_batches(run, "killed"), global_batches(run, "resumed")
-    assert sorted(expected) == list(range(1, LAST + 1)) and sorted(got) == list(range(position + 1, LAST + 1)), "the resume starts after the checkpoint"
+    expected, killed_part, got = (
+        global_batches(reference, "reference"),
+        global_batches(run, "killed"),
+        global_batches(run, "resumed"),
+    )
+    assert sorted(expected) == list(range(1, LAST + 1)) and sorted(got) == list(range(position + 1, LAST + 1)), (
+        "the resume starts after the checkpoint"
+    )
     assert all(killed_part[i] == expected[i] for i in range(1, position + 1))
     for iteration in range(position + 1, LAST + 1):
         assert got[iteration] == expected[iteration], f"iteration {iteration}: other samples or order after the resume"

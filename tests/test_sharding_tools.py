@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_metrics, run_igniter
+
 from igniter.check import format_bytes, memory_plan
-from igniter.distributed.dcp_checkpoint import dcp_model_state
+from igniter.checkpoint.dcp import dcp_model_state
+from igniter.checkpoint.resume import checkpoint_files
 from igniter.models import MLP
-from igniter.resume import checkpoint_files
 
 INCOMPLETE = "is not a complete distributed checkpoint"
 
@@ -80,6 +80,7 @@ def test_export_of_a_damaged_dcp_directory_is_one_paragraph_and_writes_nothing(d
     elif damage == "truncated_data":
         data.write_bytes(data.read_bytes()[:1000])
     else:
+
         class Exploit:
             def __reduce__(self):
                 return (os.system, (f"touch {tmp_path / 'PWNED'}",))
@@ -104,10 +105,18 @@ def test_resume_refuses_a_dcp_checkpoint_whose_metadata_pickles_code(tmp_path):
     """DCP reads .metadata with a plain pickle.load: resume checks it with the restricted
     unpickler first, skips the checkpoint with its reason, and falls back to an older one."""
     run = tmp_path / "run"
-    args = ["trainer.max_epochs=2", "data.train.subset=320", "checkpoint.format=dcp", "logging.loggers=[]", f"output_dir={run}"]
+    args = [
+        "trainer.max_epochs=2",
+        "data.train.subset=320",
+        "checkpoint.format=dcp",
+        "logging.loggers=[]",
+        f"output_dir={run}",
+    ]
     proc = run_igniter(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    newest, older = sorted(run.glob("checkpoints/last_checkpoint_*.dcp"), key=lambda p: int(p.stem.rsplit("_", 1)[1]), reverse=True)
+    newest, older = sorted(
+        run.glob("checkpoints/last_checkpoint_*.dcp"), key=lambda p: int(p.stem.rsplit("_", 1)[1]), reverse=True
+    )
 
     class Exploit:
         def __reduce__(self):
@@ -201,13 +210,17 @@ UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
 def memory_figures(stdout: str) -> dict[str, float]:
     line = next(line for line in stdout.splitlines() if line.strip().startswith("memory"))
     per_rank = line.split("per rank ", 1)[1].split(" (", 1)[0]
-    return {name: float(v) * UNITS[u] for v, u, name in re.findall(r"([\d.]+) (B|kB|MB|GB) ([a-z ]+?)(?:,|$)", per_rank)}
+    return {
+        name: float(v) * UNITS[u] for v, u, name in re.findall(r"([\d.]+) (B|kB|MB|GB) ([a-z ]+?)(?:,|$)", per_rank)
+    }
 
 
 def test_check_prints_the_per_rank_share_with_fsdp(tmp_path):
     figures, lines = {}, {}
     for strategy in ("ddp", "fsdp"):
-        proc = run_igniter(["check", "runner=spawn", "runner.nproc_per_node=2", f"runner.strategy={strategy}"], tmp_path)
+        proc = run_igniter(
+            ["check", "runner=spawn", "runner.nproc_per_node=2", f"runner.strategy={strategy}"], tmp_path
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines[strategy] = next(line for line in proc.stdout.splitlines() if "memory" in line)
         assert f"strategy {strategy} over 2 processes: per rank" in lines[strategy], proc.stdout
@@ -216,7 +229,9 @@ def test_check_prints_the_per_rank_share_with_fsdp(tmp_path):
     for name, ddp in figures["ddp"].items():
         # MLP 64-128-10: every dim 0 even, so exactly half, up to the printed 3 digits
         assert figures["fsdp"][name] == pytest.approx(ddp / 2, rel=0.01), (name, lines)
-    assert figures["ddp"]["optimizer state"] == pytest.approx(2 * figures["ddp"]["parameters"], rel=0.01), "Adam: 2 moments"
+    assert figures["ddp"]["optimizer state"] == pytest.approx(2 * figures["ddp"]["parameters"], rel=0.01), (
+        "Adam: 2 moments"
+    )
     assert list(tmp_path.iterdir()) == [], "check writes nothing"
 
 
@@ -238,15 +253,27 @@ def test_memory_plan_counts_the_padded_rows_of_an_uneven_shard():
 
 
 def test_format_bytes():
-    assert [format_bytes(n) for n in (512, 34_900, 1_234_567, 250e6, 3.4e9)] == ["512 B", "34.9 kB", "1.23 MB", "250 MB", "3.4 GB"]
+    assert [format_bytes(n) for n in (512, 34_900, 1_234_567, 250e6, 3.4e9)] == [
+        "512 B",
+        "34.9 kB",
+        "1.23 MB",
+        "250 MB",
+        "3.4 GB",
+    ]
 
 
 @pytest.mark.parametrize(
     "overrides, key",
     [
         (["runner.strategy=fsdp"], "runner.strategy"),  # one process: nothing to shard over
-        (["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "checkpoint.format=torch"], "checkpoint.format"),
-        (["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "runner.fsdp.cpu_offload=true"], "runner.fsdp.cpu_offload"),
+        (
+            ["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "checkpoint.format=torch"],
+            "checkpoint.format",
+        ),
+        (
+            ["runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "runner.fsdp.cpu_offload=true"],
+            "runner.fsdp.cpu_offload",
+        ),
         (["checkpoint.async_save=true"], "checkpoint.async_save"),
         (["runner.strategy=zero3"], "runner.strategy"),
     ],

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, igniter_env, read_metrics, run_igniter
 from test_runners import COMMON, assert_same_weights, final_weights
 
@@ -39,7 +38,9 @@ def slurm(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
     if reason is None:
         subprocess.run(["bash", str(REPO / "slurm" / "stop_cluster.sh"), str(state)], capture_output=True)
-        started = subprocess.run(["bash", str(REPO / "slurm" / "start_cluster.sh"), str(state)], capture_output=True, text=True, timeout=120)
+        started = subprocess.run(
+            ["bash", str(REPO / "slurm" / "start_cluster.sh"), str(state)], capture_output=True, text=True, timeout=120
+        )
         if started.returncode != 0:
             reason = f"slurm/start_cluster.sh failed:\n{started.stderr[-2000:]}"
     if reason is not None:
@@ -58,7 +59,9 @@ def slurm(tmp_path_factory):
 
 def sacct_jobs() -> dict[str, str]:
     """Job id -> state of every allocation SLURM's accounting knows."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State"], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State"], capture_output=True, text=True, timeout=30
+    ).stdout
     return dict(line.split("|", 1) for line in out.split() if "|" in line)
 
 
@@ -77,8 +80,15 @@ def wait_until_accounted(job_id: str, timeout: float = 30) -> str:
 
 
 def test_single_task_job_trains_mnist_on_slurm(slurm, tmp_path, mnist_root):
-    args = ["-m", "hydra/launcher=slurm", "experiment=mnist", f"data.root={mnist_root}", "data.train.subset=6000",
-            "data.val.subset=1000", "trainer.max_epochs=2"]
+    args = [
+        "-m",
+        "hydra/launcher=slurm",
+        "experiment=mnist",
+        f"data.root={mnist_root}",
+        "data.train.subset=6000",
+        "data.val.subset=1000",
+        "trainer.max_epochs=2",
+    ]
     proc = run_igniter(args, tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = job_dirs(tmp_path)
@@ -95,7 +105,9 @@ def two_task_job_matching_single_process(launcher: str, tmp_path: Path) -> Path:
     job had world size 2 and the same final weights. Returns the job's run directory."""
     local = run_igniter([*COMMON, f"output_dir={tmp_path / 'local'}"], tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
-    proc = run_igniter(["-m", f"hydra/launcher={launcher}", "runner=slurm", "runner.nproc_per_node=2", *COMMON], tmp_path, timeout=300)
+    proc = run_igniter(
+        ["-m", f"hydra/launcher={launcher}", "runner=slurm", "runner.nproc_per_node=2", *COMMON], tmp_path, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = job_dirs(tmp_path)
     assert read_metrics(job)["world_size"] == 2
@@ -110,13 +122,20 @@ def test_two_task_job_matches_single_process(slurm, tmp_path):
 
 
 def test_sweep_gives_two_jobs_and_a_table(slurm, tmp_path):
-    proc = run_igniter(["-m", "hydra/launcher=slurm", "solver.lr=0.01,0.1", "trainer.max_epochs=1", "checkpoint.enabled=false"], tmp_path, timeout=300)
+    proc = run_igniter(
+        ["-m", "hydra/launcher=slurm", "solver.lr=0.01,0.1", "trainer.max_epochs=1", "checkpoint.enabled=false"],
+        tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = job_dirs(tmp_path)
     assert len(jobs) == 2
     overrides = [json.loads((j / "metrics.json").read_text())["job"]["overrides"] for j in jobs]
-    assert sorted(o for job in overrides for o in job if o.startswith("solver.lr")) == ["solver.lr=0.01", "solver.lr=0.1"]
-    table = proc.stdout[proc.stdout.index("igniter sweep results"):]
+    assert sorted(o for job in overrides for o in job if o.startswith("solver.lr")) == [
+        "solver.lr=0.01",
+        "solver.lr=0.1",
+    ]
+    table = proc.stdout[proc.stdout.index("igniter sweep results") :]
     assert "solver.lr=0.01" in table and "solver.lr=0.1" in table and table.count("completed") == 2
 
 
@@ -138,22 +157,36 @@ def test_config_error_in_one_sweep_point_submits_nothing(slurm, tmp_path):
 
 
 def test_usr2_saves_requeues_resumes_and_matches_uninterrupted(slurm, tmp_path):
-    train = ["imports=[my_project]", "trainer.step=slow_supervised", "trainer.max_epochs=6", "checkpoint.every_iterations=20",
-             "trainer.seed=5", "logging.progress_bar=false"]
+    train = [
+        "imports=[my_project]",
+        "trainer.step=slow_supervised",
+        "trainer.max_epochs=6",
+        "checkpoint.every_iterations=20",
+        "trainer.seed=5",
+        "logging.progress_bar=false",
+    ]
     reference = run_igniter([*train, f"output_dir={tmp_path / 'reference'}"], tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     cwd = tmp_path / "slurm_job"
     cwd.mkdir()
-    launcher = subprocess.Popen([sys.executable, "-m", "igniter", "-m", "hydra/launcher=slurm", *train], cwd=cwd, env=igniter_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "igniter", "-m", "hydra/launcher=slurm", *train],
+        cwd=cwd,
+        env=igniter_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         job_id = None
         while time.monotonic() < deadline and job_id is None:
             logs = list(cwd.glob("multirun/*/*/0/rank0.log"))
             if logs and "epoch 2" in logs[0].read_text():
-                out = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True).stdout.split()
+                out = subprocess.run(
+                    ["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True
+                ).stdout.split()
                 job_id = out[0] if out else None
             time.sleep(0.5)
         assert job_id, "the job never reached epoch 2"
@@ -185,7 +218,9 @@ def sbatch_and_wait(args: list[str], cwd: Path, env: dict[str, str], limit_s: fl
     """``sbatch --parsable *args``, then wait for the job to end by polling ``squeue`` every
     0.3 s (``sbatch --wait`` polls at growing intervals: a job of 10 s took 42). Returns the
     job id and its final state (``COMPLETED``, ``FAILED``, ...); cancels it past ``limit_s``."""
-    submitted = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id, state = submitted.stdout.strip().split(";")[0], "PENDING"
     deadline = time.monotonic() + limit_s
@@ -194,7 +229,9 @@ def sbatch_and_wait(args: list[str], cwd: Path, env: dict[str, str], limit_s: fl
             subprocess.run(["scancel", job_id], capture_output=True)
             break
         time.sleep(0.3)
-        out = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
         state = out.stdout.strip() or state
     return job_id, state
 
@@ -202,10 +239,23 @@ def sbatch_and_wait(args: list[str], cwd: Path, env: dict[str, str], limit_s: fl
 def test_sbatch_template_runs_two_tasks_with_srun(slurm, tmp_path):
     """slurm/sbatch_template.sh as a user would submit it (GPU line dropped: this node has none)."""
     script = template_script(tmp_path)
-    env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RUN_DIR": str(tmp_path / "run")}
+    env = {
+        **igniter_env(),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RUN_DIR": str(tmp_path / "run"),
+    }
     job_id, state = sbatch_and_wait(
-        ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out", str(script), *COMMON],
-        tmp_path, env,
+        [
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={tmp_path}/job-%j.out",
+            str(script),
+            *COMMON,
+        ],
+        tmp_path,
+        env,
     )
     logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert state == "COMPLETED", f"job {job_id}: {state}\n" + logs[-3000:]
@@ -228,13 +278,19 @@ def test_runner_single_in_a_two_task_srun_step_exits_2_but_runs_in_the_batch_scr
     script.write_text(
         "#!/usr/bin/env bash\n"
         "env | grep '^SLURM_' | sort > batch_env.txt\n"
-        "python -m igniter check runner=single > batch.txt 2>&1; echo \"batch $?\" >> status.txt\n"
-        f"srun python -m igniter runner=single trainer.max_epochs=1 output_dir={run} > srun.txt 2>&1; echo \"srun $?\" >> status.txt\n"
+        'python -m igniter check runner=single > batch.txt 2>&1; echo "batch $?" >> status.txt\n'
+        f'srun python -m igniter runner=single trainer.max_epochs=1 output_dir={run} > srun.txt 2>&1; echo "srun $?" >> status.txt\n'
     )
     env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    job_id, state = sbatch_and_wait(["--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out", str(script)], tmp_path, env)
+    job_id, state = sbatch_and_wait(
+        ["--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out", str(script)],
+        tmp_path,
+        env,
+    )
     status = dict(line.split() for line in (tmp_path / "status.txt").read_text().splitlines())
-    details = "".join(f"--- {n}\n{(tmp_path / n).read_text()[-2000:]}" for n in ("batch_env.txt", "batch.txt", "srun.txt"))
+    details = "".join(
+        f"--- {n}\n{(tmp_path / n).read_text()[-2000:]}" for n in ("batch_env.txt", "batch.txt", "srun.txt")
+    )
     assert status["batch"] == "0", details
     assert status["srun"] != "0", details
     srun_out = (tmp_path / "srun.txt").read_text()
@@ -245,7 +301,12 @@ def test_runner_single_in_a_two_task_srun_step_exits_2_but_runs_in_the_batch_scr
 
 def sacct_attempts(job_id: str) -> list[tuple[str, str, str]]:
     """(JobID, State, ExitCode) of every attempt of ``job_id`` and of its steps, oldest first (``sacct -D``)."""
-    out = subprocess.run(["sacct", "-D", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["sacct", "-D", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     return [tuple(line.split("|")) for line in out.split() if line.count("|") == 2]
 
 
@@ -256,24 +317,60 @@ def test_a_hang_under_srun_ends_the_step_with_4_and_requeue_on_hang_resumes(slur
     runner.requeue_on_hang requeues the job once, and the second attempt resumes from
     iteration 20's checkpoint and completes."""
     run = tmp_path / "run"
-    env = {**igniter_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RUN_DIR": str(run),
-           "SLEEP_ONCE_MARKER": str(tmp_path / "slept")}
-    overrides = ["imports=[my_project]", "logging.progress_bar=false", "logging.loggers=[]", "trainer.max_epochs=1", "trainer.epoch_length=40",
-                 "data.loader.batch_size=32", "trainer.seed=7", "checkpoint.every_iterations=10", "runner.hang_timeout_s=5",
-                 "runner.requeue_on_hang=true", 'handlers=[{name: sleep_once_on_rank, event: "ITERATION_COMPLETED(once=25)", params: {rank: 1}}]']
+    env = {
+        **igniter_env(),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RUN_DIR": str(run),
+        "SLEEP_ONCE_MARKER": str(tmp_path / "slept"),
+    }
+    overrides = [
+        "imports=[my_project]",
+        "logging.progress_bar=false",
+        "logging.loggers=[]",
+        "trainer.max_epochs=1",
+        "trainer.epoch_length=40",
+        "data.loader.batch_size=32",
+        "trainer.seed=7",
+        "checkpoint.every_iterations=10",
+        "runner.hang_timeout_s=5",
+        "runner.requeue_on_hang=true",
+        'handlers=[{name: sleep_once_on_rank, event: "ITERATION_COMPLETED(once=25)", params: {rank: 1}}]',
+    ]
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/job-%j.out",
-         str(template_script(tmp_path)), *overrides],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={tmp_path}/job-%j.out",
+            str(template_script(tmp_path)),
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     state = "PENDING"
     try:  # both attempts, with SLURM's hold of a requeued job (BeginTime, about 12 s here)
         deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        while time.monotonic() < deadline and state not in (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+        ):
             time.sleep(0.5)
-            out = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                ["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+            )
             state = out.stdout.strip() or state
     finally:
         if state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
@@ -294,9 +391,13 @@ def test_a_hang_under_srun_ends_the_step_with_4_and_requeue_on_hang_resumes(slur
         time.sleep(0.5)
     attempts = sacct_attempts(job_id)
     assert attempts[0][:2] == (job_id, "REQUEUED") and (f"{job_id}.0", "FAILED", "4:0") in attempts, attempts
-    assert attempts[-3:] == [(job_id, "COMPLETED", "0:0"), (f"{job_id}.batch", "COMPLETED", "0:0"), (f"{job_id}.0", "COMPLETED", "0:0")], attempts
+    assert attempts[-3:] == [
+        (job_id, "COMPLETED", "0:0"),
+        (f"{job_id}.batch", "COMPLETED", "0:0"),
+        (f"{job_id}.0", "COMPLETED", "0:0"),
+    ], attempts
     rank1 = (run / "rank1.log").read_text()
-    assert "the stacks of every thread" in rank1 and "components.py\", line" in rank1 and "in handler" in rank1
+    assert "the stacks of every thread" in rank1 and 'components.py", line' in rank1 and "in handler" in rank1
     assert "the stacks of every thread" in (run / "rank0.log").read_text()
 
     # the second attempt: resumed from the newest checkpoint (iteration 20), completed
@@ -306,7 +407,9 @@ def test_a_hang_under_srun_ends_the_step_with_4_and_requeue_on_hang_resumes(slur
 
 def controller_states() -> dict[str, str]:
     """Job id -> state of every job (one line per array task: ``123_0``) the controller holds."""
-    out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "--states=all", "-o", "%i|%T"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     return dict(line.split("|", 1) for line in out.stdout.split())
 
@@ -322,14 +425,27 @@ def wait_for(condition, what: str, limit_s: float = 120) -> dict[str, str]:
 
 def test_single_run_without_m_is_one_slurm_job_in_its_output_dir(slurm, tmp_path):
     run = tmp_path / "run"
-    proc = run_igniter(["hydra/launcher=slurm", "trainer.max_epochs=1", "checkpoint.enabled=false", "logging.progress_bar=false", f"output_dir={run}"], tmp_path)
+    proc = run_igniter(
+        [
+            "hydra/launcher=slurm",
+            "trainer.max_epochs=1",
+            "checkpoint.enabled=false",
+            "logging.progress_bar=false",
+            f"output_dir={run}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run)
     job_id = metrics["job"]["id"]
     assert metrics["status"] == "completed" and job_id and job_id in proc.stdout
-    assert wait_for(lambda s: s.get(job_id) not in ("RUNNING", "COMPLETING"), "job ended")[job_id] == "COMPLETED", "it ran on SLURM"
+    assert wait_for(lambda s: s.get(job_id) not in ("RUNNING", "COMPLETING"), "job ended")[job_id] == "COMPLETED", (
+        "it ran on SLURM"
+    )
     assert not (tmp_path / "multirun").exists(), "a single run: its own output_dir"
-    record = json.loads((run / "submitted.json").read_text())  # what `igniter status <run>` reads (the sweep test runs it)
+    record = json.loads(
+        (run / "submitted.json").read_text()
+    )  # what `igniter status <run>` reads (the sweep test runs it)
     assert record["jobs"]["0"]["dir"] == "." and record["jobs"]["0"]["submissions"][0]["id"] == job_id
     assert "-m" not in record["command"] and f"output_dir={run}" in record["command"], "re-submits as it was given"
 
@@ -349,24 +465,43 @@ def test_sweep_without_waiting_status_and_resubmitting_the_cancelled_job(slurm, 
     the command that re-submits; that command, run again, submits job 1 alone into its directory."""
     monkeypatch.setenv("SLEEP_ONCE_MARKER", str(tmp_path / "slept"))
     sweep = tmp_path / "sweep"
-    command = ["-m", "hydra/launcher=slurm", "hydra.launcher.wait=false", f"hydra.sweep.dir={sweep}", "imports=[my_project]",
-               'handlers=[{name: sleep_once_on_rank, event: "ITERATION_COMPLETED(once=2)", params: {rank: 0}}]',
-               "handlers.0.params.rank=3,0,4", "trainer.max_epochs=1", "checkpoint.enabled=false", "logging.progress_bar=false"]
+    command = [
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.wait=false",
+        f"hydra.sweep.dir={sweep}",
+        "imports=[my_project]",
+        'handlers=[{name: sleep_once_on_rank, event: "ITERATION_COMPLETED(once=2)", params: {rank: 0}}]',
+        "handlers.0.params.rank=3,0,4",
+        "trainer.max_epochs=1",
+        "checkpoint.enabled=false",
+        "logging.progress_bar=false",
+    ]
     proc = run_igniter(command, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = json.loads((sweep / "submitted.json").read_text())["jobs"]
     ids = {int(n): job["submissions"][-1]["id"] for n, job in jobs.items()}
     assert sorted(ids) == [0, 1, 2] and str(sweep) in proc.stdout
-    assert all(i in proc.stdout and job["submissions"][-1]["log"] in proc.stdout for i, job in zip(ids.values(), jobs.values()))
+    assert all(
+        i in proc.stdout and job["submissions"][-1]["log"] in proc.stdout for i, job in zip(ids.values(), jobs.values())
+    )
     assert controller_states()[ids[1]] in ("PENDING", "RUNNING"), "returned before the jobs ended"
 
-    wait_for(lambda s: s[ids[0]] == s[ids[2]] == "COMPLETED" and (tmp_path / "slept").exists(), "jobs 0 and 2 complete, job 1 sleeps")
+    wait_for(
+        lambda s: s[ids[0]] == s[ids[2]] == "COMPLETED" and (tmp_path / "slept").exists(),
+        "jobs 0 and 2 complete, job 1 sleeps",
+    )
     subprocess.run(["scancel", ids[1]], check=True, timeout=30)
     wait_for(lambda s: s[ids[1]] == "CANCELLED", "job 1 cancelled")
     status = run_igniter(["status", str(sweep)], tmp_path)
     assert status.returncode == 0, status.stderr
     rows = {line.split()[0]: line.split() for line in status.stdout.splitlines() if line[:2] in ("0 ", "1 ", "2 ")}
-    assert rows["0"][1:5] == [ids[0], "COMPLETED", "completed", "1"] and rows["2"][1:5] == [ids[2], "COMPLETED", "completed", "1"], status.stdout
+    assert rows["0"][1:5] == [ids[0], "COMPLETED", "completed", "1"] and rows["2"][1:5] == [
+        ids[2],
+        "COMPLETED",
+        "completed",
+        "1",
+    ], status.stdout
     assert rows["1"][1:3] == [ids[1], "CANCELLED"] and "accuracy" in status.stdout, status.stdout
     assert "job 1 (CANCELLED" in status.stdout and f"hydra.sweep.dir={sweep}" in status.stdout, status.stdout
 
@@ -374,7 +509,9 @@ def test_sweep_without_waiting_status_and_resubmitting_the_cancelled_job(slurm, 
     first_log = (sweep / "1" / "rank0.log").read_bytes()
     again = run_igniter(command, tmp_path)  # the same command: only job 1 is not completed
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "submitted 1 SLURM job" in again.stdout and "job 0 (completed), job 2 (completed)" in again.stdout, again.stdout
+    assert "submitted 1 SLURM job" in again.stdout and "job 0 (completed), job 2 (completed)" in again.stdout, (
+        again.stdout
+    )
     record = json.loads((sweep / "submitted.json").read_text())["jobs"]
     assert [len(record[n]["submissions"]) for n in ("0", "1", "2")] == [1, 2, 1]
     new_id = record["1"]["submissions"][-1]["id"]
@@ -384,6 +521,10 @@ def test_sweep_without_waiting_status_and_resubmitting_the_cancelled_job(slurm, 
     assert (sweep / "1" / "rank0.log").read_bytes().startswith(first_log), "the same run directory, its log continued"
     assert {n: (sweep / n / "metrics.json").read_bytes() for n in ("0", "2")} == kept, "completed runs untouched"
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1", "2"]
-    other = run_igniter([*command[:-4], "handlers.0.params.rank=3,0,5", *command[-3:]], tmp_path)  # another sweep, same directory
-    assert other.returncode == 2 and "job 2's directory" in other.stderr and "Traceback" not in other.stderr, other.stderr[-3000:]
+    other = run_igniter(
+        [*command[:-4], "handlers.0.params.rank=3,0,5", *command[-3:]], tmp_path
+    )  # another sweep, same directory
+    assert other.returncode == 2 and "job 2's directory" in other.stderr and "Traceback" not in other.stderr, (
+        other.stderr[-3000:]
+    )
     assert json.loads((sweep / "submitted.json").read_text())["jobs"] == record, "nothing submitted"

@@ -1,5 +1,6 @@
-"""The package's shape (issue #16, "one room per concern"): no module over 350 lines,
-and no import cycle between igniter's modules.
+"""The package's shape: no import cycle between igniter's modules (``hydra_plugins/``,
+function-level and ``TYPE_CHECKING`` imports included), the layers contract of
+``pyproject.toml`` kept (``lint-imports``), and ruff's formatting and lint clean.
 
 Both are read from the source with :mod:`ast` (nothing is imported), so they are fast
 and see function-level imports too.
@@ -8,15 +9,16 @@ and see function-level imports too.
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "igniter"
-
-#: The most lines a module should have: one concern per module.
-MAX_LINES = 350
-
-#: Modules allowed over MAX_LINES for now, each with a comment saying why: none.
-OVER_LIMIT_NOW: set[str] = set()
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "igniter"
+#: igniter's Hydra plugin package: Hydra imports it, and it imports igniter's launcher.
+PLUGIN = ROOT / "hydra_plugins" / "igniter_submitit"
 
 #: Import cycles allowed, each a set of modules that import each other: none since
 #: runners <-> slurm was broken (slurm_runner.py). Add one only with a comment saying why.
@@ -24,27 +26,19 @@ ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, Path]:
-    """Every module of the package by dotted name (a package by its own name)."""
+    """Every module of the package and of its Hydra plugin by dotted name (a package by its own name)."""
     modules = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    for path in sorted([*PACKAGE.rglob("*.py"), *PLUGIN.rglob("*.py")]):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
         modules[".".join(parts)] = path
     return modules
 
 
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """The nodes of ``tree`` outside ``if TYPE_CHECKING:`` blocks (those imports never run)."""
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped.update(id(n) for child in node.body for n in ast.walk(child))
-    return [n for n in ast.walk(tree) if id(n) not in skipped]
-
-
 def _import_graph() -> dict[str, set[str]]:
-    """``{module: igniter modules it imports}``, at module level or inside functions.
+    """``{module: igniter modules it imports}``, at module level, inside functions or under
+    ``if TYPE_CHECKING:`` (a cycle there is a layering mistake even if it never runs).
 
     Besides ``import`` statements, a string constant ``"igniter.<module>:<name>"`` (the
     CLI's subcommand table, imported on use with importlib) and
@@ -62,7 +56,7 @@ def _import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -77,11 +71,14 @@ def _import_graph() -> dict[str, set[str]]:
                 target, colon, attr = node.value.partition(":")
                 if colon and attr.isidentifier() and target in modules:
                     names = [target]
-            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module":
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            ):
                 if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
                     names = [node.args[0].value]
             for name in names:
-                target = owner(name) if name.startswith("igniter") else None
+                target = owner(name) if name.startswith(("igniter", "hydra_plugins.igniter_submitit")) else None
                 if target and target != module:
                     graph[module].add(target)
     return graph
@@ -123,27 +120,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
     return found
 
 
-def _over_limit() -> dict[str, int]:
-    """``{path relative to the repository: lines}`` of every module over :data:`MAX_LINES`."""
-    out = {}
-    for path in _modules().values():
-        n = len(path.read_text().splitlines())
-        if n > MAX_LINES:
-            out[str(path.relative_to(PACKAGE.parent))] = n
-    return out
-
-
-def test_every_module_under_line_limit():
-    over = _over_limit()
-    assert not over, f"modules over {MAX_LINES} lines: " + ", ".join(f"{p} ({n})" for p, n in sorted(over.items()))
-
-
-def test_no_new_module_over_line_limit():
-    over = _over_limit()
-    new = {p: n for p, n in over.items() if p not in OVER_LIMIT_NOW}
-    assert not new, f"modules over {MAX_LINES} lines: " + ", ".join(f"{p} ({n})" for p, n in sorted(new.items()))
-
-
 def test_import_graph_sees_lazy_and_string_imports():
     """The graph is not vacuous: function-level imports and the subcommand table count."""
     graph = _import_graph()
@@ -163,7 +139,7 @@ def test_subcommands_do_not_import_the_cli():
     """``igniter eval`` and ``igniter check`` take composing from igniter.compose: the CLI
     imports them (on use), never the other way round."""
     graph = _import_graph()
-    for module in ("igniter.evaluate", "igniter.check", "igniter.compose", "igniter.distributed.launchers"):
+    for module in ("igniter.evaluate", "igniter.check", "igniter.compose", "igniter.cluster.hydra_launchers"):
         assert "igniter.cli" not in graph[module], module
     assert not any("igniter.cli" in c for c in _cycles(graph))
 
@@ -179,7 +155,42 @@ def test_the_private_hydra_apis_igniter_uses_still_exist():
     from hydra._internal.utils import get_args_parser
     from hydra.core.utils import run_job
 
-    assert {"task_function", "config", "job_dir_key", "job_subdir_key", "hydra_context"} <= set(inspect.signature(run_job).parameters)
+    assert {"task_function", "config", "job_dir_key", "job_subdir_key", "hydra_context"} <= set(
+        inspect.signature(run_job).parameters
+    )
     assert {"on_run_start", "on_run_end"} <= set(dir(Callbacks))
     args = get_args_parser().parse_args(["--cfg", "job", "a=1"])
     assert args.cfg == "job" and args.overrides == ["a=1"] and hasattr(args, "resolve")
+
+
+def _lint_imports(cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_layers_contract_is_kept():
+    """core <- mechanics <- run and launch <- commands (``[tool.importlinter]`` in pyproject.toml),
+    function-level, ``TYPE_CHECKING`` and ``hydra_plugins`` imports counted."""
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "BROKEN" not in result.stdout and "KEPT" in result.stdout
+
+
+def test_an_upward_import_breaks_the_layers_contract(tmp_path):
+    """The contract is not vacuous: a copy of the tree where a core module imports the CLI
+    (inside a function, as a lazy import would) fails ``lint-imports``, naming the import."""
+    shutil.copytree(PACKAGE, tmp_path / "igniter", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PLUGIN, tmp_path / "hydra_plugins" / "igniter_submitit")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    errors = tmp_path / "igniter" / "errors.py"
+    errors.write_text(errors.read_text() + "\n\ndef _scratch():\n    from igniter.cli import main  # noqa: F401\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = _lint_imports(tmp_path, env)
+    assert result.returncode != 0
+    assert "igniter.errors -> igniter.cli" in result.stdout, result.stdout[-3000:]

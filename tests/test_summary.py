@@ -12,12 +12,15 @@ import time
 from datetime import datetime
 
 import pytest
+from conftest import igniter_env, read_metrics
 
 import igniter
-from conftest import igniter_env, read_metrics
-from igniter.summary import curve_panels, curves_figure, draw_curves, interpreter_age_s, main, process_age_s, summary_table
+from igniter.summary import curve_panels, curves_figure, draw_curves, main, summary_table
+from igniter.timing import interpreter_age_s, process_age_s
 
-needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed (igniter[plot])")
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed (igniter[plot])"
+)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -31,9 +34,13 @@ def test_start_up_counts_from_the_interpreter_not_from_a_shell_that_exec_d_it(tm
     # `sh -c 'pip install ...; exec igniter'`: exec keeps the process and its creation time, so
     # the process's age counts the shell's 3 s; the interpreter started when `date` printed.
     run = tmp_path / "run"
-    igniter_cmd = shlex.join([sys.executable, "-m", "igniter", "trainer.max_epochs=1", "data.train.subset=256", f"output_dir={run}"])
+    igniter_cmd = shlex.join(
+        [sys.executable, "-m", "igniter", "trainer.max_epochs=1", "data.train.subset=256", f"output_dir={run}"]
+    )
     script = f"sleep 3; date +%s.%N > {shlex.quote(str(tmp_path / 'exec_time'))}; exec {igniter_cmd}"
-    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exec_time = float((tmp_path / "exec_time").read_text())
     log = (run / "rank0.log").read_text()
@@ -60,9 +67,18 @@ def test_summary_table_says_what_the_start_up_time_counts():
 
 
 def _record(accuracy: list[float], losses: list[float], status: str = "completed") -> dict:
-    epochs = [{"epoch": i + 1, "iteration": 44 * (i + 1), "accuracy": a, "loss": l} for i, (a, l) in enumerate(zip(accuracy, losses))]
+    epochs = [
+        {"epoch": i + 1, "iteration": 44 * (i + 1), "accuracy": a, "loss": loss}
+        for i, (a, loss) in enumerate(zip(accuracy, losses))
+    ]
     train = [[10 * i, 2.0 / i] for i in range(1, 14)]
-    return {"status": status, "train_loss_history": train, "epochs": epochs, "epochs_completed": len(epochs), "iterations": 130}
+    return {
+        "status": status,
+        "train_loss_history": train,
+        "epochs": epochs,
+        "epochs_completed": len(epochs),
+        "iterations": 130,
+    }
 
 
 def _axis_of(fig, label: str):
@@ -126,8 +142,18 @@ def test_draw_curves_writes_a_png_and_skips_an_empty_record(tmp_path):
 def test_summary_help_prints_the_usage_and_exits_0(capsys):
     assert main(["--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: igniter summary")
-    proc = subprocess.run([sys.executable, "-m", "igniter", "summary", "--help"], capture_output=True, text=True, env=igniter_env(), timeout=120)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: igniter summary") and "no metrics.json" not in proc.stdout + proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", "summary", "--help"],
+        capture_output=True,
+        text=True,
+        env=igniter_env(),
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 0
+        and proc.stdout.startswith("usage: igniter summary")
+        and "no metrics.json" not in proc.stdout + proc.stderr
+    )
 
 
 def test_summary_of_a_directory_without_metrics_json_exits_2(tmp_path, capsys):

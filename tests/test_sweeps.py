@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import read_metrics, run_igniter
-from igniter.callbacks import swept_keys
+
 from igniter.cli import main
 from igniter.compose import compose_config
+from igniter.sweeps import swept_keys
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
@@ -39,7 +39,9 @@ def table_rows(stdout: str) -> list[dict[str, str]]:
 
 def study(tmp_path: Path, *args: str) -> tuple[object, Path]:
     sweep_dir = tmp_path / "study"
-    proc = run_igniter(["-m", "hparams_search=digits_optuna", f"hydra.sweep.dir={sweep_dir}", *FAST, *args], tmp_path, timeout=300)
+    proc = run_igniter(
+        ["-m", "hparams_search=digits_optuna", f"hydra.sweep.dir={sweep_dir}", *FAST, *args], tmp_path, timeout=300
+    )
     return proc, sweep_dir
 
 
@@ -120,6 +122,12 @@ def test_swept_keys_follow_the_sweeper():
     cfg = compose_config(["hparams_search=digits_optuna"], with_hydra=True)
     parse = OverridesParser.create().parse_overrides
     assert swept_keys(cfg, []) == {"solver.lr", "data.loader.batch_size"}
-    assert swept_keys(cfg, parse(["data.loader.batch_size=8", "trainer.max_epochs=choice(1,2)"])) == {"solver.lr", "trainer.max_epochs"}
+    assert swept_keys(cfg, parse(["data.loader.batch_size=8", "trainer.max_epochs=choice(1,2)"])) == {
+        "solver.lr",
+        "trainer.max_epochs",
+    }
     assert cfg.hydra.sweeper.direction == "maximize"  # the shipped config follows evaluation.mode
-    assert compose_config(["hparams_search=digits_optuna", "evaluation.mode=min"], with_hydra=True).hydra.sweeper.direction == "minimize"
+    assert (
+        compose_config(["hparams_search=digits_optuna", "evaluation.mode=min"], with_hydra=True).hydra.sweeper.direction
+        == "minimize"
+    )

@@ -19,7 +19,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import igniter_env
 
 pytest.importorskip("mlflow")
@@ -41,8 +40,20 @@ def mlflow_server(tmp_path_factory) -> tuple[subprocess.Popen, str, Path]:
     that asks for it runs meanwhile); its process group SIGKILLed at the end."""
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
-    cmd = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(MLFLOW),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(root / "server.log", "w") as log:
         server = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -60,7 +71,9 @@ def mlflow_uri(mlflow_server) -> str:
     deadline = time.monotonic() + 60
     while True:
         assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "mlflow server not up in 60 s:\n" + (root / "server.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, (
+            "mlflow server not up in 60 s:\n" + (root / "server.log").read_text()[-3000:]
+        )
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=1) as r:
                 if r.status == 200:
@@ -70,7 +83,14 @@ def mlflow_uri(mlflow_server) -> str:
 
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "igniter", *args], cwd=cwd, env={**igniter_env(), **env}, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=cwd,
+        env={**igniter_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _steps(client, run_id: str, key: str) -> list[int]:
@@ -102,9 +122,20 @@ def test_killed_run_resumes_the_same_mlflow_run(mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
     run = tmp_path / "run"
-    args = [*DIGITS, "trainer.max_epochs=2", "imports=[my_project]", "trainer.step=die_once", "+trainer.step_params.rank=0",
-            "+trainer.step_params.iteration=58", f"output_dir={run}"]
-    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": "resume", "DIE_ONCE_MARKER": str(tmp_path / "died")}
+    args = [
+        *DIGITS,
+        "trainer.max_epochs=2",
+        "imports=[my_project]",
+        "trainer.step=die_once",
+        "+trainer.step_params.rank=0",
+        "+trainer.step_params.iteration=58",
+        f"output_dir={run}",
+    ]
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "MLFLOW_EXPERIMENT_NAME": "resume",
+        "DIE_ONCE_MARKER": str(tmp_path / "died"),
+    }
     died = _run(args, tmp_path, **env)
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     run_id = (run / "mlflow_run_id").read_text().strip()
@@ -123,7 +154,10 @@ def test_killed_run_resumes_the_same_mlflow_run(mlflow_uri, tmp_path):
     assert params["logging.loggers"] == "['tensorboard', 'mlflow']" and params["data.loader.batch_size"] == "32"
     assert _steps(client, run_id, "train/loss") == list(range(5, 88, 5))  # 5..85: 45-55 once, though logged by both
     assert _steps(client, run_id, "lr/group_0") == list(range(5, 88, 5))
-    assert _steps(client, run_id, "val/accuracy") == [44, 88] and _steps(client, run_id, "train/samples_per_s") == [44, 88]
+    assert _steps(client, run_id, "val/accuracy") == [44, 88] and _steps(client, run_id, "train/samples_per_s") == [
+        44,
+        88,
+    ]
     local = json.loads((run / "metrics.json").read_text())
     assert client.get_metric_history(run_id, "val/accuracy")[-1].value == pytest.approx(local["epochs"][-1]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run_id)}
@@ -188,8 +222,17 @@ def test_tracker_gone_mid_run_is_one_warning_and_the_run_completes(mlflow_uri, t
 
     proxy = _Proxy(mlflow_uri, serve=8)  # get experiment, create run, parameters, then metrics
     run = tmp_path / "run"
-    no_backoff = {"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}  # igniter's 2 retries, at once
-    proc = _run([*DIGITS, "trainer.max_epochs=2", f"output_dir={run}"], tmp_path, MLFLOW_TRACKING_URI=proxy.uri, MLFLOW_EXPERIMENT_NAME="gone", **no_backoff)
+    no_backoff = {
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    }  # igniter's 2 retries, at once
+    proc = _run(
+        [*DIGITS, "trainer.max_epochs=2", f"output_dir={run}"],
+        tmp_path,
+        MLFLOW_TRACKING_URI=proxy.uri,
+        MLFLOW_EXPERIMENT_NAME="gone",
+        **no_backoff,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     warnings = [line for line in out.splitlines() if "the run goes on without MLflow" in line]
@@ -203,12 +246,21 @@ def test_tracker_gone_mid_run_is_one_warning_and_the_run_completes(mlflow_uri, t
 
 
 def test_params_are_flat_dotted_and_truncated():
-    from igniter.trackers import flatten_params
+    from igniter.trackers.mlflow_tracker import flatten_params
 
-    tree = {"solver": {"lr": 0.1, "params": {}}, "loggers": ["tensorboard", "mlflow"], "handlers": [{"name": "a", "params": {"x": 1}}], "s": None}
+    tree = {
+        "solver": {"lr": 0.1, "params": {}},
+        "loggers": ["tensorboard", "mlflow"],
+        "handlers": [{"name": "a", "params": {"x": 1}}],
+        "s": None,
+    }
     assert flatten_params(tree) == {
-        "solver.lr": "0.1", "solver.params": "{}", "loggers": "['tensorboard', 'mlflow']",
-        "handlers.0.name": "a", "handlers.0.params.x": "1", "s": "None",
+        "solver.lr": "0.1",
+        "solver.params": "{}",
+        "loggers": "['tensorboard', 'mlflow']",
+        "handlers.0.name": "a",
+        "handlers.0.params.x": "1",
+        "s": "None",
     }
     long = flatten_params({"k": "x" * 7000}, max_length=6000)["k"]
     assert len(long) == 6000 and long.endswith("...[truncated]")
@@ -216,12 +268,14 @@ def test_params_are_flat_dotted_and_truncated():
 
 def test_missing_mlflow_package_is_a_config_error(monkeypatch):
     from igniter.errors import ConfigError
-    from igniter.trackers import package_problem, start_mlflow
+    from igniter.trackers.mlflow_tracker import package_problem, start_mlflow
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow fails as if it were not installed
     with pytest.raises(ConfigError) as e:
         start_mlflow(None, "logging.loggers[1]")  # type: ignore[arg-type]
     assert e.value.exit_status == 2
-    assert "logging.loggers[1] = 'mlflow': the mlflow package is not installed: pip install 'igniter[mlflow]'" in str(e.value)
+    assert "logging.loggers[1] = 'mlflow': the mlflow package is not installed: pip install 'igniter[mlflow]'" in str(
+        e.value
+    )
     monkeypatch.delitem(sys.modules, "mlflow")
     assert package_problem(import_it=False) is None  # installed here: found without importing it

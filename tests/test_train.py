@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import read_metrics, run_igniter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import read_metrics, run_igniter
 from igniter.models import MLP
 
 
@@ -77,7 +77,13 @@ def test_explicit_output_dir(tmp_path):
 
 def test_early_stopping_from_config(tmp_path):
     # monitor the validation loss in "max" mode: it only goes down, so it never improves
-    args = ["trainer.max_epochs=10", "evaluation.monitor=loss", "evaluation.mode=max", "evaluation.patience=2", f"output_dir={tmp_path / 'run'}"]
+    args = [
+        "trainer.max_epochs=10",
+        "evaluation.monitor=loss",
+        "evaluation.mode=max",
+        "evaluation.patience=2",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     proc = run_igniter(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
@@ -87,7 +93,12 @@ def test_early_stopping_from_config(tmp_path):
 def test_log_event_fires_every_log_every_iterations(tmp_path):
     """The LOG event (TensorBoard scalars, log lines) is usable by user handlers too."""
     run = tmp_path / "run"
-    args = ["trainer.max_epochs=1", "logging.log_every=20", "handlers=[{name:log_state,event:LOG,params:{message:tick}}]", f"output_dir={run}"]
+    args = [
+        "trainer.max_epochs=1",
+        "logging.log_every=20",
+        "handlers=[{name:log_state,event:LOG,params:{message:tick}}]",
+        f"output_dir={run}",
+    ]
     proc = run_igniter(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ticks = [line for line in (run / "rank0.log").read_text().splitlines() if "tick epoch" in line]

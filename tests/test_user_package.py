@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import FIXTURES, read_metrics, run_igniter
+
 from igniter.cli import main
 
 # The user's own config groups live in their own directory (`--config-dir`).
@@ -39,7 +40,13 @@ def test_user_components_train_through_imports(tmp_path):
 
 
 def test_dict_of_losses_model(tmp_path):
-    args = USER + ["model.name=dict_loss_net", "trainer.step=loss_dict", "solver.lr=0.02", "trainer.max_epochs=2", f"output_dir={tmp_path / 'run'}"]
+    args = USER + [
+        "model.name=dict_loss_net",
+        "trainer.step=loss_dict",
+        "solver.lr=0.02",
+        "trainer.max_epochs=2",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     proc = run_igniter(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(tmp_path / "run")["final"]["accuracy"] > 0.9

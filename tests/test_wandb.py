@@ -14,12 +14,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from conftest import run_igniter
 
 pytest.importorskip("wandb")
 
-from igniter.wandb_tracker import read_records  # noqa: E402  (W&B's transaction-log format)
+from igniter.trackers.wandb_tracker import read_records  # noqa: E402  (W&B's transaction-log format)
 
 DIGITS = ["logging.log_every=5", "logging.loggers=[tensorboard,wandb]"]  # digits: 44 iterations per epoch
 
@@ -27,7 +26,15 @@ DIGITS = ["logging.log_every=5", "logging.loggers=[tensorboard,wandb]"]  # digit
 @pytest.fixture
 def wandb_env(monkeypatch, tmp_path) -> None:
     """Offline and silent, W&B's config/cache/data directories under tmp_path (nothing in ~)."""
-    for name in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT"):
+    for name in (
+        "WANDB_DIR",
+        "WANDB_PROJECT",
+        "WANDB_API_KEY",
+        "WANDB_RUN_ID",
+        "WANDB_RESUME",
+        "WANDB_CONSOLE",
+        "WANDB_INIT_TIMEOUT",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -67,7 +74,14 @@ def test_resumed_run_continues_the_same_wandb_run(wandb_env, tmp_path):
         assert [(r.run_id, r.project, r.display_name) for r in runs] == [(run_id, "igniter", "run")]
         histories.append([_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"])
         configs.append(_items(runs[0].config.update))
-        summaries.append({k: v for r in records if r.WhichOneof("record_type") == "summary" for k, v in _items(r.summary.update).items()})
+        summaries.append(
+            {
+                k: v
+                for r in records
+                if r.WhichOneof("record_type") == "summary"
+                for k, v in _items(r.summary.update).items()
+            }
+        )
     rows = [row for history in histories for row in history]
     steps = [row["_step"] for row in rows]
     assert steps == sorted(set(steps)), steps  # no step twice, across both processes
@@ -80,7 +94,9 @@ def test_resumed_run_continues_the_same_wandb_run(wandb_env, tmp_path):
     assert logged("val/accuracy") == [44, 88] and logged("train/samples_per_s") == [44, 88]
     local = json.loads((run / "metrics.json").read_text())
     assert rows[-1]["val/accuracy"] == pytest.approx(local["epochs"][-1]["accuracy"])
-    assert summaries[1]["val/accuracy"] == pytest.approx(local["epochs"][-1]["accuracy"]) and summaries[1]["_step"] == 88
+    assert (
+        summaries[1]["val/accuracy"] == pytest.approx(local["epochs"][-1]["accuracy"]) and summaries[1]["_step"] == 88
+    )
 
     config = configs[1]
     assert config["solver"]["lr"] == 0.001 and config["model"]["name"] == "mlp" and config["trainer"]["max_epochs"] == 2
@@ -89,7 +105,9 @@ def test_resumed_run_continues_the_same_wandb_run(wandb_env, tmp_path):
     saved = offline[1] / "files" / "igniter"
     assert {"config.yaml", "metrics.json"} <= {p.name for p in saved.iterdir()}
     assert [e["epoch"] for e in json.loads((saved / "metrics.json").read_text())["epochs"]] == [1, 2]
-    assert [e["epoch"] for e in json.loads((offline[0] / "files" / "igniter" / "metrics.json").read_text())["epochs"]] == [1]
+    assert [
+        e["epoch"] for e in json.loads((offline[0] / "files" / "igniter" / "metrics.json").read_text())["epochs"]
+    ] == [1]
 
 
 @pytest.mark.slow
@@ -104,20 +122,25 @@ def test_wandb_that_cannot_start_is_exit_2_before_training(wandb_env, monkeypatc
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")  # should a key be found after all: refused within seconds
     proc = run_igniter([*DIGITS, f"output_dir={tmp_path / 'run'}"], tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "igniter: cannot start the run (1 problem):\n  logging.loggers[1] = 'wandb': W&B cannot start a run (WANDB_MODE=online" in proc.stderr
+    assert (
+        "igniter: cannot start the run (1 problem):\n  logging.loggers[1] = 'wandb': W&B cannot start a run (WANDB_MODE=online"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stdout + proc.stderr and "epoch 1" not in proc.stdout + proc.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_wandb_package_is_a_config_error(monkeypatch):
     from igniter.errors import ConfigError
-    from igniter.wandb_tracker import package_problem, start_wandb
+    from igniter.trackers.wandb_tracker import package_problem, start_wandb
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails as if it were not installed
     with pytest.raises(ConfigError) as e:
         start_wandb(None, "logging.loggers[1]")  # type: ignore[arg-type]
     assert e.value.exit_status == 2
-    assert "logging.loggers[1] = 'wandb': the wandb package is not installed: pip install 'igniter[wandb]'" in str(e.value)
+    assert "logging.loggers[1] = 'wandb': the wandb package is not installed: pip install 'igniter[wandb]'" in str(
+        e.value
+    )
     monkeypatch.delitem(sys.modules, "wandb")
     assert package_problem(import_it=False) is None  # installed here: found without importing it
 
@@ -125,7 +148,7 @@ def test_missing_wandb_package_is_a_config_error(monkeypatch):
 def test_failure_mid_run_is_one_warning_and_resumed_steps_are_skipped(caplog, tmp_path):
     """Steps below first_step are not sent; the first failing call is one warning, then the
     tracker is left alone (no more calls, no more warnings)."""
-    from igniter.wandb_tracker import WandBTracker
+    from igniter.trackers.wandb_tracker import WandBTracker
 
     calls = []
 
@@ -143,7 +166,11 @@ def test_failure_mid_run_is_one_warning_and_resumed_steps_are_skipped(caplog, tm
             tracker.log({"train/loss": 1.0}, step=step)
     assert calls == [50, 55, 60]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "Connection refused" in warnings[0].getMessage() and "run abc123" in warnings[0].getMessage()
+    assert (
+        len(warnings) == 1
+        and "Connection refused" in warnings[0].getMessage()
+        and "run abc123" in warnings[0].getMessage()
+    )
 
 
 def test_a_failed_start_leaves_the_run_directory_as_it_was(wandb_env, monkeypatch, tmp_path):
@@ -153,7 +180,7 @@ def test_a_failed_start_leaves_the_run_directory_as_it_was(wandb_env, monkeypatc
     from omegaconf import OmegaConf
 
     from igniter.errors import ConfigError
-    from igniter.wandb_tracker import start_wandb
+    from igniter.trackers.wandb_tracker import start_wandb
 
     (tmp_path / "wandb" / "offline-run-old-abc").mkdir(parents=True)
     (tmp_path / "wandb_run_id").write_text("abc\n")
@@ -164,10 +191,17 @@ def test_a_failed_start_leaves_the_run_directory_as_it_was(wandb_env, monkeypatc
         raise wandb.errors.CommError("project 'igniter' is not yours")
 
     monkeypatch.setattr(wandb, "init", init)
-    ctx = SimpleNamespace(output_dir=tmp_path, trainer=SimpleNamespace(state=SimpleNamespace(iteration=44)), cfg=OmegaConf.create({"a": 1}))
+    ctx = SimpleNamespace(
+        output_dir=tmp_path,
+        trainer=SimpleNamespace(state=SimpleNamespace(iteration=44)),
+        cfg=OmegaConf.create({"a": 1}),
+    )
     with pytest.raises(ConfigError) as e:
         start_wandb(ctx, "logging.loggers[0]")  # type: ignore[arg-type]
     assert e.value.exit_status == 2 and "cannot start the run" in str(e.value)
-    assert "logging.loggers[0] = 'wandb': W&B cannot start a run (WANDB_MODE=offline, project 'igniter'): project 'igniter' is not yours." in str(e.value)
+    assert (
+        "logging.loggers[0] = 'wandb': W&B cannot start a run (WANDB_MODE=offline, project 'igniter'): project 'igniter' is not yours."
+        in str(e.value)
+    )
     assert sorted(p.name for p in (tmp_path / "wandb").iterdir()) == ["offline-run-old-abc"]
     assert (tmp_path / "wandb_run_id").read_text() == "abc\n"

@@ -15,19 +15,37 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import igniter_env, read_metrics
-from igniter.checkpoint_files import load_checkpoint
-from igniter.distributed.runners import free_port
-from igniter.distributed.watchdog import HangDetector
-from igniter.errors import EXIT_HUNG
-from igniter.resume import checkpoint_files
 
-SPAWN = ["runner=spawn", "runner.nproc_per_node=2", "imports=[my_project]", "logging.progress_bar=false", "trainer.seed=3", "logging.loggers=[]"]
+from igniter.checkpoint.files import load_checkpoint
+from igniter.checkpoint.resume import checkpoint_files
+from igniter.errors import EXIT_HUNG
+from igniter.launch.runners import free_port
+from igniter.supervision.watchdog import HangDetector
+
+SPAWN = [
+    "runner=spawn",
+    "runner.nproc_per_node=2",
+    "imports=[my_project]",
+    "logging.progress_bar=false",
+    "trainer.seed=3",
+    "logging.loggers=[]",
+]
 
 
 def _record(rank: int, iteration: int, phase: str = "train", beat: int = 0, count: int = 0, cpu_s: float = 0.0) -> dict:
-    return {"rank": rank, "host": "h", "pid": 100 + rank, "iteration": iteration, "phase": phase, "count": count, "compiling": 0, "cpu_s": cpu_s, "bytes": 0, "beat": beat}
+    return {
+        "rank": rank,
+        "host": "h",
+        "pid": 100 + rank,
+        "iteration": iteration,
+        "phase": phase,
+        "count": count,
+        "compiling": 0,
+        "cpu_s": cpu_s,
+        "bytes": 0,
+        "beat": beat,
+    }
 
 
 def _observe(detector: HangDetector, t: float, *records: dict):
@@ -57,7 +75,9 @@ def test_detector_names_the_rank_behind_when_every_reporter_is_alive():
         if verdict:
             break
     assert verdict is not None and [c["rank"] for c in verdict.culprits] == [2] and not verdict.not_responding
-    assert "after the training step of iteration 7" in verdict.message() and "Waiting for it: rank 0" in verdict.message()
+    assert (
+        "after the training step of iteration 7" in verdict.message() and "Waiting for it: rank 0" in verdict.message()
+    )
 
 
 def test_detector_names_every_rank_of_a_deadlock():
@@ -73,14 +93,22 @@ def test_detector_keeps_a_job_alive_while_any_rank_progresses():
     counts only while setting up or compiling; bytes count while writing a checkpoint."""
     d = HangDetector([0, 1], timeout_s=5, beat_s=1, now=0.0)
     for t in range(60):
-        assert _observe(d, float(t), _record(0, 10, "eval", beat=t, count=t // 2), _record(1, 10, "trained", beat=t)) is None
+        assert (
+            _observe(d, float(t), _record(0, 10, "eval", beat=t, count=t // 2), _record(1, 10, "trained", beat=t))
+            is None
+        )
     d = HangDetector([0], timeout_s=5, beat_s=1, now=0.0)
     assert all(_observe(d, float(t), _record(0, -1, "setup", beat=t, cpu_s=float(t))) is None for t in range(30))
     d = HangDetector([0, 1], timeout_s=5, beat_s=1, now=0.0)  # rank 0 draws the curves, rank 1 waits for it
-    assert all(_observe(d, float(t), _record(0, 44, "done", beat=t, cpu_s=float(t)), _record(1, 44, "done", beat=t)) is None for t in range(30))
+    assert all(
+        _observe(d, float(t), _record(0, 44, "done", beat=t, cpu_s=float(t)), _record(1, 44, "done", beat=t)) is None
+        for t in range(30)
+    )
     assert any(_observe(d, float(t), _record(0, -1, "train", beat=t, cpu_s=float(t))) for t in range(30, 60))
     d = HangDetector([0], timeout_s=5, beat_s=1, now=0.0)
-    assert all(_observe(d, float(t), {**_record(0, 3, "checkpoint", beat=t), "bytes": 1000 * t}) is None for t in range(30))
+    assert all(
+        _observe(d, float(t), {**_record(0, 3, "checkpoint", beat=t), "bytes": 1000 * t}) is None for t in range(30)
+    )
 
 
 def test_detector_counts_a_compile_in_flight_as_progress_while_its_reporter_beats():
@@ -96,7 +124,16 @@ def test_detector_waits_for_the_first_reports():
 
 
 def _start(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=cwd, env=igniter_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=igniter_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, limit_s: float = 240) -> None:
@@ -115,7 +152,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stop_one_worker(args: list[str], run: Path, tmp_path: Path, rank: int) -> tuple[subprocess.Popen, int, float, str, str]:
+def _stop_one_worker(
+    args: list[str], run: Path, tmp_path: Path, rank: int
+) -> tuple[subprocess.Popen, int, float, str, str]:
     """Start ``args``, SIGSTOP rank ``rank``'s process once it wrote its pid (mid-epoch);
     return the process, the stopped pid, the stop time and the output."""
     proc = _start(args, tmp_path)
@@ -139,31 +178,60 @@ def _pid_handler(iteration: int) -> str:
 @pytest.mark.slow
 def test_sigstop_of_a_spawned_worker_ends_the_job_named_and_the_same_command_resumes(tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "igniter", *SPAWN, "runner.hang_timeout_s=20", "trainer.max_epochs=2", "checkpoint.every_iterations=10", _pid_handler(30), f"output_dir={run}"]
+    args = [
+        sys.executable,
+        "-m",
+        "igniter",
+        *SPAWN,
+        "runner.hang_timeout_s=20",
+        "trainer.max_epochs=2",
+        "checkpoint.every_iterations=10",
+        _pid_handler(30),
+        f"output_dir={run}",
+    ]
     proc, pid, stopped, out, err = _stop_one_worker(args, run, tmp_path, rank=1)
     ended = time.monotonic() - stopped
     assert proc.returncode == EXIT_HUNG, err[-3000:]
     assert ended < 60, f"the job ended {ended:.0f} s after the stop"
-    assert f"rank 1 (host {os.uname().nodename}, pid {pid}) made no progress for" in err and "cannot be read" in err, err[-3000:]
+    assert f"rank 1 (host {os.uname().nodename}, pid {pid}) made no progress for" in err and "cannot be read" in err, (
+        err[-3000:]
+    )
     assert "Traceback" not in err
     assert not _alive(pid) and not _alive(int((run / "pid_rank0.txt").read_text()))
     assert "the stacks of every thread" in (run / "rank0.log").read_text()  # the live rank dumped its stacks
     newest = checkpoint_files(run / "checkpoints")[0]
     load_checkpoint(newest)
-    again = subprocess.run(args[:-2] + [f"output_dir={run}"], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        args[:-2] + [f"output_dir={run}"], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {newest}" in again.stdout or f"resumed from {newest.name}" in again.stdout or "resumed from" in again.stdout
+    assert (
+        f"resumed from {newest}" in again.stdout
+        or f"resumed from {newest.name}" in again.stdout
+        or "resumed from" in again.stdout
+    )
     assert read_metrics(run)["status"] == "completed"
 
 
 @pytest.mark.slow
 def test_a_handler_sleeping_forever_on_rank_1_is_named_with_its_stack(tmp_path):
     run = tmp_path / "run"
-    handler = 'handlers=[{name: sleep_on_rank, event: "ITERATION_COMPLETED(once=15)", params: {rank: 1, seconds: 100000}}]'
+    handler = (
+        'handlers=[{name: sleep_on_rank, event: "ITERATION_COMPLETED(once=15)", params: {rank: 1, seconds: 100000}}]'
+    )
     args = [*SPAWN, "runner.hang_timeout_s=5", "trainer.max_epochs=2", handler, f"output_dir={run}"]
-    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=tmp_path,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == EXIT_HUNG, proc.stderr[-3000:]
-    assert "rank 1 (host" in proc.stderr and "after the training step of iteration 15" in proc.stderr, proc.stderr[-3000:]
+    assert "rank 1 (host" in proc.stderr and "after the training step of iteration 15" in proc.stderr, proc.stderr[
+        -3000:
+    ]
     assert "rank 1's innermost frames" in proc.stderr and "time.sleep(seconds)" in proc.stderr
     log = (run / "rank1.log").read_text()
     assert "the stacks of every thread" in log and 'components.py", line' in log and "in handler" in log
@@ -172,10 +240,26 @@ def test_a_handler_sleeping_forever_on_rank_1_is_named_with_its_stack(tmp_path):
 @pytest.mark.slow
 def test_a_skipped_all_reduce_deadlock_is_ended_and_named(tmp_path):
     run = tmp_path / "run"
-    args = [*SPAWN, "runner.hang_timeout_s=5", "trainer.max_epochs=2", "trainer.step=skip_allreduce_on_rank", "+trainer.step_params.iteration=12", f"output_dir={run}"]
-    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=240)
+    args = [
+        *SPAWN,
+        "runner.hang_timeout_s=5",
+        "trainer.max_epochs=2",
+        "trainer.step=skip_allreduce_on_rank",
+        "+trainer.step_params.iteration=12",
+        f"output_dir={run}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=tmp_path,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == EXIT_HUNG, proc.stderr[-3000:]
-    assert "rank 0 (host" in proc.stderr and "rank 1 (host" in proc.stderr and "not every rank called" in proc.stderr, proc.stderr[-3000:]
+    assert "rank 0 (host" in proc.stderr and "rank 1 (host" in proc.stderr and "not every rank called" in proc.stderr, (
+        proc.stderr[-3000:]
+    )
     assert "all_reduce" in proc.stderr  # rank 0's innermost frames: the user's collective
 
 
@@ -186,8 +270,21 @@ def test_torchrun_sigstop_of_a_worker_ends_the_job_named(rank, tmp_path):
     clients then wait forever): rank 1 notices and names it on its stderr."""
     run = tmp_path / "run"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    args = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "igniter", "runner=torchrun", *SPAWN[2:],
-            "runner.hang_timeout_s=10", "trainer.max_epochs=3", _pid_handler(30), f"output_dir={run}"]
+    args = [
+        torchrun,
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "igniter",
+        "runner=torchrun",
+        *SPAWN[2:],
+        "runner.hang_timeout_s=10",
+        "trainer.max_epochs=3",
+        _pid_handler(30),
+        f"output_dir={run}",
+    ]
     proc, pid, stopped, out, err = _stop_one_worker(args, run, tmp_path, rank=rank)
     ended = time.monotonic() - stopped
     assert proc.returncode != 0 and ended < 60, f"exit {proc.returncode} {ended:.0f} s after the stop"
@@ -205,10 +302,24 @@ def test_a_long_evaluation_and_a_long_checkpoint_write_are_not_killed(tmp_path):
     is three times the timeout, the write more than twice (the test fails when bytes written
     do not count)."""
     run = tmp_path / "run"
-    args = [*SPAWN, "runner.hang_timeout_s=4", "trainer.max_epochs=1", "evaluation.step=slow_eval", "checkpoint.saver=trickle_disk",
-            "checkpoint.n_best=0", f"output_dir={run}"]
+    args = [
+        *SPAWN,
+        "runner.hang_timeout_s=4",
+        "trainer.max_epochs=1",
+        "evaluation.step=slow_eval",
+        "checkpoint.saver=trickle_disk",
+        "checkpoint.n_best=0",
+        f"output_dir={run}",
+    ]
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=tmp_path,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.monotonic() - start > 20
     assert read_metrics(run)["status"] == "completed"
@@ -220,13 +331,30 @@ def test_a_collective_timeout_without_watchdog_names_the_rank_that_did_not_join(
     """runner.hang_timeout_s=null: gloo's timeout (runner.timeout_s=8) ends the job, and the
     error names rank 1, asleep in a handler after iteration 15's step, beside gloo's message."""
     run = tmp_path / "run"
-    handler = 'handlers=[{name: sleep_on_rank, event: "ITERATION_COMPLETED(once=15)", params: {rank: 1, seconds: 100000}}]'
-    args = [*SPAWN, "runner.hang_timeout_s=null", "runner.timeout_s=8", "trainer.max_epochs=2", handler, f"output_dir={run}"]
-    proc = subprocess.run([sys.executable, "-m", "igniter", *args], cwd=tmp_path, env=igniter_env(), capture_output=True, text=True, timeout=240)
+    handler = (
+        'handlers=[{name: sleep_on_rank, event: "ITERATION_COMPLETED(once=15)", params: {rank: 1, seconds: 100000}}]'
+    )
+    args = [
+        *SPAWN,
+        "runner.hang_timeout_s=null",
+        "runner.timeout_s=8",
+        "trainer.max_epochs=2",
+        handler,
+        f"output_dir={run}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "igniter", *args],
+        cwd=tmp_path,
+        env=igniter_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "a collective timed out (runner.timeout_s); the rank(s) that did not join it: rank 1 (host" in proc.stderr, proc.stderr[-3000:]
+    assert "a collective timed out (runner.timeout_s); the rank(s) that did not join it: rank 1 (host" in proc.stderr, (
+        proc.stderr[-3000:]
+    )
     assert "is behind: after the training step of iteration 15" in proc.stderr and "Timed out" in proc.stderr
-
 
 
 def test_a_hang_timeout_that_is_not_positive_is_a_config_error(tmp_path, monkeypatch, capsys):
@@ -236,5 +364,8 @@ def test_a_hang_timeout_that_is_not_positive_is_a_config_error(tmp_path, monkeyp
     with pytest.raises(SystemExit) as info:
         main(["runner=spawn", "runner.hang_timeout_s=0"])
     assert info.value.code == 2
-    assert "  runner.hang_timeout_s = 0.0: expected a positive number of seconds (or null: no hang watchdog)" in capsys.readouterr().err
+    assert (
+        "  runner.hang_timeout_s = 0.0: expected a positive number of seconds (or null: no hang watchdog)"
+        in capsys.readouterr().err
+    )
     assert not list(tmp_path.iterdir()), "nothing written"

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MNIST_ROOT, read_metrics, run_igniter
 
 pytestmark = [
@@ -34,17 +33,27 @@ QUANTITIES = ("utilization_pct", "memory_used_bytes", "memory_total_bytes", "pow
 def data_args() -> list[str]:
     """Overrides for a short run on MNIST, else on the digits default, else skip."""
     if (MNIST_ROOT / "MNIST" / "raw").is_dir():
-        return ["experiment=mnist", f"data.root={MNIST_ROOT}", "data.train.subset=8000", "data.val.subset=2000", "trainer.max_epochs=1"]
+        return [
+            "experiment=mnist",
+            f"data.root={MNIST_ROOT}",
+            "data.train.subset=8000",
+            "data.val.subset=2000",
+            "trainer.max_epochs=1",
+        ]
     if importlib.util.find_spec("sklearn") is not None:
         return ["trainer.max_epochs=3"]
-    pytest.skip(f"no data: MNIST not at {MNIST_ROOT}/MNIST/raw (IGNITER_TEST_MNIST_ROOT) and no scikit-learn for digits")
+    pytest.skip(
+        f"no data: MNIST not at {MNIST_ROOT}/MNIST/raw (IGNITER_TEST_MNIST_ROOT) and no scikit-learn for digits"
+    )
 
 
 def train(cwd: Path, *overrides: str) -> tuple[Path, dict, str]:
     """Run igniter with ``overrides`` in ``cwd``; returns (run dir, metrics.json, stdout + rank-0 log)."""
     run = cwd / "run"
     proc = run_igniter([*data_args(), *overrides, f"output_dir={run}"], cwd, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    )
     log = (run / "rank0.log").read_text() if (run / "rank0.log").exists() else ""
     return run, read_metrics(run), proc.stdout + proc.stderr + log
 
@@ -199,8 +208,8 @@ def test_fsdp_bf16_mixed_two_processes(tmp_path):
     ``igniter eval`` in one process reads the last one back."""
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
-    from igniter.distributed.dcp_checkpoint import dcp_model_state
-    from igniter.resume import checkpoint_files
+    from igniter.checkpoint.dcp import dcp_model_state
+    from igniter.checkpoint.resume import checkpoint_files
 
     run, metrics, text = train(tmp_path, "runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp",
                                "runner.fsdp.min_params=100", "trainer.precision=bf16-mixed")  # fmt: skip

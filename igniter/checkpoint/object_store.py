@@ -1,0 +1,182 @@
+"""Checkpoints in object storage: ``checkpoint.dir`` an fsspec URL (``s3://``, ``gs://``, ``file://``).
+
+A checkpoint in object storage is its object (``last_checkpoint_<iteration>.pt``) plus a
+manifest written last (``<name>.manifest.json``: each object's size in bytes and SHA-256).
+Only a checkpoint whose manifest exists and matches is complete, so an upload killed at any
+moment is never taken for the newest checkpoint (an S3 PUT is atomic per object, but the
+object alone does not say it is whole). An old checkpoint's manifest is deleted before its
+object, and only once its successor is complete: the promises of
+:class:`igniter.checkpoint.saver.AtomicDiskSaver` on local disk.
+
+Reaching the store and downloading are :mod:`igniter.checkpoint.remote`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from igniter.checkpoint.remote import MANIFEST_SUFFIX, DigestMismatch, fetched, one_line, open_store, sha256_of
+from igniter.checkpoint.saver import AtomicDiskSaver
+from igniter.errors import CheckpointWriteFailed, ConfigError, Problem
+from igniter.registry import io_registry
+
+__all__ = [
+    "write_checkpoint",
+    "delete_checkpoint",
+    "complete_checkpoints",
+    "select_from_store",
+    "ObjectStoreSaver",
+    "object_store",
+]
+
+logger = logging.getLogger("igniter")
+
+
+def write_checkpoint(fs: Any, root: str, name: str, data: memoryview, write: Any = None) -> None:
+    """Upload checkpoint ``name`` (serialized bytes ``data``) under ``root``, then its manifest.
+
+    ``write(f, data)`` fills the open object (default ``f.write(data)``; a hook for tests).
+    A kill before the manifest leaves an object no listing counts as a checkpoint.
+    """
+    digest, size = sha256_of([data])
+    with fs.open(f"{root}/{name}", "wb") as f:
+        (write or (lambda out, d: out.write(d)))(f, data)
+    manifest = {"checkpoint": name, "objects": {name: {"bytes": size, "sha256": digest}}}
+    fs.pipe(f"{root}/{name}{MANIFEST_SUFFIX}", json.dumps(manifest, indent=1).encode())
+
+
+def delete_checkpoint(fs: Any, root: str, name: str) -> None:
+    """Delete checkpoint ``name``: its manifest first (it is then incomplete), then its objects."""
+    for path in (f"{root}/{name}{MANIFEST_SUFFIX}", f"{root}/{name}"):
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+
+def complete_checkpoints(fs: Any, root: str, prefix: str = "last_checkpoint_") -> list[tuple[str, dict[str, Any]]]:
+    """``(name, manifest)`` of the complete checkpoints ``<prefix><iteration>.pt`` under
+    ``root``, newest (highest iteration) first: the manifest exists and every object it lists
+    exists with the listed size. Objects without a manifest (killed uploads) are left out."""
+    try:
+        listing = {Path(e["name"]).name: e for e in fs.ls(root, detail=True)}
+    except FileNotFoundError:
+        return []
+    found = []
+    for key in listing:
+        name = key[: -len(MANIFEST_SUFFIX)]
+        if not (key.endswith(MANIFEST_SUFFIX) and name.startswith(prefix) and name.endswith(".pt")):
+            continue
+        try:
+            manifest = json.loads(fs.cat(f"{root}/{key}"))
+            objects = manifest["objects"]
+            if all(o in listing and listing[o].get("size") == meta["bytes"] for o, meta in objects.items()):
+                found.append((_iteration(name), name, manifest))
+        except (ValueError, KeyError, TypeError, FileNotFoundError):
+            logger.warning("skipping %s/%s: not a readable manifest", root, key)
+    return [(name, manifest) for _, name, manifest in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
+def _iteration(name: str) -> int:
+    match = re.search(r"_(\d+)\.pt$", name)  # last_checkpoint_<iteration>.pt; best_... names sort last
+    return int(match.group(1)) if match else -1
+
+
+def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from in object storage: ``(its URL, what check returned)``.
+
+    ``resume``: ``"auto"`` (the newest complete checkpoint under ``url`` that ``check`` accepts;
+    invalid newer ones are reported and skipped; ``(None, None)`` when there is none) or one
+    checkpoint's URL. ``check(local copy)`` reads and checks a downloaded copy (deleted after).
+
+    Raises:
+        ConfigError: the store cannot be reached or read (a read failure never falls back to an
+            older checkpoint), the named checkpoint is invalid, or checkpoints exist and none is valid.
+    """
+    from igniter.checkpoint.files import CheckpointInvalid
+
+    if resume != "auto":
+        candidates = [resume]
+    else:
+        fs, root = open_store(url)
+        candidates = [f"{url}/{name}" for name, _ in complete_checkpoints(fs, root)]
+    problems = []
+    for candidate in candidates:
+        try:
+            with fetched(candidate, "resume") as local:
+                return candidate, check(local)
+        except (
+            CheckpointInvalid,
+            DigestMismatch,
+        ) as e:  # a store that cannot be read is no reason to take an older one
+            reason = f"it {e}" if isinstance(e, CheckpointInvalid) else "; ".join(p.expected for p in e.problems)
+            if resume != "auto":
+                raise ConfigError([Problem("resume", f"{candidate}: {reason}", resume)], "cannot resume") from None
+            logger.warning("skipping checkpoint %s: %s", candidate, reason)
+            problems.append(Problem("resume", f"{candidate}: {reason}", "auto"))
+    if problems:
+        raise ConfigError(
+            problems + [Problem("resume", f"no valid checkpoint in {url}; use resume=false to start over", "auto")],
+            "cannot resume",
+        )
+    return None, None
+
+
+class ObjectStoreSaver(AtomicDiskSaver):
+    """:class:`~igniter.errors.AtomicDiskSaver`'s background writer for an fsspec URL: each
+    checkpoint is an object plus a manifest written last (:func:`write_checkpoint`), and a
+    rotated-out checkpoint is deleted only once its successor's manifest exists. Objects
+    without a manifest (a killed upload) are deleted at start-up. Rank 0 writes.
+
+    Args:
+        url: ``s3://bucket/prefix`` (any fsspec URL).
+        save_on_rank: the rank that writes (and removes).
+
+    Raises:
+        ConfigError: the store cannot be reached or used (before training).
+        CheckpointWriteFailed: from :meth:`flush` or the next save, when an upload failed
+            (exit status 5; the earlier checkpoints are kept).
+    """
+
+    def __init__(self, url: str, save_on_rank: int = 0) -> None:
+        import ignite.distributed as idist
+
+        self.url = url.rstrip("/")
+        self._start_writer(save_on_rank)
+        self.fs, self.root = open_store(self.url, create=True)
+        if idist.get_rank() == save_on_rank:
+            complete = {name for name, _ in complete_checkpoints(self.fs, self.root, prefix="")}
+            for entry in self._listing():
+                name = Path(entry).name
+                if name.endswith(".pt") and name not in complete:
+                    logger.info("%s/%s: an upload that never completed (no manifest); deleting it", self.url, name)
+                    delete_checkpoint(self.fs, self.root, name)
+
+    def _listing(self) -> list[str]:
+        try:
+            return self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:  # a prefix nothing was written under yet
+            return []
+
+    def _write(self, filename: str, buffer: io.BytesIO, removals: list[str]) -> None:
+        try:
+            write_checkpoint(self.fs, self.root, filename, buffer.getbuffer(), self.write_bytes)
+        except Exception as e:
+            raise CheckpointWriteFailed(
+                f"cannot write checkpoint {filename} to {self.url}: {type(e).__name__}: {one_line(e)}; "
+                "the earlier checkpoints are kept. Check the store's credentials, quota and endpoint (AWS_ENDPOINT_URL) and resume with the same command."
+            ) from e
+        for name in removals:
+            if name != filename:
+                delete_checkpoint(self.fs, self.root, name)
+
+
+@io_registry("object_store")
+def object_store(dirname: str) -> ObjectStoreSaver:
+    """Checkpoints under an fsspec URL (``checkpoint.dir=s3://...`` picks it instead of ``disk``)."""
+    return ObjectStoreSaver(dirname)

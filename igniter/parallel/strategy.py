@@ -1,0 +1,271 @@
+"""How the model is wrapped for the run's processes: compile, then DDP; and back.
+
+The one place that knows the wrapping order and how to see through it:
+
+* :func:`wrap_model`: ``torch.compile`` first (``trainer.compile``), then
+  ``idist.auto_model`` (device placement and, with several processes,
+  ``DistributedDataParallel``), the order of PyTorch's DDP + ``torch.compile`` notes:
+  the compiled module is what DDP's hooks see.
+* :func:`unwrap_model`: the original ``nn.Module`` under DDP's ``.module`` and
+  ``torch.compile``'s ``_orig_mod``: what checkpoints save and load, so their keys never
+  carry ``module.`` or ``_orig_mod.`` prefixes.
+* :func:`gradient_sync`: DDP's ``no_sync()`` for the micro-batches of an accumulation
+  that are not the last (one gradient all-reduce per optimizer step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager, Iterator
+
+import ignite.distributed as idist
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from igniter.errors import ConfigError, Problem
+from igniter.precision import PRECISIONS
+from igniter.supervision.progress import watch_compiles
+
+__all__ = [
+    "wrap_model",
+    "shard_units",
+    "shard_model",
+    "unwrap_model",
+    "unwrap_compiled",
+    "is_sharded",
+    "evaluation_scope",
+    "gradient_sync",
+    "strategy_problems",
+]
+
+
+def wrap_model(
+    model: torch.nn.Module, compile_options: dict[str, Any] | None, runner: Any, precision: str = "32"
+) -> torch.nn.Module:
+    """``model`` compiled (when ``compile_options`` is not ``None``), on this process's device,
+    and wrapped for ``runner.strategy``.
+
+    * ``ddp``: compiled first, then ``idist.auto_model`` (``DistributedDataParallel`` with
+      several processes, options ``runner.bucket_cap_mb``, ``runner.gradient_as_bucket_view``).
+    * ``fsdp``: FSDP2's ``fully_shard`` on a 1-D ``DeviceMesh`` of every process
+      (:func:`shard_model`), then compiled (the compiled graph sees the sharded module's hooks).
+
+    Args:
+        model: the built model (on the CPU).
+        compile_options: keyword arguments of ``torch.compile`` (:func:`igniter.compile.compile_options`).
+        runner: the ``runner`` config section.
+        precision: ``trainer.precision``: with ``fsdp`` its ``MixedPrecisionPolicy``.
+    """
+    if compile_options is not None:
+        watch_compiles()  # compile time counts as progress for the hang watchdog
+    if getattr(runner, "strategy", "ddp") == "fsdp":
+        if runner.fsdp.cpu_offload and idist.device().type == "cpu":  # a cluster job validated without its nodes
+            raise ConfigError(
+                [
+                    Problem(
+                        "runner.fsdp.cpu_offload",
+                        "needs a GPU: this process has none (its parameters are in host memory already)",
+                        True,
+                    )
+                ],
+                header="cannot build the run",
+            )
+        model = shard_model(model.to(idist.device()) if not runner.fsdp.cpu_offload else model, runner.fsdp, precision)
+        return torch.compile(model, **compile_options) if compile_options is not None else model  # type: ignore[return-value]
+    if compile_options is not None:
+        model = torch.compile(model, **compile_options)  # type: ignore[assignment]
+    ddp: dict[str, Any] = {"gradient_as_bucket_view": runner.gradient_as_bucket_view}
+    if runner.bucket_cap_mb is not None:
+        ddp["bucket_cap_mb"] = runner.bucket_cap_mb
+    return idist.auto_model(model, sync_bn=False, **(ddp if idist.get_world_size() > 1 else {}))
+
+
+def shard_units(model: torch.nn.Module, names: list[str], min_params: int) -> list[torch.nn.Module]:
+    """The submodules sharded as units (the root is sharded after them, holding the rest).
+
+    Args:
+        model: the root module.
+        names: class names (``Linear``) or dotted paths (``my_project.Block``) of the
+            submodules to shard; empty: every child of the root with at least ``min_params``
+            parameters (torchtitan shards each transformer block the same way).
+        min_params: see ``names``.
+    """
+    if not names:
+        return [child for child in model.children() if sum(p.numel() for p in child.parameters()) >= min_params]
+    wanted = set(names)
+    return [
+        m for m in model.modules()
+        if m is not model and (type(m).__name__ in wanted or f"{type(m).__module__}.{type(m).__qualname__}" in wanted)
+    ]  # fmt: skip
+
+
+def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) over every process of the run.
+
+    Args:
+        model: the model on this process's device (on the CPU with ``fsdp.cpu_offload``).
+        fsdp: the ``runner.fsdp`` section (:class:`igniter.config.FsdpConfig`).
+        precision: ``bf16-mixed``/``16-mixed`` compute in bfloat16/float16 and reduce gradients in
+            float32 (``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``); ``32`` in float32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(idist.device().type, (idist.get_world_size(),))
+    dtype = PRECISIONS.get(str(precision))  # the autocast dtype of trainer.precision (None: float32)
+    options: dict[str, Any] = {
+        "mesh": mesh,
+        "reshard_after_forward": fsdp.reshard_after_forward,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None),
+        "offload_policy": CPUOffloadPolicy() if fsdp.cpu_offload else OffloadPolicy(),
+    }
+    for unit in shard_units(model, list(fsdp.shard_modules), fsdp.min_params):
+        fully_shard(unit, **options)
+        unit._igniter_reshard_after_forward = fsdp.reshard_after_forward  # for evaluation_scope to restore
+    # The root keeps its parameters gathered after the forward pass (FSDP2's default for the
+    # root: the backward pass needs them at once).
+    model = fully_shard(model, **{**options, "reshard_after_forward": False})
+    model._igniter_reshard_after_forward = False
+    return model
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in unwrap_compiled(model).modules() if isinstance(m, FSDPModule)]
+
+
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without ``torch.compile``'s wrapper (``._orig_mod``)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the module ``torch.compile`` wraps) is sharded with FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap_compiled(model), FSDPModule)
+
+
+@contextlib.contextmanager
+def evaluation_scope(model: torch.nn.Module) -> Iterator[None]:
+    """Around an evaluation of a sharded model: every FSDP unit's parameters gathered once
+    (a collective every rank reaches at the same point) and kept for the whole evaluation,
+    so that ranks whose validation shards differ by a batch run no collective inside it;
+    resharded after. Nothing happens for an unsharded model."""
+    units = _fsdp_modules(model)
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(getattr(unit, "_igniter_reshard_after_forward", True), recurse=False)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module under any ``DistributedDataParallel``/``DataParallel`` (``.module``)
+    and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif unwrap_compiled(model) is not model:  # torch._dynamo's OptimizedModule
+            model = unwrap_compiled(model)
+        else:
+            return model
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool) -> ContextManager[Any]:
+    """The context a micro-batch's forward and backward run in: ``model.no_sync()`` when
+    ``model`` is DDP and ``sync`` is false (gradients accumulate locally, no all-reduce),
+    else nothing. The backward of the micro-batch run with ``sync=True`` all-reduces the
+    accumulated gradients (PyTorch's ``DistributedDataParallel.no_sync`` documentation)."""
+    if sync:
+        return contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if is_sharded(model):
+        return _no_gradient_sync(unwrap_compiled(model))
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(model: Any) -> Iterator[None]:
+    """FSDP2's ``set_requires_gradient_sync(False)``: gradients accumulate unsharded, no reduce-scatter."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) -> list[Problem]:
+    """Problems with ``runner.strategy``, ``runner.fsdp`` and ``checkpoint.format``/``async_save``.
+
+    Args:
+        cfg: the whole config.
+        world_size: the processes the runner will start.
+        cuda_here: whether the processes will have CUDA (``None``: unknown, a cluster job).
+    """
+    runner, ckpt, problems = cfg.runner, cfg.checkpoint, []
+    if runner.strategy not in ("ddp", "fsdp"):
+        problems.append(
+            Problem(
+                "runner.strategy",
+                "expected ddp (a full copy of the model per process) or fsdp (sharded, FSDP2)",
+                runner.strategy,
+            )
+        )
+    if ckpt.format not in (None, "torch", "dcp"):
+        problems.append(
+            Problem(
+                "checkpoint.format",
+                "expected torch (one file), dcp (a torch.distributed.checkpoint directory) or null",
+                ckpt.format,
+            )
+        )
+    if runner.strategy == "fsdp":
+        if world_size < 2:
+            problems.append(
+                Problem(
+                    "runner.strategy",
+                    f"fsdp shards over the processes of the run and this run has {world_size}; use runner=spawn/torchrun/slurm with 2 or more, or runner.strategy=ddp",
+                    "fsdp",
+                )
+            )
+        if ckpt.format == "torch":
+            problems.append(
+                Problem(
+                    "checkpoint.format",
+                    "runner.strategy=fsdp writes sharded checkpoints: use dcp (the default with fsdp)",
+                    "torch",
+                )
+            )
+        if runner.fsdp.cpu_offload and cuda_here is False:
+            problems.append(
+                Problem(
+                    "runner.fsdp.cpu_offload",
+                    "moves sharded parameters, gradients and optimizer state from the GPU to host memory; this run has no GPU (they are in host memory already): set it false",
+                    True,
+                )
+            )
+        if runner.fsdp.min_params < 0:
+            problems.append(
+                Problem(
+                    "runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params
+                )
+            )
+    from igniter.checkpoint.dcp import checkpoint_format  # the one rule for the default format
+
+    if ckpt.async_save and checkpoint_format(cfg) != "dcp":
+        problems.append(
+            Problem(
+                "checkpoint.async_save",
+                "needs checkpoint.format=dcp (torch-format files are already written in a background thread)",
+                True,
+            )
+        )
+    return problems
