@@ -89,7 +89,7 @@ def test_warnings_clear_the_bar_and_keep_their_display():
         bar = _live_bar(err)
         orig_stderr, sys.stderr = sys.stderr, err  # the display's default stream is stderr
         try:
-            warnings.warn("probe warning", UserWarning, stacklevel=2)
+            warnings.warn("probe warning", UserWarning)  # noqa: B028  (the test file is the location)
         finally:
             sys.stderr = orig_stderr
             bar.close()
