@@ -32,8 +32,8 @@ from igniter.build import (
     plain,
 )
 from igniter.checkpoint.files import CheckpointInvalid, check_model_state, load_checkpoint
-from igniter.checkpoint.location import checkpoint_dir
-from igniter.checkpoint.remote import fetch, is_url
+from igniter.checkpoint.location import resolve_location
+from igniter.checkpoint.remote import local_file
 from igniter.compile import compile_options
 from igniter.context import EvalContext, RunContext
 from igniter.errors import ConfigError, Problem
@@ -108,7 +108,7 @@ def load_weights(model: torch.nn.Module, source: str, sha256: str | None = None)
     Raises:
         ConfigError: the file cannot be read or downloaded, or does not fit the model.
     """
-    local = fetch(source, "model.weights", sha256) if is_url(source) else Path(source).expanduser()
+    local = local_file(source, "model.weights", sha256)
     try:
         state = load_checkpoint(local)
         if isinstance(state, dict) and isinstance(state.get("model"), dict) and "trainer" in state:
@@ -237,5 +237,5 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
         model=model, loss_fn=loss_fn, val_set=val_set, val_loader=val_loader, evaluator=evaluator,
         optimizer=optimizer, scheduler=scheduler, train_set=train_set, train_loader=train_loader, trainer=trainer,
         custom_events=[PeriodicEvents, *user_events], step_timer=step_timer, scaler=scaler,
-        checkpoint_dir=checkpoint_dir(cfg, output_dir),
+        checkpoints=resolve_location(cfg, output_dir),
     )  # fmt: skip

@@ -123,9 +123,9 @@ class RunContext(EvalContext):
     custom_events: list = field(default_factory=list)
     step_timer: StepTimer = field(default_factory=StepTimer)  # data / step time of the trainer
     scaler: torch.amp.GradScaler | None = None  # the loss scaler (enabled with trainer.precision=16-mixed)
-    #: ``checkpoint.dir`` resolved once at start (:func:`igniter.checkpoint.location.checkpoint_dir`): a local
-    #: ``Path``, or an fsspec URL (a ``str``) for object storage; ``<output_dir>/checkpoints`` when unset.
-    checkpoint_dir: str | Path = Path("checkpoints")
+    #: Where the checkpoints live and their format, resolved once at start: an
+    #: :class:`igniter.checkpoint.location.CheckpointLocation` (``root``, ``format``).
+    checkpoints: Any = None
     status: RunStatus = field(init=False)
 
     def __post_init__(self) -> None:

@@ -28,90 +28,18 @@ import gc
 import importlib.resources
 import json
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import ignite.distributed as idist
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from igniter.checkpoint.weights import model_state, read_weights
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
 from igniter.parallel.strategy import evaluation_scope, is_sharded, unwrap_compiled, unwrap_model
 
 __all__ = ["model_state", "read_weights", "evaluate", "eval_main", "export_main"]
-
-
-def model_state(ckpt: Any) -> Mapping[str, torch.Tensor]:
-    """The model's state dict inside a checkpoint: ``ckpt["model"]`` for ``last_*`` files,
-    the file itself for ``best_model_*`` files (Ignite stores a single object unwrapped).
-
-    Raises:
-        ValueError: ``ckpt`` holds no model weights (the message reads after the file name).
-    """
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"holds a {type(ckpt).__name__}, not model weights")
-    if "model" in ckpt and isinstance(ckpt["model"], Mapping):
-        return ckpt["model"]
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt
-    raise ValueError(f"has no model weights (entries: {', '.join(map(str, ckpt)) or 'none'})")
-
-
-def read_weights(path: Path) -> Mapping[str, torch.Tensor]:
-    """The model weights in checkpoint ``path``, loaded safely (no code from the file runs):
-    a ``.pt`` file, or a ``checkpoint.format=dcp`` directory read whole in this process
-    (:func:`igniter.checkpoint.dcp.dcp_model_state`, every shard consolidated).
-
-    Raises:
-        CheckpointInvalid: the file cannot be opened, is not a PyTorch checkpoint, holds pickled
-            objects, or has no model weights; the directory has no readable ``.metadata`` or
-            damaged data; the message reads after the path (:func:`igniter.checkpoint.resume.load_checkpoint`).
-    """
-    from igniter.checkpoint.resume import CheckpointInvalid, load_checkpoint
-
-    if path.is_dir():
-        return _read_dcp_weights(path)
-    try:
-        return model_state(load_checkpoint(path))
-    except ValueError as e:
-        raise CheckpointInvalid(str(e)) from None
-
-
-def _read_dcp_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The full model weights of DCP directory ``path``, its ``.metadata`` checked first."""
-    from torch.distributed.checkpoint.api import CheckpointException  # and DCP's metadata classes importable by name
-
-    from igniter.checkpoint.dcp import check_metadata, dcp_model_state
-    from igniter.checkpoint.resume import CheckpointInvalid
-
-    incomplete = "is not a complete distributed checkpoint"
-    try:
-        check_metadata(path)
-    except OSError as e:
-        raise CheckpointInvalid(
-            f"{incomplete} (no readable .metadata: {e.strerror or e}; an interrupted write?)"
-        ) from None
-    except Exception as e:
-        raise CheckpointInvalid(
-            f"{incomplete} ({e})"
-            if "nothing from it was run" in str(e)
-            else f"{incomplete} (damaged .metadata: {type(e).__name__})"
-        ) from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized, assuming ... a single process"
-            return dcp_model_state(path)
-    except ValueError as e:
-        raise CheckpointInvalid(str(e)) from None
-    except (
-        Exception,
-        CheckpointException,
-    ) as e:  # a missing or truncated data file (CheckpointException: a traceback per rank)
-        detail = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-        raise CheckpointInvalid(
-            f"{incomplete} (its data cannot be read: {detail.split('. This is an internal miniz error')[0][:200]})"
-        ) from None
 
 
 def _checkpoint_error(path: Path | str, error: Exception, header: str) -> ConfigError:
@@ -119,20 +47,11 @@ def _checkpoint_error(path: Path | str, error: Exception, header: str) -> Config
 
 
 def _locate(target: Path) -> tuple[Path, Path]:
-    """``(run dir, checkpoint)`` for a run directory or a checkpoint (file or ``.dcp`` directory) inside one."""
-    from igniter.checkpoint.resume import checkpoint_files
+    """``(run dir, local checkpoint)`` for a run directory (its newest checkpoint, downloaded once
+    when the run's checkpoints are in object storage) or a checkpoint inside one."""
+    from igniter.checkpoint.location import find_in_run
 
-    if target.is_dir() and target.suffix != ".dcp":
-        files = checkpoint_files(target / "checkpoints")
-        if not files:
-            raise ConfigError(
-                [Problem("run", f"no last_checkpoint_*.pt or .dcp in {target / 'checkpoints'}", str(target))],
-                "cannot evaluate",
-            )
-        return target, files[0]
-    if target.exists():  # a .pt file or a .dcp directory
-        return target.parent.parent, target
-    raise ConfigError([Problem("run", "no such run directory or checkpoint file", str(target))], "cannot evaluate")
+    return find_in_run(target)
 
 
 def _apply_choice(cfg: DictConfig, schema: DictConfig, group: str, choice: str) -> None:
@@ -169,7 +88,7 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
     Raises:
         ConfigError: no ``config.yaml`` in ``run_dir``, a bad override, an invalid config.
     """
-    from igniter.checkpoint.dcp import checkpoint_format
+    from igniter.checkpoint.location import default_format
     from igniter.compose import config_groups as _config_groups
     from igniter.compose import plain_config
     from igniter.config import IgniterConfig
@@ -219,7 +138,7 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
         and make_runner(cfg.runner).world_size == 1
     ):
         cfg.checkpoint.format, cfg.runner.strategy = (
-            checkpoint_format(cfg),
+            default_format(cfg),
             "ddp",
         )  # trained sharded, evaluated whole in one process
     problems = validate(cfg)

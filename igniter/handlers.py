@@ -9,8 +9,8 @@ attached to the event named in ``handlers[i].event``. Example config::
       - name: log_state
         event: "ITERATION_COMPLETED(every=100) | EPOCH_COMPLETED(once=2)"
 
-The standard handlers every run gets (progress, metrics record, checkpoints)
-are wired by the ``attach_*`` functions below; all are Ignite handlers.
+The standard handlers every run gets (progress, throughput, NaN guard) are wired by the
+``attach_*`` functions below; checkpoints by :mod:`igniter.checkpoint.attach`. All are Ignite handlers.
 """
 
 from __future__ import annotations
@@ -19,23 +19,17 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar, TerminateOnNan, global_step_from_engine
+from ignite.handlers import EarlyStopping, ProgressBar, TerminateOnNan
 
-from igniter.checkpoint.dcp import ModelState, OptimizerState, checkpoint_format, dcp_saver
-from igniter.checkpoint.remote import is_url
-from igniter.checkpoint.resume import TrainerState
 from igniter.compile import compile_options, compile_time_s
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
-from igniter.parallel.strategy import unwrap_model
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
-from igniter.registry import event_handler_registry, io_registry
-from igniter.supervision.progress import checkpoint_phase
+from igniter.registry import event_handler_registry
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
@@ -47,11 +41,10 @@ __all__ = [
     "MetricsRecord",
     "attach_progress",
     "attach_throughput",
-    "attach_checkpoints",
     "attach_nan_guard",
     "loss_of",
-    "flush_checkpoints",
-    "save_now",
+    "any_rank",
+    "nonfinite_loss",
 ]
 
 logger = logging.getLogger("igniter")
@@ -175,7 +168,7 @@ def attach_throughput(ctx: RunContext) -> None:
         status.samples_per_s = samples / seconds if seconds > 0 else math.nan
 
 
-def _any_rank(flag: bool | torch.Tensor) -> bool:
+def any_rank(flag: bool | torch.Tensor) -> bool:
     """``flag`` on any rank (an ``all_reduce``: every rank must call it at the same point)."""
     if idist.get_world_size() == 1:
         return bool(flag)
@@ -183,7 +176,7 @@ def _any_rank(flag: bool | torch.Tensor) -> bool:
     return bool(idist.all_reduce(value.to(idist.device()), op="MAX"))
 
 
-def _nonfinite_loss(output: Any) -> torch.Tensor | bool:
+def nonfinite_loss(output: Any) -> torch.Tensor | bool:
     """Whether the step's loss is NaN/inf: a bool, or a 0-d bool tensor on the loss's GPU (no sync)."""
     loss = loss_of(output)
     if isinstance(loss, torch.Tensor):
@@ -205,7 +198,7 @@ def attach_nan_guard(ctx: RunContext) -> None:
 
     @ctx.trainer.on(PeriodicEvents.CHECK_LOSS)
     def _check(engine: Engine) -> None:
-        if status.diverged is None and _any_rank(_nonfinite_loss(engine.state.output)):
+        if status.diverged is None and any_rank(nonfinite_loss(engine.state.output)):
             loss = scalar(loss_of(engine.state.output))
             status.diverged = (engine.state.iteration, loss)
             logger.error(
@@ -215,143 +208,3 @@ def attach_nan_guard(ctx: RunContext) -> None:
                 CHECK_LOSS_EVERY,
             )
             engine.terminate()
-
-
-def _guarded(save: Checkpoint, ctx: RunContext) -> Callable[[Engine], None]:
-    """Call ``save`` unless the run has diverged or the current loss is not finite on
-    any rank (the NaN guard may read the flag only every few steps): a NaN state
-    never overwrites a good checkpoint. Every rank reaches the same decision."""
-
-    trainer = ctx.trainer
-
-    def handler(engine: Engine) -> None:
-        if ctx.status.diverged is None and not _any_rank(_nonfinite_loss(trainer.state.output)):
-            with checkpoint_phase(ctx.checkpoint_dir):  # bytes written are progress for the watchdog
-                save(engine)
-
-    return handler
-
-
-def _epoch_end(engine: Engine) -> bool:
-    """Whether the iteration just completed ends an epoch. Iteration-based checkpoints skip it:
-    the epoch's checkpoint comes at EPOCH_COMPLETED, after its validation. Taken here, before
-    the validation, a kill in between resumed at the next epoch without that epoch's row in
-    metrics.json (and without its best-checkpoint and early-stopping decisions)."""
-    length = engine.state.epoch_length
-    return bool(length) and engine.state.iteration % length == 0
-
-
-def _every_iterations(n: int) -> Callable[[Engine, int], bool]:
-    """Event filter: every ``n`` iterations, except at the end of an epoch (:func:`_epoch_end`)."""
-    return lambda engine, iteration: iteration % n == 0 and not _epoch_end(engine)
-
-
-def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
-    """Event filter: ``True`` when ``seconds`` have passed since it last said ``True``.
-
-    Rank 0's clock decides and the decision is broadcast, so every rank saves at
-    the same iteration (taking a checkpoint is collective).
-    """
-    last = {"t": time.monotonic()}
-
-    def event_filter(engine: Engine, event: int) -> bool:
-        if event % 10 or _epoch_end(engine):
-            return False
-        due = time.monotonic() - last["t"] >= seconds
-        if idist.get_world_size() > 1:
-            due = bool(idist.broadcast(torch.tensor(int(due)), src=0).item())
-        if due:
-            last["t"] = time.monotonic()
-        return due
-
-    return event_filter
-
-
-def flush_checkpoints(checkpointer: Checkpoint) -> None:
-    """Wait until the checkpoints taken so far are on disk (savers that write in the
-    background have ``flush()``, e.g. :class:`igniter.checkpoint.saver.AtomicDiskSaver`)."""
-    flush = getattr(checkpointer.save_handler, "flush", None)
-    if flush is not None:
-        flush()
-
-
-def save_now(checkpointer: Checkpoint) -> Callable[[Engine], None]:
-    """A handler that takes a checkpoint and returns once it is on disk (before a requeue)."""
-
-    def save(engine: Engine) -> None:
-        checkpointer(engine)
-        flush_checkpoints(checkpointer)
-
-    return save
-
-
-def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
-    """Ignite ``Checkpoint``s through the io-registry saver ``checkpoint.saver`` into
-    ``<run dir>/checkpoints`` (contents: :mod:`igniter.checkpoint.resume`).
-
-    Keeps the last ``checkpoint.n_saved`` (``last_checkpoint_<iteration>.pt``) and
-    the ``checkpoint.n_best`` best by ``evaluation.monitor``
-    (``best_model_<iteration>_<metric>=<value>.pt``). Every rank must call this
-    (taking a checkpoint gathers every rank's RNG state); only rank 0 writes, except
-    with ``checkpoint.format=dcp`` (``.dcp`` directories every rank writes its shards to,
-    :mod:`igniter.checkpoint.dcp`).
-
-    Returns:
-        The objects a resume loads into (``Checkpoint.load_objects``), empty when
-        checkpoints are disabled.
-    """
-    cfg = ctx.cfg.checkpoint
-    if not cfg.enabled:
-        return {}
-    step = global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED)
-    model: Any = unwrap_model(ctx.model)  # keys without DDP's "module." or torch.compile's "_orig_mod."
-    optimizer: Any = ctx.optimizer
-    directory = ctx.checkpoint_dir
-    if checkpoint_format(ctx.cfg) == "dcp":  # a directory per checkpoint, every rank writes its shards
-        saver: Any = dcp_saver(cfg, Path(directory))
-        model, optimizer = ModelState(model), OptimizerState(model, ctx.optimizer)
-        names = {
-            "last": "{filename_prefix}_{name}_{global_step}.dcp",
-            "best": "{filename_prefix}_{name}_{global_step}_{score_name}={score}.dcp",
-        }
-    else:
-        # The default saver writes to local disk; for a URL, the object-store one (igniter.checkpoint.object_store).
-        name = "object_store" if is_url(directory) and cfg.saver == "disk" else cfg.saver
-        saver = io_registry.get(name, "checkpoint.saver")(str(directory))
-        names = {"last": None, "best": None}
-    to_save: dict[str, Any] = {"model": model, "optimizer": optimizer, "trainer": TrainerState(ctx.trainer)}
-    if ctx.scheduler is not None:
-        to_save["lr_scheduler"] = ctx.scheduler
-    if ctx.scaler is not None and ctx.scaler.is_enabled():
-        to_save["scaler"] = ctx.scaler
-    monitor = ctx.cfg.evaluation.monitor
-    if ctx.evaluator is not None and monitor and cfg.n_best > 0:
-        sign = 1.0 if ctx.cfg.evaluation.mode == "max" else -1.0
-        best = Checkpoint(
-            {"model": model},
-            saver,
-            filename_prefix="best",
-            n_saved=cfg.n_best,
-            score_function=Checkpoint.get_default_score_fn(monitor, sign),
-            score_name=monitor,
-            global_step_transform=step,
-            filename_pattern=names["best"],
-        )
-        ctx.evaluator.add_event_handler(Events.COMPLETED, _guarded(best, ctx))
-        to_save["best_checkpointer"] = best
-    last = Checkpoint(
-        to_save,
-        saver,
-        filename_prefix="last",
-        n_saved=cfg.n_saved,
-        global_step_transform=step,
-        include_self=True,
-        filename_pattern=names["last"],
-    )
-    event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
-    if cfg.every_iterations:
-        event = event | Events.ITERATION_COMPLETED(event_filter=_every_iterations(cfg.every_iterations))
-    if cfg.every_seconds:
-        event = event | Events.ITERATION_COMPLETED(event_filter=_seconds_elapsed(cfg.every_seconds))
-    ctx.trainer.add_event_handler(event, _guarded(last, ctx))
-    return {**to_save, "checkpointer": last}

@@ -23,19 +23,13 @@ from omegaconf import DictConfig
 
 from igniter.assemble import build_training
 from igniter.build import call_with
+from igniter.checkpoint.attach import attach_checkpoints, flush_checkpoints, save_now
 from igniter.checkpoint.resume import continue_record, resume_hint, resume_run
 from igniter.console import close_bars, setup_logging
 from igniter.context import RunContext
 from igniter.errors import Interrupted, TrainingDiverged
 from igniter.events import PeriodicEvents, fire_periodic_events, parse_event
-from igniter.handlers import (
-    attach_checkpoints,
-    attach_nan_guard,
-    attach_progress,
-    attach_throughput,
-    flush_checkpoints,
-    save_now,
-)
+from igniter.handlers import attach_nan_guard, attach_progress, attach_throughput
 from igniter.launch.runners import make_runner
 from igniter.launch.signals import interrupt_once
 from igniter.parallel.strategy import evaluation_scope
@@ -130,7 +124,7 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
         finally:
             close_bars()
             if checkpointer is not None:
-                with checkpoint_phase(ctx.checkpoint_dir):
+                with checkpoint_phase(ctx.checkpoints.root):
                     flush_checkpoints(checkpointer)
         # record
         summary = _record(ctx, record, interrupted, time.perf_counter() - start, profiler, telemetry)

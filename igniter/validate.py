@@ -32,8 +32,8 @@ from igniter.build import (
     plain,
     scheduler_factory,
 )
-from igniter.checkpoint.remote import is_url, storage_problems
-from igniter.checkpoint.resume import resume_mode
+from igniter.checkpoint.location import config_problems as checkpoint_config_problems
+from igniter.checkpoint.remote import storage_problems
 from igniter.compile import compile_problems
 from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, PeriodicEvents, parse_event
@@ -336,9 +336,7 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
     c.problems += accumulation_problems(cfg.trainer.accumulate_grad_batches, cfg.data.loader.batch_size, world_size)
     c.problems += compile_problems(cfg.trainer.compile, cuda_here)
     c.problems += strategy_problems(cfg, world_size, cuda_here)
-    resume = resume_mode(cfg.resume)
-    if resume not in (None, "auto") and not is_url(resume) and not os.path.isfile(resume):
-        c.add("resume", "expected 'auto', false, the path of an existing checkpoint file or its URL", cfg.resume)
+    c.problems += checkpoint_config_problems(cfg)
     c.problems += storage_problems(cfg)
     if here:  # a cluster job's directory may live on a file system this machine does not see
         _check_output_dir(c, cfg.output_dir)

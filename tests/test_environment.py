@@ -1,5 +1,5 @@
 """The launch environment in one module (igniter.launch.environment), scheduler
-signals in igniter.launch.signals, and no import cycle inside igniter.distributed.
+signals in igniter.launch.signals, and no import cycle inside igniter.launch.
 
 Detection tests pass the environment as a dict: os.environ is never touched.
 """
@@ -34,7 +34,7 @@ LAUNCHER_VARIABLE = re.compile(
     r"|MASTER_ADDR|MASTER_PORT"
 )
 
-#: Modules of igniter/distributed that may name those variables.
+#: Modules of igniter/launch that may name those variables.
 READERS = {"launch/environment.py"}  # one class per launcher; no other module needs an exception
 
 
@@ -66,13 +66,13 @@ def launcher_variable_uses(root: Path = PACKAGE) -> dict[str, list[str]]:
     return uses
 
 
-def test_no_module_outside_distributed_reads_launcher_variables():
-    outside = {f: u for f, u in launcher_variable_uses().items() if not f.startswith("distributed/")}
+def test_no_module_outside_launch_reads_launcher_variables():
+    outside = {f: u for f, u in launcher_variable_uses().items() if not f.startswith("launch/")}
     assert outside == {}, "ask igniter.launch.environment instead"
 
 
-def test_inside_distributed_only_environment_reads_launcher_variables():
-    inside = {f: u for f, u in launcher_variable_uses().items() if f.startswith("distributed/") and f not in READERS}
+def test_inside_launch_only_environment_reads_launcher_variables():
+    inside = {f: u for f, u in launcher_variable_uses().items() if f.startswith("launch/") and f not in READERS}
     assert inside == {}, "ask igniter.launch.environment instead"
 
 

@@ -194,3 +194,22 @@ def test_an_upward_import_breaks_the_layers_contract(tmp_path):
     result = _lint_imports(tmp_path, env)
     assert result.returncode != 0
     assert "igniter.errors -> igniter.cli" in result.stdout, result.stdout[-3000:]
+
+
+#: What decides "local or remote?" and "which format?" for a checkpoint: only igniter/checkpoint/ may.
+_CHECKPOINT_DECISIONS = ("is_url(", "checkpoint_kind(", "checkpoint_format(", '== "dcp"', '!= "dcp"', '"dcp" if')
+
+
+def test_only_the_checkpoint_package_decides_where_and_in_which_format():
+    """Outside ``igniter/checkpoint/`` code asks a ``CheckpointLocation`` (``in_object_store``,
+    ``sharded``) and never tests a path's scheme, whether a checkpoint is a directory, or the format."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.is_relative_to(PACKAGE / "checkpoint"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if any(d in code for d in _CHECKPOINT_DECISIONS) or ("is_dir()" in code and "checkpoint" in code.lower()):
+                found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)
+    assert any("is_url(" in p.read_text() for p in (PACKAGE / "checkpoint").glob("*.py")), "the grep sees nothing"

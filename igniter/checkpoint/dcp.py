@@ -49,7 +49,6 @@ from igniter.errors import ConfigError, Problem
 from igniter.registry import io_registry
 
 __all__ = [
-    "checkpoint_format",
     "dcp_saver",
     "check_metadata",
     "check_dcp",
@@ -62,12 +61,6 @@ __all__ = [
     "read_dcp",
     "dcp_model_state",
 ]
-
-
-def checkpoint_format(cfg: Any) -> str:
-    """``checkpoint.format`` of the whole config ``cfg``: as set, else ``dcp`` with
-    ``runner.strategy=fsdp`` and ``torch`` (one file, rank 0 writes) with ``ddp``."""
-    return cfg.checkpoint.format or ("dcp" if cfg.runner.strategy == "fsdp" else "torch")
 
 
 #: Entries of a checkpoint that DCP writes; the others go to ``extra.pt``.

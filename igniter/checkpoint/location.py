@@ -1,19 +1,174 @@
-"""Where a run's checkpoints live: ``checkpoint.dir`` resolved once, when the run starts."""
+"""Where a run's checkpoints live and in which format, resolved once when the run starts.
+
+A :class:`CheckpointLocation` is the one answer to "local disk or object storage?" and
+"one ``torch`` file or a ``dcp`` directory?": code outside :mod:`igniter.checkpoint` asks it,
+and never looks at a path's scheme or whether a checkpoint is a directory.
+
+The format (``checkpoint.format``) is, in this order: the one the config sets; when the run
+resumes with ``runner.strategy=ddp``, the format of the checkpoint it resumes from (a ``fsdp``
+run resumed by one process continues its ``dcp`` checkpoints); else ``dcp`` with
+``runner.strategy=fsdp`` and ``torch`` with ``ddp``.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from igniter.checkpoint.files import checkpoint_files
 from igniter.checkpoint.remote import is_url
+from igniter.errors import ConfigError, Problem
 
-__all__ = ["checkpoint_dir"]
+__all__ = [
+    "FORMATS",
+    "CheckpointLocation",
+    "checkpoint_kind",
+    "config_problems",
+    "default_format",
+    "find_in_run",
+    "resolve_location",
+    "resume_mode",
+]
+
+#: ``checkpoint.format`` values: one file rank 0 writes, or a directory every rank writes its shards to.
+FORMATS = ("torch", "dcp")
 
 
-def checkpoint_dir(cfg: Any, output_dir: Path) -> str | Path:
-    """``checkpoint.dir`` of ``cfg``: a local ``Path`` (``~`` expanded), or an fsspec URL (a
-    ``str`` without a trailing ``/``) for object storage; ``<output_dir>/checkpoints`` when unset."""
+@dataclass(frozen=True)
+class CheckpointLocation:
+    """Where a run's checkpoints go and how they are written.
+
+    Attributes:
+        root: a local directory (``Path``), or an fsspec URL without a trailing ``/`` (``str``).
+        format: ``"torch"`` (``last_checkpoint_<iteration>.pt``) or ``"dcp"`` (``.dcp`` directories).
+    """
+
+    root: Path | str
+    format: str = "torch"
+
+    @property
+    def in_object_store(self) -> bool:
+        """Whether the checkpoints are objects behind a URL (``s3://...``) rather than local files."""
+        return isinstance(self.root, str)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether every rank writes its own shards (``dcp``) rather than rank 0 one file."""
+        return self.format == "dcp"
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+
+def resume_mode(value: Any) -> str | None:
+    """Normalize ``cfg.resume``: ``"auto"``, a path or URL, or ``None`` (off: ``false``/``null``/``none``)."""
+    if value is None or value is False or str(value).lower() in ("false", "none", "null", "no", "off", ""):
+        return None
+    return str(value)
+
+
+def checkpoint_kind(path: Path | str) -> str:
+    """The format of checkpoint ``path``: ``"dcp"`` for a local directory, else ``"torch"``
+    (a file, or an object in a store: stores hold ``torch`` checkpoints)."""
+    return "dcp" if not is_url(path) and Path(path).is_dir() else "torch"
+
+
+def default_format(cfg: Any) -> str:
+    """``checkpoint.format`` as set, else ``dcp`` with ``runner.strategy=fsdp`` and ``torch`` with ``ddp``."""
+    return cfg.checkpoint.format or ("dcp" if cfg.runner.strategy == "fsdp" else "torch")
+
+
+def _root(cfg: Any, output_dir: Path) -> Path | str:
     where = cfg.checkpoint.get("dir")
     if not where:
         return Path(output_dir) / "checkpoints"
     return str(where).rstrip("/") if is_url(where) else Path(str(where)).expanduser()
+
+
+def _format_resumed_from(cfg: Any, root: Path | str) -> str | None:
+    """The format of the checkpoint a resume would start from, when one exists locally."""
+    mode = resume_mode(cfg.get("resume"))
+    if mode is None or is_url(mode) or isinstance(root, str) and mode == "auto":
+        return None  # stores hold torch checkpoints: the default rule decides
+    if mode != "auto":
+        return checkpoint_kind(mode) if Path(mode).exists() else None
+    newest = checkpoint_files(Path(root))[:1]
+    return checkpoint_kind(newest[0]) if newest else None
+
+
+def resolve_location(cfg: Any, output_dir: Path) -> CheckpointLocation:
+    """Where the checkpoints of the run configured by ``cfg`` live, and their format.
+
+    Args:
+        cfg: the whole config (``checkpoint.dir``, ``checkpoint.format``, ``resume``, ``runner.strategy``).
+        output_dir: the run directory (``<output_dir>/checkpoints`` when ``checkpoint.dir`` is unset).
+    """
+    root = _root(cfg, output_dir)
+    if cfg.checkpoint.format or cfg.runner.strategy == "fsdp":  # fsdp writes shards: dcp whatever was there
+        return CheckpointLocation(root, default_format(cfg))
+    fmt = _format_resumed_from(cfg, root) or default_format(cfg)
+    return CheckpointLocation(root, fmt)
+
+
+def config_problems(cfg: Any) -> list[Problem]:
+    """Problems with ``checkpoint.format``, ``checkpoint.async_save`` and ``resume`` (nothing contacted)."""
+    ckpt, problems = cfg.checkpoint, []
+    if ckpt.format not in (None, *FORMATS):
+        expected = "expected torch (one file), dcp (a torch.distributed.checkpoint directory) or null"
+        problems.append(Problem("checkpoint.format", expected, ckpt.format))
+    elif cfg.runner.strategy == "fsdp" and ckpt.format == "torch":
+        why = "runner.strategy=fsdp writes sharded checkpoints: use dcp (the default with fsdp)"
+        problems.append(Problem("checkpoint.format", why, "torch"))
+    if ckpt.async_save and default_format(cfg) != "dcp":
+        why = "needs checkpoint.format=dcp (torch-format files are already written in a background thread)"
+        problems.append(Problem("checkpoint.async_save", why, True))
+    if is_url(ckpt.get("dir")) and default_format(cfg) == "dcp":
+        why = "checkpoint.format=dcp (runner.strategy=fsdp) is written to a file system only: give a path on a shared file system"
+        problems.append(Problem("checkpoint.dir", why, ckpt.get("dir")))
+    resume = resume_mode(cfg.resume)
+    if resume not in (None, "auto") and not is_url(resume) and not os.path.isfile(resume):
+        expected = "expected 'auto', false, the path of an existing checkpoint file or its URL"
+        problems.append(Problem("resume", expected, cfg.resume))
+    return problems
+
+
+def _run_location(run_dir: Path) -> CheckpointLocation:
+    """Where the run in ``run_dir`` wrote its checkpoints (its ``config.yaml``'s ``checkpoint.dir``)."""
+    from omegaconf import OmegaConf
+
+    config = run_dir / "config.yaml"
+    where = OmegaConf.select(OmegaConf.load(config), "checkpoint.dir") if config.is_file() else None
+    if where and is_url(where):
+        return CheckpointLocation(str(where).rstrip("/"))
+    return CheckpointLocation(Path(str(where)).expanduser() if where else run_dir / "checkpoints")
+
+
+def find_in_run(target: Path) -> tuple[Path, Path]:
+    """``(run dir, local checkpoint)`` for ``target``: a run directory (its newest
+    ``last_checkpoint_*``, from object storage when the run's ``checkpoint.dir`` is a URL:
+    downloaded once into the cache, SHA-256 checked against its manifest) or a checkpoint (a
+    ``.pt`` file or ``.dcp`` directory) inside ``<run dir>/checkpoints``.
+
+    Raises:
+        ConfigError: no such run or checkpoint, or the run has no complete checkpoint.
+    """
+    if target.is_dir() and target.suffix != ".dcp":
+        location = _run_location(target)
+        if location.in_object_store:
+            from igniter.checkpoint.object_store import complete_checkpoints
+            from igniter.checkpoint.remote import fetch, open_store
+
+            newest = [name for name, _ in complete_checkpoints(*open_store(str(location.root)))][:1]
+            if newest:
+                return target, fetch(f"{location.root}/{newest[0]}", "checkpoint")
+        else:
+            files = checkpoint_files(Path(location.root))
+            if files:
+                return target, files[0]
+        why = f"no last_checkpoint_*.pt or .dcp in {location.root}"
+        raise ConfigError([Problem("run", why, str(target))], "cannot evaluate")
+    if target.exists():  # a .pt file or a .dcp directory
+        return target.parent.parent, target
+    raise ConfigError([Problem("run", "no such run directory or checkpoint file", str(target))], "cannot evaluate")

@@ -20,7 +20,15 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from igniter.checkpoint.remote import MANIFEST_SUFFIX, DigestMismatch, fetched, one_line, open_store, sha256_of
+from igniter.checkpoint.remote import (
+    MANIFEST_SUFFIX,
+    DigestMismatch,
+    fetch,
+    one_line,
+    open_store,
+    resume_cache,
+    sha256_of,
+)
 from igniter.checkpoint.saver import AtomicDiskSaver
 from igniter.errors import CheckpointWriteFailed, ConfigError, Problem
 from igniter.registry import io_registry
@@ -92,7 +100,8 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
 
     ``resume``: ``"auto"`` (the newest complete checkpoint under ``url`` that ``check`` accepts;
     invalid newer ones are reported and skipped; ``(None, None)`` when there is none) or one
-    checkpoint's URL. ``check(local copy)`` reads and checks a downloaded copy (deleted after).
+    checkpoint's URL. ``check(local copy)`` reads and checks a downloaded copy, kept in
+    :func:`~igniter.checkpoint.remote.resume_cache` for the other ranks of this host when chosen.
 
     Raises:
         ConfigError: the store cannot be reached or read (a read failure never falls back to an
@@ -107,13 +116,16 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
         candidates = [f"{url}/{name}" for name, _ in complete_checkpoints(fs, root)]
     problems = []
     for candidate in candidates:
+        local = None
         try:
-            with fetched(candidate, "resume") as local:
-                return candidate, check(local)
+            local = fetch(candidate, "resume", into=resume_cache())  # kept for this host's other ranks
+            return candidate, check(local)
         except (
             CheckpointInvalid,
             DigestMismatch,
         ) as e:  # a store that cannot be read is no reason to take an older one
+            if local is not None:
+                local.unlink(missing_ok=True)
             reason = f"it {e}" if isinstance(e, CheckpointInvalid) else "; ".join(p.expected for p in e.problems)
             if resume != "auto":
                 raise ConfigError([Problem("resume", f"{candidate}: {reason}", resume)], "cannot resume") from None

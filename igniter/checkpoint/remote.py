@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from igniter.errors import ConfigError, Problem
+
+logger = logging.getLogger("igniter")
 
 __all__ = [
     "MANIFEST_SUFFIX",
@@ -31,7 +35,10 @@ __all__ = [
     "one_line",
     "sha256_of",
     "cache_dir",
+    "cached_copy",
     "fetch",
+    "resume_cache",
+    "local_file",
     "fetched",
 ]
 
@@ -95,18 +102,8 @@ def url_problems(key: str, url: Any) -> list[Problem]:
 def storage_problems(cfg: Any) -> list[Problem]:
     """``checkpoint.dir``, ``resume`` and ``model.weights``/``weights_sha256`` checked without
     contacting any store (:func:`url_problems`; a local weights file must exist)."""
-    from igniter.checkpoint.dcp import checkpoint_format
-
     directory, weights, digest = cfg.checkpoint.get("dir"), cfg.model.get("weights"), cfg.model.get("weights_sha256")
     problems = url_problems("checkpoint.dir", directory) + url_problems("resume", cfg.resume)
-    if is_url(directory) and checkpoint_format(cfg) == "dcp":
-        problems.append(
-            Problem(
-                "checkpoint.dir",
-                "checkpoint.format=dcp (runner.strategy=fsdp) is written to a file system only: give a path on a shared file system",
-                directory,
-            )
-        )
     if weights and not is_url(weights) and not os.path.isfile(os.path.expanduser(str(weights))):
         problems.append(Problem("model.weights", "file does not exist (expected a weights file or its URL)", weights))
     problems += url_problems("model.weights", weights)
@@ -206,14 +203,28 @@ def _expected_sha256(fs: Any, path: str) -> str | None:
         return None
 
 
-def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True) -> Path:
+def resume_cache() -> Path:
+    """Where a checkpoint being resumed from object storage is downloaded: one copy per host
+    (:func:`cache_dir` ``/resume/<host name>``: a cache directory on a shared file system
+    still gets one copy per host), read by every rank of that host, then deleted."""
+    return cache_dir() / "resume" / socket.gethostname()
+
+
+def cached_copy(url: str, into: Path | None = None) -> Path:
+    """Where :func:`fetch` keeps its copy of ``url`` under ``into`` (default: the downloads cache)."""
+    folder = into if into is not None else cache_dir() / "downloads"
+    return folder / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True, into: Path | None = None) -> Path:
     """A local copy of ``url``, its SHA-256 checked.
 
     The expected digest is ``sha256`` when given, else the one in a manifest beside the object
     (igniter's checkpoints); the digest of a download is recorded beside the cached file and
     checked again each time the cache is used (a damaged cache file is downloaded again).
-    With ``cached``, the copy is kept under :func:`cache_dir` ``/downloads`` (named after the
-    URL); without, it is a temporary file the caller deletes.
+    With ``cached``, the copy is kept under ``into`` (default :func:`cache_dir` ``/downloads``),
+    named after the URL; without, it is a temporary file the caller deletes. Each download is
+    logged (``downloaded <url> (<bytes> bytes)``).
 
     Args:
         url: an fsspec URL (``s3://``, ``https://``, ...).
@@ -227,7 +238,7 @@ def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True) ->
     fs, path = open_store(url, key)
     expected = (sha256 or _expected_sha256(fs, path) or "").lower() or None
     if cached:
-        target = cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{Path(path).name}"
+        target = cached_copy(url, into)
         record = target.with_name(target.name + ".sha256")
         if target.is_file() and record.is_file():
             recorded = record.read_text().strip()
@@ -238,6 +249,7 @@ def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True) ->
     try:
         with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as src:
             digest = _copy(src, out)
+        logger.info("downloaded %s (%d bytes)", url, os.path.getsize(tmp))
         if expected is not None and digest != expected:
             raise DigestMismatch(
                 [
@@ -270,6 +282,12 @@ def _copy(src: BinaryIO, out: BinaryIO) -> str:
         digest.update(chunk)
         out.write(chunk)
     return digest.hexdigest()
+
+
+def local_file(source: str | Path, key: str, sha256: str | None = None) -> Path:
+    """``source`` as a local path: a URL downloaded once into the cache (:func:`fetch`), a
+    local path with ``~`` expanded (not checked)."""
+    return fetch(str(source), key, sha256) if is_url(source) else Path(str(source)).expanduser()
 
 
 @contextmanager

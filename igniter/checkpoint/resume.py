@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
-from igniter.checkpoint.dcp import checkpoint_format, read_dcp
+from igniter.checkpoint.dcp import read_dcp
 
 # Reading and checking the files is checkpoint_files' job; the names stay importable from here.
 from igniter.checkpoint.files import (
@@ -57,8 +57,9 @@ from igniter.checkpoint.files import (
     checkpoint_iteration,
     load_checkpoint,
 )
+from igniter.checkpoint.location import checkpoint_kind, resume_mode
 from igniter.checkpoint.object_store import complete_checkpoints, select_from_store
-from igniter.checkpoint.remote import fetched, is_url, open_store
+from igniter.checkpoint.remote import cached_copy, fetch, is_url, open_store, resume_cache
 from igniter.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -73,7 +74,6 @@ __all__ = [
     "check_model_state",
     "load_checkpoint",
     "select_checkpoint",
-    "resume_mode",
     "resume_run",
     "continue_record",
     "resume_hint",
@@ -155,16 +155,9 @@ class TrainerState:
             )  # fmt: skip
 
 
-def resume_mode(value: Any) -> str | None:
-    """Normalize ``cfg.resume``: ``"auto"``, a path, or ``None`` (off: ``false``/``null``/``none``)."""
-    if value is None or value is False or str(value).lower() in ("false", "none", "null", "no", "off", ""):
-        return None
-    return str(value)
-
-
 def _check(path: Path, model: torch.nn.Module, required: tuple[str, ...], fmt: str) -> dict[str, Any]:
     """:func:`check_checkpoint`, and the file's kind against ``checkpoint.format``."""
-    kind = "dcp" if path.is_dir() else "torch"
+    kind = checkpoint_kind(path)
     if kind != fmt:
         raise CheckpointInvalid(
             f"was written with checkpoint.format={kind} and this run writes checkpoint.format={fmt}: "
@@ -242,11 +235,11 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
         return None
     # The scaler is optional: a 32 or bf16-mixed checkpoint resumes under 16-mixed with a fresh scale.
     required = tuple(k for k in to_load if k not in ("checkpointer", "scaler")) + ("checkpointer",)
-    directory = ctx.checkpoint_dir
+    directory, fmt = ctx.checkpoints.root, ctx.checkpoints.format
     choice, ckpt = "", None
     if ctx.rank == 0:
         try:
-            path, ckpt = select_checkpoint(ctx.cfg.resume, directory, ctx.model, required, checkpoint_format(ctx.cfg))
+            path, ckpt = select_checkpoint(ctx.cfg.resume, directory, ctx.model, required, fmt)
             choice = str(path) if path else ""
         except ConfigError as e:
             choice = "ERROR:" + "\n".join(str(p) for p in e.problems)
@@ -257,22 +250,25 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
         raise ConfigError([Problem("resume", line) for line in lines], "cannot resume")
     if not choice:
         return None
-    if (
-        not is_url(choice) and Path(choice).is_dir()
-    ):  # a DCP checkpoint: every rank reads its shards, resharded to this run
+    remote = is_url(choice)
+    if remote:
+        _download_once_per_host(choice, ctx)
+    if checkpoint_kind(choice) == "dcp":  # every rank reads its shards, resharded to this run
         ckpt = read_dcp(Path(choice), to_load)
-    elif ckpt is None:  # ranks > 0 read the file rank 0 chose
+    elif ckpt is None:  # ranks > 0 read the file rank 0 chose (from a URL: this host's copy)
         try:
-            if is_url(choice):
-                with fetched(choice, "resume") as local:
-                    ckpt = check_checkpoint(local, ctx.model, required)
-            else:
-                ckpt = check_checkpoint(Path(choice), ctx.model, required)
+            local = fetch(choice, "resume", into=resume_cache()) if remote else Path(choice)
+            ckpt = check_checkpoint(local, ctx.model, required)
         except CheckpointInvalid as e:
             raise ConfigError([Problem("resume", f"{choice} {e}")], "cannot resume") from None
     from ignite.handlers import Checkpoint
 
     Checkpoint.load_objects({k: v for k, v in to_load.items() if k in ckpt}, ckpt)
+    if remote:  # every rank of this host has read the copy
+        if ctx.world_size > 1:
+            idist.barrier()
+        if idist.get_local_rank() == 0:
+            cached_copy(choice, resume_cache()).unlink(missing_ok=True)
     epoch, max_epochs = ctx.trainer.state.epoch, ctx.cfg.trainer.max_epochs
     if max_epochs is not None and epoch > max_epochs:  # Ignite's engine.run would raise a ValueError
         why = f"{choice} was taken at epoch {epoch}: continue with trainer.max_epochs={epoch} or more, or start over with resume=false"
@@ -283,6 +279,23 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
     if "checkpointer" in to_load and not is_url(choice) and Path(choice).parent == directory:
         _forget_leftovers(to_load["checkpointer"], Path(directory), Path(choice))
     return choice if is_url(choice) else Path(choice)
+
+
+def _download_once_per_host(url: str, ctx: RunContext) -> None:
+    """Download checkpoint ``url`` once per host before the ranks read it: rank 0 did while
+    choosing it; the first rank of each other host does now, the others wait for it (a
+    multi-GB checkpoint fetched by every rank would multiply the traffic by the ranks per host)."""
+    if ctx.world_size == 1:
+        return
+    error = None
+    if idist.get_local_rank() == 0 and ctx.rank != 0:
+        try:
+            fetch(url, "resume", into=resume_cache())
+        except ConfigError as e:  # every rank still reaches the barrier: no rank waits forever
+            error = e
+    idist.barrier()
+    if error is not None:
+        raise error
 
 
 def _forget_leftovers(checkpointer: Any, directory: Path, resumed: Path) -> None:
@@ -324,7 +337,7 @@ def resume_hint(ctx: RunContext, job: dict[str, Any] | None) -> str:
         job: Hydra's job info; its ``overrides`` are repeated in the command.
     """
     state = ctx.trainer.state
-    directory = ctx.checkpoint_dir
+    directory = ctx.checkpoints.root
     if not ctx.cfg.checkpoint.enabled:
         newest: list[Any] = []
     elif is_url(directory):

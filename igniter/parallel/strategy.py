@@ -203,28 +203,20 @@ def _no_gradient_sync(model: Any) -> Iterator[None]:
 
 
 def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) -> list[Problem]:
-    """Problems with ``runner.strategy``, ``runner.fsdp`` and ``checkpoint.format``/``async_save``.
+    """Problems with ``runner.strategy`` and ``runner.fsdp`` (``checkpoint.format``: :mod:`igniter.checkpoint.location`).
 
     Args:
         cfg: the whole config.
         world_size: the processes the runner will start.
         cuda_here: whether the processes will have CUDA (``None``: unknown, a cluster job).
     """
-    runner, ckpt, problems = cfg.runner, cfg.checkpoint, []
+    runner, problems = cfg.runner, []
     if runner.strategy not in ("ddp", "fsdp"):
         problems.append(
             Problem(
                 "runner.strategy",
                 "expected ddp (a full copy of the model per process) or fsdp (sharded, FSDP2)",
                 runner.strategy,
-            )
-        )
-    if ckpt.format not in (None, "torch", "dcp"):
-        problems.append(
-            Problem(
-                "checkpoint.format",
-                "expected torch (one file), dcp (a torch.distributed.checkpoint directory) or null",
-                ckpt.format,
             )
         )
     if runner.strategy == "fsdp":
@@ -234,14 +226,6 @@ def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) 
                     "runner.strategy",
                     f"fsdp shards over the processes of the run and this run has {world_size}; use runner=spawn/torchrun/slurm with 2 or more, or runner.strategy=ddp",
                     "fsdp",
-                )
-            )
-        if ckpt.format == "torch":
-            problems.append(
-                Problem(
-                    "checkpoint.format",
-                    "runner.strategy=fsdp writes sharded checkpoints: use dcp (the default with fsdp)",
-                    "torch",
                 )
             )
         if runner.fsdp.cpu_offload and cuda_here is False:
@@ -258,14 +242,4 @@ def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) 
                     "runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params
                 )
             )
-    from igniter.checkpoint.dcp import checkpoint_format  # the one rule for the default format
-
-    if ckpt.async_save and checkpoint_format(cfg) != "dcp":
-        problems.append(
-            Problem(
-                "checkpoint.async_save",
-                "needs checkpoint.format=dcp (torch-format files are already written in a background thread)",
-                True,
-            )
-        )
     return problems
