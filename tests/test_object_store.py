@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import igniter_env
+from conftest import igniter_env, read_metrics
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -285,3 +285,29 @@ def test_resume_from_a_url_and_a_damaged_newest_checkpoint_in_the_store(s3):
     assert select_checkpoint("auto", url, model, ("model",))[0] == f"{url}/last_checkpoint_10.pt"
     with pytest.raises(ConfigError, match=r"resume.*last_checkpoint_20.pt.*SHA-256"):
         select_checkpoint(f"{url}/last_checkpoint_20.pt", url, model, ("model",))
+
+
+def test_a_run_in_object_storage_is_evaluated_and_resumed_with_one_download_per_host(s3, tmp_path):
+    """``igniter eval <run dir>`` of a run whose checkpoints are in s3:// reads its newest
+    checkpoint from the store; the run resumed by 2 processes on this host downloads that
+    checkpoint once (rank 0 while choosing it; rank 1 reads the same copy), and the copy is
+    deleted once both ranks have loaded it."""
+    url, run, cache = f"s3://{BUCKET}/evaluated", tmp_path / "run", tmp_path / "cache"
+    env = {**s3, "IGNITER_CACHE_DIR": str(cache)}
+    args = [*BASE, f"checkpoint.dir={url}", f"output_dir={run}"]
+    assert (first := igniter(args, tmp_path, env)).returncode == 0, first.stderr[-3000:]
+
+    evaluated = igniter(["eval", str(run)], tmp_path, env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "accuracy" in evaluated.stdout + evaluated.stderr
+    assert (run / "eval_metrics.json").is_file()
+
+    two = ["runner=spawn", "runner.nproc_per_node=2", "trainer.max_epochs=2"]
+    resumed = igniter([*args, *two], tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logs = [(run / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert f"resumed from {url}/last_checkpoint_44.pt" in logs[0]
+    downloads = [line for log in logs for line in log.splitlines() if "downloaded s3://" in line]
+    assert len(downloads) == 1 and "last_checkpoint_44.pt" in downloads[0], downloads
+    assert not any((cache / "resume").rglob("*.pt")), "the per-host copy is deleted after loading"
+    assert read_metrics(run)["status"] == "completed"

@@ -77,7 +77,7 @@ def reference(tmp_path_factory) -> Path:
     "killed, resumed",
     [
         ([], ["runner=single"]),
-        (FSDP, ["runner=single", "checkpoint.format=dcp"]),
+        (FSDP, ["runner=single"]),  # no checkpoint.format: the run follows its dcp checkpoints
         ([*FSDP, "checkpoint.async_save=true"], ["runner=spawn", "runner.nproc_per_node=3", *FSDP]),
     ],
     ids=["ddp2-to-1", "fsdp2-to-ddp1", "fsdp2-to-fsdp3"],
@@ -105,6 +105,8 @@ def test_resume_at_another_world_size_continues_the_same_global_batches(referenc
     assert all(killed_part[i] == expected[i] for i in range(1, position + 1))
     for iteration in range(position + 1, LAST + 1):
         assert got[iteration] == expected[iteration], f"iteration {iteration}: other samples or order after the resume"
+    if "runner.strategy=fsdp" in killed and "runner=single" in resumed:  # keeps writing dcp into that run
+        assert checkpoint_files(run / "checkpoints")[0].suffix == ".dcp"
     a, b = final_weights(reference), final_weights(run)
     assert a.keys() == b.keys()
     for k in a:
