@@ -35,6 +35,7 @@ import ignite.distributed as idist
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from igniter.checkpoint.location import checkpoint_path
 from igniter.checkpoint.weights import model_state, read_weights
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
 from igniter.parallel.strategy import evaluation_scope, is_sharded, unwrap_compiled, unwrap_model
@@ -187,11 +188,11 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
 
             set_model_state_dict(
                 unwrap_compiled(ctx.model),
-                dict(read_weights(Path(checkpoint))),
+                dict(read_weights(checkpoint_path(checkpoint))),
                 options=StateDictOptions(full_state_dict=True),
             )
         else:
-            unwrap_model(ctx.model).load_state_dict(read_weights(Path(checkpoint)))
+            unwrap_model(ctx.model).load_state_dict(read_weights(checkpoint_path(checkpoint)))
     except (CheckpointInvalid, RuntimeError) as e:
         raise _checkpoint_error(checkpoint, CheckpointInvalid(str(e).splitlines()[0]), "cannot evaluate") from None
     with evaluation_scope(ctx.model):

@@ -46,11 +46,12 @@ def test_the_format_follows_the_config_then_the_checkpoint_resumed_from(tmp_path
     assert location.sharded is (expected == "dcp") and not location.in_object_store
 
 
-def test_a_url_is_an_object_store_location_and_dcp_there_is_a_config_problem(tmp_path):
-    location = resolve_location(_cfg(checkpoint__dir="s3://bucket/run/"), tmp_path)
+def test_a_url_is_an_object_store_location(tmp_path):
+    location = resolve_location(_cfg(checkpoint__dir="s3://bucket/run/", resume=False), tmp_path)
     assert location.in_object_store and location.root == "s3://bucket/run" and location.format == "torch"
-    problems = config_problems(_cfg(checkpoint__dir="s3://bucket/run", runner__strategy="fsdp"))
-    assert [p.key for p in problems] == ["checkpoint.dir"]
+    sharded = resolve_location(_cfg(checkpoint__dir="s3://bucket/run", runner__strategy="fsdp"), tmp_path)
+    assert sharded.in_object_store and sharded.sharded
+    assert config_problems(_cfg(checkpoint__dir="s3://bucket/run", runner__strategy="fsdp")) == []
 
 
 def test_an_explicit_format_that_contradicts_the_checkpoints_is_an_error_naming_both(tmp_path):

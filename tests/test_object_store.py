@@ -311,3 +311,50 @@ def test_a_run_in_object_storage_is_evaluated_and_resumed_with_one_download_per_
     assert len(downloads) == 1 and "last_checkpoint_44.pt" in downloads[0], downloads
     assert not any((cache / "resume").rglob("*.pt")), "the per-host copy is deleted after loading"
     assert read_metrics(run)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_to_s3_resume_by_one_process_from_the_newest_complete_one(s3, tmp_path):
+    """``checkpoint.format=dcp`` (fsdp's default) to s3://: 2 processes write every checkpoint's
+    shards and rank 0 its manifest last; rank 1 dies at iteration 19. The newest checkpoint's
+    manifest is then removed, the state a kill inside its save leaves (every shard, no
+    manifest). ``runner=single`` with no other change resumes from the newest complete one
+    (iteration 13, the end of epoch 1, read in place from the store), deletes the orphan, keeps writing dcp there,
+    and every global batch after the resume is the uninterrupted run's, sample by sample;
+    ``igniter eval`` of the run reads its newest dcp checkpoint from the store."""
+    from test_sharding import BASE as SHARDING
+    from test_sharding import FSDP, LAST, TWO, global_batches
+
+    cache = tmp_path / "cache"
+
+    def run(args: list[str], tag: str) -> subprocess.CompletedProcess:
+        env = {**s3, "DIE_ONCE_MARKER": str(tmp_path / "marker"), "RUN_TAG": tag, "IGNITER_CACHE_DIR": str(cache)}
+        return igniter([*SHARDING, *args], tmp_path, env)
+
+    (reference := tmp_path / "reference").mkdir()
+    (tmp_path / "marker").touch()  # die_once never fires in the reference
+    assert (ref := run(["runner=single", f"output_dir={reference}"], "reference")).returncode == 0, ref.stderr[-3000:]
+    (tmp_path / "marker").unlink()
+    url, out = f"s3://{BUCKET}/sharded", tmp_path / "run"
+    died = run([*TWO, *FSDP, f"checkpoint.dir={url}", f"output_dir={out}"], "killed")
+    assert died.returncode != 0 and (tmp_path / "marker").exists(), died.stderr[-3000:]
+    fs, root = open_store(url)
+    assert [name for name, _ in complete_checkpoints(fs, root)] == ["last_checkpoint_16.dcp", "last_checkpoint_13.dcp"]
+    fs.rm(f"{root}/last_checkpoint_16.dcp{MANIFEST_SUFFIX}")  # as if killed before rank 0 wrote it
+    fs.invalidate_cache()
+
+    resumed = run(["runner=single", f"checkpoint.dir={url}", f"output_dir={out}"], "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (out / "rank0.log").read_text()
+    assert f"resumed from {url}/last_checkpoint_13.dcp (epoch 1, iteration 13)" in log
+    assert "last_checkpoint_16.dcp: a checkpoint a killed run left without its manifest; deleting it" in log
+    expected, got = global_batches(reference, "reference"), global_batches(out, "resumed")
+    assert sorted(got) == list(range(14, LAST + 1))
+    assert all(got[i] == expected[i] for i in got), "other samples or order after the resume"
+    fs.invalidate_cache()
+    assert [name for name, _ in complete_checkpoints(fs, root)] == ["last_checkpoint_26.dcp", "last_checkpoint_24.dcp"]
+    assert not any("last_checkpoint_16" in p for p in fs.find(root)), "the orphan is gone"
+    evaluated = igniter(["eval", str(out)], tmp_path, {**s3, "IGNITER_CACHE_DIR": str(cache)})
+    assert not cache.exists() or not any(cache.rglob("*.dcp*")), "a dcp checkpoint is read in place, not downloaded"
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"{url}/last_checkpoint_26.dcp" in evaluated.stdout and (out / "eval_metrics.json").is_file()

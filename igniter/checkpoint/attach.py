@@ -8,7 +8,6 @@ requeue); :func:`flush_checkpoints` waits for those in flight.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import ignite.distributed as idist
@@ -121,7 +120,7 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     optimizer: Any = ctx.optimizer
     location = ctx.checkpoints
     if location.sharded:  # a directory per checkpoint, every rank writes its shards
-        saver: Any = dcp_saver(cfg, Path(location.root))
+        saver: Any = dcp_saver(cfg, location.root)
         model, optimizer = ModelState(model), OptimizerState(model, ctx.optimizer)
         names = {
             "last": "{filename_prefix}_{name}_{global_step}.dcp",

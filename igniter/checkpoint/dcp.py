@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from igniter.atomic_files import atomic_write, fsync_dir
-from igniter.checkpoint.saver import tensor_bytes, write_failed
+from igniter.checkpoint.write_errors import tensor_bytes, write_failed
 from igniter.errors import ConfigError, Problem
 from igniter.registry import io_registry
 
@@ -57,6 +57,7 @@ __all__ = [
     "OptimizerState",
     "SafeLoadPlanner",
     "DcpSaver",
+    "ObjectStoreDcpSaver",
     "dcp_metadata",
     "read_dcp",
     "dcp_model_state",
@@ -112,7 +113,7 @@ class DcpSaver(BaseSaveHandler):
 
     Ignite's ``Checkpoint`` calls it on every rank with the same ``filename``
     (``<prefix>_<name>_<iteration>.dcp``). ``remove`` is deferred until the next checkpoint is
-    complete, as :class:`igniter.checkpoint.saver.AtomicDiskSaver` does.
+    complete, as :class:`igniter.checkpoint.saver.CheckpointSaver` does.
 
     Args:
         dirname: the checkpoint directory (created by rank 0).
@@ -142,13 +143,11 @@ class DcpSaver(BaseSaveHandler):
             checkpoint = {"model": checkpoint}
         sharded = {k: v for k, v in checkpoint.items() if k in SHARDED_KEYS}
         extra = {k: v for k, v in checkpoint.items() if k not in SHARDED_KEYS}
-        final, tmp = self.dirname / filename, self.dirname / f".{filename}.tmp"
+        final, tmp = self._targets(filename)
         failed: BaseException | None = None
         if idist.get_rank() == 0:
             try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-                atomic_write(tmp / EXTRA_FILE, lambda f: torch.save(extra, f))
+                self._begin(tmp, extra)
             except Exception as e:  # a full disk: torch.save raises RuntimeError over the OSError
                 failed = e
         if idist.get_world_size() > 1 and idist.all_reduce(int(failed is not None), op="MAX"):  # (and a barrier)
@@ -170,11 +169,11 @@ class DcpSaver(BaseSaveHandler):
 
     def _failed(self, error: BaseException) -> None:
         """Rank 0 removes the failed write's temporary directory; every rank raises
-        :class:`~igniter.errors.CheckpointWriteFailed` for a write error (``igniter.checkpoint.saver.write_failed``;
+        :class:`~igniter.errors.CheckpointWriteFailed` for a write error (``igniter.checkpoint.write_errors.write_failed``;
         inside DCP's ``CheckpointException`` too), what it was for anything else."""
         final, tmp, states = self._in_flight_write  # states: Ignite passes every object's state_dict()
         if idist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._drop(tmp)
         failure = (
             error.failures[min(error.failures)][0]
             if isinstance(error, CheckpointException) and error.failures
@@ -186,6 +185,20 @@ class DcpSaver(BaseSaveHandler):
         if written is None:
             raise error
         raise written from error
+
+    def _targets(self, filename: str) -> tuple[Any, Any]:
+        """``(final, where it is written)``: ``<dirname>/<filename>`` and its temporary directory."""
+        return self.dirname / filename, self.dirname / f".{filename}.tmp"
+
+    def _begin(self, tmp: Any, extra: Mapping[str, Any]) -> None:
+        """Rank 0, before every rank writes: a fresh ``tmp`` holding ``extra.pt``."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        atomic_write(tmp / EXTRA_FILE, lambda f: torch.save(extra, f))
+
+    def _drop(self, tmp: Any) -> None:
+        """Rank 0: remove what a failed write left."""
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def write(self, sharded: Mapping[str, Any], tmp: Path) -> None:
         """``dcp.save`` of the model and optimizer states into ``tmp`` (a hook for tests)."""
@@ -217,7 +230,136 @@ class DcpSaver(BaseSaveHandler):
         self._pending_removal.append(filename)
 
 
-def dcp_saver(cfg: Any, dirname: Path) -> DcpSaver:
+class ObjectStoreDcpSaver(DcpSaver):
+    """:class:`DcpSaver` writing to an fsspec URL (``checkpoint.dir=s3://...`` with ``dcp``).
+
+    Every rank writes its shards straight under ``<url>/<filename>/`` (DCP's ``FsspecWriter``;
+    rank 0 also ``extra.pt``); once DCP has written ``.metadata`` (after every rank's data),
+    rank 0 writes ``<filename>.manifest.json`` listing every object and its size. Only a
+    checkpoint with its manifest is complete (:func:`igniter.checkpoint.object_store.complete_checkpoints`);
+    a rotated-out one loses its manifest first, then its objects, once its successor is
+    complete; prefixes a killed run left without a manifest are deleted at start-up. The
+    manifest holds sizes, not SHA-256 digests (hashing every shard would read it back).
+
+    Args:
+        url: the checkpoint location (``s3://bucket/prefix``).
+        async_save: as :class:`DcpSaver`.
+
+    Raises:
+        ConfigError: the store cannot be reached (before training).
+    """
+
+    def __init__(self, url: str, async_save: bool = False) -> None:
+        from igniter.checkpoint.object_store import complete_checkpoints, delete_checkpoint
+        from igniter.checkpoint.remote import open_store
+
+        self.url = url.rstrip("/")
+        self.dirname = Path(self.url)  # for messages only
+        self.async_save = async_save
+        self._pending_removal: list[str] = []
+        self._in_flight: Future | None = None
+        self.fs, self.root = open_store(self.url, create=True)
+        if idist.get_rank() == 0:
+            complete = {name for name, _ in complete_checkpoints(self.fs, self.root, prefix="")}
+            for entry in self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []:
+                name = entry.rstrip("/").rsplit("/", 1)[-1]
+                if name.endswith(".dcp") and name not in complete:
+                    _log_orphan(self.url, name)
+                    delete_checkpoint(self.fs, self.root, name)
+        self._group = None
+        if idist.get_world_size() > 1:
+            idist.barrier()
+            if async_save:
+                self._group = torch.distributed.new_group(backend="gloo")
+
+    def _targets(self, filename: str) -> tuple[Any, Any]:
+        url = f"{self.url}/{filename}"
+        return url, url  # written in place: the manifest, written last, makes it complete
+
+    def _begin(self, tmp: Any, extra: Mapping[str, Any]) -> None:
+        from igniter.checkpoint.object_store import delete_checkpoint
+
+        name = tmp.rsplit("/", 1)[-1]
+        delete_checkpoint(self.fs, self.root, name)  # the same iteration saved again (a resumed run)
+        buffer = io.BytesIO()
+        torch.save(extra, buffer)
+        self.fs.pipe(f"{self.root}/{name}/{EXTRA_FILE}", buffer.getvalue())
+
+    def _drop(self, tmp: Any) -> None:
+        from igniter.checkpoint.object_store import delete_checkpoint
+
+        delete_checkpoint(self.fs, self.root, tmp.rsplit("/", 1)[-1])
+
+    def write(self, sharded: Mapping[str, Any], tmp: Any) -> None:
+        dcp.save(dict(sharded), storage_writer=_fsspec_writer(tmp))
+
+    def _publish(self, done: Future | None, tmp: Any, final: Any, removals: list[str]) -> None:
+        """Rank 0: the manifest of the complete checkpoint, then the removal of rotated-out ones."""
+        from igniter.checkpoint.object_store import delete_checkpoint, write_manifest
+
+        if (done is not None and done.exception() is not None) or idist.get_rank() != 0:
+            return
+        name = final.rsplit("/", 1)[-1]
+        write_manifest(self.fs, self.root, name)
+        for old in removals:
+            if old != name:
+                delete_checkpoint(self.fs, self.root, old)
+
+    def _failed(self, error: BaseException) -> None:
+        from igniter.checkpoint.remote import one_line
+        from igniter.errors import CheckpointWriteFailed
+
+        final, tmp, _ = self._in_flight_write
+        if idist.get_rank() == 0:
+            self._drop(tmp)
+        raise CheckpointWriteFailed(
+            f"cannot write checkpoint {final}: {type(error).__name__}: {one_line(error)}; the earlier checkpoints are "
+            "kept. Check the store's credentials, quota and endpoint (AWS_ENDPOINT_URL) and resume with the same command."
+        ) from error
+
+
+def _reader(path: Path | str) -> Any:
+    """DCP's reader for checkpoint ``path``: the file-system reader, or the fsspec one for a URL."""
+    from igniter.checkpoint.remote import is_url
+
+    return _fsspec_reader(str(path)) if is_url(path) else dcp.FileSystemReader(str(path))
+
+
+def _log_orphan(url: str, name: str) -> None:
+    import logging
+
+    logging.getLogger("igniter").info(
+        "%s/%s: a checkpoint a killed run left without its manifest; deleting it", url, name
+    )
+
+
+def _fsspec_writer(url: str) -> Any:
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    from igniter.checkpoint.remote import storage_options
+
+    return FsspecWriter(url, **storage_options(url))
+
+
+def _fsspec_reader(url: str) -> Any:
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    from igniter.checkpoint.remote import storage_options
+
+    return FsspecReader(url, **storage_options(url))
+
+
+def _open(path: Path | str, name: str) -> Any:
+    """Open file ``name`` of checkpoint ``path`` (a local directory or a URL) for reading."""
+    from igniter.checkpoint.remote import is_url, open_store
+
+    if not is_url(path):
+        return open(Path(path) / name, "rb")
+    fs, root = open_store(str(path), "resume")
+    return fs.open(f"{root}/{name}", "rb")
+
+
+def dcp_saver(cfg: Any, dirname: Path | str) -> DcpSaver:
     """The saver of ``checkpoint.format=dcp``: a :class:`DcpSaver`, or what the io-registry
     entry ``checkpoint.saver`` returns for ``dirname`` when it is not ``disk``.
 
@@ -225,6 +367,8 @@ def dcp_saver(cfg: Any, dirname: Path) -> DcpSaver:
         ConfigError: that entry does not return a :class:`DcpSaver` (it writes single files).
     """
     if cfg.saver == "disk":
+        if isinstance(dirname, str):  # an fsspec URL (CheckpointLocation.in_object_store)
+            return ObjectStoreDcpSaver(dirname, cfg.async_save)
         return DcpSaver(dirname, cfg.async_save)
     saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(dirname))
     if not isinstance(saver, DcpSaver):
@@ -280,7 +424,7 @@ def check_metadata(path: Path) -> None:
         OSError: no readable file.
         pickle.UnpicklingError: it references anything else ("... nothing from it was run").
     """
-    with open(Path(path) / ".metadata", "rb") as f:
+    with _open(path, ".metadata") as f:
         _MetadataUnpickler(f).load()
 
 
@@ -292,12 +436,13 @@ def dcp_metadata(path: Path) -> Any:
         OSError, pickle.UnpicklingError, ValueError...: the directory has no readable or safe ``.metadata``.
     """
     check_metadata(path)
-    return dcp.FileSystemReader(str(path)).read_metadata()
+    return _reader(path).read_metadata()
 
 
 def read_extra(path: Path) -> dict[str, Any]:
     """``extra.pt`` of a DCP checkpoint (plain containers; ``weights_only=True``)."""
-    return torch.load(Path(path) / EXTRA_FILE, map_location="cpu", weights_only=True)
+    with _open(path, EXTRA_FILE) as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
 def check_dcp(path: Path, expected: Mapping[str, torch.Tensor], required: tuple[str, ...]) -> dict[str, Any]:
@@ -360,7 +505,7 @@ def read_dcp(path: Path, to_load: Mapping[str, Any]) -> dict[str, Any]:
     """
     check_metadata(path)
     template = {k: to_load[k].state_dict() for k in SHARDED_KEYS if k in to_load}
-    dcp.load(template, checkpoint_id=str(path), planner=SafeLoadPlanner())
+    dcp.load(template, storage_reader=_reader(path), planner=SafeLoadPlanner())
     return {**read_extra(path), **template}
 
 
@@ -384,5 +529,5 @@ def dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
     state = {"model": template}
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": intended
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner(), no_dist=True)
+        dcp.load(state, storage_reader=_reader(path), planner=SafeLoadPlanner(), no_dist=True)
     return state["model"]

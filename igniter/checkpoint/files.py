@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointInvalid",
     "checkpoint_files",
     "checkpoint_iteration",
+    "is_dcp",
     "load_checkpoint",
     "check_model_state",
     "check_checkpoint",
@@ -46,6 +47,15 @@ def checkpoint_files(directory: Path, prefix: str = "last_checkpoint") -> list[P
     """
     files = [p for p in Path(directory).glob(f"{prefix}_*") if _STEP.search(p.name)]
     return sorted(files, key=lambda p: int(_STEP.search(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+
+
+def is_dcp(path: Path | str) -> bool:
+    """Whether checkpoint ``path`` is in the ``dcp`` format: a local directory, or a URL whose
+    name ends in ``.dcp`` (a prefix of objects in a store)."""
+    text = str(path)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+        return text.rstrip("/").endswith(".dcp")
+    return Path(text).is_dir()
 
 
 def checkpoint_iteration(path: Path) -> int:
@@ -189,7 +199,7 @@ def check_checkpoint(path: Path, model: torch.nn.Module, required: tuple[str, ..
             not a dict, an entry of ``required`` is missing, or the model keys/shapes
             differ from ``model``'s.
     """
-    if path.is_dir():  # checkpoint.format=dcp: checked from its metadata, read collectively by resume_run
+    if is_dcp(path):  # checkpoint.format=dcp: checked from its metadata, read collectively by resume_run
         try:
             return check_dcp(path, unwrap_model(model).state_dict(), required)
         except ValueError as e:

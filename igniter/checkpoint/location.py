@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igniter.checkpoint.files import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files, is_dcp
 from igniter.checkpoint.remote import is_url
 from igniter.errors import ConfigError, Problem
 
@@ -25,6 +25,7 @@ __all__ = [
     "FORMATS",
     "CheckpointLocation",
     "checkpoint_kind",
+    "checkpoint_path",
     "config_problems",
     "default_format",
     "find_in_run",
@@ -70,9 +71,9 @@ def resume_mode(value: Any) -> str | None:
 
 
 def checkpoint_kind(path: Path | str) -> str:
-    """The format of checkpoint ``path``: ``"dcp"`` for a local directory, else ``"torch"``
-    (a file, or an object in a store: stores hold ``torch`` checkpoints)."""
-    return "dcp" if not is_url(path) and Path(path).is_dir() else "torch"
+    """The format of checkpoint ``path``: ``"dcp"`` for a local directory or a URL ending in
+    ``.dcp`` (a prefix of objects), else ``"torch"`` (a file or one object)."""
+    return "dcp" if is_dcp(path) else "torch"
 
 
 def default_format(cfg: Any) -> str:
@@ -90,10 +91,19 @@ def _root(cfg: Any, output_dir: Path) -> Path | str:
 def _format_resumed_from(cfg: Any, root: Path | str) -> str | None:
     """The format of the checkpoint a resume would start from, when one exists locally."""
     mode = resume_mode(cfg.get("resume"))
-    if mode is None or is_url(mode) or isinstance(root, str) and mode == "auto":
-        return None  # stores hold torch checkpoints: the default rule decides
+    if mode is None:
+        return None
     if mode != "auto":
-        return checkpoint_kind(mode) if Path(mode).exists() else None
+        return checkpoint_kind(mode) if is_url(mode) or Path(mode).exists() else None
+    if isinstance(root, str):  # the newest complete checkpoint in the store
+        from igniter.checkpoint.object_store import complete_checkpoints
+        from igniter.checkpoint.remote import open_store
+
+        try:
+            newest = [name for name, _ in complete_checkpoints(*open_store(root))][:1]
+        except ConfigError:  # unreachable: the saver's check at start says so, naming checkpoint.dir
+            return None
+        return checkpoint_kind(f"{root}/{newest[0]}") if newest else None
     newest = checkpoint_files(Path(root))[:1]
     return checkpoint_kind(newest[0]) if newest else None
 
@@ -124,9 +134,6 @@ def config_problems(cfg: Any) -> list[Problem]:
     if ckpt.async_save and default_format(cfg) != "dcp":
         why = "needs checkpoint.format=dcp (torch-format files are already written in a background thread)"
         problems.append(Problem("checkpoint.async_save", why, True))
-    if is_url(ckpt.get("dir")) and default_format(cfg) == "dcp":
-        why = "checkpoint.format=dcp (runner.strategy=fsdp) is written to a file system only: give a path on a shared file system"
-        problems.append(Problem("checkpoint.dir", why, ckpt.get("dir")))
     resume = resume_mode(cfg.resume)
     if resume not in (None, "auto") and not is_url(resume) and not os.path.isfile(resume):
         expected = "expected 'auto', false, the path of an existing checkpoint file or its URL"
@@ -145,11 +152,17 @@ def _run_location(run_dir: Path) -> CheckpointLocation:
     return CheckpointLocation(Path(str(where)).expanduser() if where else run_dir / "checkpoints")
 
 
+def checkpoint_path(text: str) -> Path | str:
+    """A checkpoint named by a string: a ``Path``, or the URL itself (a ``dcp`` checkpoint in a store)."""
+    return text if is_url(text) else Path(text)
+
+
 def find_in_run(target: Path) -> tuple[Path, Path]:
     """``(run dir, local checkpoint)`` for ``target``: a run directory (its newest
     ``last_checkpoint_*``, from object storage when the run's ``checkpoint.dir`` is a URL:
     downloaded once into the cache, SHA-256 checked against its manifest) or a checkpoint (a
-    ``.pt`` file or ``.dcp`` directory) inside ``<run dir>/checkpoints``.
+    ``.pt`` file or ``.dcp`` directory) inside ``<run dir>/checkpoints``. A ``dcp`` checkpoint
+    in a store is returned as its URL (read in place).
 
     Raises:
         ConfigError: no such run or checkpoint, or the run has no complete checkpoint.
@@ -161,6 +174,8 @@ def find_in_run(target: Path) -> tuple[Path, Path]:
             from igniter.checkpoint.remote import fetch, open_store
 
             newest = [name for name, _ in complete_checkpoints(*open_store(str(location.root)))][:1]
+            if newest and checkpoint_kind(f"{location.root}/{newest[0]}") == "dcp":  # read in place, as a resume does
+                return target, f"{location.root}/{newest[0]}"  # type: ignore[return-value]
             if newest:
                 return target, fetch(f"{location.root}/{newest[0]}", "checkpoint")
         else:

@@ -6,14 +6,14 @@ Only a checkpoint whose manifest exists and matches is complete, so an upload ki
 moment is never taken for the newest checkpoint (an S3 PUT is atomic per object, but the
 object alone does not say it is whole). An old checkpoint's manifest is deleted before its
 object, and only once its successor is complete: the promises of
-:class:`igniter.checkpoint.saver.AtomicDiskSaver` on local disk.
+:class:`igniter.checkpoint.saver.CheckpointSaver` on local disk. The saver writes through
+:class:`igniter.checkpoint.store.FsspecStore`.
 
 Reaching the store and downloading are :mod:`igniter.checkpoint.remote`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -24,22 +24,18 @@ from igniter.checkpoint.remote import (
     MANIFEST_SUFFIX,
     DigestMismatch,
     fetch,
-    one_line,
     open_store,
     resume_cache,
     sha256_of,
 )
-from igniter.checkpoint.saver import AtomicDiskSaver
-from igniter.errors import CheckpointWriteFailed, ConfigError, Problem
-from igniter.registry import io_registry
+from igniter.errors import ConfigError, Problem
 
 __all__ = [
     "write_checkpoint",
     "delete_checkpoint",
+    "write_manifest",
     "complete_checkpoints",
     "select_from_store",
-    "ObjectStoreSaver",
-    "object_store",
 ]
 
 logger = logging.getLogger("igniter")
@@ -58,11 +54,22 @@ def write_checkpoint(fs: Any, root: str, name: str, data: memoryview, write: Any
     fs.pipe(f"{root}/{name}{MANIFEST_SUFFIX}", json.dumps(manifest, indent=1).encode())
 
 
+def write_manifest(fs: Any, root: str, name: str) -> None:
+    """Write the manifest of the ``dcp`` checkpoint ``name`` (a prefix of objects under ``root``):
+    every object's path below ``root`` and size; it makes the checkpoint complete."""
+    fs.invalidate_cache()
+    found = fs.find(f"{root}/{name}", detail=True)
+    objects = {f"{name}/{path[len(root) + len(name) + 2 :]}": {"bytes": info["size"]} for path, info in found.items()}
+    manifest = {"checkpoint": name, "objects": objects}
+    fs.pipe(f"{root}/{name}{MANIFEST_SUFFIX}", json.dumps(manifest, indent=1).encode())
+
+
 def delete_checkpoint(fs: Any, root: str, name: str) -> None:
-    """Delete checkpoint ``name``: its manifest first (it is then incomplete), then its objects."""
+    """Delete checkpoint ``name``: its manifest first (it is then incomplete), then its objects
+    (one object, or every object under a ``dcp`` checkpoint's prefix)."""
     for path in (f"{root}/{name}{MANIFEST_SUFFIX}", f"{root}/{name}"):
         try:
-            fs.rm(path)
+            fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
 
@@ -78,12 +85,16 @@ def complete_checkpoints(fs: Any, root: str, prefix: str = "last_checkpoint_") -
     found = []
     for key in listing:
         name = key[: -len(MANIFEST_SUFFIX)]
-        if not (key.endswith(MANIFEST_SUFFIX) and name.startswith(prefix) and name.endswith(".pt")):
+        if not (key.endswith(MANIFEST_SUFFIX) and name.startswith(prefix) and name.endswith((".pt", ".dcp"))):
             continue
         try:
             manifest = json.loads(fs.cat(f"{root}/{key}"))
             objects = manifest["objects"]
-            if all(o in listing and listing[o].get("size") == meta["bytes"] for o, meta in objects.items()):
+            sizes = {k: e.get("size") for k, e in listing.items()}
+            if name.endswith(".dcp"):  # objects under the checkpoint's prefix
+                found_below = fs.find(f"{root}/{name}", detail=True)
+                sizes = {f"{name}/{p[len(root) + len(name) + 2 :]}": e.get("size") for p, e in found_below.items()}
+            if objects and all(sizes.get(o) == meta["bytes"] for o, meta in objects.items()):
                 found.append((_iteration(name), name, manifest))
         except (ValueError, KeyError, TypeError, FileNotFoundError):
             logger.warning("skipping %s/%s: not a readable manifest", root, key)
@@ -91,7 +102,7 @@ def complete_checkpoints(fs: Any, root: str, prefix: str = "last_checkpoint_") -
 
 
 def _iteration(name: str) -> int:
-    match = re.search(r"_(\d+)\.pt$", name)  # last_checkpoint_<iteration>.pt; best_... names sort last
+    match = re.search(r"_(\d+)\.(pt|dcp)$", name)  # last_checkpoint_<iteration>.pt; best_... names sort last
     return int(match.group(1)) if match else -1
 
 
@@ -118,7 +129,9 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
     for candidate in candidates:
         local = None
         try:
-            local = fetch(candidate, "resume", into=resume_cache())  # kept for this host's other ranks
+            if candidate.rstrip("/").endswith(".dcp"):  # read in place, every rank its shards: nothing to download
+                return candidate, check(candidate)
+            local = fetch(candidate, "resume", into=resume_cache(), reuse=False)  # kept for this host's other ranks
             return candidate, check(local)
         except (
             CheckpointInvalid,
@@ -137,58 +150,3 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
             "cannot resume",
         )
     return None, None
-
-
-class ObjectStoreSaver(AtomicDiskSaver):
-    """:class:`~igniter.errors.AtomicDiskSaver`'s background writer for an fsspec URL: each
-    checkpoint is an object plus a manifest written last (:func:`write_checkpoint`), and a
-    rotated-out checkpoint is deleted only once its successor's manifest exists. Objects
-    without a manifest (a killed upload) are deleted at start-up. Rank 0 writes.
-
-    Args:
-        url: ``s3://bucket/prefix`` (any fsspec URL).
-        save_on_rank: the rank that writes (and removes).
-
-    Raises:
-        ConfigError: the store cannot be reached or used (before training).
-        CheckpointWriteFailed: from :meth:`flush` or the next save, when an upload failed
-            (exit status 5; the earlier checkpoints are kept).
-    """
-
-    def __init__(self, url: str, save_on_rank: int = 0) -> None:
-        import ignite.distributed as idist
-
-        self.url = url.rstrip("/")
-        self._start_writer(save_on_rank)
-        self.fs, self.root = open_store(self.url, create=True)
-        if idist.get_rank() == save_on_rank:
-            complete = {name for name, _ in complete_checkpoints(self.fs, self.root, prefix="")}
-            for entry in self._listing():
-                name = Path(entry).name
-                if name.endswith(".pt") and name not in complete:
-                    logger.info("%s/%s: an upload that never completed (no manifest); deleting it", self.url, name)
-                    delete_checkpoint(self.fs, self.root, name)
-
-    def _listing(self) -> list[str]:
-        try:
-            return self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:  # a prefix nothing was written under yet
-            return []
-
-    def _write(self, filename: str, buffer: io.BytesIO, removals: list[str]) -> None:
-        try:
-            write_checkpoint(self.fs, self.root, filename, buffer.getbuffer(), self.write_bytes)
-        except Exception as e:
-            raise CheckpointWriteFailed(
-                f"cannot write checkpoint {filename} to {self.url}: {type(e).__name__}: {one_line(e)}; "
-                "the earlier checkpoints are kept. Check the store's credentials, quota and endpoint (AWS_ENDPOINT_URL) and resume with the same command."
-            ) from e
-        for name in removals:
-            if name != filename:
-                delete_checkpoint(self.fs, self.root, name)
-
-
-@io_registry("object_store")
-def object_store(dirname: str) -> ObjectStoreSaver:
-    """Checkpoints under an fsspec URL (``checkpoint.dir=s3://...`` picks it instead of ``disk``)."""
-    return ObjectStoreSaver(dirname)

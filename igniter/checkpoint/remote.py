@@ -32,6 +32,7 @@ __all__ = [
     "url_problems",
     "storage_problems",
     "open_store",
+    "storage_options",
     "one_line",
     "sha256_of",
     "cache_dir",
@@ -110,6 +111,12 @@ def storage_problems(cfg: Any) -> list[Problem]:
     if digest and not re.fullmatch(r"[0-9a-fA-F]{64}", str(digest)):
         problems.append(Problem("model.weights_sha256", "expected 64 hexadecimal digits (sha256sum's output)", digest))
     return problems
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """The client settings igniter uses for ``url`` (botocore's retries for S3), for fsspec
+    users outside this module (DCP's ``FsspecWriter``/``FsspecReader``)."""
+    return _storage_options(str(url).split("://", 1)[0])
 
 
 def _storage_options(protocol: str, probe: bool = False) -> dict[str, Any]:
@@ -216,14 +223,17 @@ def cached_copy(url: str, into: Path | None = None) -> Path:
     return folder / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rstrip('/').rsplit('/', 1)[-1]}"
 
 
-def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True, into: Path | None = None) -> Path:
+def fetch(
+    url: str, key: str, sha256: str | None = None, cached: bool = True, into: Path | None = None, reuse: bool = True
+) -> Path:
     """A local copy of ``url``, its SHA-256 checked.
 
     The expected digest is ``sha256`` when given, else the one in a manifest beside the object
     (igniter's checkpoints); the digest of a download is recorded beside the cached file and
     checked again each time the cache is used (a damaged cache file is downloaded again).
     With ``cached``, the copy is kept under ``into`` (default :func:`cache_dir` ``/downloads``),
-    named after the URL; without, it is a temporary file the caller deletes. Each download is
+    named after the URL, and reused while its recorded digest holds (``reuse=False``: always
+    downloaded again); without, it is a temporary file the caller deletes. Each download is
     logged (``downloaded <url> (<bytes> bytes)``).
 
     Args:
@@ -240,7 +250,7 @@ def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True, in
     if cached:
         target = cached_copy(url, into)
         record = target.with_name(target.name + ".sha256")
-        if target.is_file() and record.is_file():
+        if reuse and target.is_file() and record.is_file():
             recorded = record.read_text().strip()
             if recorded == _file_sha256(target) and expected in (None, recorded):
                 return target

@@ -250,11 +250,12 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
         raise ConfigError([Problem("resume", line) for line in lines], "cannot resume")
     if not choice:
         return None
-    remote = is_url(choice)
+    sharded = checkpoint_kind(choice) == "dcp"
+    remote = is_url(choice) and not sharded  # one object, downloaded; a dcp checkpoint is read in place
     if remote:
         _download_once_per_host(choice, ctx)
-    if checkpoint_kind(choice) == "dcp":  # every rank reads its shards, resharded to this run
-        ckpt = read_dcp(Path(choice), to_load)
+    if sharded:  # every rank reads its shards, resharded to this run
+        ckpt = read_dcp(choice if is_url(choice) else Path(choice), to_load)
     elif ckpt is None:  # ranks > 0 read the file rank 0 chose (from a URL: this host's copy)
         try:
             local = fetch(choice, "resume", into=resume_cache()) if remote else Path(choice)
@@ -290,7 +291,7 @@ def _download_once_per_host(url: str, ctx: RunContext) -> None:
     error = None
     if idist.get_local_rank() == 0 and ctx.rank != 0:
         try:
-            fetch(url, "resume", into=resume_cache())
+            fetch(url, "resume", into=resume_cache(), reuse=False)
         except ConfigError as e:  # every rank still reaches the barrier: no rank waits forever
             error = e
     idist.barrier()
