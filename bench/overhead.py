@@ -103,11 +103,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
+from igniter.assemble import build_training  # noqa: E402
 from igniter.checkpoint.saver import AtomicDiskSaver  # noqa: E402
 from igniter.compose import compose_config, plain_config  # noqa: E402
 from igniter.handlers import loss_of  # noqa: E402
 from igniter.registry import event_handler_registry, io_registry  # noqa: E402
-from igniter.run import build_run, train  # noqa: E402
+from igniter.run import train  # noqa: E402
 
 WORKLOADS = {
     "digits": ["data.loader.batch_size=32", "model.params.hidden=[128]"],
@@ -199,7 +200,7 @@ def bench_epoch_turn(variant: str) -> Callable[[Any], None]:
 
 def run_loop(cfg: Any) -> tuple[int, float]:
     """A: the loop a user would write by hand around the same model, loader and optimizer."""
-    ctx = build_run(cfg, Path(cfg.output_dir))
+    ctx = build_training(cfg, Path(cfg.output_dir))
     model, opt, loader, loss_fn = ctx.model, ctx.optimizer, ctx.train_loader, ctx.loss_fn
     sampler = loader.sampler
     cuda = DEVICE.type == "cuda"
@@ -222,7 +223,7 @@ def run_loop(cfg: Any) -> tuple[int, float]:
 def run_loop_bf16(cfg: Any) -> tuple[int, float]:
     """``loop_bf16``: A with forward and loss under ``torch.autocast(<device type>, torch.bfloat16)``
     (what ``trainer.precision=bf16-mixed`` does; weights, gradients and optimizer stay float32)."""
-    ctx = build_run(cfg, Path(cfg.output_dir))
+    ctx = build_training(cfg, Path(cfg.output_dir))
     model, opt, loader, loss_fn = ctx.model, ctx.optimizer, ctx.train_loader, ctx.loss_fn
     cuda = DEVICE.type == "cuda"
     n, loss = 0, torch.tensor(0.0)
@@ -246,7 +247,7 @@ def run_loop_accum(cfg: Any, k: int = 4) -> tuple[int, float]:
     """``loop_accum4``: A accumulating over ``k`` micro-batches: the batch (moved to the device
     whole) split by ``tensor_split``, backward of each micro-batch's ``loss / k``, one
     optimizer step per batch. The reported loss is the batch's (mean of the micro-batches')."""
-    ctx = build_run(cfg, Path(cfg.output_dir))
+    ctx = build_training(cfg, Path(cfg.output_dir))
     model, opt, loader, loss_fn = ctx.model, ctx.optimizer, ctx.train_loader, ctx.loss_fn
     cuda = DEVICE.type == "cuda"
     n, batch_loss = 0, torch.tensor(0.0)
@@ -272,7 +273,7 @@ def run_loop_precision_off(cfg: Any) -> tuple[int, float]:
     """``loop_precision_off``: A with the calls igniter's default step (precision ``32``, no
     accumulation) makes around it: ``contextlib.nullcontext()`` for autocast and a disabled
     ``GradScaler``'s ``scale``, ``step`` and ``update``. Against A: what features that are off cost."""
-    ctx = build_run(cfg, Path(cfg.output_dir))
+    ctx = build_training(cfg, Path(cfg.output_dir))
     model, opt, loader, loss_fn = ctx.model, ctx.optimizer, ctx.train_loader, ctx.loss_fn
     autocast, scaler = contextlib.nullcontext, torch.amp.GradScaler(DEVICE.type, enabled=False)
     cuda = DEVICE.type == "cuda"
@@ -301,7 +302,7 @@ def run_ignite(cfg: Any, lean: bool = False) -> tuple[int, float]:
 
     from igniter.engines import Evaluator
 
-    ctx = build_run(cfg, Path(cfg.output_dir))
+    ctx = build_training(cfg, Path(cfg.output_dir))
     model, opt, loss_fn = ctx.model, ctx.optimizer, ctx.loss_fn
 
     def step(engine: Engine, batch: Any) -> torch.Tensor:
@@ -326,7 +327,7 @@ def run_igniter_bare(cfg: Any) -> tuple[int, float]:
     """C: igniter's trainer as built from config, without handlers (but the sampler epoch)."""
     from ignite.engine import Events
 
-    ctx = build_run(cfg, Path(cfg.output_dir))
+    ctx = build_training(cfg, Path(cfg.output_dir))
     ctx.trainer.add_event_handler(Events.EPOCH_STARTED, bench_epoch_turn("igniter_bare"))
     ctx.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: ctx.train_loader.sampler.set_epoch(e.state.epoch - 1))
     ctx.trainer.run(ctx.train_loader, max_epochs=cfg.trainer.max_epochs)
@@ -379,7 +380,7 @@ def _lightning(cfg: Any, defaults: bool) -> tuple[int, float]:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # its banners and tips, not the table
 
-    ctx = build_run(cfg, Path(cfg.output_dir))
+    ctx = build_training(cfg, Path(cfg.output_dir))
     model, loss_fn, opt = ctx.model, ctx.loss_fn, ctx.optimizer
 
     class Module(L.LightningModule):

@@ -74,7 +74,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import igniter  # noqa: E402,F401  (every built-in registered: the model factory below)
 from igniter.build import build_model  # noqa: E402
-from igniter.checkpoint.resume import (
+from igniter.checkpoint.files import (
     CheckpointInvalid,
     check_checkpoint,
     check_model_state,

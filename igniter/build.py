@@ -75,7 +75,7 @@ __all__ = [
 class StepArgs:
     """What step, engine and metric factories may ask for by parameter name.
 
-    ``build_run`` fills one and passes :meth:`as_dict` to :func:`call_with`;
+    ``igniter.assemble.build_training`` fills one and passes :meth:`as_dict` to :func:`call_with`;
     :mod:`igniter.validate` rejects these names in ``trainer.step_params``. A new
     injected argument is a new field here.
 

@@ -151,7 +151,7 @@ def _load_config(run_dir: Path, overrides: list[str], checkpoint: Path) -> DictC
 def _check_fits(cfg: DictConfig, state: Mapping[str, torch.Tensor], checkpoint: Path) -> None:
     """Build the model on the CPU here and check the weights fit it, before any process starts."""
     from igniter.build import build_model
-    from igniter.checkpoint.resume import CheckpointInvalid, check_model_state
+    from igniter.checkpoint.files import CheckpointInvalid, check_model_state
     from igniter.registry import RegistryError
 
     if cfg.data.val is None:
@@ -177,7 +177,7 @@ def evaluate(cfg: DictConfig, checkpoint: str, output: str) -> None:
             fit the model (:func:`eval_main` checks both before starting processes).
     """
     from igniter.assemble import build_evaluation
-    from igniter.checkpoint.resume import CheckpointInvalid
+    from igniter.checkpoint.files import CheckpointInvalid
 
     ctx = build_evaluation(cfg, Path(output).parent)
     if ctx.evaluator is None:
@@ -225,7 +225,7 @@ def eval_main(argv: list[str]) -> int:
         model, the run's ``config.yaml`` is missing or an override is bad; 1 when a
         process of the evaluation fails.
     """
-    from igniter.checkpoint.resume import CheckpointInvalid
+    from igniter.checkpoint.files import CheckpointInvalid
     from igniter.launch.runners import RankFailed, make_runner
 
     if not argv or argv[0].startswith("-"):
@@ -268,7 +268,7 @@ def export_main(argv: list[str]) -> int:
     from safetensors.torch import save
 
     from igniter.atomic_files import atomic_write
-    from igniter.checkpoint.resume import CheckpointInvalid
+    from igniter.checkpoint.files import CheckpointInvalid
 
     output: Path = args.output or args.checkpoint.with_suffix(".safetensors")
     try:

@@ -47,10 +47,7 @@ from igniter.summary import (
 from igniter.supervision.progress import attach_reports, checkpoint_phase
 from igniter.telemetry import gpu_telemetry
 
-# build_run: the name igniter.run had for build_training (kept for code that imports it).
-build_run = build_training
-
-__all__ = ["RunContext", "build_run", "train", "setup_logging", "TrainingDiverged", "Interrupted"]
+__all__ = ["RunContext", "train", "setup_logging", "TrainingDiverged", "Interrupted"]
 
 logger = logging.getLogger("igniter")
 # Ignite warns that a sampler with an epoch cannot be reproduced when trainer.epoch_length differs

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import igniter_env, run_igniter
 
-from igniter.checkpoint.resume import CheckpointInvalid, check_checkpoint, checkpoint_files
+from igniter.checkpoint.files import CheckpointInvalid, check_checkpoint, checkpoint_files
 from igniter.models import MLP
 
 NOT_A_CHECKPOINT = "is not a PyTorch checkpoint (cannot be read as one: "

@@ -17,7 +17,7 @@ from conftest import igniter_env, read_metrics, run_igniter
 
 pytestmark = pytest.mark.slow  # real processes killed and restarted: minutes
 from igniter.checkpoint.dcp import dcp_model_state, read_extra
-from igniter.checkpoint.resume import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files
 from igniter.launch.runners import free_port
 
 # 6 epochs of 44 iterations on digits; a checkpoint every 10 iterations and every epoch.

@@ -189,7 +189,7 @@ def test_check_accepts_the_original_igniter_data_config(tmp_path, monkeypatch, c
 def test_validate_reserves_exactly_the_step_arguments_build_run_provides(tmp_path, monkeypatch):
     """The names validate refuses in trainer.step_params are the keys build_run hands the
     step factory: both come from igniter.build.StepArgs."""
-    import igniter.assemble as run  # build_run moved there (igniter.assemble.build_training)
+    import igniter.assemble as run
     from igniter.cli import compose_config
     from igniter.validate import validate
 

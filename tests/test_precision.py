@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from conftest import igniter_env, read_metrics, run_igniter
 
-from igniter.checkpoint.resume import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files
 from igniter.precision import accumulation_problems, micro_batches, precision_problems
 
 SHORT = [

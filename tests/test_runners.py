@@ -21,7 +21,7 @@ import torch
 from conftest import igniter_env, read_metrics, run_igniter
 
 from igniter.checkpoint.dcp import dcp_model_state
-from igniter.checkpoint.resume import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files
 from igniter.launch.runners import free_port
 
 # 25 steps of global batch 32 on digits, evaluation and checkpoint at the end only.

@@ -17,7 +17,7 @@ import torch
 from conftest import igniter_env
 
 from igniter.checkpoint.dcp import dcp_model_state
-from igniter.checkpoint.resume import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files
 
 pytestmark = pytest.mark.slow  # several multi-process runs per test
 

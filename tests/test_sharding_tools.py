@@ -16,7 +16,7 @@ from conftest import read_metrics, run_igniter
 
 from igniter.check import format_bytes, memory_plan
 from igniter.checkpoint.dcp import dcp_model_state
-from igniter.checkpoint.resume import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files
 from igniter.models import MLP
 
 INCOMPLETE = "is not a complete distributed checkpoint"

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import igniter_env, read_metrics
 
-from igniter.checkpoint.files import load_checkpoint
-from igniter.checkpoint.resume import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files, load_checkpoint
 from igniter.errors import EXIT_HUNG
 from igniter.launch.runners import free_port
 from igniter.supervision.watchdog import HangDetector

@@ -18,24 +18,18 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from igniter.checkpoint.remote import (
     MANIFEST_SUFFIX,
-    DigestMismatch,
-    fetch,
-    open_store,
-    resume_cache,
     sha256_of,
 )
-from igniter.errors import ConfigError, Problem
 
 __all__ = [
     "write_checkpoint",
     "delete_checkpoint",
     "write_manifest",
     "complete_checkpoints",
-    "select_from_store",
 ]
 
 logger = logging.getLogger("igniter")
@@ -104,49 +98,3 @@ def complete_checkpoints(fs: Any, root: str, prefix: str = "last_checkpoint_") -
 def _iteration(name: str) -> int:
     match = re.search(r"_(\d+)\.(pt|dcp)$", name)  # last_checkpoint_<iteration>.pt; best_... names sort last
     return int(match.group(1)) if match else -1
-
-
-def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> tuple[str | None, dict | None]:
-    """The checkpoint to resume from in object storage: ``(its URL, what check returned)``.
-
-    ``resume``: ``"auto"`` (the newest complete checkpoint under ``url`` that ``check`` accepts;
-    invalid newer ones are reported and skipped; ``(None, None)`` when there is none) or one
-    checkpoint's URL. ``check(local copy)`` reads and checks a downloaded copy, kept in
-    :func:`~igniter.checkpoint.remote.resume_cache` for the other ranks of this host when chosen.
-
-    Raises:
-        ConfigError: the store cannot be reached or read (a read failure never falls back to an
-            older checkpoint), the named checkpoint is invalid, or checkpoints exist and none is valid.
-    """
-    from igniter.checkpoint.files import CheckpointInvalid
-
-    if resume != "auto":
-        candidates = [resume]
-    else:
-        fs, root = open_store(url)
-        candidates = [f"{url}/{name}" for name, _ in complete_checkpoints(fs, root)]
-    problems = []
-    for candidate in candidates:
-        local = None
-        try:
-            if candidate.rstrip("/").endswith(".dcp"):  # read in place, every rank its shards: nothing to download
-                return candidate, check(candidate)
-            local = fetch(candidate, "resume", into=resume_cache(), reuse=False)  # kept for this host's other ranks
-            return candidate, check(local)
-        except (
-            CheckpointInvalid,
-            DigestMismatch,
-        ) as e:  # a store that cannot be read is no reason to take an older one
-            if local is not None:
-                local.unlink(missing_ok=True)
-            reason = f"it {e}" if isinstance(e, CheckpointInvalid) else "; ".join(p.expected for p in e.problems)
-            if resume != "auto":
-                raise ConfigError([Problem("resume", f"{candidate}: {reason}", resume)], "cannot resume") from None
-            logger.warning("skipping checkpoint %s: %s", candidate, reason)
-            problems.append(Problem("resume", f"{candidate}: {reason}", "auto"))
-    if problems:
-        raise ConfigError(
-            problems + [Problem("resume", f"no valid checkpoint in {url}; use resume=false to start over", "auto")],
-            "cannot resume",
-        )
-    return None, None

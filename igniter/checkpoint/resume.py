@@ -39,7 +39,7 @@ import logging
 import random
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import ignite.distributed as idist
 import numpy as np
@@ -47,19 +47,15 @@ import torch
 from ignite.engine import Engine
 
 from igniter.checkpoint.dcp import read_dcp
-
-# Reading and checking the files is checkpoint_files' job; the names stay importable from here.
 from igniter.checkpoint.files import (
     CheckpointInvalid,
     check_checkpoint,
-    check_model_state,
     checkpoint_files,
     checkpoint_iteration,
-    load_checkpoint,
 )
 from igniter.checkpoint.location import checkpoint_kind, resume_mode
-from igniter.checkpoint.object_store import complete_checkpoints, select_from_store
-from igniter.checkpoint.remote import cached_copy, fetch, is_url, open_store, resume_cache
+from igniter.checkpoint.object_store import complete_checkpoints
+from igniter.checkpoint.remote import DigestMismatch, cached_copy, fetch, is_url, open_store, resume_cache
 from igniter.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -68,11 +64,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrainerState",
-    "CheckpointInvalid",
-    "checkpoint_files",
-    "check_checkpoint",
-    "check_model_state",
-    "load_checkpoint",
     "select_checkpoint",
     "resume_run",
     "continue_record",
@@ -167,6 +158,50 @@ def _check(path: Path, model: torch.nn.Module, required: tuple[str, ...], fmt: s
     return check_checkpoint(path, model, required)
 
 
+def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from in object storage: ``(its URL, what check returned)``.
+
+    ``resume``: ``"auto"`` (the newest complete checkpoint under ``url`` that ``check`` accepts;
+    invalid newer ones are reported and skipped; ``(None, None)`` when there is none) or one
+    checkpoint's URL. ``check(local copy)`` reads and checks a downloaded copy, kept in
+    :func:`~igniter.checkpoint.remote.resume_cache` for the other ranks of this host when chosen.
+
+    Raises:
+        ConfigError: the store cannot be reached or read (a read failure never falls back to an
+            older checkpoint), the named checkpoint is invalid, or checkpoints exist and none is valid.
+    """
+    if resume != "auto":
+        candidates = [resume]
+    else:
+        fs, root = open_store(url)
+        candidates = [f"{url}/{name}" for name, _ in complete_checkpoints(fs, root)]
+    problems = []
+    for candidate in candidates:
+        local = None
+        try:
+            if candidate.rstrip("/").endswith(".dcp"):  # read in place, every rank its shards: nothing to download
+                return candidate, check(candidate)
+            local = fetch(candidate, "resume", into=resume_cache(), reuse=False)  # kept for this host's other ranks
+            return candidate, check(local)
+        except (
+            CheckpointInvalid,
+            DigestMismatch,
+        ) as e:  # a store that cannot be read is no reason to take an older one
+            if local is not None:
+                local.unlink(missing_ok=True)
+            reason = f"it {e}" if isinstance(e, CheckpointInvalid) else "; ".join(p.expected for p in e.problems)
+            if resume != "auto":
+                raise ConfigError([Problem("resume", f"{candidate}: {reason}", resume)], "cannot resume") from None
+            logger.warning("skipping checkpoint %s: %s", candidate, reason)
+            problems.append(Problem("resume", f"{candidate}: {reason}", "auto"))
+    if problems:
+        raise ConfigError(
+            problems + [Problem("resume", f"no valid checkpoint in {url}; use resume=false to start over", "auto")],
+            "cannot resume",
+        )
+    return None, None
+
+
 def select_checkpoint(
     resume: Any, directory: Path | str, model: torch.nn.Module, required: tuple[str, ...], fmt: str = "torch"
 ) -> tuple[Path | str | None, dict | None]:
@@ -176,7 +211,7 @@ def select_checkpoint(
     newer ones are reported with their path and reason, and skipped); ``None``
     when there is none at all. A path: that file, which must be valid. A URL, or
     ``directory`` a URL: the same from object storage (the URL, a ``str``, is returned;
-    :func:`igniter.checkpoint.object_store.select_from_store`).
+    :func:`select_from_store`).
 
     Raises:
         ConfigError: checkpoints exist but none is valid, or the given file is invalid.

@@ -29,12 +29,9 @@ from igniter.errors import EXIT_FAILED, IgniterError
 from igniter.launch.environment import Slurm
 from igniter.launch.signals import default_action, note_signals
 
-__all__ = ["Preempted", "attach_preemption", "requeue_job", "wait_for_requeue", "slurm_job_id", "in_slurm_task"]
+__all__ = ["Preempted", "attach_preemption", "requeue_job", "wait_for_requeue", "slurm_job_id"]
 
 logger = logging.getLogger("igniter")
-
-#: What ignite's SLURM mode requires (kept for callers of the old name).
-SLURM_TASK_VARS = Slurm.TASK_VARS
 
 
 class Preempted(IgniterError):
@@ -58,11 +55,6 @@ class Preempted(IgniterError):
 def slurm_job_id() -> str | None:
     """The id ``scontrol`` knows this job by: ``<array job>_<task>`` for array jobs."""
     return Slurm().job_id
-
-
-def in_slurm_task() -> bool:
-    """True inside a task started by srun (not merely inside an sbatch allocation)."""
-    return Slurm().is_task
 
 
 def attach_preemption(trainer: Engine, save_checkpoint: Callable[[Engine], None] | None) -> None:

@@ -209,7 +209,7 @@ def test_fsdp_bf16_mixed_two_processes(tmp_path):
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
     from igniter.checkpoint.dcp import dcp_model_state
-    from igniter.checkpoint.resume import checkpoint_files
+    from igniter.checkpoint.files import checkpoint_files
 
     run, metrics, text = train(tmp_path, "runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp",
                                "runner.fsdp.min_params=100", "trainer.precision=bf16-mixed")  # fmt: skip
