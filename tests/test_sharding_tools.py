@@ -276,8 +276,16 @@ def test_format_bytes():
         ),
         (["checkpoint.async_save=true"], "checkpoint.async_save"),
         (["runner.strategy=zero3"], "runner.strategy"),
+        (["runner.fsdp.min_params=-1"], "runner.fsdp.min_params"),  # checked with ddp too
     ],
-    ids=["fsdp-one-process", "fsdp-torch-format", "cpu-offload-without-gpu", "async-torch-format", "unknown-strategy"],
+    ids=[
+        "fsdp-one-process",
+        "fsdp-torch-format",
+        "cpu-offload-without-gpu",
+        "async-torch-format",
+        "unknown-strategy",
+        "fsdp-value-under-ddp",
+    ],
 )
 def test_strategy_settings_that_cannot_work_exit_2_naming_the_key(overrides, key, tmp_path):
     proc = run_igniter([*overrides, f"output_dir={tmp_path / 'run'}"], tmp_path)

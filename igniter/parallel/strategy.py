@@ -236,10 +236,8 @@ def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) 
                     True,
                 )
             )
-        if runner.fsdp.min_params < 0:
-            problems.append(
-                Problem(
-                    "runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params
-                )
-            )
+    if runner.fsdp.min_params < 0:  # checked whatever the strategy: a wrong value waits for the day fsdp is chosen
+        problems.append(
+            Problem("runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params)
+        )
     return problems
