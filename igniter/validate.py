@@ -30,6 +30,7 @@ from igniter.build import (
     optimizer_args,
     optimizer_factory,
     plain,
+    registered_nothing,
     scheduler_factory,
 )
 from igniter.checkpoint.remote import is_url, storage_problems
@@ -62,6 +63,7 @@ __all__ = ["validate"]
 class _Checker:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        self.unregistered = False  # a registry name the config asks for is missing
 
     def add(self, key: str, expected: str, value: Any = NO_VALUE) -> None:
         self.problems.append(Problem(key, expected, value))
@@ -81,6 +83,7 @@ class _Checker:
     def name(self, registry: Registry, key: str, value: Any) -> Callable | None:
         if value in registry:
             return registry.get(value)
+        self.unregistered = True
         self.add(
             key,
             f"no such {registry.name} (registered: {', '.join(registry.names()) or 'none'}).{suggest(str(value), registry.names())}",
@@ -344,4 +347,6 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
         _check_output_dir(c, cfg.output_dir)
     _check_solver(c, cfg.solver)
     _check_run(c, cfg)
+    if c.unregistered:  # say when an imported module registered nothing (its __init__ imports no registrations)
+        c.problems += registered_nothing(cfg.imports)
     return c.problems
