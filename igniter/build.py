@@ -106,8 +106,8 @@ class StepArgs:
 
 #: Names a step / engine / metric factory may take from igniter (the fields of :class:`StepArgs`).
 STEP_ARGS: tuple[str, ...] = tuple(f.name for f in fields(StepArgs))
-#: Dataset factory arguments from ``data.<split>.split``, ``.root`` and ``.transforms``.
-DATASET_ARGS: tuple[str, ...] = ("split", "root", "transform")
+#: Dataset factory arguments from ``data.<split>.split``, ``.root``, ``.download`` and ``.transforms``.
+DATASET_ARGS: tuple[str, ...] = ("split", "root", "download", "transform")
 #: Optimizer arguments: the model's parameters (first, positionally), ``solver.lr``, ``solver.weight_decay``.
 OPTIMIZER_ARGS: tuple[str, ...] = ("params", "lr", "weight_decay")
 #: Scheduler arguments: the optimizer (first, positionally).
@@ -117,7 +117,7 @@ HANDLER_ARGS: tuple[str, ...] = ("ctx",)
 
 # Schema defaults: a **kwargs dataset factory gets a value only when the config changed it from
 # these; a factory that cannot take a value is an error only when the config changed it.
-_DATASET_DEFAULTS = {"split": DatasetConfig.split, "root": None, "transform": None}
+_DATASET_DEFAULTS = {"split": DatasetConfig.split, "root": None, "download": False, "transform": None}
 _SOLVER_DEFAULTS = {"lr": SolverConfig.lr, "weight_decay": SolverConfig.weight_decay}
 
 
@@ -266,13 +266,15 @@ def injected(
 
 
 def dataset_args(cfg: DictConfig, factory: Callable, transform: Any = None) -> tuple[dict[str, Any], list[str]]:
-    """:func:`injected` for a dataset: ``split``, ``root`` and ``transform``.
+    """:func:`injected` for a dataset: ``split``, ``root``, ``download`` and ``transform``.
 
     ``transform`` is the composed transform (``build_dataset``) or, when only
     checking (``validate``), any stand-in that is not ``None`` when
     ``cfg.transforms`` lists some.
     """
-    values = {"split": cfg.split, "root": cfg.root, "transform": transform}
+    # download only when true: a factory's own ``download`` default (or params.download) is left alone otherwise
+    download = True if cfg.get("download", False) else None
+    values = {"split": cfg.split, "root": cfg.root, "download": download, "transform": transform}
     assert set(values) == set(DATASET_ARGS)
     return injected(factory, values, _DATASET_DEFAULTS)
 
@@ -340,6 +342,8 @@ def build_dataset(cfg: DictConfig, key: str) -> Dataset:
     try:
         kwargs = {**plain(cfg.params), **dataset_args(cfg, factory, transform)[0]}
         dataset = factory(**kwargs)
+    except ConfigError:  # the factory's own one-paragraph error (e.g. a refused download)
+        raise
     except Exception as e:
         raise _build_error(key, e, cfg.name) from e
     if cfg.subset is not None and cfg.subset < len(dataset):

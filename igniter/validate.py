@@ -149,6 +149,8 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
                     f"{what} takes no 'root' argument; pass the directory in {key}.params under the name it takes",
                     cfg.root,
                 )
+            elif p == "download":
+                c.add(f"{key}.download", f"{what} takes no 'download' argument: it cannot fetch its files", True)
         for p in sorted(set(params) & set(DATASET_ARGS)):
             if p == "transform":
                 c.add(
@@ -163,7 +165,7 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
                     params[p],
                 )
         c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed, label=cfg.name)
-    if cfg.root is not None and not os.path.isdir(cfg.root):
+    if cfg.root is not None and not os.path.isdir(cfg.root) and not cfg.get("download", False):  # download creates it
         c.add(f"{key}.root", "directory does not exist", cfg.root)
     c.positive(f"{key}.subset", cfg.subset, allow_none=True)
     for i, t in enumerate(cfg.transforms):

@@ -15,6 +15,8 @@ import json
 import os
 import re
 import tempfile
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -49,6 +51,7 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _CREDENTIALS = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@")
 _EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 _CHUNK = 1 << 20  # bytes per read while hashing or copying
+_WEB_TIMEOUT_S = 60  # an http(s) download whose socket stays silent this long fails
 
 
 def is_url(path: Any) -> bool:
@@ -206,12 +209,27 @@ def _expected_sha256(fs: Any, path: str) -> str | None:
         return None
 
 
+def _is_web(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("http", "https")
+
+
+def _web_expected_sha256(url: str) -> str | None:
+    """:func:`_expected_sha256` for a web URL: the manifest beside it, if the server has one."""
+    try:
+        with urllib.request.urlopen(url + MANIFEST_SUFFIX, timeout=_WEB_TIMEOUT_S) as f:
+            return json.loads(f.read())["objects"][Path(urllib.parse.urlsplit(url).path).name]["sha256"]
+    except Exception:
+        return None
+
+
 def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True) -> Path:
     """A local copy of ``url``, its SHA-256 checked.
 
     The expected digest is ``sha256`` when given, else the one in a manifest beside the object
     (igniter's checkpoints); the digest of a download is recorded beside the cached file and
     checked again each time the cache is used (a damaged cache file is downloaded again).
+    ``http(s)://`` URLs are read with the standard library (``urllib``; a socket that stays
+    silent for 60 s is an error), every other scheme through fsspec (:func:`open_store`).
     With ``cached``, the copy is kept under :func:`cache_dir` ``/downloads`` (named after the
     URL); without, it is a temporary file the caller deletes.
 
@@ -224,8 +242,22 @@ def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True) ->
         DigestMismatch: its digest is not the expected one (the download is removed).
         ConfigError: the object cannot be read (the partial download is removed).
     """
-    fs, path = open_store(url, key)
-    expected = (sha256 or _expected_sha256(fs, path) or "").lower() or None
+    if _is_web(url):  # the standard library reads http(s): no fsspec client (aiohttp) to install
+        if _CREDENTIALS.match(url):
+            raise ConfigError(url_problems(key, url), "cannot use the download")
+        path = urllib.parse.urlsplit(url).path
+
+        def source() -> BinaryIO:
+            return urllib.request.urlopen(url, timeout=_WEB_TIMEOUT_S)
+
+        expected = (sha256 or _web_expected_sha256(url) or "").lower() or None
+    else:
+        fs, path = open_store(url, key)
+
+        def source() -> BinaryIO:
+            return fs.open(path, "rb")
+
+        expected = (sha256 or _expected_sha256(fs, path) or "").lower() or None
     if cached:
         target = cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{Path(path).name}"
         record = target.with_name(target.name + ".sha256")
@@ -236,7 +268,7 @@ def fetch(url: str, key: str, sha256: str | None = None, cached: bool = True) ->
         target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent if cached else None, prefix=".download-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as src:
+        with os.fdopen(fd, "wb") as out, source() as src:
             digest = _copy(src, out)
         if expected is not None and digest != expected:
             raise DigestMismatch(
