@@ -357,6 +357,27 @@ def _run_subcommand(name: str, argv: list[str]) -> int:
     return getattr(importlib.import_module(module), function)(argv)
 
 
+def _not_an_override(word: str) -> bool:
+    """A word that is neither ``key=value`` nor Hydra's ``~key`` (delete)."""
+    return "=" not in word and not word.startswith("~")
+
+
+def _unknown_subcommand(word: str) -> int:
+    """Say that ``word`` is no subcommand (the closest one, every one) and return exit status 2."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(SUBCOMMANDS), n=1, cutoff=0.5)
+    close = close or [name for name in SUBCOMMANDS if word.startswith(name) or name.startswith(word)][:1]
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    print(
+        f"igniter: '{word}' is neither a subcommand nor an override (key=value).{hint} "
+        f"Subcommands: {', '.join(SUBCOMMANDS)} (`igniter help`); overrides look like "
+        "`solver.lr=0.01` or `model=lenet`. Nothing was run.",
+        file=sys.stderr,
+    )
+    return EXIT_CONFIG
+
+
 _PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "version")
 
 
@@ -383,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv and argv[0] in SUBCOMMANDS:
         sys.exit(_run_subcommand(argv[0], argv[1:]))
     args = hydra_args(argv)
+    if args.overrides and _not_an_override(args.overrides[0]):
+        sys.exit(_unknown_subcommand(args.overrides[0]))
     if args.help:  # the subcommands first, then Hydra's own help
         overview()
     if args.cfg and not args.resolve:  # the config a run would use: interpolations resolved

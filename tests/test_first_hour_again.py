@@ -1,0 +1,27 @@
+"""Issue 27's smaller first-hour frictions, each as the user met it: a misspelled subcommand,
+a missing --config-dir, solver=adamw, a data root the dataset ignores, export of a run directory,
+what the summary says, and the console noise of an ordinary run."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _main(argv, monkeypatch, tmp_path, capsys) -> tuple[int, str, str]:
+    """``igniter <argv>`` in this process (the CLI's own main), in ``tmp_path``."""
+    from igniter.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("word, meant", [("evaluate", "eval"), ("exprot", "export"), ("stauts", "status")])
+def test_a_misspelled_subcommand_gets_did_you_mean(word, meant, monkeypatch, tmp_path, capsys):
+    code, _, err = _main([word, "runs/x"], monkeypatch, tmp_path, capsys)
+    assert code == 2, err
+    assert f"Did you mean `{meant}`?" in err and "check, doctor, summary, eval, export, status" in err, err
+    assert "missing EQUAL" not in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
