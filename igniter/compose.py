@@ -198,6 +198,17 @@ def config_problems(
 
     from igniter.validate import validate
 
+    if config_dir and not Path(config_dir).expanduser().is_dir():  # Hydra would warn, then miss every group in it
+        where = Path(config_dir).expanduser().absolute()
+        what = "is a file, not a directory" if where.exists() else "does not exist"
+        return None, [
+            Problem(
+                "--config-dir",
+                f"{where} {what}: give the directory that holds your config groups (e.g. my_configs/model/*.yaml), "
+                "relative to the working directory or absolute",
+                config_dir,
+            )
+        ]
     try:
         parsed = _parse(overrides)
     except OverrideParseException as e:

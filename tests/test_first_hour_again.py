@@ -25,3 +25,11 @@ def test_a_misspelled_subcommand_gets_did_you_mean(word, meant, monkeypatch, tmp
     assert f"Did you mean `{meant}`?" in err and "check, doctor, summary, eval, export, status" in err, err
     assert "missing EQUAL" not in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_missing_config_dir_is_its_own_paragraph(monkeypatch, tmp_path, capsys):
+    code, _, err = _main(["--config-dir", "my_config", "model=tiny_net"], monkeypatch, tmp_path, capsys)
+    assert code == 2, err
+    assert f"--config-dir = 'my_config': {tmp_path / 'my_config'} does not exist" in err, err
+    assert "no such option" not in err and "UserWarning" not in err and err.count("\n") <= 3, err
+    assert not any(tmp_path.iterdir())
