@@ -4,7 +4,11 @@ what the summary says, and the console noise of an ordinary run."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import tomllib
+from conftest import REPO
 
 
 def _main(argv, monkeypatch, tmp_path, capsys) -> tuple[int, str, str]:
@@ -33,3 +37,13 @@ def test_a_missing_config_dir_is_its_own_paragraph(monkeypatch, tmp_path, capsys
     assert f"--config-dir = 'my_config': {tmp_path / 'my_config'} does not exist" in err, err
     assert "no such option" not in err and "UserWarning" not in err and err.count("\n") <= 3, err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_readme_first_command_installs_what_draws_curves_png():
+    """The first README command's extra has scikit-learn (digits) and matplotlib (curves.png)."""
+    readme = (REPO / "README.md").read_text()
+    first = re.search(r"```bash\n(.*?)\n```", readme, flags=re.S).group(1)
+    extras = re.search(r"pip install -e '\.\[([\w,]+)\]' && igniter$", first).group(1).split(",")
+    optional = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    wanted = {re.split(r"[<>=\[ ]", r)[0] for extra in extras for r in optional[extra]}
+    assert {"scikit-learn", "matplotlib"} <= wanted, wanted
