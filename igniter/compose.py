@@ -151,6 +151,21 @@ def _sibling_suggestion(base: DictConfig | None, full_key: str) -> str:
     return f"{hint} {listing}"
 
 
+def _torch_optim_hint(value: str) -> str:
+    """``solver=adamw``: torch.optim's class of that name (any case) is one ``solver.name`` away."""
+    import inspect
+
+    import torch.optim
+
+    found = [n for n in dir(torch.optim) if n.lower() == value.lower() and inspect.isclass(getattr(torch.optim, n))]
+    if not found:
+        return ""
+    return (
+        f" torch.optim has {found[0]}, and any torch.optim class works through solver.name: "
+        f"write solver.name={found[0]} (the solver group's other settings, lr and weight_decay, stay)"
+    )
+
+
 def _composition_problem(override: Any, exc: BaseException, base: DictConfig | None) -> Problem:
     """The problem ``exc`` (raised composing with ``override``) stands for, in igniter's
     words: an unknown group option lists the options, an unknown key its siblings
@@ -162,11 +177,8 @@ def _composition_problem(override: Any, exc: BaseException, base: DictConfig | N
     value = override.value() if override is not None else None
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         options = list(exc.options)
-        return Problem(
-            key,
-            f"no such option in config group '{key}' (available: {', '.join(options)}).{suggest(str(value), options)}",
-            value,
-        )
+        hint = (_torch_optim_hint(str(value)) if key == "solver" else "") or suggest(str(value), options)
+        return Problem(key, f"no such option in config group '{key}' (available: {', '.join(options)}).{hint}", value)
     cause = _omegaconf_cause(exc)
     if cause is not None:
         msg = str(getattr(cause, "msg", cause)).splitlines()[0]

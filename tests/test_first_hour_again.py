@@ -47,3 +47,14 @@ def test_the_readme_first_command_installs_what_draws_curves_png():
     optional = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     wanted = {re.split(r"[<>=\[ ]", r)[0] for extra in extras for r in optional[extra]}
     assert {"scikit-learn", "matplotlib"} <= wanted, wanted
+
+
+@pytest.mark.parametrize("choice, name", [("adamw", "AdamW"), ("RMSPROP", "RMSprop")])
+def test_a_solver_choice_that_is_a_torch_optim_class_says_solver_name(choice, name):
+    from igniter.compose import config_problems
+
+    cfg, problems = config_problems([f"solver={choice}"])
+    assert cfg is None and len(problems) == 1, problems
+    assert problems[0].key == "solver" and f"write solver.name={name}" in problems[0].expected, problems
+    cfg, problems = config_problems([f"solver.name={name}"])  # and that works
+    assert problems == [], problems
