@@ -270,7 +270,47 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
                 c.add(problem.key, problem.expected, problem.value)
 
 
+def _strings(node: Any) -> Iterable[str]:
+    """Every string leaf of a plain nested container."""
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def _check_unused_data_keys(c: _Checker, cfg: DictConfig) -> None:
+    """``data.root`` and ``data.download`` act only through the dataset configs that refer to
+    them (``${data.root}``, as ``data=mnist`` does): set while no dataset uses them (the digits
+    default reads no files), they would be ignored in silence."""
+    data = cfg.data
+    splits = [(k, data[k]) for k in ("train", "val") if data.get(k) is not None]
+    who = " and ".join(f"data.{k} ('{d.name}')" for k, d in splits)
+    if data.get("root") is not None:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+        tree["data"].pop("root", None)
+        tree.pop("hydra", None)
+        if not any(str(data.root) in s for s in _strings(tree)):
+            c.add(
+                "data.root",
+                f"no dataset reads it: {who} take no directory from data.root (a dataset config refers to it as "
+                "${data.root}, as data=mnist does); remove it, or choose a dataset that reads files (experiment=mnist)",
+                data.root,
+            )
+    if data.get("download") and not any(d.get("download") for _, d in splits):
+        c.add(
+            "data.download",
+            f"no dataset downloads: {who} take no download from data.download (a dataset config refers to it as "
+            "${data.download}, as data=mnist does)",
+            True,
+        )
+
+
 def _check_data(c: _Checker, cfg: DictConfig, world_size: int) -> None:
+    _check_unused_data_keys(c, cfg)
     _check_dataset(c, cfg.data.train, "data.train")
     if cfg.data.val is not None:
         _check_dataset(c, cfg.data.val, "data.val")

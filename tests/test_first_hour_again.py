@@ -58,3 +58,20 @@ def test_a_solver_choice_that_is_a_torch_optim_class_says_solver_name(choice, na
     assert problems[0].key == "solver" and f"write solver.name={name}" in problems[0].expected, problems
     cfg, problems = config_problems([f"solver.name={name}"])  # and that works
     assert problems == [], problems
+
+
+def test_a_data_root_no_dataset_reads_is_refused_and_one_that_is_read_must_exist(tmp_path):
+    from igniter.compose import config_problems
+
+    _, problems = config_problems(["data.root=/nonexistent", "data.download=true"])  # digits reads no files
+    assert {p.key for p in problems} == {"data.root", "data.download"}, problems
+    assert "no dataset reads it: data.train ('digits') and data.val ('digits')" in str(problems[0]), problems
+    _, problems = config_problems(["data.train.root=/nonexistent"])
+    assert [p.key for p in problems] == ["data.train.root"] and "takes no 'root'" in problems[0].expected, problems
+    _, problems = config_problems(["experiment=mnist", f"data.root={tmp_path / 'missing'}"])
+    assert {(p.key, p.expected) for p in problems} == {
+        ("data.train.root", "directory does not exist"),
+        ("data.val.root", "directory does not exist"),
+    }, problems
+    _, problems = config_problems(["experiment=mnist", f"data.root={tmp_path}"])
+    assert problems == [], problems
