@@ -318,9 +318,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "export": Subcommand(
         "igniter.evaluate:export_main",
-        "<checkpoint> [--format safetensors] [--output PATH]",
+        "<run dir | checkpoint> [--format safetensors] [--output PATH]",
         "Write a checkpoint's model weights alone (safetensors).\n"
-        "Default output: the checkpoint's path with the suffix .safetensors.",
+        "A run directory means its newest checkpoint; default output: the checkpoint's path with the suffix .safetensors.",
     ),
     "status": Subcommand(
         "igniter.status:main",

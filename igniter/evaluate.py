@@ -118,7 +118,7 @@ def _checkpoint_error(path: Path | str, error: Exception, header: str) -> Config
     return ConfigError([Problem("checkpoint", f"{path} {error}")], header)
 
 
-def _locate(target: Path) -> tuple[Path, Path]:
+def _locate(target: Path, header: str = "cannot evaluate") -> tuple[Path, Path]:
     """``(run dir, checkpoint)`` for a run directory or a checkpoint (file or ``.dcp`` directory) inside one."""
     from igniter.checkpoint.resume import checkpoint_files
 
@@ -127,12 +127,12 @@ def _locate(target: Path) -> tuple[Path, Path]:
         if not files:
             raise ConfigError(
                 [Problem("run", f"no last_checkpoint_*.pt or .dcp in {target / 'checkpoints'}", str(target))],
-                "cannot evaluate",
+                header,
             )
         return target, files[0]
     if target.exists():  # a .pt file or a .dcp directory
         return target.parent.parent, target
-    raise ConfigError([Problem("run", "no such run directory or checkpoint file", str(target))], "cannot evaluate")
+    raise ConfigError([Problem("run", "no such run directory or checkpoint file", str(target))], header)
 
 
 def _apply_choice(cfg: DictConfig, schema: DictConfig, group: str, choice: str) -> None:
@@ -331,7 +331,8 @@ def eval_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    """``igniter export <checkpoint> --format safetensors [--output PATH]``.
+    """``igniter export <run dir | checkpoint> --format safetensors [--output PATH]`` (a run
+    directory: its newest checkpoint, as ``eval`` takes it).
 
     Returns:
         0; 2 (printed in one paragraph, nothing written) when the checkpoint cannot be
@@ -341,7 +342,7 @@ def export_main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="igniter export", description="Write a checkpoint's model weights alone.")
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint, or a run directory (its newest checkpoint)")
     parser.add_argument("--format", choices=["safetensors"], default="safetensors")
     parser.add_argument("--output", type=Path, default=None, help="default: the checkpoint's name with .safetensors")
     args = parser.parse_args(argv)
@@ -350,8 +351,9 @@ def export_main(argv: list[str]) -> int:
     from igniter.atomic_files import atomic_write
     from igniter.checkpoint.resume import CheckpointInvalid
 
-    output: Path = args.output or args.checkpoint.with_suffix(".safetensors")
     try:
+        args.checkpoint = _locate(args.checkpoint, "cannot export")[1]
+        output: Path = args.output or args.checkpoint.with_suffix(".safetensors")
         try:
             state = read_weights(args.checkpoint)
         except CheckpointInvalid as e:
