@@ -8,6 +8,7 @@ Layout (one JSON object; times in seconds)::
     world_size, backend     processes and their torch.distributed backend (null: none)
     global_batch_size       data.loader.batch_size, all processes together
     per_process_batch_size  global_batch_size / world_size
+    strategy                runner.strategy ("ddp", "fsdp"; how a model is wrapped over several processes)
     precision               trainer.precision ("32", "bf16-mixed", "16-mixed")
     accumulate_grad_batches micro-batches per optimizer step (each of per_process_batch_size / it)
     compile                 whether trainer.compile is on
@@ -107,6 +108,7 @@ class MetricsRecord:
             "backend": backend,
             "global_batch_size": ctx.cfg.data.loader.batch_size,
             "per_process_batch_size": ctx.per_process_batch_size,
+            "strategy": str(ctx.cfg.runner.strategy),
             "precision": str(ctx.cfg.trainer.precision),
             "accumulate_grad_batches": ctx.cfg.trainer.accumulate_grad_batches,
             "compile": compile_options(ctx.cfg.trainer.compile) is not None,

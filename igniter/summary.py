@@ -109,6 +109,31 @@ def _micro_batches(m: dict[str, Any]) -> str:
     return f" = {k} micro-batches of {per_process // k}" if k > 1 and isinstance(per_process, int) else ""
 
 
+def _processes(m: dict[str, Any]) -> str:
+    """World size and strategy, batch sizes, and the precision with where it comes from."""
+    world = m.get("world_size", "?")
+    strategy = m.get("strategy")
+    how = (
+        f" ({strategy}, backend {m.get('backend') or '?'})"
+        if strategy and world != 1
+        else " (one process: no strategy)"
+        if world == 1
+        else ""
+    )
+    precision = str(m.get("precision", "32"))
+    if precision == "32":
+        source = "float32"
+    elif strategy == "fsdp" and world != 1:
+        source = "torch.autocast and FSDP's MixedPrecisionPolicy"
+    else:
+        source = "torch.autocast" + (" and GradScaler" if precision == "16-mixed" else "")
+    return (
+        f"world size {world}{how}, global batch {m.get('global_batch_size', '?')}, "
+        f"per process {m.get('per_process_batch_size', '?')}{_micro_batches(m)}, "
+        f"precision {precision} (trainer.precision: {source})"
+    )
+
+
 def summary_table(m: dict[str, Any]) -> str:
     """A few aligned lines from a ``metrics.json`` dict."""
     split = m.get("time_split")
@@ -133,14 +158,8 @@ def summary_table(m: dict[str, Any]) -> str:
             if m.get("first_iteration_s")
             else "-",
         ),
-        (
-            "processes",
-            f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"
-            + _micro_batches(m),
-        ),
+        ("processes", _processes(m)),
     ]
-    if m.get("precision", "32") != "32":
-        rows.append(("precision", f"{m['precision']} (autocast)"))
     if m.get("compile"):
         seconds = m.get("compile_s")
         rows.append(

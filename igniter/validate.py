@@ -136,6 +136,7 @@ class _Checker:
 
 def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
     factory = c.name(dataset_registry, f"{key}.name", cfg.name)
+    refused: list[str] = []
     if factory is not None:
         what = f"dataset '{cfg.name}' ({getattr(factory, '__name__', factory)})"
         params = plain(cfg.params)
@@ -165,7 +166,8 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
                     params[p],
                 )
         c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed, label=cfg.name)
-    if cfg.root is not None and not os.path.isdir(cfg.root) and not cfg.get("download", False):  # download creates it
+    # a root the dataset takes must exist (a download creates it); one it does not take is reported above
+    if cfg.root is not None and "root" not in refused and not os.path.isdir(cfg.root) and not cfg.get("download"):
         c.add(f"{key}.root", "directory does not exist", cfg.root)
     c.positive(f"{key}.subset", cfg.subset, allow_none=True)
     for i, t in enumerate(cfg.transforms):

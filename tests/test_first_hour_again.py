@@ -75,3 +75,34 @@ def test_a_data_root_no_dataset_reads_is_refused_and_one_that_is_read_must_exist
     }, problems
     _, problems = config_problems(["experiment=mnist", f"data.root={tmp_path}"])
     assert problems == [], problems
+
+
+def test_the_summary_says_the_strategy_and_where_the_precision_comes_from():
+    from igniter.summary import summary_table
+
+    base = {"global_batch_size": 32, "backend": "gloo"}
+    rows = {
+        "world size 2 (fsdp, backend gloo), global batch 32, per process 16, precision bf16-mixed "
+        "(trainer.precision: torch.autocast and FSDP's MixedPrecisionPolicy)": {
+            "world_size": 2,
+            "per_process_batch_size": 16,
+            "strategy": "fsdp",
+            "precision": "bf16-mixed",
+        },
+        "world size 2 (ddp, backend gloo), global batch 32, per process 16, precision 32 (trainer.precision: float32)": {
+            "world_size": 2,
+            "per_process_batch_size": 16,
+            "strategy": "ddp",
+            "precision": "32",
+        },
+        "world size 1 (one process: no strategy), global batch 32, per process 32, precision 16-mixed "
+        "(trainer.precision: torch.autocast and GradScaler)": {
+            "world_size": 1,
+            "per_process_batch_size": 32,
+            "strategy": "ddp",
+            "precision": "16-mixed",
+        },
+    }
+    for line, m in rows.items():
+        table = summary_table({**base, **m})
+        assert f"processes   {line}" in table, table
