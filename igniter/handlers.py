@@ -107,7 +107,8 @@ def _throttled(seconds: float) -> Callable[[Engine, int], bool]:
 
 def attach_progress(ctx: RunContext) -> None:
     """Rank 0 progress: Ignite's tqdm ``ProgressBar`` on a terminal, else a log line
-    every ``logging.log_every`` iterations (as under SLURM, where stdout is a file).
+    every ``logging.log_every`` iterations and at the last iteration of every epoch (as
+    under SLURM, where stdout is a file).
 
     The bar is Ignite's default, one bar for the current epoch that is cleared at the
     epoch's end (the epoch's validation line stays), redrawn at most 4 times a second
@@ -132,7 +133,14 @@ def attach_progress(ctx: RunContext) -> None:
         trainer.add_event_handler(Events.TERMINATE, bar._close)  # Ignite's own close; a no-op once closed
         return
 
+    log_every = cfg.logging.log_every
+
+    def _unlogged_epoch_end(engine: Engine, iteration: int) -> bool:  # LOG did not fire on it
+        return _epoch_end(engine) and iteration % log_every != 0
+
+    # every epoch's last iteration too: at log_every 50 and 44 iterations per epoch, some epochs had no line
     @trainer.on(PeriodicEvents.LOG)
+    @trainer.on(Events.ITERATION_COMPLETED(event_filter=_unlogged_epoch_end))
     def _log_line(engine: Engine) -> None:
         out = engine.state.output
         loss = scalar(loss_of(out))

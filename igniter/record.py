@@ -18,7 +18,8 @@ Layout (one JSON object; times in seconds)::
     restarts                how many times the run was resumed (absent: never)
     first_iteration_s       from the interpreter's start to the end of the first step
     --- written at the end of the run (:func:`run_summary`) ---
-    epochs_completed, iterations
+    epochs_completed, iterations  the trainer's epoch (the one in progress, when interrupted) and iteration
+    epoch_length            iterations per epoch (the summary: "22 complete + 12 of 44 iterations")
     wall_time_s             the whole process (start-up, evaluation and summary included)
     run_time_s              trainer.run, handlers included (0.0 when it did not return)
     train_time_s            training epochs without end-of-epoch handlers (and without compilation)
@@ -168,6 +169,7 @@ def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[
         "status": final_status(ctx, interrupted),
         "epochs_completed": state.epoch,
         "iterations": state.iteration,
+        "epoch_length": state.epoch_length,
         "wall_time_s": wall_time_s,
         "train_time_s": status.train_time_s,
         "run_time_s": status.run_time_s,

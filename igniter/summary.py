@@ -134,12 +134,23 @@ def _processes(m: dict[str, Any]) -> str:
     )
 
 
+def _epochs(m: dict[str, Any]) -> str:
+    """``20 (880 iterations)``; a run that stopped inside an epoch: ``22 complete + 12 of 44
+    iterations (980 iterations)`` (the trainer's epoch counts the epoch it was in)."""
+    iterations, length = m.get("iterations"), m.get("epoch_length")
+    if isinstance(iterations, int) and isinstance(length, int) and length > 0 and iterations % length:
+        return (
+            f"{iterations // length} complete + {iterations % length} of {length} iterations ({iterations} iterations)"
+        )
+    return f"{m.get('epochs_completed', '?')} ({iterations if iterations is not None else '?'} iterations)"
+
+
 def summary_table(m: dict[str, Any]) -> str:
     """A few aligned lines from a ``metrics.json`` dict."""
     split = m.get("time_split")
     rows = [
         ("status", m.get("status", "?")),
-        ("epochs", f"{m.get('epochs_completed', '?')} ({m.get('iterations', '?')} iterations)"),
+        ("epochs", _epochs(m)),
         ("final", _metrics_text(m.get("final", {})) or "-"),
         ("best", (_metrics_text(m.get("best", {})) + f" (epoch {m['best'].get('epoch')})") if m.get("best") else "-"),
         (

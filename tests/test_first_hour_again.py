@@ -106,3 +106,22 @@ def test_the_summary_says_the_strategy_and_where_the_precision_comes_from():
     for line, m in rows.items():
         table = summary_table({**base, **m})
         assert f"processes   {line}" in table, table
+
+
+def test_file_mode_logs_every_epoch_s_last_iteration_and_the_summary_counts_complete_epochs(tmp_path):
+    """log_every 4 with 10 iterations per epoch: lines at 4, 8, 10 (epoch end), 12, 16, 20; an
+    interrupted run's summary says how many epochs completed and how far the next one got."""
+    from conftest import read_metrics, run_igniter
+
+    from igniter.summary import summary_table
+
+    run = tmp_path / "run"
+    args = ["trainer.max_epochs=2", "data.train.subset=320", "logging.log_every=4", "logging.progress_bar=false"]
+    proc = run_igniter([*args, "logging.loggers=[]", "checkpoint.enabled=false", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"epoch (\d)/2 iteration (\d+)/10 loss", (run / "rank0.log").read_text())
+    assert lines == [("1", "4"), ("1", "8"), ("1", "10"), ("2", "2"), ("2", "6"), ("2", "10")], lines
+    m = read_metrics(run)
+    assert m["epoch_length"] == 10 and "  epochs      2 (20 iterations)" in summary_table(m)
+    interrupted = {**m, "status": "interrupted", "epochs_completed": 23, "iterations": 980, "epoch_length": 44}
+    assert "  epochs      22 complete + 12 of 44 iterations (980 iterations)" in summary_table(interrupted)
