@@ -40,6 +40,7 @@ from igniter.errors import (
 from igniter.sweeps import (
     best_value,
     optuna_direction,
+    plain_optuna_logging,
     proposes_lazily,
     record_failed_trial,
     study_problems,
@@ -423,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         argv = one_job or argv
         argv += _sweeper_overrides(configs[0], args.overrides)
+        if configs[0] is not None and proposes_lazily(configs[0].hydra):
+            plain_optuna_logging()
     import hydra
 
     register_schema()

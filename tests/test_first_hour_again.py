@@ -108,20 +108,64 @@ def test_the_summary_says_the_strategy_and_where_the_precision_comes_from():
         assert f"processes   {line}" in table, table
 
 
-def test_file_mode_logs_every_epoch_s_last_iteration_and_the_summary_counts_complete_epochs(tmp_path):
+def test_an_ordinary_cpu_run_logs_each_epoch_end_and_keeps_set_up_noise_off_the_console(tmp_path):
     """log_every 4 with 10 iterations per epoch: lines at 4, 8, 10 (epoch end), 12, 16, 20; an
-    interrupted run's summary says how many epochs completed and how far the next one got."""
+    interrupted run's summary says how many epochs completed and how far the next one got. The
+    console has no NVML line on a machine without GPUs (rank0.log keeps it) and no MLflow
+    table-creation lines."""
+    import torch
     from conftest import read_metrics, run_igniter
 
     from igniter.summary import summary_table
 
+    pytest.importorskip("mlflow")
     run = tmp_path / "run"
     args = ["trainer.max_epochs=2", "data.train.subset=320", "logging.log_every=4", "logging.progress_bar=false"]
-    proc = run_igniter([*args, "logging.loggers=[]", "checkpoint.enabled=false", f"output_dir={run}"], tmp_path)
+    proc = run_igniter([*args, "logging.loggers=[mlflow]", "checkpoint.enabled=false", f"output_dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = re.findall(r"epoch (\d)/2 iteration (\d+)/10 loss", (run / "rank0.log").read_text())
+    log = (run / "rank0.log").read_text()
+    lines = re.findall(r"epoch (\d)/2 iteration (\d+)/10 loss", log)
     assert lines == [("1", "4"), ("1", "8"), ("1", "10"), ("2", "2"), ("2", "6"), ("2", "10")], lines
     m = read_metrics(run)
     assert m["epoch_length"] == 10 and "  epochs      2 (20 iterations)" in summary_table(m)
     interrupted = {**m, "status": "interrupted", "epochs_completed": 23, "iterations": 980, "epoch_length": 44}
     assert "  epochs      22 complete + 12 of 44 iterations (980 iterations)" in summary_table(interrupted)
+    console = proc.stdout + proc.stderr
+    if not torch.cuda.is_available():
+        assert "GPU telemetry off" in log and "GPU telemetry off" not in console, console
+    assert "database tables" not in console and "alembic" not in console, console
+
+
+def test_launchers_torchrun_sh_keeps_torchrun_s_omp_banner_away_and_igniter_chooses(tmp_path, monkeypatch):
+    """torchrun prints its 4-line OMP_NUM_THREADS banner when the variable is absent: the
+    launcher script hands it a placeholder (a fake torchrun on PATH shows what it gets), which
+    igniter's thread choice does not take for the user's; an exported value stays the user's."""
+    import os
+    import subprocess
+
+    import igniter.launch.cpu_threads as threads
+    from igniter.launch.cpu_threads import ThreadPlan, choose_threads
+
+    (tmp_path / "torchrun").write_text(
+        '#!/bin/sh\necho "OMP=${OMP_NUM_THREADS-unset} MARK=${IGNITER_OMP_PLACEHOLDER-} $*"\n'
+    )
+    (tmp_path / "torchrun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "IGNITER_OMP_PLACEHOLDER")}
+    env["PATH"] = f"{tmp_path}{os.pathsep}{env['PATH']}"
+    script = str(REPO / "launchers" / "torchrun.sh")
+    out = subprocess.run(["bash", script, "2", "a=b"], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "OMP=1 MARK=1 --standalone --nproc-per-node 2 -m igniter runner=torchrun a=b", out
+    out = subprocess.run(
+        ["bash", script, "2"], env={**env, "OMP_NUM_THREADS": "3"}, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith("OMP=3 MARK= "), out
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(threads, "_initial_environ", lambda pid: {"OMP_NUM_THREADS": "1"})  # the agent had it
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("IGNITER_OMP_PLACEHOLDER", "1")
+    assert (choose_threads(ThreadPlan(), 2).source, choose_threads(ThreadPlan(), 2).threads) == ("rule", 4)
+    monkeypatch.delenv("IGNITER_OMP_PLACEHOLDER")
+    assert choose_threads(ThreadPlan(), 2).source == "OMP_NUM_THREADS"

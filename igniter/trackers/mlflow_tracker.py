@@ -51,6 +51,8 @@ logger = logging.getLogger("igniter")
 
 RUN_ID_FILE = "mlflow_run_id"  #: in the run directory: the MLflow run a resumed run continues
 DEFAULT_EXPERIMENT = "igniter"  #: without MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID
+#: Loggers whose INFO lines (a local store's table creation and migrations) stay off the console.
+_QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic")
 CHECK_TIMEOUT_S = 5  #: seconds the tracker has to answer at start-up (no retries)
 #: During the run, unless set in the environment: retries and seconds per request, so that a
 #: tracker gone away costs training seconds once (it is then left alone), not minutes of retries.
@@ -276,6 +278,8 @@ def start_mlflow(ctx: RunContext, key: str = "logging.loggers") -> MLflowTracker
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    for name in _QUIET_LOGGERS:  # "Creating initial MLflow database tables...": a local store's set-up, not news
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = mlflow.get_tracking_uri()
     client = MlflowClient(uri)
     try:
