@@ -108,17 +108,19 @@ def test_the_summary_says_the_strategy_and_where_the_precision_comes_from():
         assert f"processes   {line}" in table, table
 
 
-def test_an_ordinary_cpu_run_logs_each_epoch_end_and_keeps_set_up_noise_off_the_console(tmp_path):
+def test_an_ordinary_cpu_run_logs_each_epoch_end_and_keeps_set_up_noise_off_the_console(tmp_path, monkeypatch):
     """log_every 4 with 10 iterations per epoch: lines at 4, 8, 10 (epoch end), 12, 16, 20; an
     interrupted run's summary says how many epochs completed and how far the next one got. The
     console has no NVML line on a machine without GPUs (rank0.log keeps it) and no MLflow
-    table-creation lines."""
+    table-creation lines; with MLFLOW_TRACKING_URI unset the MLflow store is outputs/mlflow.db, and
+    the run says so with the `mlflow ui` command."""
     import torch
     from conftest import read_metrics, run_igniter
 
     from igniter.summary import summary_table
 
     pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
     args = ["trainer.max_epochs=2", "data.train.subset=320", "logging.log_every=4", "logging.progress_bar=false"]
     proc = run_igniter([*args, "logging.loggers=[mlflow]", "checkpoint.enabled=false", f"output_dir={run}"], tmp_path)
@@ -134,6 +136,11 @@ def test_an_ordinary_cpu_run_logs_each_epoch_end_and_keeps_set_up_noise_off_the_
     if not torch.cuda.is_available():
         assert "GPU telemetry off" in log and "GPU telemetry off" not in console, console
     assert "database tables" not in console and "alembic" not in console, console
+    # MLFLOW_TRACKING_URI unset (run_igniter passes this environment): the store under outputs/, said where
+    store = tmp_path / "outputs" / "mlflow.db"
+    assert store.is_file() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert f"mlflow ui --backend-store-uri sqlite:///{store}" in proc.stdout, proc.stdout
+    assert list((tmp_path / "outputs" / "mlruns").rglob("metrics.json")), "the run's artifacts under outputs/mlruns"
 
 
 def test_launchers_torchrun_sh_keeps_torchrun_s_omp_banner_away_and_igniter_chooses(tmp_path, monkeypatch):
