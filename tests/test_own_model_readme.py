@@ -72,16 +72,26 @@ def test_the_readme_own_model_section_runs_as_written(tmp_path):
     assert "1 5" in calls and "2 60" in calls, calls  # every 5th iteration, and the end of epoch 2 (30 per epoch)
 
 
-def test_an_import_that_registers_nothing_names_the_module_that_would(tmp_path):
-    """The README's package without its ``__init__.py`` import: the names are missing, and the
-    error says that ``my_project`` registered nothing while ``my_project.components`` would."""
-    command = _write_files_and_command(_section(), tmp_path)
-    (tmp_path / "my_project" / "__init__.py").write_text("")
-    igniter = Path(sys.executable).parent / "igniter"
-    proc = subprocess.run(
-        [str(igniter), "check", *command[1:]], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+def test_an_import_that_registers_nothing_names_the_module_that_would(tmp_path, monkeypatch):
+    """A package whose ``__init__.py`` imports nothing (the README's mistake before issue 27): the
+    names are missing, and one more problem says that the package registered nothing while its
+    ``components`` would (found by reading the source, not by importing it)."""
+    from igniter.compose import config_problems
+
+    package = tmp_path / "lab27_project"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "components.py").write_text(
+        "import torch\nfrom igniter.registry import model_registry\n\n\n"
+        '@model_registry("lab27_net")\ndef lab27_net():\n    return torch.nn.Linear(64, 10)\n'
     )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "imported `my_project`, which registered nothing" in proc.stderr, proc.stderr
-    assert "your registrations are in `my_project.components`?" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    (package / "helpers.py").write_text("def unrelated(): ...\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, problems = config_problems(["imports=[lab27_project]", "model.name=lab27_net"])
+    by_key = {p.key: p.expected for p in problems}
+    assert set(by_key) == {"model.name", "imports[0]"}, problems
+    assert by_key["imports[0]"].startswith(
+        "imported `lab27_project`, which registered nothing; your registrations are in `lab27_project.components`?"
+    ), by_key
+    assert "lab27_project.components" not in __import__("sys").modules, "found by reading, not importing"
