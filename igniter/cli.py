@@ -25,7 +25,14 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from igniter.cluster.hydra_launchers import one_job_sweep, secondary_launcher_settings
-from igniter.compose import compose_config, config_problems, hydra_args, plain_config, sweep_points
+from igniter.compose import (
+    compose_config,
+    config_dir_problems,
+    config_problems,
+    hydra_args,
+    plain_config,
+    sweep_points,
+)
 from igniter.config import CONFIG_MODULE, register_schema
 from igniter.errors import (
     EXIT_CONFIG,
@@ -407,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = hydra_args(argv)
     if args.overrides and _not_an_override(args.overrides[0]):
         sys.exit(_unknown_subcommand(args.overrides[0]))
+    if config_dir_problems(args.config_dir):  # --cfg and the other pass-through flags too
+        sys.exit(report_problems(config_dir_problems(args.config_dir)))
     if args.help:  # the subcommands first, then Hydra's own help
         overview()
     if args.cfg and not args.resolve:  # the config a run would use: interpolations resolved

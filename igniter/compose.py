@@ -29,6 +29,7 @@ from igniter.registry import suggest
 
 __all__ = [
     "config_groups",
+    "config_dir_problems",
     "compose_config",
     "sweep_points",
     "config_problems",
@@ -191,6 +192,22 @@ def _composition_problem(override: Any, exc: BaseException, base: DictConfig | N
     return Problem(key, " ".join(str(exc).split()), value)
 
 
+def config_dir_problems(config_dir: str | None) -> list[Problem]:
+    """A ``--config-dir`` that is not a directory (Hydra would warn, then miss every group in it)."""
+    if not config_dir or Path(config_dir).expanduser().is_dir():
+        return []
+    where = Path(config_dir).expanduser().absolute()
+    what = "is a file, not a directory" if where.exists() else "does not exist"
+    return [
+        Problem(
+            "--config-dir",
+            f"{where} {what}: give the directory that holds your config groups (e.g. my_configs/model/*.yaml), "
+            "relative to the working directory or absolute",
+            config_dir,
+        )
+    ]
+
+
 def config_problems(
     overrides: Sequence[str], config_name: str = "config", config_dir: str | None = None, keep_hydra: bool = False
 ) -> tuple[DictConfig | None, list[Problem]]:
@@ -210,17 +227,9 @@ def config_problems(
 
     from igniter.validate import validate
 
-    if config_dir and not Path(config_dir).expanduser().is_dir():  # Hydra would warn, then miss every group in it
-        where = Path(config_dir).expanduser().absolute()
-        what = "is a file, not a directory" if where.exists() else "does not exist"
-        return None, [
-            Problem(
-                "--config-dir",
-                f"{where} {what}: give the directory that holds your config groups (e.g. my_configs/model/*.yaml), "
-                "relative to the working directory or absolute",
-                config_dir,
-            )
-        ]
+    problems = config_dir_problems(config_dir)
+    if problems:
+        return None, problems
     try:
         parsed = _parse(overrides)
     except OverrideParseException as e:

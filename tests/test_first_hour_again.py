@@ -31,12 +31,13 @@ def test_a_misspelled_subcommand_gets_did_you_mean(word, meant, monkeypatch, tmp
     assert not any(tmp_path.iterdir())
 
 
-def test_a_missing_config_dir_is_its_own_paragraph(monkeypatch, tmp_path, capsys):
-    code, _, err = _main(["--config-dir", "my_config", "model=tiny_net"], monkeypatch, tmp_path, capsys)
+@pytest.mark.parametrize("extra", [["model=tiny_net"], ["--cfg", "job"]])
+def test_a_missing_config_dir_is_its_own_paragraph(extra, monkeypatch, tmp_path, capsys):
+    code, out, err = _main(["--config-dir", "my_config", *extra], monkeypatch, tmp_path, capsys)
     assert code == 2, err
     assert f"--config-dir = 'my_config': {tmp_path / 'my_config'} does not exist" in err, err
     assert "no such option" not in err and "UserWarning" not in err and err.count("\n") <= 3, err
-    assert not any(tmp_path.iterdir())
+    assert out == "" and not any(tmp_path.iterdir())
 
 
 def test_the_readme_first_command_installs_what_draws_curves_png():
