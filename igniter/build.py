@@ -22,10 +22,14 @@ other than the schema's ``train``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
+import pkgutil
+import re
 import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -35,6 +39,7 @@ from torch.utils.data import Dataset, Subset
 from igniter.config import DatasetConfig, SolverConfig
 from igniter.errors import ConfigError, Problem
 from igniter.registry import (
+    REGISTRIES,
     Registry,
     RegistryError,
     dataset_registry,
@@ -57,6 +62,7 @@ __all__ = [
     "optimizer_args",
     "plain",
     "import_modules",
+    "registered_nothing",
     "import_object",
     "call_with",
     "accepted_params",
@@ -100,8 +106,8 @@ class StepArgs:
 
 #: Names a step / engine / metric factory may take from igniter (the fields of :class:`StepArgs`).
 STEP_ARGS: tuple[str, ...] = tuple(f.name for f in fields(StepArgs))
-#: Dataset factory arguments from ``data.<split>.split``, ``.root`` and ``.transforms``.
-DATASET_ARGS: tuple[str, ...] = ("split", "root", "transform")
+#: Dataset factory arguments from ``data.<split>.split``, ``.root``, ``.download`` and ``.transforms``.
+DATASET_ARGS: tuple[str, ...] = ("split", "root", "download", "transform")
 #: Optimizer arguments: the model's parameters (first, positionally), ``solver.lr``, ``solver.weight_decay``.
 OPTIMIZER_ARGS: tuple[str, ...] = ("params", "lr", "weight_decay")
 #: Scheduler arguments: the optimizer (first, positionally).
@@ -111,7 +117,7 @@ HANDLER_ARGS: tuple[str, ...] = ("ctx",)
 
 # Schema defaults: a **kwargs dataset factory gets a value only when the config changed it from
 # these; a factory that cannot take a value is an error only when the config changed it.
-_DATASET_DEFAULTS = {"split": DatasetConfig.split, "root": None, "transform": None}
+_DATASET_DEFAULTS = {"split": DatasetConfig.split, "root": None, "download": False, "transform": None}
 _SOLVER_DEFAULTS = {"lr": SolverConfig.lr, "weight_decay": SolverConfig.weight_decay}
 
 
@@ -157,6 +163,54 @@ def import_modules(names: Iterable[str], key: str = "imports") -> None:
             problems.append(Problem(f"{key}[{i}]", f"cannot import: {type(e).__name__}: {e}", name))
     if problems:
         raise ConfigError(problems)
+
+
+def _registers(module_name: str) -> bool:
+    """Whether any registry holds an object defined in ``module_name`` or one of its submodules."""
+    prefix = module_name + "."
+    return any(
+        r.entry(n).module == module_name or r.entry(n).module.startswith(prefix)
+        for r in REGISTRIES.values()
+        for n in r.names()
+    )
+
+
+def _registering_submodules(module_name: str) -> list[str]:
+    """Submodules of the package ``module_name`` (not imported) whose source uses a registry
+    decorator: where a user's registrations are when the package's ``__init__`` imports none."""
+    module = sys.modules.get(module_name)
+    found = []
+    for info in pkgutil.walk_packages(getattr(module, "__path__", None) or [], prefix=module_name + "."):
+        spec = importlib.util.find_spec(info.name) if info.name not in sys.modules else sys.modules[info.name].__spec__
+        origin = getattr(spec, "origin", None)
+        try:
+            source = Path(origin).read_text(errors="replace") if origin and origin.endswith(".py") else ""
+        except OSError:
+            continue
+        if re.search(r"^\s*@\s*\w*registry\b", source, flags=re.M):
+            found.append(info.name)
+    return found
+
+
+def registered_nothing(names: Iterable[str], key: str = "imports") -> list[Problem]:
+    """One problem per imported module (already imported by :func:`import_modules`) that
+    registered nothing, naming the submodules whose source would register
+    ("your registrations are in `my_project.components`?"). For :mod:`igniter.validate`
+    to add when the config names something no registry holds."""
+    problems = []
+    for i, name in enumerate(names):
+        if name not in sys.modules or _registers(name):
+            continue
+        subs = _registering_submodules(name)
+        hint = (
+            f"; your registrations are in {' or '.join(f'`{s}`' for s in subs)}? Import "
+            f"{'them' if len(subs) > 1 else 'it'} in {name.replace('.', '/')}/__init__.py, or list "
+            f"{'them' if len(subs) > 1 else 'it'} in {key}"
+            if subs
+            else " (no @..._registry decorator ran while importing it)"
+        )
+        problems.append(Problem(f"{key}[{i}]", f"imported `{name}`, which registered nothing{hint}", name))
+    return problems
 
 
 def import_object(dotted: str) -> Any:
@@ -212,13 +266,15 @@ def injected(
 
 
 def dataset_args(cfg: DictConfig, factory: Callable, transform: Any = None) -> tuple[dict[str, Any], list[str]]:
-    """:func:`injected` for a dataset: ``split``, ``root`` and ``transform``.
+    """:func:`injected` for a dataset: ``split``, ``root``, ``download`` and ``transform``.
 
     ``transform`` is the composed transform (``build_dataset``) or, when only
     checking (``validate``), any stand-in that is not ``None`` when
     ``cfg.transforms`` lists some.
     """
-    values = {"split": cfg.split, "root": cfg.root, "transform": transform}
+    # download only when true: a factory's own ``download`` default (or params.download) is left alone otherwise
+    download = True if cfg.get("download", False) else None
+    values = {"split": cfg.split, "root": cfg.root, "download": download, "transform": transform}
     assert set(values) == set(DATASET_ARGS)
     return injected(factory, values, _DATASET_DEFAULTS)
 
@@ -286,6 +342,8 @@ def build_dataset(cfg: DictConfig, key: str) -> Dataset:
     try:
         kwargs = {**plain(cfg.params), **dataset_args(cfg, factory, transform)[0]}
         dataset = factory(**kwargs)
+    except ConfigError:  # the factory's own one-paragraph error (e.g. a refused download)
+        raise
     except Exception as e:
         raise _build_error(key, e, cfg.name) from e
     if cfg.subset is not None and cfg.subset < len(dataset):

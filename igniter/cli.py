@@ -25,7 +25,14 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from igniter.cluster.hydra_launchers import one_job_sweep, secondary_launcher_settings
-from igniter.compose import compose_config, config_problems, hydra_args, plain_config, sweep_points
+from igniter.compose import (
+    compose_config,
+    config_dir_problems,
+    config_problems,
+    hydra_args,
+    plain_config,
+    sweep_points,
+)
 from igniter.config import CONFIG_MODULE, register_schema
 from igniter.errors import (
     EXIT_CONFIG,
@@ -40,6 +47,7 @@ from igniter.errors import (
 from igniter.sweeps import (
     best_value,
     optuna_direction,
+    plain_optuna_logging,
     proposes_lazily,
     record_failed_trial,
     study_problems,
@@ -318,9 +326,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "export": Subcommand(
         "igniter.evaluate:export_main",
-        "<checkpoint> [--format safetensors] [--output PATH]",
+        "<run dir | checkpoint> [--format safetensors] [--output PATH]",
         "Write a checkpoint's model weights alone (safetensors).\n"
-        "Default output: the checkpoint's path with the suffix .safetensors.",
+        "A run directory means its newest checkpoint; default output: the checkpoint's path with the suffix .safetensors.",
     ),
     "status": Subcommand(
         "igniter.status:main",
@@ -357,6 +365,27 @@ def _run_subcommand(name: str, argv: list[str]) -> int:
     return getattr(importlib.import_module(module), function)(argv)
 
 
+def _not_an_override(word: str) -> bool:
+    """A word that is neither ``key=value`` nor Hydra's ``~key`` (delete)."""
+    return "=" not in word and not word.startswith("~")
+
+
+def _unknown_subcommand(word: str) -> int:
+    """Say that ``word`` is no subcommand (the closest one, every one) and return exit status 2."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(SUBCOMMANDS), n=1, cutoff=0.5)
+    close = close or [name for name in SUBCOMMANDS if word.startswith(name) or name.startswith(word)][:1]
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    print(
+        f"igniter: '{word}' is neither a subcommand nor an override (key=value).{hint} "
+        f"Subcommands: {', '.join(SUBCOMMANDS)} (`igniter help`); overrides look like "
+        "`solver.lr=0.01` or `model=lenet`. Nothing was run.",
+        file=sys.stderr,
+    )
+    return EXIT_CONFIG
+
+
 _PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "version")
 
 
@@ -383,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv and argv[0] in SUBCOMMANDS:
         sys.exit(_run_subcommand(argv[0], argv[1:]))
     args = hydra_args(argv)
+    if args.overrides and _not_an_override(args.overrides[0]):
+        sys.exit(_unknown_subcommand(args.overrides[0]))
+    if config_dir_problems(args.config_dir):  # --cfg and the other pass-through flags too
+        sys.exit(report_problems(config_dir_problems(args.config_dir)))
     if args.help:  # the subcommands first, then Hydra's own help
         overview()
     if args.cfg and not args.resolve:  # the config a run would use: interpolations resolved
@@ -400,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         argv = one_job or argv
         argv += _sweeper_overrides(configs[0], args.overrides)
+        if configs[0] is not None and proposes_lazily(configs[0].hydra):
+            plain_optuna_logging()
     import hydra
 
     register_schema()

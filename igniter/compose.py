@@ -29,6 +29,7 @@ from igniter.registry import suggest
 
 __all__ = [
     "config_groups",
+    "config_dir_problems",
     "compose_config",
     "sweep_points",
     "config_problems",
@@ -151,6 +152,21 @@ def _sibling_suggestion(base: DictConfig | None, full_key: str) -> str:
     return f"{hint} {listing}"
 
 
+def _torch_optim_hint(value: str) -> str:
+    """``solver=adamw``: torch.optim's class of that name (any case) is one ``solver.name`` away."""
+    import inspect
+
+    import torch.optim
+
+    found = [n for n in dir(torch.optim) if n.lower() == value.lower() and inspect.isclass(getattr(torch.optim, n))]
+    if not found:
+        return ""
+    return (
+        f" torch.optim has {found[0]}, and any torch.optim class works through solver.name: "
+        f"write solver.name={found[0]} (the solver group's other settings, lr and weight_decay, stay)"
+    )
+
+
 def _composition_problem(override: Any, exc: BaseException, base: DictConfig | None) -> Problem:
     """The problem ``exc`` (raised composing with ``override``) stands for, in igniter's
     words: an unknown group option lists the options, an unknown key its siblings
@@ -162,11 +178,8 @@ def _composition_problem(override: Any, exc: BaseException, base: DictConfig | N
     value = override.value() if override is not None else None
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         options = list(exc.options)
-        return Problem(
-            key,
-            f"no such option in config group '{key}' (available: {', '.join(options)}).{suggest(str(value), options)}",
-            value,
-        )
+        hint = (_torch_optim_hint(str(value)) if key == "solver" else "") or suggest(str(value), options)
+        return Problem(key, f"no such option in config group '{key}' (available: {', '.join(options)}).{hint}", value)
     cause = _omegaconf_cause(exc)
     if cause is not None:
         msg = str(getattr(cause, "msg", cause)).splitlines()[0]
@@ -177,6 +190,22 @@ def _composition_problem(override: Any, exc: BaseException, base: DictConfig | N
                 hint += f" To add a new key, write +{override.input_line}"
         return Problem(str(cause.full_key), f"{msg}.{hint}".replace("..", "."), value)
     return Problem(key, " ".join(str(exc).split()), value)
+
+
+def config_dir_problems(config_dir: str | None) -> list[Problem]:
+    """A ``--config-dir`` that is not a directory (Hydra would warn, then miss every group in it)."""
+    if not config_dir or Path(config_dir).expanduser().is_dir():
+        return []
+    where = Path(config_dir).expanduser().absolute()
+    what = "is a file, not a directory" if where.exists() else "does not exist"
+    return [
+        Problem(
+            "--config-dir",
+            f"{where} {what}: give the directory that holds your config groups (e.g. my_configs/model/*.yaml), "
+            "relative to the working directory or absolute",
+            config_dir,
+        )
+    ]
 
 
 def config_problems(
@@ -198,6 +227,9 @@ def config_problems(
 
     from igniter.validate import validate
 
+    problems = config_dir_problems(config_dir)
+    if problems:
+        return None, problems
     try:
         parsed = _parse(overrides)
     except OverrideParseException as e:

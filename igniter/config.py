@@ -54,13 +54,16 @@ class DatasetConfig:
     """A dataset from the dataset registry.
 
     ``root`` is a directory (checked to exist before anything runs) for
-    datasets that read files; ``subset`` keeps a seeded random subset of that
-    many samples (quick runs and tests).
+    datasets that read files; ``download``: fetch missing files into ``root``
+    (passed to factories that take ``download``, as torchvision's datasets do;
+    the built-in ``mnist`` checks each file's SHA-256); ``subset`` keeps a
+    seeded random subset of that many samples (quick runs and tests).
     """
 
     name: str = MISSING
     split: str = "train"
     root: Optional[str] = None
+    download: bool = False
     subset: Optional[int] = None
     params: Dict[str, Any] = field(default_factory=dict)
     transforms: List[TransformConfig] = field(default_factory=list)
@@ -82,9 +85,11 @@ class LoaderConfig:
 @dataclass
 class DataConfig:
     """Train/val datasets and loading. ``root`` is a shared data directory the
-    dataset configs may refer to as ``${data.root}``."""
+    dataset configs may refer to as ``${data.root}``; ``download`` likewise as
+    ``${data.download}`` (``configs/data/mnist.yaml`` does)."""
 
     root: Optional[str] = None
+    download: bool = False
     train: DatasetConfig = field(default_factory=DatasetConfig)
     val: Optional[DatasetConfig] = None
     loader: LoaderConfig = field(default_factory=LoaderConfig)

@@ -7,18 +7,31 @@ tensor, and apply an optional per-sample ``transform`` to ``x``.
 from __future__ import annotations
 
 import gzip
+import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from igniter.checkpoint.remote import fetch
+from igniter.errors import ConfigError, Problem
 from igniter.registry import dataset_registry
 
-__all__ = ["TensorPairDataset", "digits", "mnist", "read_idx", "MNIST_FILES"]
+__all__ = [
+    "TensorPairDataset",
+    "digits",
+    "mnist",
+    "download_mnist",
+    "read_idx",
+    "MNIST_FILES",
+    "MNIST_MIRRORS",
+    "MNIST_SHA256",
+]
 
 Transform = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
@@ -97,6 +110,15 @@ MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+#: Where ``mnist(download=True)`` looks, in order: torchvision's mirrors (``<mirror><stem>.gz``).
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+#: The SHA-256 of each gzipped IDX file (the files torchvision's mirrors serve, whose MD5s torchvision lists).
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b09d8b89df4ad239afc76a323dbe9559169cd8cca365467dfe8aa1f7ca54109b",
+    "train-labels-idx1-ubyte.gz": "c51906e7929bbf7c824fbd16019b56297269ca82cba449c5b5d59c0a02147fed",
+    "t10k-images-idx3-ubyte.gz": "f72c2dff3457595ec2fe452d25d97b7f974a74ad5b006687704212bedd1486d8",
+    "t10k-labels-idx1-ubyte.gz": "4baf84ddd60ae342cfdd282ec3fba3249a201a4459782165496a7cbebbe49a2e",
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -147,25 +169,89 @@ def mnist_candidates(root: str | Path, split: str) -> list[Path]:
     ]
 
 
+def download_mnist(root: str | Path, mirrors: Sequence[str] = MNIST_MIRRORS) -> None:
+    """Download the gzipped IDX files (both splits, as torchvision does) missing under ``root`` into
+    ``root/MNIST/raw/``, each from the first of ``mirrors`` that serves it with its SHA-256
+    (:data:`MNIST_SHA256`), through :func:`igniter.checkpoint.remote.fetch`.
+
+    Raises:
+        ConfigError: (key ``data.download``) no mirror served a file with the right SHA-256, or
+            ``root`` cannot be written; the reason of every mirror. Nothing is left behind: the
+            files this call downloaded and the directories it created are removed.
+    """
+    raw = Path(root) / "MNIST" / "raw"
+    created = [d for d in (raw, raw.parent, Path(root)) if not d.exists()]
+    written: list[Path] = []
+    try:
+        try:
+            raw.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError([Problem("data.download", f"cannot create {raw}: {e}", True)], "cannot download MNIST")
+        for stem in (stem for stems in MNIST_FILES.values() for stem in stems):
+            if _find_idx(Path(root), stem) is not None:
+                continue
+            name = stem + ".gz"
+            reasons = []
+            for mirror in mirrors:
+                url = mirror if mirror.endswith(name) else mirror.rstrip("/") + "/" + name
+                try:
+                    tmp = fetch(url, "data.download", MNIST_SHA256[name], cached=False)
+                except ConfigError as e:
+                    reasons.append("; ".join(p.expected for p in e.problems))
+                    continue
+                part = raw / f".{name}.part"
+                shutil.move(tmp, part)  # the temporary file may be on another file system
+                os.replace(part, raw / name)
+                written.append(raw / name)
+                break
+            else:
+                raise ConfigError(
+                    [Problem("data.download", f"no mirror served {name}: " + " | ".join(reasons), list(mirrors))],
+                    "cannot download MNIST",
+                )
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for d in created:  # innermost first; only if still empty
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
 @dataset_registry("mnist")
-def mnist(root: str, split: str = "train", transform: Transform = None) -> Dataset:
+def mnist(
+    root: str,
+    split: str = "train",
+    transform: Transform = None,
+    download: bool = False,
+    mirrors: Sequence[str] = MNIST_MIRRORS,
+) -> Dataset:
     """MNIST read from IDX files, without torchvision.
 
     Looks for torchvision's layout ``root/MNIST/raw/<stem>[.gz]`` (also
     ``root/raw`` and ``root`` itself). Returns ``x`` of shape ``[1, 28, 28]``
     scaled to ``[0, 1]`` and ``y`` in 0-9; ``train`` has 60,000 samples,
-    ``test`` 10,000.
+    ``test`` 10,000. With ``download``, missing files are first fetched from
+    ``mirrors`` (:func:`download_mnist`).
 
     Raises:
         ValueError: unknown ``split``.
         FileNotFoundError: a file is missing; the message lists every path tried.
+        ConfigError: ``download`` and no mirror served a file with its SHA-256.
     """
     if split not in MNIST_FILES:
         raise ValueError(f"mnist: split must be one of {sorted(MNIST_FILES)}, got '{split}'")
     paths = [_find_idx(Path(root), stem) for stem in MNIST_FILES[split]]
+    if None in paths and download:
+        download_mnist(root, [mirrors] if isinstance(mirrors, str) else list(mirrors))
+        paths = [_find_idx(Path(root), stem) for stem in MNIST_FILES[split]]
     if None in paths:
         tried = "\n  ".join(str(p) for p in mnist_candidates(root, split))
-        raise FileNotFoundError(f"mnist: {split} IDX files not found under '{root}'. Looked for:\n  {tried}")
+        raise FileNotFoundError(
+            f"mnist: {split} IDX files not found under '{root}' (data.download=true fetches them). Looked for:\n  {tried}"
+        )
     images, labels = (read_idx(p) for p in paths)  # type: ignore[arg-type]
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))

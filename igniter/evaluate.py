@@ -47,12 +47,12 @@ def _checkpoint_error(path: Path | str, error: Exception, header: str) -> Config
     return ConfigError([Problem("checkpoint", f"{path} {error}")], header)
 
 
-def _locate(target: Path) -> tuple[Path, Path]:
-    """``(run dir, local checkpoint)`` for a run directory (its newest checkpoint, downloaded once
-    when the run's checkpoints are in object storage) or a checkpoint inside one."""
+def _locate(target: Path, header: str = "cannot evaluate") -> tuple[Path, Path]:
+    """``(run dir, checkpoint)`` for a run directory (its newest checkpoint, downloaded once when
+    the run's checkpoints are in object storage) or a checkpoint inside one."""
     from igniter.checkpoint.location import find_in_run
 
-    return find_in_run(target)
+    return find_in_run(target, header)
 
 
 def _apply_choice(cfg: DictConfig, schema: DictConfig, group: str, choice: str) -> None:
@@ -251,7 +251,8 @@ def eval_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    """``igniter export <checkpoint> --format safetensors [--output PATH]``.
+    """``igniter export <run dir | checkpoint> --format safetensors [--output PATH]`` (a run
+    directory: its newest checkpoint, as ``eval`` takes it).
 
     Returns:
         0; 2 (printed in one paragraph, nothing written) when the checkpoint cannot be
@@ -261,7 +262,7 @@ def export_main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="igniter export", description="Write a checkpoint's model weights alone.")
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint, or a run directory (its newest checkpoint)")
     parser.add_argument("--format", choices=["safetensors"], default="safetensors")
     parser.add_argument("--output", type=Path, default=None, help="default: the checkpoint's name with .safetensors")
     args = parser.parse_args(argv)
@@ -270,8 +271,14 @@ def export_main(argv: list[str]) -> int:
     from igniter.atomic_files import atomic_write
     from igniter.checkpoint.files import CheckpointInvalid
 
-    output: Path = args.output or args.checkpoint.with_suffix(".safetensors")
     try:
+        run_dir, args.checkpoint = _locate(args.checkpoint, "cannot export")
+        name = str(args.checkpoint).rstrip("/").rsplit("/", 1)[-1]  # a dcp checkpoint in a store is its URL
+        output: Path = args.output or (
+            args.checkpoint.with_suffix(".safetensors")
+            if isinstance(args.checkpoint, Path)
+            else run_dir / Path(name).with_suffix(".safetensors")
+        )
         try:
             state = read_weights(args.checkpoint)
         except CheckpointInvalid as e:

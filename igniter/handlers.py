@@ -44,6 +44,7 @@ __all__ = [
     "attach_nan_guard",
     "loss_of",
     "any_rank",
+    "epoch_end",
     "nonfinite_loss",
 ]
 
@@ -98,9 +99,19 @@ def _throttled(seconds: float) -> Callable[[Engine, int], bool]:
     return event_filter
 
 
+def epoch_end(engine: Engine) -> bool:
+    """Whether the iteration just completed ends an epoch. Iteration-based checkpoints
+    (:mod:`igniter.checkpoint.attach`) skip it: the epoch's checkpoint comes at EPOCH_COMPLETED, after its validation. Taken here, before
+    the validation, a kill in between resumed at the next epoch without that epoch's row in
+    metrics.json (and without its best-checkpoint and early-stopping decisions)."""
+    length = engine.state.epoch_length
+    return bool(length) and engine.state.iteration % length == 0
+
+
 def attach_progress(ctx: RunContext) -> None:
     """Rank 0 progress: Ignite's tqdm ``ProgressBar`` on a terminal, else a log line
-    every ``logging.log_every`` iterations (as under SLURM, where stdout is a file).
+    every ``logging.log_every`` iterations and at the last iteration of every epoch (as
+    under SLURM, where stdout is a file).
 
     The bar is Ignite's default, one bar for the current epoch that is cleared at the
     epoch's end (the epoch's validation line stays), redrawn at most 4 times a second
@@ -125,7 +136,14 @@ def attach_progress(ctx: RunContext) -> None:
         trainer.add_event_handler(Events.TERMINATE, bar._close)  # Ignite's own close; a no-op once closed
         return
 
+    log_every = cfg.logging.log_every
+
+    def _unlogged_epoch_end(engine: Engine, iteration: int) -> bool:  # LOG did not fire on it
+        return epoch_end(engine) and iteration % log_every != 0
+
+    # every epoch's last iteration too: at log_every 50 and 44 iterations per epoch, some epochs had no line
     @trainer.on(PeriodicEvents.LOG)
+    @trainer.on(Events.ITERATION_COMPLETED(event_filter=_unlogged_epoch_end))
     def _log_line(engine: Engine) -> None:
         out = engine.state.output
         loss = scalar(loss_of(out))

@@ -8,6 +8,7 @@ Layout (one JSON object; times in seconds)::
     world_size, backend     processes and their torch.distributed backend (null: none)
     global_batch_size       data.loader.batch_size, all processes together
     per_process_batch_size  global_batch_size / world_size
+    strategy                runner.strategy ("ddp", "fsdp"; how a model is wrapped over several processes)
     precision               trainer.precision ("32", "bf16-mixed", "16-mixed")
     accumulate_grad_batches micro-batches per optimizer step (each of per_process_batch_size / it)
     compile                 whether trainer.compile is on
@@ -17,7 +18,8 @@ Layout (one JSON object; times in seconds)::
     restarts                how many times the run was resumed (absent: never)
     first_iteration_s       from the interpreter's start to the end of the first step
     --- written at the end of the run (:func:`run_summary`) ---
-    epochs_completed, iterations
+    epochs_completed, iterations  the trainer's epoch (the one in progress, when interrupted) and iteration
+    epoch_length            iterations per epoch (the summary: "22 complete + 12 of 44 iterations")
     wall_time_s             the whole process (start-up, evaluation and summary included)
     run_time_s              trainer.run, handlers included (0.0 when it did not return)
     train_time_s            training epochs without end-of-epoch handlers (and without compilation)
@@ -107,6 +109,7 @@ class MetricsRecord:
             "backend": backend,
             "global_batch_size": ctx.cfg.data.loader.batch_size,
             "per_process_batch_size": ctx.per_process_batch_size,
+            "strategy": str(ctx.cfg.runner.strategy),
             "precision": str(ctx.cfg.trainer.precision),
             "accumulate_grad_batches": ctx.cfg.trainer.accumulate_grad_batches,
             "compile": compile_options(ctx.cfg.trainer.compile) is not None,
@@ -166,6 +169,7 @@ def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[
         "status": final_status(ctx, interrupted),
         "epochs_completed": state.epoch,
         "iterations": state.iteration,
+        "epoch_length": state.epoch_length,
         "wall_time_s": wall_time_s,
         "train_time_s": status.train_time_s,
         "run_time_s": status.run_time_s,

@@ -109,12 +109,48 @@ def _micro_batches(m: dict[str, Any]) -> str:
     return f" = {k} micro-batches of {per_process // k}" if k > 1 and isinstance(per_process, int) else ""
 
 
+def _processes(m: dict[str, Any]) -> str:
+    """World size and strategy, batch sizes, and the precision with where it comes from."""
+    world = m.get("world_size", "?")
+    strategy = m.get("strategy")
+    how = (
+        f" ({strategy}, backend {m.get('backend') or '?'})"
+        if strategy and world != 1
+        else " (one process: no strategy)"
+        if world == 1
+        else ""
+    )
+    precision = str(m.get("precision", "32"))
+    if precision == "32":
+        source = "float32"
+    elif strategy == "fsdp" and world != 1:
+        source = "torch.autocast and FSDP's MixedPrecisionPolicy"
+    else:
+        source = "torch.autocast" + (" and GradScaler" if precision == "16-mixed" else "")
+    return (
+        f"world size {world}{how}, global batch {m.get('global_batch_size', '?')}, "
+        f"per process {m.get('per_process_batch_size', '?')}{_micro_batches(m)}, "
+        f"precision {precision} (trainer.precision: {source})"
+    )
+
+
+def _epochs(m: dict[str, Any]) -> str:
+    """``20 (880 iterations)``; a run that stopped inside an epoch: ``22 complete + 12 of 44
+    iterations (980 iterations)`` (the trainer's epoch counts the epoch it was in)."""
+    iterations, length = m.get("iterations"), m.get("epoch_length")
+    if isinstance(iterations, int) and isinstance(length, int) and length > 0 and iterations % length:
+        return (
+            f"{iterations // length} complete + {iterations % length} of {length} iterations ({iterations} iterations)"
+        )
+    return f"{m.get('epochs_completed', '?')} ({iterations if iterations is not None else '?'} iterations)"
+
+
 def summary_table(m: dict[str, Any]) -> str:
     """A few aligned lines from a ``metrics.json`` dict."""
     split = m.get("time_split")
     rows = [
         ("status", m.get("status", "?")),
-        ("epochs", f"{m.get('epochs_completed', '?')} ({m.get('iterations', '?')} iterations)"),
+        ("epochs", _epochs(m)),
         ("final", _metrics_text(m.get("final", {})) or "-"),
         ("best", (_metrics_text(m.get("best", {})) + f" (epoch {m['best'].get('epoch')})") if m.get("best") else "-"),
         (
@@ -133,14 +169,8 @@ def summary_table(m: dict[str, Any]) -> str:
             if m.get("first_iteration_s")
             else "-",
         ),
-        (
-            "processes",
-            f"world size {m.get('world_size', '?')}, global batch {m.get('global_batch_size', '?')}, per process {m.get('per_process_batch_size', '?')}"
-            + _micro_batches(m),
-        ),
+        ("processes", _processes(m)),
     ]
-    if m.get("precision", "32") != "32":
-        rows.append(("precision", f"{m['precision']} (autocast)"))
     if m.get("compile"):
         seconds = m.get("compile_s")
         rows.append(

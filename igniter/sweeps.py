@@ -23,6 +23,7 @@ from igniter.errors import Problem
 from igniter.record import read_record
 
 __all__ = [
+    "plain_optuna_logging",
     "ResultsTable",
     "results_rows",
     "BASIC_SWEEPER",
@@ -49,6 +50,28 @@ OPTUNA_RESULTS = "optimization_results.yaml"
 _FAILED: dict[str, tuple[str, float, int]] = {}
 #: The exit status of the last study that ended in this process (0: a trial completed).
 _STUDY_EXIT = {"status": 0}
+
+
+def plain_optuna_logging() -> None:
+    """Optuna's log lines without ANSI colour codes when stderr is not a terminal (a file, a
+    pipe, CI): Optuna's own handler colours them whatever the stream (colorlog with no stream
+    given). Its lines keep their format; on a terminal nothing changes."""
+    import logging
+    import sys
+
+    if sys.stderr.isatty():
+        return
+    try:
+        import optuna
+    except ImportError:
+        return
+    optuna.logging.disable_default_handler()
+    handler = logging.StreamHandler()  # sys.stderr, as Optuna's
+    handler.setFormatter(logging.Formatter("[%(levelname)1.1s %(asctime)s] %(message)s"))
+    logger = logging.getLogger("optuna")
+    if not any(getattr(h, "_igniter_plain", False) for h in logger.handlers):
+        handler._igniter_plain = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
 
 
 def proposes_lazily(hydra_node: Any) -> bool:

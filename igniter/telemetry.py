@@ -100,7 +100,7 @@ class GpuTelemetry:
 @event_handler_registry("gpu_telemetry")
 def gpu_telemetry(ctx: RunContext, writer: Any = None) -> GpuTelemetry | None:
     """A :class:`GpuTelemetry` handler for this rank's GPU, or ``None`` (after logging
-    why on rank 0) when NVML is unavailable on any rank. Every rank must call it and
+    why on rank 0: in ``rank0.log`` only when torch sees no GPU) when NVML is unavailable on any rank. Every rank must call it and
     attach the handler at the same event (the gather is collective). igniter attaches
     it every ``logging.gpu_telemetry_every`` iterations by default."""
     nvml, reason = open_nvml()
@@ -109,7 +109,7 @@ def gpu_telemetry(ctx: RunContext, writer: Any = None) -> GpuTelemetry | None:
         ok = bool(idist.all_reduce(torch.tensor(int(ok)), op="MIN").item())
         reason = reason or "NVML is unavailable on another rank"
     if not ok:
-        if idist.get_rank() == 0:
-            logger.info("GPU telemetry off: %s", reason)
+        if idist.get_rank() == 0:  # on a machine without GPUs nothing to say on the console: the rank log keeps it
+            logger.info("GPU telemetry off: %s", reason, extra={"console": torch.cuda.is_available()})
         return None
     return GpuTelemetry(nvml, idist.get_local_rank(), writer, ctx.trainer)

@@ -30,6 +30,7 @@ from igniter.build import (
     optimizer_args,
     optimizer_factory,
     plain,
+    registered_nothing,
     scheduler_factory,
 )
 from igniter.checkpoint.location import config_problems as checkpoint_config_problems
@@ -62,6 +63,7 @@ __all__ = ["validate"]
 class _Checker:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        self.unregistered = False  # a registry name the config asks for is missing
 
     def add(self, key: str, expected: str, value: Any = NO_VALUE) -> None:
         self.problems.append(Problem(key, expected, value))
@@ -81,6 +83,7 @@ class _Checker:
     def name(self, registry: Registry, key: str, value: Any) -> Callable | None:
         if value in registry:
             return registry.get(value)
+        self.unregistered = True
         self.add(
             key,
             f"no such {registry.name} (registered: {', '.join(registry.names()) or 'none'}).{suggest(str(value), registry.names())}",
@@ -133,6 +136,7 @@ class _Checker:
 
 def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
     factory = c.name(dataset_registry, f"{key}.name", cfg.name)
+    refused: list[str] = []
     if factory is not None:
         what = f"dataset '{cfg.name}' ({getattr(factory, '__name__', factory)})"
         params = plain(cfg.params)
@@ -146,6 +150,8 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
                     f"{what} takes no 'root' argument; pass the directory in {key}.params under the name it takes",
                     cfg.root,
                 )
+            elif p == "download":
+                c.add(f"{key}.download", f"{what} takes no 'download' argument: it cannot fetch its files", True)
         for p in sorted(set(params) & set(DATASET_ARGS)):
             if p == "transform":
                 c.add(
@@ -160,7 +166,8 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
                     params[p],
                 )
         c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed, label=cfg.name)
-    if cfg.root is not None and not os.path.isdir(cfg.root):
+    # a root the dataset takes must exist (a download creates it); one it does not take is reported above
+    if cfg.root is not None and "root" not in refused and not os.path.isdir(cfg.root) and not cfg.get("download"):
         c.add(f"{key}.root", "directory does not exist", cfg.root)
     c.positive(f"{key}.subset", cfg.subset, allow_none=True)
     for i, t in enumerate(cfg.transforms):
@@ -265,7 +272,47 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
                 c.add(problem.key, problem.expected, problem.value)
 
 
+def _strings(node: Any) -> Iterable[str]:
+    """Every string leaf of a plain nested container."""
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def _check_unused_data_keys(c: _Checker, cfg: DictConfig) -> None:
+    """``data.root`` and ``data.download`` act only through the dataset configs that refer to
+    them (``${data.root}``, as ``data=mnist`` does): set while no dataset uses them (the digits
+    default reads no files), they would be ignored in silence."""
+    data = cfg.data
+    splits = [(k, data[k]) for k in ("train", "val") if data.get(k) is not None]
+    who = " and ".join(f"data.{k} ('{d.name}')" for k, d in splits)
+    if data.get("root") is not None:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+        tree["data"].pop("root", None)
+        tree.pop("hydra", None)
+        if not any(str(data.root) in s for s in _strings(tree)):
+            c.add(
+                "data.root",
+                f"no dataset reads it: {who} take no directory from data.root (a dataset config refers to it as "
+                "${data.root}, as data=mnist does); remove it, or choose a dataset that reads files (experiment=mnist)",
+                data.root,
+            )
+    if data.get("download") and not any(d.get("download") for _, d in splits):
+        c.add(
+            "data.download",
+            f"no dataset downloads: {who} take no download from data.download (a dataset config refers to it as "
+            "${data.download}, as data=mnist does)",
+            True,
+        )
+
+
 def _check_data(c: _Checker, cfg: DictConfig, world_size: int) -> None:
+    _check_unused_data_keys(c, cfg)
     _check_dataset(c, cfg.data.train, "data.train")
     if cfg.data.val is not None:
         _check_dataset(c, cfg.data.val, "data.val")
@@ -342,4 +389,6 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
         _check_output_dir(c, cfg.output_dir)
     _check_solver(c, cfg.solver)
     _check_run(c, cfg)
+    if c.unregistered:  # say when an imported module registered nothing (its __init__ imports no registrations)
+        c.problems += registered_nothing(cfg.imports)
     return c.problems

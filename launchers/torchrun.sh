@@ -10,4 +10,10 @@
 set -euo pipefail
 NPROC="${1:?usage: $0 NPROC [igniter overrides...]}"
 shift
+if [ -z "${OMP_NUM_THREADS+set}" ]; then
+  # igniter gives every worker its threads itself (usable cores / processes). torchrun would set
+  # OMP_NUM_THREADS=1 and print a 4-line banner about it: this placeholder keeps it quiet, and
+  # IGNITER_OMP_PLACEHOLDER tells igniter that the 1 is not yours (an OMP_NUM_THREADS you export is)
+  export OMP_NUM_THREADS=1 IGNITER_OMP_PLACEHOLDER=1
+fi
 exec torchrun --standalone --nproc-per-node "$NPROC" -m igniter runner=torchrun "$@"

@@ -215,3 +215,22 @@ def test_export_follows_the_umask_like_checkpoints(digits_run, tmp_path, umask, 
     loaded = load_file(str(out))
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"], "no temporary file left"
+
+
+def test_export_takes_a_run_directory_as_eval_does(digits_run, tmp_path, capsys):
+    """``igniter export <run dir>``: its newest checkpoint's weights; a directory that holds no
+    run says so (not 'an interrupted write')."""
+    from safetensors.torch import load_file
+
+    from igniter.evaluate import export_main
+
+    out = tmp_path / "w.safetensors"
+    assert export_main([str(digits_run), "--output", str(out)]) == 0, capsys.readouterr().err
+    saved = torch.load(last_checkpoint(digits_run), weights_only=True)["model"]
+    exported = load_file(out)
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    (tmp_path / "not_a_run").mkdir()
+    assert export_main([str(tmp_path / "not_a_run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("igniter: cannot export") and "no last_checkpoint_*.pt or .dcp in" in err, err
+    assert "interrupted" not in err

@@ -114,6 +114,7 @@ def test_resume_refuses_a_dcp_checkpoint_whose_metadata_pickles_code(tmp_path):
     ]
     proc = run_igniter(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "assuming the intent" not in proc.stderr, proc.stderr  # one process saves DCP on purpose
     newest, older = sorted(
         run.glob("checkpoints/last_checkpoint_*.dcp"), key=lambda p: int(p.stem.rsplit("_", 1)[1]), reverse=True
     )
@@ -125,6 +126,7 @@ def test_resume_refuses_a_dcp_checkpoint_whose_metadata_pickles_code(tmp_path):
     (newest / ".metadata").write_bytes(pickle.dumps(Exploit()))
     proc = run_igniter([*args[:1], "trainer.max_epochs=3", *args[1:]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "assuming the intent" not in proc.stderr, proc.stderr  # nor loads it (issue 27)
     log = (run / "rank0.log").read_text()
     assert f"skipping checkpoint {newest}" in log and "nothing from it was run" in log
     assert f"resumed from {older}" in log

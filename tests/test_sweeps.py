@@ -98,6 +98,7 @@ def test_a_study_without_a_completed_trial_exits_with_the_trials_status(tmp_path
     assert "Traceback" not in proc.stderr and proc.stderr.count("invalid configuration (1 problem)") == 2
     assert [r["state"] for r in table_rows(proc.stdout)] == ["invalid config"] * 2
     assert "igniter study: no trial completed" in proc.stdout
+    assert "A new study created" in proc.stderr and "\x1b[" not in proc.stdout + proc.stderr  # no colours in a pipe
 
 
 def test_study_config_is_checked_once_up_front(tmp_path, monkeypatch, capsys):

@@ -17,7 +17,7 @@ from ignite.handlers import Checkpoint, global_step_from_engine
 
 from igniter.checkpoint.dcp import ModelState, OptimizerState, dcp_saver
 from igniter.checkpoint.resume import TrainerState
-from igniter.handlers import any_rank, nonfinite_loss
+from igniter.handlers import any_rank, epoch_end, nonfinite_loss
 from igniter.parallel.strategy import unwrap_model
 from igniter.registry import io_registry
 from igniter.supervision.progress import checkpoint_phase
@@ -43,18 +43,9 @@ def _guarded(save: Checkpoint, ctx: RunContext) -> Callable[[Engine], None]:
     return handler
 
 
-def _epoch_end(engine: Engine) -> bool:
-    """Whether the iteration just completed ends an epoch. Iteration-based checkpoints skip it:
-    the epoch's checkpoint comes at EPOCH_COMPLETED, after its validation. Taken here, before
-    the validation, a kill in between resumed at the next epoch without that epoch's row in
-    metrics.json (and without its best-checkpoint and early-stopping decisions)."""
-    length = engine.state.epoch_length
-    return bool(length) and engine.state.iteration % length == 0
-
-
 def _every_iterations(n: int) -> Callable[[Engine, int], bool]:
-    """Event filter: every ``n`` iterations, except at the end of an epoch (:func:`_epoch_end`)."""
-    return lambda engine, iteration: iteration % n == 0 and not _epoch_end(engine)
+    """Event filter: every ``n`` iterations, except at the end of an epoch (:func:`igniter.handlers.epoch_end`)."""
+    return lambda engine, iteration: iteration % n == 0 and not epoch_end(engine)
 
 
 def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
@@ -66,7 +57,7 @@ def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
     last = {"t": time.monotonic()}
 
     def event_filter(engine: Engine, event: int) -> bool:
-        if event % 10 or _epoch_end(engine):
+        if event % 10 or epoch_end(engine):
             return False
         due = time.monotonic() - last["t"] >= seconds
         if idist.get_world_size() > 1:

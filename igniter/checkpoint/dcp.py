@@ -48,6 +48,14 @@ from igniter.checkpoint.write_errors import tensor_bytes, write_failed
 from igniter.errors import ConfigError, Problem
 from igniter.registry import io_registry
 
+# One process without a process group (world size 1, or eval/export) saves and loads DCP
+# checkpoints on purpose: torch's warning that it assumes so is noise on every such run.
+warnings.filterwarnings(
+    "ignore",
+    message=r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to (load|save) in a single process",
+    category=UserWarning,
+)
+
 __all__ = [
     "dcp_saver",
     "check_metadata",

@@ -157,7 +157,7 @@ def checkpoint_path(text: str) -> Path | str:
     return text if is_url(text) else Path(text)
 
 
-def find_in_run(target: Path) -> tuple[Path, Path]:
+def find_in_run(target: Path, header: str = "cannot evaluate") -> tuple[Path, Path]:
     """``(run dir, local checkpoint)`` for ``target``: a run directory (its newest
     ``last_checkpoint_*``, from object storage when the run's ``checkpoint.dir`` is a URL:
     downloaded once into the cache, SHA-256 checked against its manifest) or a checkpoint (a
@@ -165,7 +165,8 @@ def find_in_run(target: Path) -> tuple[Path, Path]:
     in a store is returned as its URL (read in place).
 
     Raises:
-        ConfigError: no such run or checkpoint, or the run has no complete checkpoint.
+        ConfigError: no such run or checkpoint, or the run has no complete checkpoint (``header``:
+            the message's first line, e.g. "cannot export").
     """
     if target.is_dir() and target.suffix != ".dcp":
         location = _run_location(target)
@@ -183,7 +184,7 @@ def find_in_run(target: Path) -> tuple[Path, Path]:
             if files:
                 return target, files[0]
         why = f"no last_checkpoint_*.pt or .dcp in {location.root}"
-        raise ConfigError([Problem("run", why, str(target))], "cannot evaluate")
+        raise ConfigError([Problem("run", why, str(target))], header)
     if target.exists():  # a .pt file or a .dcp directory
         return target.parent.parent, target
-    raise ConfigError([Problem("run", "no such run directory or checkpoint file", str(target))], "cannot evaluate")
+    raise ConfigError([Problem("run", "no such run directory or checkpoint file", str(target))], header)

@@ -17,6 +17,8 @@ import os
 import re
 import socket
 import tempfile
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -57,6 +59,7 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _CREDENTIALS = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@")
 _EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 _CHUNK = 1 << 20  # bytes per read while hashing or copying
+_WEB_TIMEOUT_S = 60  # an http(s) download whose socket stays silent this long fails
 
 
 def is_url(path: Any) -> bool:
@@ -223,6 +226,19 @@ def cached_copy(url: str, into: Path | None = None) -> Path:
     return folder / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rstrip('/').rsplit('/', 1)[-1]}"
 
 
+def _is_web(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("http", "https")
+
+
+def _web_expected_sha256(url: str) -> str | None:
+    """:func:`_expected_sha256` for a web URL: the manifest beside it, if the server has one."""
+    try:
+        with urllib.request.urlopen(url + MANIFEST_SUFFIX, timeout=_WEB_TIMEOUT_S) as f:
+            return json.loads(f.read())["objects"][Path(urllib.parse.urlsplit(url).path).name]["sha256"]
+    except Exception:
+        return None
+
+
 def fetch(
     url: str, key: str, sha256: str | None = None, cached: bool = True, into: Path | None = None, reuse: bool = True
 ) -> Path:
@@ -231,6 +247,8 @@ def fetch(
     The expected digest is ``sha256`` when given, else the one in a manifest beside the object
     (igniter's checkpoints); the digest of a download is recorded beside the cached file and
     checked again each time the cache is used (a damaged cache file is downloaded again).
+    ``http(s)://`` URLs are read with the standard library (``urllib``; a socket that stays
+    silent for 60 s is an error), every other scheme through fsspec (:func:`open_store`).
     With ``cached``, the copy is kept under ``into`` (default :func:`cache_dir` ``/downloads``),
     named after the URL, and reused while its recorded digest holds (``reuse=False``: always
     downloaded again); without, it is a temporary file the caller deletes. Each download is
@@ -245,8 +263,22 @@ def fetch(
         DigestMismatch: its digest is not the expected one (the download is removed).
         ConfigError: the object cannot be read (the partial download is removed).
     """
-    fs, path = open_store(url, key)
-    expected = (sha256 or _expected_sha256(fs, path) or "").lower() or None
+    if _is_web(url):  # the standard library reads http(s): no fsspec client (aiohttp) to install
+        if _CREDENTIALS.match(url):
+            raise ConfigError(url_problems(key, url), "cannot use the download")
+        path = urllib.parse.urlsplit(url).path
+
+        def source() -> BinaryIO:
+            return urllib.request.urlopen(url, timeout=_WEB_TIMEOUT_S)
+
+        expected = (sha256 or _web_expected_sha256(url) or "").lower() or None
+    else:
+        fs, path = open_store(url, key)
+
+        def source() -> BinaryIO:
+            return fs.open(path, "rb")
+
+        expected = (sha256 or _expected_sha256(fs, path) or "").lower() or None
     if cached:
         target = cached_copy(url, into)
         record = target.with_name(target.name + ".sha256")
@@ -257,7 +289,7 @@ def fetch(
         target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent if cached else None, prefix=".download-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as src:
+        with os.fdopen(fd, "wb") as out, source() as src:
             digest = _copy(src, out)
         logger.info("downloaded %s (%d bytes)", url, os.path.getsize(tmp))
         if expected is not None and digest != expected:

@@ -11,7 +11,8 @@ sets ``torch.set_num_threads`` before it builds anything, by the first of:
    user did not and starts more than one process per node; igniter recognises that case
    (the variable is absent from the torchrun process's initial environment,
    ``/proc/<parent>/environ``) and applies rule 3 instead. Where that cannot be read the
-   value counts as the user's;
+   value counts as the user's. ``launchers/torchrun.sh`` sets the same 1 itself, with
+   ``IGNITER_OMP_PLACEHOLDER=1``, so that torchrun does not print its banner about it: not the user's either;
 3. ``max(1, usable cores // processes on this node)``, never more than PyTorch's own
    default for the process (so one process keeps PyTorch's choice). Usable cores are
    the CPUs this process may run on (``os.sched_getaffinity``: ``taskset``, cgroups,
@@ -107,7 +108,8 @@ def _initial_environ(pid: int) -> dict[str, str] | None:
 
 
 def omp_set_by_torchrun() -> bool:
-    """Whether ``OMP_NUM_THREADS`` was set by torchrun rather than by the user.
+    """Whether ``OMP_NUM_THREADS`` was set by torchrun (or for it, by ``launchers/torchrun.sh``)
+    rather than by the user.
 
     torchrun (``torch/distributed/run.py``) sets ``OMP_NUM_THREADS=1`` in its own
     environment when it is not set and starts more than one process per node; its
@@ -116,6 +118,8 @@ def omp_set_by_torchrun() -> bool:
     """
     if Torchrun().run_id is None or os.environ.get("OMP_NUM_THREADS") != "1":
         return False
+    if os.environ.get("IGNITER_OMP_PLACEHOLDER") == "1":  # launchers/torchrun.sh's placeholder for torchrun's 1
+        return True
     parent = _initial_environ(os.getppid())
     return parent is not None and Torchrun(parent).run_id is None and "OMP_NUM_THREADS" not in parent
 

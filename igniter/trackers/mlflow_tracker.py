@@ -5,8 +5,8 @@ Like every logger, the factory is called on rank 0 only, after the run has resum
 (:func:`igniter.run._observe`), and ``close()`` is called when training ends.
 
 Where the runs go comes from MLflow's usual environment, never from the config file:
-``MLFLOW_TRACKING_URI`` (unset: MLflow's default, a local store in the working
-directory), ``MLFLOW_EXPERIMENT_NAME`` (default ``igniter``, created when missing) or
+``MLFLOW_TRACKING_URI`` (unset: ``outputs/mlflow.db`` and ``outputs/mlruns/`` under the working
+directory, beside Hydra's run directories; the run prints where and the ``mlflow ui`` command), ``MLFLOW_EXPERIMENT_NAME`` (default ``igniter``, created when missing) or
 ``MLFLOW_EXPERIMENT_ID``, and MLflow's own credential variables
 (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``).
 """
@@ -43,6 +43,7 @@ __all__ = [
     "RUN_ID_FILE",
     "flatten_params",
     "mlflow_logger",
+    "default_store",
     "package_problem",
     "start_mlflow",
 ]
@@ -51,6 +52,9 @@ logger = logging.getLogger("igniter")
 
 RUN_ID_FILE = "mlflow_run_id"  #: in the run directory: the MLflow run a resumed run continues
 DEFAULT_EXPERIMENT = "igniter"  #: without MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID
+#: Loggers whose INFO lines (a local store's table creation and migrations) stay off the console.
+_QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic")
+DEFAULT_STORE_DIR = "outputs"  #: without MLFLOW_TRACKING_URI: outputs/mlflow.db and outputs/mlruns (default_store)
 CHECK_TIMEOUT_S = 5  #: seconds the tracker has to answer at start-up (no retries)
 #: During the run, unless set in the environment: retries and seconds per request, so that a
 #: tracker gone away costs training seconds once (it is then left alone), not minutes of retries.
@@ -180,9 +184,24 @@ def package_problem(key: str = "logging.loggers", import_it: bool = True) -> Pro
     return tracker_base.package_problem("mlflow", key, import_it)
 
 
-def _experiment_id(client: "MlflowClient") -> str:
+def default_store(outputs: str | Path = DEFAULT_STORE_DIR) -> tuple[str, str]:
+    """Where runs go when ``MLFLOW_TRACKING_URI`` is unset: ``(tracking URI, artifact
+    location)`` = ``sqlite:///<cwd>/outputs/mlflow.db`` and ``<cwd>/outputs/mlruns``, beside
+    the run directories Hydra makes by default (MLflow's own default is ``mlflow.db`` and
+    ``mlruns/`` in whatever directory the command ran). Creates ``outputs/``.
+
+    Raises:
+        OSError: the directory cannot be created.
+    """
+    root = Path(outputs).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlruns").as_uri()
+
+
+def _experiment_id(client: "MlflowClient", artifact_location: str | None = None) -> str:
     """The experiment from ``MLFLOW_EXPERIMENT_ID``/``MLFLOW_EXPERIMENT_NAME`` (default
-    ``igniter``, created when missing). The first request to the tracker."""
+    ``igniter``, created when missing, its artifacts at ``artifact_location`` when given:
+    :func:`default_store`). The first request to the tracker."""
     from mlflow.exceptions import MlflowException
 
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -192,7 +211,7 @@ def _experiment_id(client: "MlflowClient") -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return client.create_experiment(name)
+                return client.create_experiment(name, artifact_location=artifact_location)
             except MlflowException:  # another job created it first
                 experiment = client.get_experiment_by_name(name)
                 if experiment is None:
@@ -276,13 +295,15 @@ def start_mlflow(ctx: RunContext, key: str = "logging.loggers") -> MLflowTracker
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = mlflow.get_tracking_uri()
+    for name in _QUIET_LOGGERS:  # "Creating initial MLflow database tables...": a local store's set-up, not news
+        logging.getLogger(name).setLevel(logging.WARNING)
+    uri, artifacts = default_store() if not os.environ.get("MLFLOW_TRACKING_URI") else (mlflow.get_tracking_uri(), None)
     client = MlflowClient(uri)
     try:
         with _http_limits(
             {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CHECK_TIMEOUT_S)}, force=True
         ):
-            experiment_id = _experiment_id(client)
+            experiment_id = _experiment_id(client, artifacts)
         with _http_limits(RUN_LIMITS):
             run_id, last_steps, params = _open_run(ctx, client, experiment_id)
     except Exception as e:
@@ -294,6 +315,12 @@ def start_mlflow(ctx: RunContext, key: str = "logging.loggers") -> MLflowTracker
         raise ConfigError([Problem(key, expected, "mlflow")], header="cannot start the run") from None
     tracker = MLflowTracker(client, run_id, uri, last_steps, ctx)
     _log_params(tracker, params)
+    if artifacts is not None:
+        logger.info(
+            "mlflow: runs are stored in %s (MLFLOW_TRACKING_URI is unset); see them with: mlflow ui --backend-store-uri %s",
+            uri.removeprefix("sqlite:///"),
+            uri,
+        )
     return tracker
 
 
