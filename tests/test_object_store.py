@@ -40,19 +40,21 @@ BASE = [
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(tmp_path_factory):
     """A moto S3 server on a free port with bucket ``checkpoints``; yields the environment
-    (endpoint and dummy credentials) a client needs."""
+    (endpoint and dummy credentials) a client needs. Its log (a line per request) goes to a
+    file: a pipe nobody reads fills up after a few thousand requests and blocks the server."""
     port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=open(log, "wb"),  # noqa: SIM115  (the server's, closed when it exits)
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:  # until it answers (or has died)
-        assert server.poll() is None, server.stderr.read().decode()[-2000:]
+        assert server.poll() is None, log.read_text()[-2000:]
         try:
             urllib.request.urlopen(endpoint, timeout=2)
             break
