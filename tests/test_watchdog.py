@@ -63,6 +63,8 @@ def test_detector_names_the_rank_that_stopped_beating():
     assert [c["rank"] for c in verdict.culprits] == [1] and verdict.not_responding
     assert "rank 1 (host h, pid 101) made no progress for 10 s" in verdict.message()
     assert "cannot be read" in verdict.message()
+    # where it was when it last reported, said as such (a stopped rank's record can be a beat old)
+    assert "(its last report, before it stopped: in the training step of iteration 5)" in verdict.message()
 
 
 def test_detector_names_the_rank_behind_when_every_reporter_is_alive():

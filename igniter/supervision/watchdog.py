@@ -137,6 +137,8 @@ class Verdict:
         """One sentence: which rank, host, pid, where, for how long."""
         who = ", ".join(f"rank {c['rank']} (host {c['host']}, pid {c['pid']})" for c in self.culprits)
         where = ", ".join(sorted({describe_position(c) for c in self.culprits}))
+        if self.not_responding:  # a stopped rank's record is its last report, up to a beat older than the stop
+            where = f"(its last report, before it stopped: {where})"
         verb = "make" if len(self.culprits) > 1 else "made"
         return (
             f"{who} {verb} no progress for {self.stalled_s:.0f} s (runner.hang_timeout_s = {self.timeout_s:g}) {where}"
