@@ -38,6 +38,7 @@ from igniter.handlers import (
 )
 from igniter.launch.runners import make_runner
 from igniter.launch.signals import interrupt_once
+from igniter.loading import worker_died
 from igniter.parallel.strategy import evaluation_scope
 from igniter.preflight import StepFailed
 from igniter.record import MetricsRecord, run_summary, train_loss
@@ -80,10 +81,19 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         ConfigError: a component cannot be built or no valid checkpoint to resume (exit 2).
         TrainingDiverged: the loss became NaN/inf (exit 3).
         Interrupted: Ctrl-C (exit 130), after the summary.
+        SampleFailed: a sample raised while loading (exit 2, :mod:`igniter.loading`).
+        LoaderWorkerDied: a DataLoader worker process died, e.g. out of memory (exit 1).
         Exception: whatever stopped the run early (``ctx.status.stopped_by``, e.g. a SLURM preemption).
     """
     with interrupt_once():
-        return _train(cfg, output_dir, job)
+        try:
+            return _train(cfg, output_dir, job)
+        except Exception as e:  # a DataLoader worker died: torch's SIGCHLD handler raises wherever the run is
+            died = worker_died(e, cfg.data.loader.num_workers)
+            if died is None:
+                raise
+            logger.error("a DataLoader worker process died:", exc_info=e, extra={"console": False})
+            raise died from None
 
 
 def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) -> dict[str, Any]:
@@ -145,7 +155,8 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
     throughput, evaluation, then checkpoints and loggers that read their results."""
     cfg, trainer, evaluator = ctx.cfg, ctx.trainer, ctx.evaluator
     attach_reports(trainer, evaluator)  # first: a user handler that blocks then shows as the rank behind
-    samplers = [ctx.train_loader.sampler]
+    # the ShardedSampler under the batch sampler (the loader's own .sampler is torch's placeholder)
+    samplers = [getattr(ctx.train_loader.batch_sampler, "sampler", ctx.train_loader.sampler)]
     batches_per_pass = len(ctx.train_loader)
 
     # The sampler's epoch is the pass over the data, iteration // batches per pass: the trainer's
