@@ -331,8 +331,16 @@ class Loader(DataLoader):
     a worker process that died (:class:`LoaderWorkerDied`) as one paragraph each.
 
     Its dataset is a :class:`SeededSamples`; the collate function passes a
-    :class:`SampleFailure` on (:func:`make_collate`). Everything else is ``DataLoader``'s.
+    :class:`SampleFailure` on (:func:`make_collate`). ``sampler`` is the batch sampler's
+    sampler (a ``ShardedSampler``: ``loader.sampler.set_epoch`` works as with a plain
+    loader). Everything else is ``DataLoader``'s.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        inner = getattr(self.batch_sampler, "sampler", None)
+        if inner is not None:  # given a batch_sampler, torch shows a placeholder: show the one the batches come from
+            object.__setattr__(self, "sampler", inner)  # DataLoader refuses to set it after __init__
 
     def __iter__(self) -> Any:
         try:

@@ -155,8 +155,7 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
     throughput, evaluation, then checkpoints and loggers that read their results."""
     cfg, trainer, evaluator = ctx.cfg, ctx.trainer, ctx.evaluator
     attach_reports(trainer, evaluator)  # first: a user handler that blocks then shows as the rank behind
-    # the ShardedSampler under the batch sampler (the loader's own .sampler is torch's placeholder)
-    samplers = [getattr(ctx.train_loader.batch_sampler, "sampler", ctx.train_loader.sampler)]
+    samplers = [ctx.train_loader.sampler]
     batches_per_pass = len(ctx.train_loader)
 
     # The sampler's epoch is the pass over the data, iteration // batches per pass: the trainer's

@@ -50,7 +50,7 @@ def _epochs(loader, epochs=(0, 1)) -> list[tuple[torch.Tensor, list[int]]]:
     """Every batch of the given epochs as (x, indices)."""
     out = []
     for epoch in epochs:
-        loader.batch_sampler.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         out += [(x, i.tolist()) for x, i in loader]
     return out
 
