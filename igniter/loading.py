@@ -93,9 +93,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def seed_sample(seed: int) -> None:
     """Seed this process's global generators with the 64-bit ``seed``: torch's CPU
     generator (``torch.default_generator``; CUDA generators are left alone), numpy's
-    legacy global ``RandomState`` (its upper 32 bits) and Python's ``random`` (what
-    ``random.seed(seed)``, which also drops the cached second value of ``random.gauss``).
-    About 15 us on this VM, most of it Python's and numpy's Mersenne Twister
+    legacy global ``RandomState`` (its upper 32 bits) and Python's ``random`` (through
+    ``random.seed``, which also drops the cached second value of ``random.gauss``).
+    About 7 us on this VM, most of it Python's and numpy's Mersenne Twister
     initialisations (``bench/seeding.py``)."""
     torch.default_generator.manual_seed(seed)
     np.random.seed(seed >> 32)
@@ -167,8 +167,9 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        return self.__getitems__([item])[0]
+    def __getitem__(self, item: tuple[int, int] | int) -> Any:
+        """Sample ``index`` of ``(epoch, index)``; a plain ``index`` is read as epoch 0."""
+        return self.__getitems__([item if isinstance(item, tuple) else (0, item)])[0]
 
     def __getitems__(self, items: Sequence[tuple[int, int]]) -> list[Any]:
         saved = _rng_state() if get_worker_info() is None else None

@@ -186,9 +186,22 @@ def two_workers(by_workers) -> Path:
 
 
 @pytest.fixture(scope="module")
-def spawn_two_workers(tmp_path_factory) -> Path:
-    """The uninterrupted run with 2 processes (1 worker each)."""
-    return _runs(tmp_path_factory.mktemp("spawn"), {"spawn": ["data.loader.num_workers=2", *SPAWN]})["spawn"]
+def spawned(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """With 2 processes (1 worker each), started together: the uninterrupted run, and a run whose
+    sample 77 raises. Returns both run directories and the failing run's completed process."""
+    tmp = tmp_path_factory.mktemp("spawn")
+    failing = subprocess.Popen(
+        command([*FAILING, "+data.train.params.fail_at=77", *SPAWN, f"output_dir={tmp / 'fails'}"]),
+        cwd=tmp, env=igniter_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    reference = _runs(tmp, {"spawn": ["data.loader.num_workers=2", *SPAWN]})["spawn"]
+    out, err = failing.communicate(timeout=300)  # a hang fails the test here
+    return reference, tmp / "fails", subprocess.CompletedProcess(failing.args, failing.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def spawn_two_workers(spawned) -> Path:
+    return spawned[0]
 
 
 def _checkpoints(run: Path) -> set[str]:
@@ -312,9 +325,9 @@ def test_a_sample_that_fails_to_load_stops_the_run_with_exit_2(failures):
 
 
 @pytest.mark.slow
-def test_a_sample_that_fails_to_load_stops_a_spawned_run_with_exit_2(tmp_path):
-    proc = _failing_runs(tmp_path, {"spawn": ["+data.train.params.fail_at=77", *SPAWN]})["spawn"]
-    _assert_sample_failed(proc, tmp_path / "spawn")
+def test_a_sample_that_fails_to_load_stops_a_spawned_run_with_exit_2(spawned):
+    _, run, proc = spawned
+    _assert_sample_failed(proc, run)
 
 
 def test_a_killed_loader_worker_is_one_paragraph_naming_num_workers(failures):
