@@ -65,9 +65,14 @@ def reference_batches():
     return _epochs(_loader(Augmented(), 8))
 
 
-@pytest.mark.parametrize("num_workers", [2, 3])
-def test_batches_do_not_depend_on_num_workers(num_workers, reference_batches):
-    batches = _epochs(_loader(Augmented(), 8, num_workers))
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize(
+    "num_workers, options",
+    [(2, {}), (3, {}), (2, {"persistent_workers": False, "prefetch_factor": 1})],
+    ids=["2", "3", "2-new-workers-every-epoch"],
+)
+def test_batches_do_not_depend_on_num_workers(num_workers, options, reference_batches):
+    batches = _epochs(_loader(Augmented(), 8, num_workers, **options))
     assert [i for _, i in batches] == [i for _, i in reference_batches]
     for (x, _), (ref, _) in zip(batches, reference_batches):
         assert torch.equal(x, ref)
