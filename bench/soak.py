@@ -5,6 +5,9 @@ to an uninterrupted run.
     python bench/soak.py                     # 30 kills, 7-10 min on 2 cores
     python bench/soak.py --kills 3           # a quick check, ~2.5 min
     python bench/soak.py --kills 30 --seed 7 --every-iterations 5 --epochs 100 --workdir /tmp/soak
+    python bench/soak.py --kills 10 --epochs 8 --out bench/results/soak_workers.json --extra \
+        data.loader.num_workers=2 'data.train.transforms=[{name:gaussian_noise,params:{std:0.1}}]'
+                                             # DataLoader workers and random augmentation
 
 What it does, on the embedded digits data set (no downloads), the default MLP and Adam, with
 the igniter next to this script (first on the runs' ``PYTHONPATH``; the JSON names its commit):
@@ -99,6 +102,7 @@ def command(args: argparse.Namespace, output_dir: Path) -> list[str]:
         f"checkpoint.every_iterations={args.every_iterations}",
         f"trainer.seed={args.train_seed}",
         "logging.progress_bar=false",
+        *args.extra,
         f"output_dir={output_dir}",
     ]  # fmt: skip
 
@@ -314,6 +318,8 @@ def main() -> None:
     parser.add_argument("--every-iterations", type=int, default=5, help="checkpoint.every_iterations")
     parser.add_argument("--epochs", type=int, default=100, help="trainer.max_epochs (44 iterations each)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "soak.json", help="the results JSON")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to the soaked command, e.g. "
+                        "data.loader.num_workers=2 'data.train.transforms=[{name:gaussian_noise}]'")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temporary "
                         "directory, removed unless something failed)")  # fmt: skip
     args = parser.parse_args()

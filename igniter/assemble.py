@@ -15,9 +15,10 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
+from ignite.engine.deterministic import ReproducibleBatchSampler
 from ignite.utils import manual_seed
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from igniter.build import (
     StepArgs,
@@ -38,6 +39,7 @@ from igniter.compile import compile_options
 from igniter.context import EvalContext, RunContext
 from igniter.errors import ConfigError, Problem
 from igniter.events import PeriodicEvents
+from igniter.loading import Loader, SeededSamples, make_collate, start_method, workers_per_process
 from igniter.parallel.sampler import ShardedSampler
 from igniter.parallel.strategy import wrap_model
 from igniter.precision import Autocast, make_autocast, make_scaler, precision_problems
@@ -48,36 +50,55 @@ from igniter.timing import StepTimer
 __all__ = ["make_loader", "build_training", "build_evaluation"]
 
 
-def make_loader(dataset: Dataset, batch_size: int, cfg: DictConfig, train: bool, seed: int) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, cfg: DictConfig, train: bool, seed: int, key: str = "data.train", name: str = ""
+) -> DataLoader:
     """A loader of ``batch_size / world_size`` samples per process over a :class:`ShardedSampler`.
 
     Training drops the last partial global batch (``drop_last``) or pads it
     like ``DistributedSampler``; evaluation shards without padding so every
-    sample counts exactly once.
+    sample counts exactly once. Every sample's randomness (its loading and transforms)
+    is seeded from ``(seed, epoch, index)`` (:class:`igniter.loading.SeededSamples`),
+    whichever process loads it; a sample that raises stops the run with
+    :class:`~igniter.loading.SampleFailed` naming ``key``, ``name`` and its index.
+
+    The training loader's batch sampler is already Ignite's ``ReproducibleBatchSampler``,
+    so ``DeterministicEngine`` uses the loader as built (it would rebuild it otherwise,
+    dropping ``multiprocessing_context``).
 
     Args:
         dataset: the samples.
         batch_size: the global batch size (all processes together).
         cfg: the ``data.loader`` section.
         train: shuffle (if configured) and drop or pad the tail.
-        seed: the sampler's shuffling seed (with the epoch).
+        seed: the sampler's shuffling seed (with the epoch) and the samples' seed.
+        key: the dataset's config key, for error messages.
+        name: the dataset's registered name, for error messages.
 
     Raises:
         RegistryError: ``data.loader.collate_fn`` is not registered.
     """
     world_size, rank = idist.get_world_size(), idist.get_rank()
     tail = ("drop" if cfg.drop_last else "pad") if train else "none"
-    sampler = ShardedSampler(dataset, world_size, rank, batch_size, shuffle=cfg.shuffle and train, seed=seed, tail=tail)
+    shuffle = cfg.shuffle and train
+    sampler = ShardedSampler(dataset, world_size, rank, batch_size, shuffle, seed, tail, with_epoch=True)
+    batches = BatchSampler(sampler, batch_size // world_size, drop_last=False)
     collate = function_registry.get(cfg.collate_fn, "data.loader.collate_fn") if cfg.collate_fn else None
-    kwargs: dict[str, Any] = {"collate_fn": collate} if collate else {}
-    return idist.auto_dataloader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory,
-        drop_last=False,
-        persistent_workers=cfg.num_workers > 0,
+    workers = workers_per_process(cfg.num_workers, idist.get_nproc_per_node())
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs = {
+            "persistent_workers": True if cfg.persistent_workers is None else cfg.persistent_workers,
+            "prefetch_factor": cfg.prefetch_factor,
+            "multiprocessing_context": start_method(cfg.multiprocessing_context),
+        }
+    return Loader(
+        SeededSamples(dataset, seed, key, name),
+        batch_sampler=ReproducibleBatchSampler(batches) if train else batches,
+        num_workers=workers,
+        collate_fn=make_collate(collate),
+        pin_memory=idist.device().type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
+        generator=torch.Generator().manual_seed(seed),  # the loader's own draws leave the global stream alone
         **kwargs,
     )
 
@@ -140,9 +161,8 @@ def _val_data(cfg: DictConfig) -> tuple[Dataset | None, DataLoader | None]:
         return None, None
     val_set = build_dataset(cfg.data.val, "data.val")
     loader_cfg = cfg.data.loader
-    return val_set, make_loader(
-        val_set, loader_cfg.val_batch_size or loader_cfg.batch_size, loader_cfg, False, cfg.trainer.seed
-    )
+    batch_size = loader_cfg.val_batch_size or loader_cfg.batch_size
+    return val_set, make_loader(val_set, batch_size, loader_cfg, False, cfg.trainer.seed, "data.val", cfg.data.val.name)
 
 
 def _evaluator(cfg: DictConfig, available: dict[str, Any]) -> Engine:
@@ -212,7 +232,9 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
     loss_fn = function_registry.get(cfg.trainer.loss, "trainer.loss")
     loader_cfg = cfg.data.loader
     train_set = build_dataset(cfg.data.train, "data.train")
-    train_loader = make_loader(train_set, loader_cfg.batch_size, loader_cfg, True, cfg.trainer.seed)
+    train_loader = make_loader(
+        train_set, loader_cfg.batch_size, loader_cfg, True, cfg.trainer.seed, "data.train", cfg.data.train.name
+    )
     val_set, val_loader = _val_data(cfg)
     # What step/engine/metric factories may ask for by name: one definition (validate reserves the same names).
     autocast, scaler = _precision(cfg, device)

@@ -146,10 +146,13 @@ def _end_of_run(e: IgniterError, output_dir: Path, run_dir: Any) -> int:
     """
     from igniter.launch.runners import RankFailed
     from igniter.launch.slurm_job import Preempted, wait_for_requeue
+    from igniter.loading import SampleFailed
     from igniter.preflight import StepFailed
 
     if isinstance(e, StepFailed):  # the run built: its directory and rank logs (with the traceback) stay
         message = f"{e}\nigniter: the full traceback is in {output_dir / 'rank0.log'}"
+    elif isinstance(e, SampleFailed):  # the run trained: its checkpoints and rank logs stay (the message names the log)
+        message = str(e)
     elif isinstance(e, ConfigError):  # the run could not start: leave no trace of it
         run_dir.discard()
         message = str(e)

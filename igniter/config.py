@@ -71,15 +71,31 @@ class DatasetConfig:
 
 @dataclass
 class LoaderConfig:
-    """Data loading. ``batch_size`` and ``val_batch_size`` are global (all processes together)."""
+    """Data loading. ``batch_size`` and ``val_batch_size`` are global (all processes together).
+
+    ``num_workers``: ``DataLoader`` worker processes per node (:func:`igniter.loading.workers_per_process`:
+    each of a node's ``nproc_per_node`` training processes gets ``ceil(num_workers / nproc_per_node)``,
+    or ``num_workers`` when that is fewer than ``nproc_per_node``; 0 loads in the training process). Every sample's randomness is seeded from ``(trainer.seed, epoch,
+    index)`` (:mod:`igniter.loading`): the batches are the same whatever ``num_workers``.
+    ``prefetch_factor``: batches each worker loads ahead (``None``: torch's 2).
+    ``persistent_workers``: keep the workers between epochs (``None``: on when there are
+    workers). ``pin_memory``: page-locked batches for faster copies to the GPU (``None``: on
+    when the device is CUDA). ``multiprocessing_context``: how workers start (``fork``,
+    ``spawn``, ``forkserver``; ``None``: ``fork`` on Linux, see :func:`igniter.loading.start_method`).
+    ``prefetch_factor``, ``persistent_workers=true`` and ``multiprocessing_context`` need
+    ``num_workers > 0`` (:func:`igniter.loading.loader_problems`).
+    """
 
     batch_size: int = 32
     val_batch_size: Optional[int] = None
     num_workers: int = 0
     shuffle: bool = True
     drop_last: bool = True
-    pin_memory: bool = False
+    pin_memory: Optional[bool] = None
     collate_fn: Optional[str] = None
+    prefetch_factor: Optional[int] = None
+    persistent_workers: Optional[bool] = None
+    multiprocessing_context: Optional[str] = None
 
 
 @dataclass

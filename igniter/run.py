@@ -32,6 +32,7 @@ from igniter.events import PeriodicEvents, fire_periodic_events, parse_event
 from igniter.handlers import attach_nan_guard, attach_progress, attach_throughput
 from igniter.launch.runners import make_runner
 from igniter.launch.signals import interrupt_once
+from igniter.loading import worker_died
 from igniter.parallel.strategy import evaluation_scope
 from igniter.preflight import StepFailed
 from igniter.record import MetricsRecord, run_summary, train_loss
@@ -71,10 +72,19 @@ def train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = 
         ConfigError: a component cannot be built or no valid checkpoint to resume (exit 2).
         TrainingDiverged: the loss became NaN/inf (exit 3).
         Interrupted: Ctrl-C (exit 130), after the summary.
+        SampleFailed: a sample raised while loading (exit 2, :mod:`igniter.loading`).
+        LoaderWorkerDied: a DataLoader worker process died, e.g. out of memory (exit 1).
         Exception: whatever stopped the run early (``ctx.status.stopped_by``, e.g. a SLURM preemption).
     """
     with interrupt_once():
-        return _train(cfg, output_dir, job)
+        try:
+            return _train(cfg, output_dir, job)
+        except Exception as e:  # a DataLoader worker died: torch's SIGCHLD handler raises wherever the run is
+            died = worker_died(e, cfg.data.loader.num_workers)
+            if died is None:
+                raise
+            logger.error("a DataLoader worker process died:", exc_info=e, extra={"console": False})
+            raise died from None
 
 
 def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) -> dict[str, Any]:

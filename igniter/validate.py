@@ -39,6 +39,7 @@ from igniter.compile import compile_problems
 from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, PeriodicEvents, parse_event
 from igniter.launch.runners import make_runner
+from igniter.loading import loader_problems
 from igniter.parallel.strategy import strategy_problems
 from igniter.precision import accumulation_problems, precision_problems
 from igniter.registry import (
@@ -328,6 +329,7 @@ def _check_data(c: _Checker, cfg: DictConfig, world_size: int) -> None:
                 value,
             )
     c.positive("data.loader.num_workers", ld.num_workers, strict=False)
+    c.problems += loader_problems(ld)
     if ld.collate_fn is not None:
         c.name(function_registry, "data.loader.collate_fn", ld.collate_fn)
 

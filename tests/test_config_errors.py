@@ -41,6 +41,15 @@ BAD_CONFIGS = [
     (["imports=[no_such_module_xyz]"], ["imports[0]"]),
     (["runner.nproc_per_node=4"], ["runner.nproc_per_node", "runner=spawn"]),
     (["data.loader.num_workers=-1", "checkpoint.n_saved=0"], ["data.loader.num_workers", "checkpoint.n_saved"]),
+    # worker-process keys without worker processes (torch refuses them), and bad values
+    (
+        ["data.loader.prefetch_factor=4", "data.loader.persistent_workers=true"],
+        ["data.loader.prefetch_factor", "data.loader.persistent_workers", "data.loader.num_workers is 0"],
+    ),
+    (
+        ["data.loader.num_workers=2", "data.loader.prefetch_factor=0", "data.loader.multiprocessing_context=fork_it"],
+        ["data.loader.prefetch_factor", "data.loader.multiprocessing_context", "expected one of fork"],
+    ),
     (["runner.backend=nccl"], ["runner.backend"]),
     (["checkpoint.saver=s3"], ["checkpoint.saver"]),
 ]

@@ -38,6 +38,10 @@ class ShardedSampler(DistributedSampler):
         shuffle: permute every epoch (else the natural order).
         seed: base seed of the permutation (``trainer.seed``).
         tail: ``"drop"``, ``"pad"`` or ``"none"``.
+        with_epoch: yield ``(epoch, index)`` pairs instead of indices, the epoch being the
+            one :meth:`set_epoch` set when the iteration began (the pass the permutation
+            belongs to): :class:`igniter.loading.SeededSamples` seeds each sample's
+            randomness with it, in whatever process loads the sample.
 
     Raises:
         ValueError: unknown ``tail``, or ``"drop"`` with ``N < B`` (no full batch).
@@ -52,6 +56,7 @@ class ShardedSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
         tail: str = "drop",
+        with_epoch: bool = False,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.dataset_size = len(dataset)  # type: ignore[arg-type]
@@ -69,6 +74,7 @@ class ShardedSampler(DistributedSampler):
         else:
             raise ValueError(f"tail must be 'drop', 'pad' or 'none', got '{tail}'")
         self.num_samples = len(range(rank, self.total_size, num_replicas))
+        self.with_epoch = with_epoch
 
     def __iter__(self):
         if self.shuffle:
@@ -79,7 +85,11 @@ class ShardedSampler(DistributedSampler):
             order = list(range(self.dataset_size))
         while len(order) < self.total_size:
             order += order[: self.total_size - len(order)]
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        if self.with_epoch:
+            epoch = self.epoch
+            return iter([(epoch, i) for i in mine])
+        return iter(mine)
 
     def __len__(self) -> int:
         return self.num_samples
