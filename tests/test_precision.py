@@ -34,7 +34,7 @@ def test_bf16_mixed_on_digits_reaches_95_percent(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert metrics["precision"] == "bf16-mixed" and metrics["final"]["accuracy"] >= 0.95, metrics["final"]
-    assert "precision   bf16-mixed" in proc.stdout
+    assert "precision bf16-mixed (trainer.precision: torch.autocast)" in proc.stdout  # on the processes line
     state = newest_checkpoint(tmp_path / "run")
     assert all(t.dtype == torch.float32 for t in state["model"].values()), "weights stay float32 under autocast"
     assert "scaler" not in state, "bf16 needs no loss scaling"
