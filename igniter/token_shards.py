@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from igniter.atomic_files import atomic_write
+from igniter.checkpoint.remote import fetch, fetched, is_url
+from igniter.errors import ConfigError
 from igniter.registry import dataset_registry
 
 __all__ = [
@@ -93,13 +96,13 @@ def write_meta(directory: Path, meta: dict[str, Any]) -> None:
     atomic_write(directory / META_FILE, lambda f: f.write(text), binary=False)
 
 
-def read_meta(root: str | Path) -> dict[str, Any]:
-    """``<root>/meta.json`` as a dict.
+def read_meta(root: str | Path, path: Path | None = None) -> dict[str, Any]:
+    """``<root>/meta.json`` (or the file ``path`` holding it) as a dict.
 
     Raises:
         ShardError: the file is missing, not JSON, or not of :data:`FORMAT`.
     """
-    path = Path(root) / META_FILE
+    path = path or Path(root) / META_FILE
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
@@ -131,7 +134,11 @@ class TokenShards(Dataset):
     exact validation loss that nanoGPT estimates from 200 random batches.
 
     Args:
-        root: the token-shard directory (``meta.json`` and the shards).
+        root: the token-shard directory (``meta.json`` and the shards), or an fsspec URL of one
+            (``s3://bucket/shards``): its ``meta.json`` is read and the split's shards are
+            downloaded when the dataset is built, into the download cache
+            (:func:`igniter.checkpoint.remote.fetch`: kept, SHA-256 checked against ``meta.json``,
+            downloaded again when the cached copy is not intact).
         split: a split of ``meta.json`` (``train``, ``val``).
         seq_len: tokens per input, e.g. the model's block size.
         stride: tokens between the starts of consecutive windows; ``None``: ``seq_len``.
@@ -150,19 +157,32 @@ class TokenShards(Dataset):
         stride = seq_len if stride is None else stride
         if seq_len < 1 or stride < 1:
             raise ValueError(f"token_shards: seq_len and stride must be >= 1, got {seq_len}, {stride}")
-        self.root, self.split, self.seq_len, self.stride = Path(root), split, int(seq_len), int(stride)
-        meta = read_meta(self.root)
+        self.root, self.split, self.seq_len, self.stride = root, split, int(seq_len), int(stride)
+        remote = is_url(root)
+        base = str(root).rstrip("/")
+        if remote:
+            with _store_errors(), fetched(f"{base}/{META_FILE}", f"token_shards root {base}") as path:
+                meta = read_meta(root, path)
+        else:
+            meta = read_meta(root)
         splits = meta.get("splits", {})
         if split not in splits:
             raise ShardError(
-                f"token_shards: {self.root / META_FILE} has no split '{split}' (has: {', '.join(sorted(splits))})"
+                f"token_shards: {base}/{META_FILE} has no split '{split}' (has: {', '.join(sorted(splits))})"
             )
         self.meta = meta
         self.vocab_size = int(meta["vocab_size"])
         self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         self.shards = splits[split]["shards"]
+        self.paths: list[Path] = []
         for shard in self.shards:
-            _check_shard(self.root / shard["file"], shard, self.dtype, verify)
+            if remote:  # fetch checked the SHA-256
+                with _store_errors():
+                    self.paths.append(fetch(f"{base}/{shard['file']}", f"token_shards root {base}", shard["sha256"]))
+                _check_shard(self.paths[-1], shard, self.dtype, False)
+            else:
+                self.paths.append(Path(root) / shard["file"])
+                _check_shard(self.paths[-1], shard, self.dtype, verify)
         self.starts = np.cumsum([0] + [int(s["tokens"]) for s in self.shards])
         self.total = int(self.starts[-1])
         if self.total < self.seq_len + 1:
@@ -186,8 +206,8 @@ class TokenShards(Dataset):
     def _open(self) -> list[np.memmap]:
         if self._maps is None:
             self._maps = [
-                np.memmap(self.root / s["file"], dtype=self.dtype, mode="r", shape=(int(s["tokens"]),))
-                for s in self.shards
+                np.memmap(path, dtype=self.dtype, mode="r", shape=(int(s["tokens"]),))
+                for path, s in zip(self.paths, self.shards)
             ]
         return self._maps
 
@@ -208,6 +228,15 @@ class TokenShards(Dataset):
             raise IndexError(f"token_shards: index {index} out of range for {len(self)} windows")
         tokens = torch.from_numpy(self.window(index * self.stride, self.seq_len + 1))
         return tokens[:-1], tokens[1:]
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """A download's :class:`~igniter.errors.ConfigError` (unreadable store, damaged object) as a :class:`ShardError`."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ShardError("token_shards: " + "; ".join(str(p) for p in e.problems)) from None
 
 
 def _check_shard(path: Path, shard: dict[str, Any], dtype: np.dtype, verify: bool) -> None:

@@ -32,7 +32,7 @@ from igniter.build import (
     plain,
     scheduler_factory,
 )
-from igniter.checkpoint.remote import is_url, storage_problems
+from igniter.checkpoint.remote import is_url, storage_problems, url_problems
 from igniter.checkpoint.resume import resume_mode
 from igniter.compile import compile_problems
 from igniter.errors import NO_VALUE, ConfigError, Problem
@@ -160,7 +160,9 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
                     params[p],
                 )
         c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed, label=cfg.name)
-    if cfg.root is not None and not os.path.isdir(cfg.root):
+    if cfg.root is not None and is_url(cfg.root):  # a dataset that reads URLs (token_shards) opens it when built
+        c.problems += url_problems(f"{key}.root", cfg.root)
+    elif cfg.root is not None and not os.path.isdir(cfg.root):
         c.add(f"{key}.root", "directory does not exist", cfg.root)
     c.positive(f"{key}.subset", cfg.subset, allow_none=True)
     for i, t in enumerate(cfg.transforms):

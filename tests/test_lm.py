@@ -136,6 +136,25 @@ def test_a_damaged_shard_is_named(shards, tmp_path):
         TokenShards(damaged, "train", seq_len=16, verify=False)
 
 
+def test_token_shards_behind_a_url_are_downloaded_checked_and_cached(shards, tmp_path, monkeypatch):
+    """An fsspec URL (file:// here; s3:// goes through the same fetch as model.weights): the
+    shards land in the download cache, SHA-256 checked, and give the local samples; a
+    damaged object is named."""
+    monkeypatch.setenv("IGNITER_CACHE_DIR", str(tmp_path / "cache"))
+    remote = TokenShards(f"file://{shards}", "train", seq_len=16, stride=1)
+    local = TokenShards(shards, "train", seq_len=16, stride=1)
+    assert len(remote) == len(local) and all(str(p).startswith(str(tmp_path / "cache")) for p in remote.paths)
+    for i in (0, 990, len(local) - 1):
+        assert torch.equal(remote[i][0], local[i][0]) and torch.equal(remote[i][1], local[i][1])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    data = bytearray((damaged / "train_000002.bin").read_bytes())
+    data[7] ^= 1
+    (damaged / "train_000002.bin").write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"file://{damaged}/train_000002.bin has SHA-256"):
+        TokenShards(f"file://{damaged}", "train", seq_len=16)
+
+
 # A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 15 iterations, a checkpoint
 # every 10 iterations and at each epoch's end. die_once (tests/fixtures/my_project) is the
 # supervised step that SIGKILLs its process once; it never does while its marker file exists.
