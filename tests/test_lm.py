@@ -338,6 +338,16 @@ def test_adamw_matrices_decays_matrices_only():
     assert len(decay["params"]) + len(other["params"]) == len(list(model.parameters()))
 
 
+def test_a_llama_is_built_from_the_same_keys():
+    from igniter.lm import causal_lm
+
+    model = causal_lm(50, block_size=8, n_layer=1, n_head=4, n_embd=16, arch="llama", n_kv_head=2)
+    config = model.lm.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (1, 4, 2)
+    assert (config.hidden_size, config.intermediate_size, config.max_position_embeddings) == (16, 64, 8)
+    assert model(torch.randint(0, 50, (2, 8))).shape == (2, 8, 50)
+
+
 def test_without_transformers_the_model_is_a_config_error_naming_the_extra(monkeypatch):
     from igniter.build import build_model
     from igniter.errors import ConfigError
