@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,17 @@ def _train_bpe(text: str, vocab_size: int) -> Any:
     return tokenizer
 
 
+_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # after a newline between two non-space characters
+
+
 def _encode(tokenizer: Any, text: str) -> np.ndarray:
-    """Token ids of ``text``, encoded in chunks of about 1 MB cut after a newline (the
-    byte-level pre-tokenizer never merges across a newline followed by text)."""
+    """Token ids of ``text``, encoded in chunks of about 1 MB cut after a newline that has a
+    non-space character on both sides: GPT-2's pre-tokenization splits there anyway, so the
+    ids are those of the whole text."""
     chunks, start = [], 0
     while start < len(text):
-        cut = text.find("\n", start + (1 << 20))
-        end = len(text) if cut < 0 else cut + 1
+        found = _CUT.search(text, start + (1 << 20))
+        end = found.start() if found else len(text)
         chunks.append(text[start:end])
         start = end
     ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(chunks)] if chunks else []
