@@ -176,7 +176,6 @@ def _tiny(shards: Path, run: Path) -> list[str]:
         "solver.scheduler.params.total_steps=30",
         "checkpoint.every_iterations=10",
         "logging.progress_bar=false",
-        "logging.loggers=[]",
         "imports=[my_project]",
         "trainer.step=die_once",
         "+trainer.step_params.rank=0",
@@ -214,6 +213,11 @@ def test_tiny_gpt_trains_with_exact_validation_loss_perplexity_tokens_and_flops(
     assert 3.0e7 < m["model_flops_per_step"] < 3.6e7
     summary = (tiny_run / "rank0.log").read_text()
     assert "tokens/s" in summary and "GFLOP/step" in summary
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/tokens_per_s")] == [15, 30]
 
 
 def test_validation_loss_is_the_mean_over_every_validation_token(tiny_run, shards):
