@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("shards", type=Path, help="the directory igniter prepare-text wrote")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--without-replacement", action="store_true", help="offsets from one permutation (igniter's sampler) instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -52,11 +55,12 @@ def main() -> None:
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99))
+    order = torch.randperm(len(train) - BLOCK) if args.without_replacement else None
     start = time.perf_counter()
     for it in range(ITERS):
         for group in optimizer.param_groups:
             group["lr"] = nanogpt_lr(it)
-        ix = torch.randint(len(train) - BLOCK, (BATCH,))
+        ix = order[it * BATCH : (it + 1) * BATCH] if order is not None else torch.randint(len(train) - BLOCK, (BATCH,))
         x = torch.stack([train[i : i + BLOCK] for i in ix])
         y = torch.stack([train[i + 1 : i + 1 + BLOCK] for i in ix])
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
