@@ -18,10 +18,12 @@ from igniter import (  # noqa: F401,E402
     engines,
     handlers,
     launch,  # noqa: F401,E402  (the runners)
+    lm,
     models,
     solver,
     steps,
     telemetry,
+    token_shards,
     transforms,
 )
 from igniter.checkpoint import object_store, saver  # noqa: F401,E402  (savers; s3fs etc. imported on use)

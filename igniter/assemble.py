@@ -39,6 +39,7 @@ from igniter.compile import compile_options
 from igniter.context import EvalContext, RunContext
 from igniter.errors import ConfigError, Problem
 from igniter.events import PeriodicEvents
+from igniter.flops import FirstStepFlops
 from igniter.loading import Loader, SeededSamples, make_collate, start_method, workers_per_process
 from igniter.parallel.sampler import ShardedSampler
 from igniter.parallel.strategy import wrap_model
@@ -244,9 +245,13 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
     ).as_dict()  # fmt: skip
     step = call_with(function_registry.get(cfg.trainer.step, "trainer.step"), available, plain(cfg.trainer.step_params))
     step_timer = StepTimer()
+    # The first step's FLOPs, counted on its real batch (not under torch.compile: dynamo would trace the counter).
+    flops = FirstStepFlops(
+        compile_options(cfg.trainer.compile) is None, lambda n: setattr(step_timer, "model_flops", n)
+    )
     trainer = call_with(
         engine_registry.get(cfg.trainer.engine, "trainer.engine"),
-        {**available, "process_function": step_timer.wrap(guard_first_step(step, cfg, "training"))},
+        {**available, "process_function": step_timer.wrap(flops.wrap(guard_first_step(step, cfg, "training")))},
     )
     step_timer.attach(trainer)
     trainer.register_events(*PeriodicEvents, event_to_attr={e: "iteration" for e in PeriodicEvents})

@@ -3,7 +3,8 @@
 Validates the config like a real run, builds every component on CPU, pushes one
 training batch (forward and backward) and one evaluation batch of the
 per-process size through the model, and prints the plan: world size, global and
-per-process batch size, iterations, the bytes of parameters, gradients and optimizer
+per-process batch size, the model FLOPs of one optimizer step (counted on the batch it
+tried: :mod:`igniter.flops`), iterations, the bytes of parameters, gradients and optimizer
 state each process will hold (:func:`memory_plan`), and every handler the run will have.
 Nothing is written, and no process is started: with ``runner.strategy=fsdp`` the model is
 built whole and the share of each rank is computed.
@@ -155,6 +156,14 @@ def main(argv: list[str]) -> int:
         f"  runner     {cfg.runner.name}: world size {world}, backend {cfg.runner.backend or 'auto'}",
         f"  memory     {_memory_line(ctx, cfg.runner.strategy, world)}",
         f"  batch      global {loader.batch_size}, per process {per_process}",
+        *(
+            [
+                f"  FLOPs      {flops:,} per optimizer step and process, {flops * world:,} for all {world} "
+                "(forward and backward, counted on this batch with FlopCounterMode)"
+            ]
+            if (flops := ctx.step_timer.model_flops)
+            else []
+        ),
         f"  schedule   {per_epoch} iterations/epoch x {cfg.trainer.max_epochs} epochs = {per_epoch * cfg.trainer.max_epochs} iterations",
         f"  optimizer  {cfg.solver.name} lr={cfg.solver.lr}"
         + (f", scheduler {cfg.solver.scheduler.name}" if cfg.solver.scheduler.name else ""),

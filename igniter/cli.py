@@ -338,6 +338,14 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "<sweep dir | run dir>",
         "Each SLURM job's state, latest epoch and metrics; how to re-submit the failed.",
     ),
+    "prepare-text": Subcommand(
+        "igniter.prepare_text:main",
+        "<text file | directory> <output dir> [--tokenizer char|bpe] [--vocab-size N] [--tokenizer-file PATH] "
+        "[--val-fraction F] [--shard-tokens N] [--pattern GLOB]",
+        "Tokenize text into token shards (meta.json + flat uint16/uint32 files) for the token_shards dataset.\n"
+        "A character vocabulary, a byte-level BPE trained here, or a Hugging Face tokenizer.json; 90/10 train/val\n"
+        "split by characters. The same input gives the same files, byte for byte.",
+    ),
     "help": Subcommand("igniter.cli:overview", "", "This overview."),
 }
 

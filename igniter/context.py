@@ -38,6 +38,8 @@ class RunStatus:
         train_time_s: seconds inside training epochs, end-of-epoch handlers excluded.
         samples: global samples trained on during those epochs.
         samples_per_s: global samples per second of the last epoch (NaN before the first ends).
+        tokens_per_s: global target tokens per second of the last epoch, for token datasets
+            (``samples_per_s`` x tokens per sample; NaN otherwise).
         stopped_by: the exception a handler stopped the run with (e.g. a SLURM preemption),
             raised by :func:`igniter.run.train` once the engine returns; ``None``.
         run_time_s: seconds of ``trainer.run``, handlers included (0.0 until it returns).
@@ -49,6 +51,7 @@ class RunStatus:
     train_time_s: float = 0.0
     samples: int = 0
     samples_per_s: float = math.nan
+    tokens_per_s: float = math.nan
     stopped_by: BaseException | None = None
     run_time_s: float = 0.0
     compile_s: float = 0.0

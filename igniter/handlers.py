@@ -30,6 +30,7 @@ from igniter.compile import compile_options, compile_time_s
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
 from igniter.registry import event_handler_registry
+from igniter.token_shards import tokens_per_sample
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
@@ -160,11 +161,13 @@ def attach_progress(ctx: RunContext) -> None:
 
 
 def attach_throughput(ctx: RunContext) -> None:
-    """Set ``ctx.status.samples_per_s`` (global samples / epoch time, s) at every epoch end,
+    """Set ``ctx.status.samples_per_s`` (global samples / epoch time, s) at every epoch end (and
+    ``tokens_per_s`` for token datasets: :func:`igniter.token_shards.tokens_per_sample`),
     and accumulate ``train_time_s`` (s) / ``samples`` over the run (:class:`~igniter.context.RunStatus`).
     With ``trainer.compile``, the seconds ``torch.compile`` spends in an epoch go to
     ``compile_s`` instead of ``train_time_s``."""
     trainer, status, global_batch_size = ctx.trainer, ctx.status, ctx.cfg.data.loader.batch_size
+    per_sample = tokens_per_sample(ctx.train_set)
     compiling = compile_options(ctx.cfg.trainer.compile) is not None
     epoch_start = {"t": 0.0, "it": 0, "compile": 0.0}
 
@@ -184,6 +187,8 @@ def attach_throughput(ctx: RunContext) -> None:
         status.train_time_s += seconds
         status.samples += samples
         status.samples_per_s = samples / seconds if seconds > 0 else math.nan
+        if per_sample:
+            status.tokens_per_s = status.samples_per_s * per_sample
 
 
 def any_rank(flag: bool | torch.Tensor) -> bool:

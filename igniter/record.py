@@ -26,6 +26,10 @@ Layout (one JSON object; times in seconds)::
     compile_s               seconds in torch.compile (training and evaluation), with trainer.compile
     compile_train_s         the part of compile_s inside training epochs
     samples_per_s           global samples / train_time_s (null before an epoch ends)
+    tokens_per_s            global target tokens / train_time_s, for token datasets (token_shards)
+    model_flops_per_step    FLOPs of one optimizer step, all processes (the first step counted by
+                            igniter.flops; forward and backward matmuls/convolutions/attention)
+    model_tflops_per_s      model_flops_per_step x steps / train_time_s / 1e12
     train_loss              the last step's loss (rank 0's), null when the step reports none
     time_split              {"data_s", "step_s", "handlers_s"} of run_time_s (when it returned)
     gpu                     {rank: {quantity: {"mean", "max"}}} (igniter.telemetry), with a GPU
@@ -45,6 +49,7 @@ import torch
 
 from igniter.atomic_files import atomic_write
 from igniter.compile import compile_options, compile_time_s
+from igniter.token_shards import tokens_per_sample
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
@@ -165,6 +170,11 @@ def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[
         wall_time_s: seconds since the process started building the run.
     """
     state, status = ctx.trainer.state, ctx.status
+    samples_per_s = status.samples / status.train_time_s if status.train_time_s > 0 else None
+    per_sample = tokens_per_sample(ctx.train_set)
+    flops = ctx.step_timer.model_flops
+    step_flops = flops * ctx.world_size if flops is not None else None  # every rank's step has the same shape
+    steps = status.samples / ctx.cfg.data.loader.batch_size
     return {
         "status": final_status(ctx, interrupted),
         "epochs_completed": state.epoch,
@@ -173,7 +183,12 @@ def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[
         "wall_time_s": wall_time_s,
         "train_time_s": status.train_time_s,
         "run_time_s": status.run_time_s,
-        "samples_per_s": status.samples / status.train_time_s if status.train_time_s > 0 else None,
+        "samples_per_s": samples_per_s,
+        **({"tokens_per_s": samples_per_s * per_sample if samples_per_s else None} if per_sample else {}),
+        "model_flops_per_step": step_flops,
+        "model_tflops_per_s": step_flops * steps / status.train_time_s / 1e12
+        if step_flops and status.train_time_s > 0
+        else None,
         "train_loss": train_loss(state.output),
         **(
             {"compile_s": compile_time_s(), "compile_train_s": status.compile_s}

@@ -4,7 +4,8 @@
   It is called with the keyword arguments its signature names among
   ``model``, ``optimizer``, ``loss_fn``, ``device``, ``grad_clip_norm``, ``autocast``,
   ``scaler``, ``accumulate_grad_batches`` (:class:`igniter.build.StepArgs`).
-* A **loss** is ``loss(output [B, C], target [B]) -> scalar tensor``.
+* A **loss** is ``loss(output [B, C], target [B]) -> scalar tensor`` (a language model's:
+  ``loss(logits [B, T, V], target [B, T])``, :func:`next_token_cross_entropy`).
 * A **metric factory** returns an ``ignite.metrics.Metric``; it may ask for
   ``loss_fn`` and ``device``. Ignite metrics reduce across processes.
 * A **collate function** is passed to ``DataLoader(collate_fn=...)``.
@@ -13,19 +14,21 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
 from ignite.metrics import Accuracy, Loss, Metric, TopKCategoricalAccuracy
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch.utils.data import default_collate
 
 from igniter.parallel.strategy import gradient_sync
 from igniter.precision import Autocast, micro_batches
 from igniter.registry import function_registry
 
-__all__ = ["supervised", "loss_dict", "supervised_eval", "total_loss"]
+__all__ = ["supervised", "loss_dict", "supervised_eval", "total_loss", "next_token_cross_entropy", "TokenLoss"]
 
 Batch = Any
 StepFn = Callable[[Engine, Batch], Any]
@@ -203,3 +206,57 @@ def top5(device: torch.device) -> Metric:
 def loss(loss_fn: Callable, device: torch.device) -> Metric:
     """Mean of the training loss function over the evaluation set (``ignite.metrics.Loss``)."""
     return Loss(loss_fn, device=device)
+
+
+@function_registry("next_token_cross_entropy")
+def next_token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats per token) of ``logits [B, T, V]`` against ``target [B, T]``
+    (int64 token ids): the ``[B * T, V]`` and ``[B * T]`` flattening of a causal LM's loss.
+    Computed in float32 whatever the logits' dtype (autocast gives bf16/fp16 logits)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), target.flatten())
+
+
+class TokenLoss(Metric):
+    """Cross-entropy per token over every validation token of every rank (an Ignite metric).
+
+    Sums the loss (float64) and counts the target tokens of each batch, then all-reduces both
+    once per evaluation: the exact per-token mean, whatever the batch sizes and however the
+    samples are sharded over the ranks. ``perplexity=True`` reports ``exp`` of that mean.
+
+    Updates take ``(logits [B, T, V], target [B, T])`` or ``(logits [B, V], target [B])``.
+    """
+
+    def __init__(self, perplexity: bool = False, device: torch.device | str = "cpu") -> None:
+        self.perplexity = perplexity
+        super().__init__(device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._tokens = torch.tensor(0, dtype=torch.int64, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        logits, target = output[0].detach(), output[1].detach()
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction="sum")
+        self._sum += loss.to(self._device, torch.float64)
+        self._tokens += target.numel()
+
+    @sync_all_reduce("_sum", "_tokens")
+    def compute(self) -> float:
+        if int(self._tokens) == 0:
+            raise RuntimeError("TokenLoss needs at least one token before it can be computed")
+        mean = float(self._sum) / int(self._tokens)
+        return math.exp(mean) if self.perplexity else mean
+
+
+@function_registry("token_loss")
+def token_loss(device: torch.device) -> Metric:
+    """Cross-entropy in nats per token, exact over all validation tokens and ranks (:class:`TokenLoss`)."""
+    return TokenLoss(device=device)
+
+
+@function_registry("perplexity")
+def perplexity(device: torch.device) -> Metric:
+    """``exp`` of the per-token cross-entropy over all validation tokens and ranks (:class:`TokenLoss`)."""
+    return TokenLoss(perplexity=True, device=device)

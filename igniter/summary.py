@@ -145,6 +145,19 @@ def _epochs(m: dict[str, Any]) -> str:
     return f"{m.get('epochs_completed', '?')} ({iterations if iterations is not None else '?'} iterations)"
 
 
+def _throughput(m: dict[str, Any]) -> str:
+    if not m.get("samples_per_s"):
+        return "-"
+    text = f"{m['samples_per_s']:.0f} samples/s"
+    if m.get("tokens_per_s"):
+        text += f", {m['tokens_per_s']:,.0f} tokens/s"
+    if m.get("model_flops_per_step"):
+        text += f"; model {m['model_flops_per_step'] / 1e9:.3g} GFLOP/step"
+        if m.get("model_tflops_per_s"):
+            text += f", {m['model_tflops_per_s']:.3g} TFLOP/s"
+    return text
+
+
 def summary_table(m: dict[str, Any]) -> str:
     """A few aligned lines from a ``metrics.json`` dict."""
     split = m.get("time_split")
@@ -162,7 +175,7 @@ def summary_table(m: dict[str, Any]) -> str:
                 else ""
             ),
         ),
-        ("throughput", f"{m['samples_per_s']:.0f} samples/s" if m.get("samples_per_s") else "-"),
+        ("throughput", _throughput(m)),
         (
             "start-up",
             f"first iteration done {m['first_iteration_s']:.2f} s after the interpreter started"

@@ -25,7 +25,9 @@ class StepTimer:
     ``GET_BATCH_COMPLETED`` and ``ITERATION_STARTED``, microseconds, and the handlers of
     those events, none by default). Each per-iteration handler costs ~5-10x its
     isolated time on a small model (measured with ``bench/overhead.py``), so the timer
-    has one. ``on_first_step`` is called once, when the first step returns.
+    has one. ``on_first_step`` is called once, when the first step returns. ``model_flops``:
+    the FLOPs of one optimizer step in this process, when something counted them
+    (:class:`igniter.flops.FirstStepFlops`), else ``None``.
     ``logging.profile=true`` adds Ignite's ``HandlersTimeProfiler`` for the time of
     every handler."""
 
@@ -33,6 +35,7 @@ class StepTimer:
         self.data_s = self.step_s = 0.0
         self._fetch_started: float | None = None
         self.on_first_step: Callable[[], None] | None = None
+        self.model_flops: int | None = None
 
     def wrap(self, step: Callable[[Engine, Any], Any]) -> Callable[[Engine, Any], Any]:
         """``step`` (an Ignite process function) with its time added to ``step_s`` and

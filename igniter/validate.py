@@ -34,7 +34,7 @@ from igniter.build import (
     scheduler_factory,
 )
 from igniter.checkpoint.location import config_problems as checkpoint_config_problems
-from igniter.checkpoint.remote import storage_problems
+from igniter.checkpoint.remote import is_url, storage_problems, url_problems
 from igniter.compile import compile_problems
 from igniter.errors import NO_VALUE, ConfigError, Problem
 from igniter.events import EventSpecError, PeriodicEvents, parse_event
@@ -167,8 +167,10 @@ def _check_dataset(c: _Checker, cfg: DictConfig, key: str) -> None:
                     params[p],
                 )
         c.params(factory, params, f"{key}.params", {"transform"}, top=key, provided=passed, label=cfg.name)
+    if cfg.root is not None and is_url(cfg.root):  # a dataset that reads URLs (token_shards) opens it when built
+        c.problems += url_problems(f"{key}.root", cfg.root)
     # a root the dataset takes must exist (a download creates it); one it does not take is reported above
-    if cfg.root is not None and "root" not in refused and not os.path.isdir(cfg.root) and not cfg.get("download"):
+    elif cfg.root is not None and "root" not in refused and not os.path.isdir(cfg.root) and not cfg.get("download"):
         c.add(f"{key}.root", "directory does not exist", cfg.root)
     c.positive(f"{key}.subset", cfg.subset, allow_none=True)
     for i, t in enumerate(cfg.transforms):

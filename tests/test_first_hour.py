@@ -30,7 +30,7 @@ def test_igniter_help_lists_the_subcommands_first(argv, tmp_path):
         assert head[1].index("export") < proc.stdout.index("Configuration groups") - len(head[0]) - 12
 
 
-@pytest.mark.parametrize("name", ["check", "doctor", "summary", "eval", "export", "status"])
+@pytest.mark.parametrize("name", ["check", "doctor", "summary", "eval", "export", "status", "prepare-text"])
 def test_every_subcommand_answers_help_without_running(name, tmp_path, monkeypatch, capsys):
     # in this process (the CLI's own main(): a process start per subcommand cost the suite 30 s;
     # test_igniter_help_lists_the_subcommands_first runs the real command)
@@ -60,6 +60,8 @@ def test_check_uses_the_per_process_batch_and_lists_the_builtin_handlers(tmp_pat
     proc = run_igniter(["check", "runner=spawn", "runner.nproc_per_node=2", "data.loader.batch_size=64"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "global 64, per process 32" in proc.stdout
+    # the MLP 64-128-10 on 32 samples: 6 x 32 x (64 x 128 + 128 x 10), less the input gradient never computed
+    assert "FLOPs      1,294,336 per optimizer step and process, 2,588,672 for all 2" in proc.stdout
     handlers = proc.stdout.split("handlers", 1)[1]
     for name in ("checkpoint", "tensorboard", "nan guard", "progress bar"):
         assert name in handlers, proc.stdout

@@ -135,10 +135,18 @@ def tracker_key(ctx: Any, name: str) -> str:
     return f"logging.loggers[{loggers.index(name)}]" if name in loggers else "logging.loggers"
 
 
+def throughput_attributes(ctx: Any) -> list[str]:
+    """The trainer-state throughput a tracker logs per epoch: ``samples_per_s``, and
+    ``tokens_per_s`` when the training set is tokens (``token_shards``)."""
+    from igniter.token_shards import tokens_per_sample
+
+    return ["samples_per_s", *(["tokens_per_s"] if tokens_per_sample(ctx.train_set) else [])]
+
+
 def attach_standard_handlers(tracker: Any, ctx: Any) -> Any:
     """Attach to ``tracker`` (an Ignite logger) what every tracker logs, with TensorBoard's names:
     ``train/loss`` and ``lr/group_<i>`` every ``logging.log_every`` iterations,
-    ``train/samples_per_s`` per epoch, ``val/<metric>`` after every evaluation (step = trainer
+    ``train/samples_per_s`` (and ``train/tokens_per_s``: :func:`throughput_attributes`) per epoch, ``val/<metric>`` after every evaluation (step = trainer
     iteration); ``tracker.completed`` is set when training reaches its end. Returns ``tracker``."""
     from ignite.engine import Events
     from ignite.handlers import global_step_from_engine
@@ -153,7 +161,7 @@ def attach_standard_handlers(tracker: Any, ctx: Any) -> Any:
         trainer,
         event_name=Events.EPOCH_COMPLETED,
         tag="train",
-        state_attributes=["samples_per_s"],
+        state_attributes=throughput_attributes(ctx),
         global_step_transform=at_iteration,
     )
     if ctx.evaluator is not None:

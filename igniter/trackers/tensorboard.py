@@ -15,6 +15,7 @@ from ignite.handlers import global_step_from_engine
 
 from igniter.events import PeriodicEvents
 from igniter.registry import io_registry
+from igniter.trackers.base import throughput_attributes
 
 if TYPE_CHECKING:
     from igniter.context import RunContext
@@ -101,7 +102,7 @@ def tensorboard(ctx: RunContext) -> Any:
         ctx.trainer,
         event_name=Events.EPOCH_COMPLETED,
         tag="train",
-        state_attributes=["samples_per_s"],
+        state_attributes=throughput_attributes(ctx),
         global_step_transform=global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED),
     )
     if ctx.evaluator is not None:

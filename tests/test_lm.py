@@ -1,0 +1,364 @@
+"""A language model end to end: ``igniter prepare-text``, the ``token_shards`` dataset, the
+``causal_lm`` model (Hugging Face transformers), its loss and metrics, AdamW on matrices, FLOPs
+per step, exact resume. Tiny: a 2-layer, 32-wide GPT on a few KB of Shakespeare.
+
+The reference recipe (``experiment=shakespeare_char``, 2000 iterations) is a documented command
+in the README, not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, igniter_env, read_metrics
+
+from igniter.checkpoint.resume import checkpoint_files
+from igniter.prepare_text import main as prepare_main
+from igniter.prepare_text import prepare_text
+from igniter.token_shards import ShardError, TokenShards
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+if not SHAKESPEARE.is_file():
+    pytest.skip(f"the Shakespeare text is not at {SHAKESPEARE}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> Path:
+    """The first 8,000 characters of the Shakespeare text."""
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text(SHAKESPEARE.read_text()[:8000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(small_text, tmp_path_factory) -> Path:
+    """Character shards of ``small_text``, 1,000 tokens per shard (windows cross shard boundaries)."""
+    out = tmp_path_factory.mktemp("shards") / "char"
+    prepare_text(small_text, out, shard_tokens=1000)
+    return out
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_prepare_text_char_reproduces_nanogpt_split_and_is_idempotent(tmp_path, capsys):
+    """nanoGPT's shakespeare_char: 65 characters, 1,003,854 train and 111,540 val tokens; the
+    same command twice gives the same files, byte for byte."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert prepare_main([str(SHAKESPEARE), str(a)]) == 0
+    assert prepare_main([str(SHAKESPEARE), str(b)]) == 0
+    assert "train 1,003,854 tokens" in capsys.readouterr().out
+    assert _files(a) == _files(b)
+    meta = json.loads((a / "meta.json").read_text())
+    assert (meta["vocab_size"], meta["dtype"], meta["tokenizer"]["kind"]) == (65, "uint16", "char")
+    assert meta["splits"]["train"]["tokens"] == 1_003_854 and meta["splits"]["val"]["tokens"] == 111_540
+    chars = meta["tokenizer"]["chars"]
+    text = SHAKESPEARE.read_text()
+    assert chars == sorted(set(text))
+    val = np.fromfile(a / "val_000000.bin", dtype="<u2")
+    assert "".join(chars[i] for i in val[:200]) == text[1_003_854 : 1_003_854 + 200]
+
+
+def test_prepare_text_bpe_trained_then_read_from_its_tokenizer_json(small_text, tmp_path):
+    """A byte-level BPE trained here, then the same tokenizer.json given back: the same shards;
+    training twice gives the same bytes."""
+    trained, again, given = tmp_path / "trained", tmp_path / "again", tmp_path / "given"
+    meta = prepare_text(small_text, trained, tokenizer="bpe", vocab_size=300)
+    prepare_text(small_text, again, tokenizer="bpe", vocab_size=300)
+    assert _files(trained) == _files(again)
+    assert meta["tokenizer"]["kind"] == "bpe" and meta["vocab_size"] == 300
+    assert meta["splits"]["train"]["tokens"] < 7200  # merges: fewer tokens than characters
+    copy = tmp_path / "tokenizer.json"
+    shutil.copy(trained / "tokenizer.json", copy)
+    meta_given = prepare_text(small_text, given, tokenizer_file=copy)
+    assert meta_given["tokenizer"]["kind"] == "tokenizer.json"
+    for split in ("train", "val"):
+        assert meta_given["splits"][split] == meta["splits"][split]
+    from tokenizers import Tokenizer
+
+    ids = np.fromfile(given / "train_000000.bin", dtype="<u2").tolist()
+    assert Tokenizer.from_file(str(copy)).decode(ids) == small_text.read_text()[:7200]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not utf-8"])
+def test_prepare_text_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
+    source = tmp_path / "input.txt"
+    if case == "empty":
+        source.write_text("")
+    elif case == "not utf-8":
+        source.write_bytes(b"caf\xe9\n")
+    out = tmp_path / "out"
+    assert prepare_main([str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(source) in err and "Nothing was written" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_token_shards_windows_cross_shards_and_strides(shards):
+    meta = json.loads((shards / "meta.json").read_text())
+    assert len(meta["splits"]["train"]["shards"]) == 8  # 7,200 tokens in shards of 1,000
+    stream = np.concatenate([np.fromfile(shards / s["file"], dtype="<u2") for s in meta["splits"]["train"]["shards"]])
+    every = TokenShards(shards, "train", seq_len=16, stride=1)
+    assert len(every) == 7200 - 16
+    for i in (0, 983, 984, 999, 1000, len(every) - 1):  # 984..999 cross the first shard boundary
+        x, y = every[i]
+        assert x.dtype == torch.int64 and x.shape == y.shape == (16,)
+        assert x.tolist() == stream[i : i + 16].tolist() and y.tolist() == stream[i + 1 : i + 17].tolist()
+    apart = TokenShards(shards, "train", seq_len=16)  # stride = seq_len: non-overlapping
+    assert len(apart) == (7200 - 17) // 16 + 1
+    assert apart[2][0].tolist() == stream[32:48].tolist()
+    with pytest.raises(IndexError):
+        apart[len(apart)]
+
+
+def test_a_damaged_shard_is_named(shards, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    shard = damaged / "train_000003.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="train_000003.bin is damaged: its SHA-256"):
+        TokenShards(damaged, "train", seq_len=16)
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(ShardError, match="train_000003.bin is damaged: 1998 bytes"):
+        TokenShards(damaged, "train", seq_len=16, verify=False)
+
+
+def test_token_shards_behind_a_url_are_downloaded_checked_and_cached(shards, tmp_path, monkeypatch):
+    """An fsspec URL (file:// here; s3:// goes through the same fetch as model.weights): the
+    shards land in the download cache, SHA-256 checked, and give the local samples; a
+    damaged object is named."""
+    monkeypatch.setenv("IGNITER_CACHE_DIR", str(tmp_path / "cache"))
+    remote = TokenShards(f"file://{shards}", "train", seq_len=16, stride=1)
+    local = TokenShards(shards, "train", seq_len=16, stride=1)
+    assert len(remote) == len(local) and all(str(p).startswith(str(tmp_path / "cache")) for p in remote.paths)
+    for i in (0, 990, len(local) - 1):
+        assert torch.equal(remote[i][0], local[i][0]) and torch.equal(remote[i][1], local[i][1])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    data = bytearray((damaged / "train_000002.bin").read_bytes())
+    data[7] ^= 1
+    (damaged / "train_000002.bin").write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"file://{damaged}/train_000002.bin has SHA-256"):
+        TokenShards(f"file://{damaged}", "train", seq_len=16)
+
+
+# A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 15 iterations, a checkpoint
+# every 10 iterations and at each epoch's end. die_once (tests/fixtures/my_project) is the
+# supervised step that SIGKILLs its process once; it never does while its marker file exists.
+def _tiny(shards: Path, run: Path) -> list[str]:
+    vocab = json.loads((shards / "meta.json").read_text())["vocab_size"]
+    return [
+        "experiment=shakespeare_char",
+        f"data.root={shards}",
+        f"model.params.vocab_size={vocab}",
+        "model.params.block_size=16",
+        "model.params.n_layer=2",
+        "model.params.n_head=2",
+        "model.params.n_embd=32",
+        "trainer.max_epochs=2",
+        "trainer.epoch_length=15",
+        "trainer.grad_clip_norm=null",
+        "evaluation.every=1",
+        "solver.scheduler.params.warmup_steps=5",
+        "solver.scheduler.params.total_steps=30",
+        "checkpoint.every_iterations=10",
+        "logging.progress_bar=false",
+        "imports=[my_project]",
+        "trainer.step=die_once",
+        "+trainer.step_params.rank=0",
+        "+trainer.step_params.iteration=17",
+        f"output_dir={run}",
+    ]
+
+
+def _run(args: list[str], cwd: Path, marker: Path) -> subprocess.CompletedProcess:
+    env = {**igniter_env(), "DIE_ONCE_MARKER": str(marker)}
+    return subprocess.run(
+        [sys.executable, "-m", "igniter", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shards, tmp_path_factory) -> Path:
+    """The uninterrupted tiny run (its die_once marker exists: it never dies)."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    marker = run.parent / "never"
+    marker.touch()
+    proc = _run(_tiny(shards, run), run.parent, marker)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_tiny_gpt_trains_with_exact_validation_loss_perplexity_tokens_and_flops(tiny_run):
+    m = read_metrics(tiny_run)
+    assert m["status"] == "completed" and m["iterations"] == 30
+    first, final = m["epochs"][0], m["final"]
+    assert final["token_loss"] < first["token_loss"] < math.log(60)  # learning, and better than uniform
+    assert final["perplexity"] == pytest.approx(math.exp(final["token_loss"]))
+    assert m["tokens_per_s"] == pytest.approx(m["samples_per_s"] * 16)
+    # (6 N + 12 L T d) x 12 x 16 with N ~ 2 x 12 x 32^2 + 60 x 32 (the tied output layer): 3.3e7
+    assert 3.0e7 < m["model_flops_per_step"] < 3.6e7
+    summary = (tiny_run / "rank0.log").read_text()
+    assert "tokens/s" in summary and "GFLOP/step" in summary
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/tokens_per_s")] == [15, 30]
+
+
+def test_validation_loss_is_the_mean_over_every_validation_token(tiny_run, shards):
+    """The recorded token_loss is the cross-entropy of the final model averaged over every
+    target token of the val split's non-overlapping windows (recomputed here in one batch)."""
+    from igniter.lm import causal_lm
+
+    vocab = json.loads((shards / "meta.json").read_text())["vocab_size"]
+    model = causal_lm(vocab, block_size=16, n_layer=2, n_head=2, n_embd=32, activation="gelu")
+    newest = checkpoint_files(tiny_run / "checkpoints")[0]
+    model.load_state_dict(torch.load(newest, weights_only=True)["model"])
+    model.eval()
+    val = TokenShards(shards, "val", seq_len=16)
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.stack([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert read_metrics(tiny_run)["final"]["token_loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_the_same_command_is_bit_identical(shards, tiny_run, tmp_path):
+    """SIGKILL at iteration 17 (the newest checkpoint is 15, the end of epoch 1), then the same
+    command: the final weights equal the uninterrupted run's, bit for bit."""
+    run, marker = tmp_path / "run", tmp_path / "died"
+    first = _run(_tiny(shards, run), tmp_path, marker)
+    assert first.returncode != 0 and marker.exists()
+    assert int(checkpoint_files(run / "checkpoints")[0].stem.rsplit("_", 1)[1]) == 15
+    second = _run(_tiny(shards, run), tmp_path, marker)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    reference = torch.load(checkpoint_files(tiny_run / "checkpoints")[0], weights_only=True)["model"]
+    resumed = torch.load(checkpoint_files(run / "checkpoints")[0], weights_only=True)["model"]
+    assert reference.keys() == resumed.keys()
+    for k in reference:
+        assert torch.equal(reference[k], resumed[k]), k
+    assert read_metrics(run)["final"] == read_metrics(tiny_run)["final"]
+
+
+def test_a_run_on_a_damaged_shard_stops_with_a_config_error_naming_it(shards, tmp_path):
+    """Building the run's dataset from a damaged shard is a ConfigError (exit status 2, one
+    paragraph, nothing run) that names the file (in this process: a run's start-up costs seconds)."""
+    from omegaconf import OmegaConf
+
+    from igniter.build import build_dataset
+    from igniter.errors import ConfigError
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    shard = damaged / "val_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 1
+    shard.write_bytes(bytes(data))
+    cfg = OmegaConf.create(
+        {
+            "name": "token_shards",
+            "split": "val",
+            "root": str(damaged),
+            "subset": None,
+            "transforms": [],
+            "params": {"seq_len": 16},
+        }
+    )
+    with pytest.raises(ConfigError) as error:
+        build_dataset(cfg, "data.val")
+    assert error.value.exit_status == 2 and f"shard {shard} is damaged" in str(error.value)
+    assert "data.val" in str(error.value)
+
+
+def test_counted_flops_of_a_gpt_match_palm_and_of_an_mlp_exactly():
+    """PaLM appendix B: 6 N + 12 L T d FLOPs per token (N: parameters without the position
+    embeddings; the tied embedding is the output layer's matrix), within 5%; an MLP's count is
+    exact: 6 B sum(in x out) less the input gradient the first layer does not compute."""
+    from igniter.flops import count_flops
+    from igniter.lm import causal_lm
+    from igniter.models import MLP
+
+    L, d, T, B, V = 2, 64, 32, 4, 100
+    for attention in ("sdpa", "eager"):
+        model = causal_lm(V, block_size=T, n_layer=L, n_head=2, n_embd=d, attn_implementation=attention)
+        x = torch.randint(0, V, (B, T))
+        _, flops = count_flops(lambda m=model, x=x: m(x).float().mean().backward())
+        n = sum(p.numel() for p in model.parameters()) - T * d
+        expected = (6 * n + 12 * L * T * d) * B * T
+        assert abs(flops - expected) / expected < 0.05, (attention, flops, expected)
+
+    mlp = MLP(64, (32,), 10)
+    _, flops = count_flops(lambda: mlp(torch.randn(8, 64)).sum().backward())
+    assert flops == 6 * 8 * (64 * 32 + 32 * 10) - 2 * 8 * 64 * 32
+
+
+def test_flops_per_optimizer_step_do_not_change_with_accumulation():
+    from ignite.engine import Engine
+
+    from igniter.flops import FirstStepFlops
+    from igniter.models import MLP
+    from igniter.steps import supervised
+
+    counts = []
+    batch = (torch.randn(8, 64), torch.randint(0, 10, (8,)))
+    for k in (1, 2, 4):
+        model = MLP(64, (32,), 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        counter = FirstStepFlops()
+        step = counter.wrap(
+            supervised(model, opt, torch.nn.functional.cross_entropy, torch.device("cpu"), accumulate_grad_batches=k)
+        )
+        step(Engine(lambda e, b: None), batch)
+        counts.append(counter.flops)
+    assert counts[0] == counts[1] == counts[2] > 0
+
+
+def test_adamw_matrices_decays_matrices_only():
+    from igniter.lm import causal_lm
+    from igniter.solver import adamw_matrices
+
+    model = causal_lm(50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    opt = adamw_matrices(model.parameters(), lr=1e-3, weight_decay=0.1, betas=[0.9, 0.99])
+    decay, other = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and other["weight_decay"] == 0.0 and decay["betas"] == (0.9, 0.99)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in other["params"])
+    assert len(decay["params"]) + len(other["params"]) == len(list(model.parameters()))
+
+
+def test_a_llama_is_built_from_the_same_keys():
+    from igniter.lm import causal_lm
+
+    model = causal_lm(50, block_size=8, n_layer=1, n_head=4, n_embd=16, arch="llama", n_kv_head=2)
+    config = model.lm.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (1, 4, 2)
+    assert (config.hidden_size, config.intermediate_size, config.max_position_embeddings) == (16, 64, 8)
+    assert model(torch.randint(0, 50, (2, 8))).shape == (2, 8, 50)
+
+
+def test_without_transformers_the_model_is_a_config_error_naming_the_extra(monkeypatch):
+    from igniter.build import build_model
+    from igniter.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"name": "causal_lm", "params": {"vocab_size": 65}})
+    with pytest.raises(ConfigError, match=r"pip install 'igniter\[lm\]'"):
+        build_model(cfg)
