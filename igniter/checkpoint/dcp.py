@@ -44,6 +44,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from igniter.atomic_files import atomic_write, fsync_dir
+from igniter.checkpoint.object_store import delete_checkpoint, delete_orphans, upload_failed, write_manifest
+from igniter.checkpoint.remote import open_store
 from igniter.checkpoint.write_errors import tensor_bytes, write_failed
 from igniter.errors import ConfigError, Problem
 from igniter.registry import io_registry
@@ -258,9 +260,6 @@ class ObjectStoreDcpSaver(DcpSaver):
     """
 
     def __init__(self, url: str, async_save: bool = False) -> None:
-        from igniter.checkpoint.object_store import complete_checkpoints, delete_checkpoint
-        from igniter.checkpoint.remote import open_store
-
         self.url = url.rstrip("/")
         self.dirname = Path(self.url)  # for messages only
         self.async_save = async_save
@@ -268,12 +267,7 @@ class ObjectStoreDcpSaver(DcpSaver):
         self._in_flight: Future | None = None
         self.fs, self.root = open_store(self.url, create=True)
         if idist.get_rank() == 0:
-            complete = {name for name, _ in complete_checkpoints(self.fs, self.root, prefix="")}
-            for entry in self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []:
-                name = entry.rstrip("/").rsplit("/", 1)[-1]
-                if name.endswith(".dcp") and name not in complete:
-                    _log_orphan(self.url, name)
-                    delete_checkpoint(self.fs, self.root, name)
+            delete_orphans(self.fs, self.root, self.url, ".dcp")
         self._group = None
         if idist.get_world_size() > 1:
             idist.barrier()
@@ -285,8 +279,6 @@ class ObjectStoreDcpSaver(DcpSaver):
         return url, url  # written in place: the manifest, written last, makes it complete
 
     def _begin(self, tmp: Any, extra: Mapping[str, Any]) -> None:
-        from igniter.checkpoint.object_store import delete_checkpoint
-
         name = tmp.rsplit("/", 1)[-1]
         delete_checkpoint(self.fs, self.root, name)  # the same iteration saved again (a resumed run)
         buffer = io.BytesIO()
@@ -294,8 +286,6 @@ class ObjectStoreDcpSaver(DcpSaver):
         self.fs.pipe(f"{self.root}/{name}/{EXTRA_FILE}", buffer.getvalue())
 
     def _drop(self, tmp: Any) -> None:
-        from igniter.checkpoint.object_store import delete_checkpoint
-
         delete_checkpoint(self.fs, self.root, tmp.rsplit("/", 1)[-1])
 
     def write(self, sharded: Mapping[str, Any], tmp: Any) -> None:
@@ -303,8 +293,6 @@ class ObjectStoreDcpSaver(DcpSaver):
 
     def _publish(self, done: Future | None, tmp: Any, final: Any, removals: list[str]) -> None:
         """Rank 0: the manifest of the complete checkpoint, then the removal of rotated-out ones."""
-        from igniter.checkpoint.object_store import delete_checkpoint, write_manifest
-
         if (done is not None and done.exception() is not None) or idist.get_rank() != 0:
             return
         name = final.rsplit("/", 1)[-1]
@@ -314,16 +302,10 @@ class ObjectStoreDcpSaver(DcpSaver):
                 delete_checkpoint(self.fs, self.root, old)
 
     def _failed(self, error: BaseException) -> None:
-        from igniter.checkpoint.remote import one_line
-        from igniter.errors import CheckpointWriteFailed
-
         final, tmp, _ = self._in_flight_write
         if idist.get_rank() == 0:
             self._drop(tmp)
-        raise CheckpointWriteFailed(
-            f"cannot write checkpoint {final}: {type(error).__name__}: {one_line(error)}; the earlier checkpoints are "
-            "kept. Check the store's credentials, quota and endpoint (AWS_ENDPOINT_URL) and resume with the same command."
-        ) from error
+        raise upload_failed(final, error) from error
 
 
 def _reader(path: Path | str) -> Any:
@@ -331,14 +313,6 @@ def _reader(path: Path | str) -> Any:
     from igniter.checkpoint.remote import is_url
 
     return _fsspec_reader(str(path)) if is_url(path) else dcp.FileSystemReader(str(path))
-
-
-def _log_orphan(url: str, name: str) -> None:
-    import logging
-
-    logging.getLogger("igniter").info(
-        "%s/%s: a checkpoint a killed run left without its manifest; deleting it", url, name
-    )
 
 
 def _fsspec_writer(url: str) -> Any:

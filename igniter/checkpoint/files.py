@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from igniter.checkpoint.dcp import check_dcp
+from igniter.checkpoint.remote import is_url
 from igniter.parallel.strategy import unwrap_model
 
 __all__ = [
@@ -52,10 +53,9 @@ def checkpoint_files(directory: Path, prefix: str = "last_checkpoint") -> list[P
 def is_dcp(path: Path | str) -> bool:
     """Whether checkpoint ``path`` is in the ``dcp`` format: a local directory, or a URL whose
     name ends in ``.dcp`` (a prefix of objects in a store)."""
-    text = str(path)
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
-        return text.rstrip("/").endswith(".dcp")
-    return Path(text).is_dir()
+    if is_url(path):
+        return str(path).rstrip("/").endswith(".dcp")
+    return Path(path).is_dir()
 
 
 def checkpoint_iteration(path: Path) -> int:

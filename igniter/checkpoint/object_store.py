@@ -20,15 +20,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from igniter.checkpoint.remote import (
-    MANIFEST_SUFFIX,
-    sha256_of,
-)
+from igniter.checkpoint.remote import MANIFEST_SUFFIX, one_line, sha256_of
+from igniter.errors import CheckpointWriteFailed
 
 __all__ = [
     "write_checkpoint",
     "delete_checkpoint",
     "write_manifest",
+    "delete_orphans",
+    "upload_failed",
     "complete_checkpoints",
 ]
 
@@ -98,3 +98,33 @@ def complete_checkpoints(fs: Any, root: str, prefix: str = "last_checkpoint_") -
 def _iteration(name: str) -> int:
     match = re.search(r"_(\d+)\.(pt|dcp)$", name)  # last_checkpoint_<iteration>.pt; best_... names sort last
     return int(match.group(1)) if match else -1
+
+
+#: What an orphan (a checkpoint without its manifest) is, said when it is deleted, by its suffix.
+_ORPHANS = {
+    ".pt": "an upload that never completed (no manifest)",
+    ".dcp": "a checkpoint a killed run left without its manifest",
+}
+
+
+def delete_orphans(fs: Any, root: str, location: str, suffix: str) -> None:
+    """Delete the checkpoints ``*<suffix>`` (``.pt`` objects or ``.dcp`` prefixes) under ``root``
+    that have no complete manifest: what a kill during an upload left. ``location``: for the log."""
+    complete = {name for name, _ in complete_checkpoints(fs, root, prefix="")}
+    try:
+        listing = fs.ls(root, detail=False)
+    except FileNotFoundError:  # a prefix nothing was written under yet
+        listing = []
+    for entry in listing:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(suffix) and name not in complete:
+            logger.info("%s/%s: %s; deleting it", location, name, _ORPHANS[suffix])
+            delete_checkpoint(fs, root, name)
+
+
+def upload_failed(what: str, error: BaseException) -> CheckpointWriteFailed:
+    """The error for checkpoint ``what`` (a name in a store, or its URL) that could not be uploaded."""
+    return CheckpointWriteFailed(
+        f"cannot write checkpoint {what}: {type(error).__name__}: {one_line(error)}; the earlier checkpoints are "
+        "kept. Check the store's credentials, quota and endpoint (AWS_ENDPOINT_URL) and resume with the same command."
+    )

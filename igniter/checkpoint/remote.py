@@ -39,6 +39,7 @@ __all__ = [
     "sha256_of",
     "cache_dir",
     "cached_copy",
+    "discard_copy",
     "fetch",
     "resume_cache",
     "local_file",
@@ -237,6 +238,13 @@ def _web_expected_sha256(url: str) -> str | None:
             return json.loads(f.read())["objects"][Path(urllib.parse.urlsplit(url).path).name]["sha256"]
     except Exception:
         return None
+
+
+def discard_copy(url: str, into: Path | None = None) -> None:
+    """Remove :func:`fetch`'s copy of ``url`` under ``into`` and the digest recorded beside it."""
+    target = cached_copy(url, into)
+    for path in (target, target.with_name(target.name + ".sha256")):
+        path.unlink(missing_ok=True)
 
 
 def fetch(

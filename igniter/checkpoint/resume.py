@@ -53,9 +53,9 @@ from igniter.checkpoint.files import (
     checkpoint_files,
     checkpoint_iteration,
 )
-from igniter.checkpoint.location import checkpoint_kind, resume_mode
+from igniter.checkpoint.location import checkpoint_kind, checkpoint_path, resume_mode
 from igniter.checkpoint.object_store import complete_checkpoints
-from igniter.checkpoint.remote import DigestMismatch, cached_copy, fetch, is_url, open_store, resume_cache
+from igniter.checkpoint.remote import DigestMismatch, discard_copy, fetch, is_url, open_store, resume_cache
 from igniter.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
     for candidate in candidates:
         local = None
         try:
-            if candidate.rstrip("/").endswith(".dcp"):  # read in place, every rank its shards: nothing to download
+            if checkpoint_kind(candidate) == "dcp":  # read in place, every rank its shards: nothing to download
                 return candidate, check(candidate)
             local = fetch(candidate, "resume", into=resume_cache(), reuse=False)  # kept for this host's other ranks
             return candidate, check(local)
@@ -188,7 +188,7 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
             DigestMismatch,
         ) as e:  # a store that cannot be read is no reason to take an older one
             if local is not None:
-                local.unlink(missing_ok=True)
+                discard_copy(candidate, resume_cache())
             reason = f"it {e}" if isinstance(e, CheckpointInvalid) else "; ".join(p.expected for p in e.problems)
             if resume != "auto":
                 raise ConfigError([Problem("resume", f"{candidate}: {reason}", resume)], "cannot resume") from None
@@ -290,7 +290,7 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
     if remote:
         _download_once_per_host(choice, ctx)
     if sharded:  # every rank reads its shards, resharded to this run
-        ckpt = read_dcp(choice if is_url(choice) else Path(choice), to_load)
+        ckpt = read_dcp(checkpoint_path(choice), to_load)
     elif ckpt is None:  # ranks > 0 read the file rank 0 chose (from a URL: this host's copy)
         try:
             local = fetch(choice, "resume", into=resume_cache()) if remote else Path(choice)
@@ -304,7 +304,7 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
         if ctx.world_size > 1:
             idist.barrier()
         if idist.get_local_rank() == 0:
-            cached_copy(choice, resume_cache()).unlink(missing_ok=True)
+            discard_copy(choice, resume_cache())
     epoch, max_epochs = ctx.trainer.state.epoch, ctx.cfg.trainer.max_epochs
     if max_epochs is not None and epoch > max_epochs:  # Ignite's engine.run would raise a ValueError
         why = f"{choice} was taken at epoch {epoch}: continue with trainer.max_epochs={epoch} or more, or start over with resume=false"

@@ -16,10 +16,15 @@ from typing import Any, BinaryIO, Callable, Protocol
 
 from igniter.atomic_files import atomic_write
 from igniter.checkpoint.files import checkpoint_files
-from igniter.checkpoint.object_store import complete_checkpoints, delete_checkpoint, write_checkpoint
-from igniter.checkpoint.remote import one_line, open_store
+from igniter.checkpoint.object_store import (
+    complete_checkpoints,
+    delete_checkpoint,
+    delete_orphans,
+    upload_failed,
+    write_checkpoint,
+)
+from igniter.checkpoint.remote import open_store
 from igniter.checkpoint.write_errors import write_failed
-from igniter.errors import CheckpointWriteFailed
 
 __all__ = ["CheckpointStore", "FsspecStore", "LocalStore", "WriteBytes"]
 
@@ -99,18 +104,7 @@ class FsspecStore:
 
     def prepare(self) -> None:
         """Delete the objects a killed upload left without a manifest."""
-        complete = {name for name, _ in complete_checkpoints(self.fs, self.root, prefix="")}
-        for entry in self._listing():
-            name = Path(entry).name
-            if name.endswith(".pt") and name not in complete:
-                logger.info("%s/%s: an upload that never completed (no manifest); deleting it", self.location, name)
-                delete_checkpoint(self.fs, self.root, name)
-
-    def _listing(self) -> list[str]:
-        try:
-            return self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:  # a prefix nothing was written under yet
-            return []
+        delete_orphans(self.fs, self.root, self.location, ".pt")
 
     def complete(self, prefix: str = "last_checkpoint") -> list[str]:
         return [name for name, _ in complete_checkpoints(self.fs, self.root, prefix=f"{prefix}_")]
@@ -119,11 +113,7 @@ class FsspecStore:
         try:
             write_checkpoint(self.fs, self.root, name, data, write_bytes)
         except Exception as e:
-            raise CheckpointWriteFailed(
-                f"cannot write checkpoint {name} to {self.location}: {type(e).__name__}: {one_line(e)}; "
-                "the earlier checkpoints are kept. Check the store's credentials, quota and endpoint "
-                "(AWS_ENDPOINT_URL) and resume with the same command."
-            ) from e
+            raise upload_failed(f"{name} to {self.location}", e) from e
 
     def remove(self, name: str) -> None:
         delete_checkpoint(self.fs, self.root, name)
