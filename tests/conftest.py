@@ -38,6 +38,30 @@ def run_igniter(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.
     )
 
 
+def run_together(arg_lists: list[list[str]], cwd: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m igniter`` once per argument list, all at once (the host has cores to spare
+    while each start-up imports); returns their completed processes in order. A run still going
+    after ``timeout`` seconds fails the test (every run is killed first)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "igniter", *args],
+            cwd=cwd,
+            env=igniter_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in arg_lists
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

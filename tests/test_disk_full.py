@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import igniter_env, read_metrics
-from test_fault_tolerance import assert_all_checkpoints_load, assert_bit_identical, command, final_model
+from conftest import read_metrics, run_together
+from test_fault_tolerance import assert_all_checkpoints_load, assert_bit_identical, final_model
 
 from igniter.errors import EXIT_CHECKPOINT_WRITE, CheckpointWriteFailed, ConfigError, IgniterError, Problem
 
@@ -88,24 +88,6 @@ def leave_free(directory: Path, free: int) -> Path:
         f.write(b"\0" * (shutil.disk_usage(directory).free - free))
     assert abs(shutil.disk_usage(directory).free - free) < PAGE
     return filler
-
-
-def run_together(arg_lists: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
-    """Run ``python -m igniter`` once per argument list, all at once (the host has cores to spare
-    while each start-up imports); returns their completed processes in order."""
-    procs = [
-        subprocess.Popen(
-            command(args), cwd=cwd, env=igniter_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for args in arg_lists
-    ]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
 def test_a_full_disk_stops_the_run_with_exit_5_keeps_the_checkpoint_and_the_run_resumes_exactly(tmp_path):

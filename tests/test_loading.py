@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import igniter_env, read_metrics
+from conftest import igniter_env, read_metrics, run_together
 from omegaconf import OmegaConf
 from test_fault_tolerance import assert_all_checkpoints_load, assert_bit_identical, command, final_model
 
@@ -161,20 +161,9 @@ SPAWN = ["runner=spawn", "runner.nproc_per_node=2"]
 def _runs(tmp: Path, variants: dict[str, list[str]]) -> dict[str, Path]:
     """Run ``RUN`` plus each variant's overrides, all at once (the runs are independent; on two
     cores they take little more than one), in ``tmp/<name>``; returns the run directories."""
-    procs = {
-        name: subprocess.Popen(
-            command([*RUN, *extra, f"output_dir={tmp / name}"]),
-            cwd=tmp,
-            env=igniter_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for name, extra in variants.items()
-    }
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+    runs = [[*RUN, *extra, f"output_dir={tmp / name}"] for name, extra in variants.items()]
+    for name, proc in zip(variants, run_together(runs, tmp, timeout=600)):
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
     return {name: tmp / name for name in variants}
 
 
@@ -287,23 +276,9 @@ FAILING = [
 
 
 def _failing_runs(tmp: Path, variants: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
-    """Each variant's failing run, all at once; their completed processes."""
-    procs = {
-        name: subprocess.Popen(
-            command([*FAILING, *extra, f"output_dir={tmp / name}"]),
-            cwd=tmp,
-            env=igniter_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for name, extra in variants.items()
-    }
-    done = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)  # a hang fails the test here
-        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return done
+    """Each variant's failing run, all at once; their completed processes (a hang fails the test)."""
+    runs = [[*FAILING, *extra, f"output_dir={tmp / name}"] for name, extra in variants.items()]
+    return dict(zip(variants, run_together(runs, tmp, timeout=300)))
 
 
 @pytest.fixture(scope="module")
