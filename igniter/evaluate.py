@@ -35,8 +35,9 @@ import ignite.distributed as idist
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from igniter.checkpoint.formats import read_weights
 from igniter.checkpoint.location import checkpoint_path
-from igniter.checkpoint.weights import model_state, read_weights
+from igniter.checkpoint.weights import model_state
 from igniter.errors import EXIT_CONFIG, ConfigError, Problem
 from igniter.parallel.strategy import evaluation_scope, is_sharded, unwrap_compiled, unwrap_model
 

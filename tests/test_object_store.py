@@ -8,6 +8,7 @@ import http.server
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,46 +317,78 @@ def test_a_run_in_object_storage_is_evaluated_and_resumed_with_one_download_per_
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoints_to_s3_resume_by_one_process_from_the_newest_complete_one(s3, tmp_path):
+def test_fsdp_checkpoints_to_s3_killed_mid_save_resume_by_one_and_by_three_processes(s3, tmp_path):
     """``checkpoint.format=dcp`` (fsdp's default) to s3://: 2 processes write every checkpoint's
-    shards and rank 0 its manifest last; rank 1 dies at iteration 19. The newest checkpoint's
-    manifest is then removed, the state a kill inside its save leaves (every shard, no
-    manifest). ``runner=single`` with no other change resumes from the newest complete one
-    (iteration 13, the end of epoch 1, read in place from the store), deletes the orphan, keeps writing dcp there,
-    and every global batch after the resume is the uninterrupted run's, sample by sample;
-    ``igniter eval`` of the run reads its newest dcp checkpoint from the store."""
+    shards and rank 0 its manifest last. The whole job is SIGKILLed inside the save of
+    iteration 16, after every rank's shards are on the store and before the manifest. From
+    that state (the store and the run directory copied once), the same command with
+    ``runner=single`` and no format key, and the same with 3 processes, each resume from the
+    newest complete checkpoint (iteration 13, read in place from the store), delete the
+    orphan, keep writing dcp there, and every global batch after the resume is the
+    uninterrupted run's, sample by sample; ``igniter eval`` of the run reads its newest dcp
+    checkpoint from the store without downloading it."""
     from test_sharding import BASE as SHARDING
     from test_sharding import FSDP, LAST, TWO, global_batches
 
-    cache = tmp_path / "cache"
+    cache, die_marker, stalled = tmp_path / "cache", tmp_path / "died", tmp_path / "stalled"
+    die_marker.touch()  # SHARDING's die_once step never fires here: the kill comes from outside
+    saver = ["imports=[my_project]", "checkpoint.saver=stall_dcp_upload"]
 
-    def run(args: list[str], tag: str) -> subprocess.CompletedProcess:
-        env = {**s3, "DIE_ONCE_MARKER": str(tmp_path / "marker"), "RUN_TAG": tag, "IGNITER_CACHE_DIR": str(cache)}
-        return igniter([*SHARDING, *args], tmp_path, env)
+    def env(tag: str) -> dict[str, str]:
+        return {
+            **igniter_env(),
+            **s3,
+            "DIE_ONCE_MARKER": str(die_marker),
+            "RUN_TAG": tag,
+            "IGNITER_CACHE_DIR": str(cache),
+        }
 
     (reference := tmp_path / "reference").mkdir()
-    (tmp_path / "marker").touch()  # die_once never fires in the reference
-    assert (ref := run(["runner=single", f"output_dir={reference}"], "reference")).returncode == 0, ref.stderr[-3000:]
-    (tmp_path / "marker").unlink()
+    ref = igniter([*SHARDING, "runner=single", f"output_dir={reference}"], tmp_path, env("reference"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
     url, out = f"s3://{BUCKET}/sharded", tmp_path / "run"
-    died = run([*TWO, *FSDP, f"checkpoint.dir={url}", f"output_dir={out}"], "killed")
-    assert died.returncode != 0 and (tmp_path / "marker").exists(), died.stderr[-3000:]
+    args = [*SHARDING, *saver, f"checkpoint.dir={url}", f"output_dir={out}"]
+    killed_env = {**env("killed"), "STALL_UPLOAD_AT": "16", "STALL_UPLOAD_MARKER": str(stalled)}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "igniter", *args, *TWO, *FSDP],
+        cwd=tmp_path, env=killed_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not stalled.exists():  # every shard of iteration 16 is on the store, its manifest not
+        assert job.poll() is None, job.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the save of iteration 16 never started"
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
+    job.wait(timeout=60)
     fs, root = open_store(url)
-    assert [name for name, _ in complete_checkpoints(fs, root)] == ["last_checkpoint_16.dcp", "last_checkpoint_13.dcp"]
-    fs.rm(f"{root}/last_checkpoint_16.dcp{MANIFEST_SUFFIX}")  # as if killed before rank 0 wrote it
     fs.invalidate_cache()
+    assert any(p.endswith("last_checkpoint_16.dcp/.metadata") for p in fs.find(root)), "killed after the shards"
+    assert [name for name, _ in complete_checkpoints(fs, root)] == ["last_checkpoint_13.dcp", "last_checkpoint_12.dcp"]
+    url3, out3 = f"s3://{BUCKET}/sharded3", tmp_path / "run3"  # the same state, for the 3-process resume
+    for path in fs.find(root):
+        fs.copy(path, f"{BUCKET}/sharded3/{path[len(root) + 1 :]}")
+    shutil.copytree(out, out3)
 
-    resumed = run(["runner=single", f"checkpoint.dir={url}", f"output_dir={out}"], "resumed")
+    resumed = igniter([*args, "runner=single"], tmp_path, env("resumed"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = (out / "rank0.log").read_text()
-    assert f"resumed from {url}/last_checkpoint_13.dcp (epoch 1, iteration 13)" in log
-    assert "last_checkpoint_16.dcp: a checkpoint a killed run left without its manifest; deleting it" in log
-    expected, got = global_batches(reference, "reference"), global_batches(out, "resumed")
-    assert sorted(got) == list(range(14, LAST + 1))
-    assert all(got[i] == expected[i] for i in got), "other samples or order after the resume"
-    fs.invalidate_cache()
-    assert [name for name, _ in complete_checkpoints(fs, root)] == ["last_checkpoint_26.dcp", "last_checkpoint_24.dcp"]
-    assert not any("last_checkpoint_16" in p for p in fs.find(root)), "the orphan is gone"
+    three = [*SHARDING, *saver, f"checkpoint.dir={url3}", f"output_dir={out3}", *TWO, "runner.nproc_per_node=3", *FSDP]
+    resumed3 = igniter(three, tmp_path, env("resumed3"))
+    assert resumed3.returncode == 0, resumed3.stderr[-3000:]
+    expected = global_batches(reference, "reference")
+    for where, run_dir, tag in ((url, out, "resumed"), (url3, out3, "resumed3")):
+        log = (run_dir / "rank0.log").read_text()
+        assert f"resumed from {where}/last_checkpoint_13.dcp (epoch 1, iteration 13)" in log
+        assert "last_checkpoint_16.dcp: a checkpoint a killed run left without its manifest; deleting it" in log
+        got = global_batches(run_dir, tag)
+        assert sorted(got) == list(range(14, LAST + 1))
+        assert all(got[i] == expected[i] for i in got), f"other samples or order after the resume ({tag})"
+        fs.invalidate_cache()
+        store_root = open_store(where)[1]
+        assert [n for n, _ in complete_checkpoints(fs, store_root)] == [
+            "last_checkpoint_26.dcp",
+            "last_checkpoint_24.dcp",
+        ]
+        assert not any("last_checkpoint_16" in p for p in fs.find(store_root)), "the orphan is gone"
     evaluated = igniter(["eval", str(out)], tmp_path, {**s3, "IGNITER_CACHE_DIR": str(cache)})
     assert not cache.exists() or not any(cache.rglob("*.dcp*")), "a dcp checkpoint is read in place, not downloaded"
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

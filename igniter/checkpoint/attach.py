@@ -15,11 +15,9 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, global_step_from_engine
 
-from igniter.checkpoint.dcp import ModelState, OptimizerState, dcp_saver
 from igniter.checkpoint.resume import TrainerState
 from igniter.handlers import any_rank, epoch_end, nonfinite_loss
 from igniter.parallel.strategy import unwrap_model
-from igniter.registry import io_registry
 from igniter.supervision.progress import checkpoint_phase
 
 if TYPE_CHECKING:
@@ -107,21 +105,11 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
     if not cfg.enabled:
         return {}
     step = global_step_from_engine(ctx.trainer, Events.ITERATION_COMPLETED)
-    model: Any = unwrap_model(ctx.model)  # keys without DDP's "module." or torch.compile's "_orig_mod."
-    optimizer: Any = ctx.optimizer
     location = ctx.checkpoints
-    if location.sharded:  # a directory per checkpoint, every rank writes its shards
-        saver: Any = dcp_saver(cfg, location.root)
-        model, optimizer = ModelState(model), OptimizerState(model, ctx.optimizer)
-        names = {
-            "last": "{filename_prefix}_{name}_{global_step}.dcp",
-            "best": "{filename_prefix}_{name}_{global_step}_{score_name}={score}.dcp",
-        }
-    else:
-        # The default saver writes to local disk; for a URL, the object-store one (igniter.checkpoint.object_store).
-        name = "object_store" if location.in_object_store and cfg.saver == "disk" else cfg.saver
-        saver = io_registry.get(name, "checkpoint.saver")(str(location.root))
-        names = {"last": None, "best": None}
+    saver = location.kind.saver(cfg, location.root)
+    # unwrapped: keys without DDP's "module." or torch.compile's "_orig_mod."
+    model, optimizer = location.kind.states(unwrap_model(ctx.model), ctx.optimizer)
+    names = location.kind.filenames
     to_save: dict[str, Any] = {"model": model, "optimizer": optimizer, "trainer": TrainerState(ctx.trainer)}
     if ctx.scheduler is not None:
         to_save["lr_scheduler"] = ctx.scheduler

@@ -21,9 +21,7 @@ their successor is renamed.
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import shutil
 import sys
 import warnings
 from concurrent.futures import Future
@@ -43,10 +41,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from igniter.atomic_files import atomic_write, fsync_dir
-from igniter.checkpoint.object_store import delete_checkpoint, delete_orphans, upload_failed, write_manifest
-from igniter.checkpoint.remote import open_store
-from igniter.checkpoint.write_errors import tensor_bytes, write_failed
+from igniter.checkpoint.remote import is_url, open_store, storage_options
+from igniter.checkpoint.store import CheckpointStore, open_checkpoint_store, serialized
+from igniter.checkpoint.write_errors import tensor_bytes
 from igniter.errors import ConfigError, Problem
 from igniter.registry import io_registry
 
@@ -67,7 +64,6 @@ __all__ = [
     "OptimizerState",
     "SafeLoadPlanner",
     "DcpSaver",
-    "ObjectStoreDcpSaver",
     "dcp_metadata",
     "read_dcp",
     "dcp_model_state",
@@ -119,115 +115,110 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 class DcpSaver(BaseSaveHandler):
-    """Ignite save handler writing ``torch.distributed.checkpoint`` directories (every rank).
+    """Ignite save handler writing ``torch.distributed.checkpoint`` directories (every rank)
+    through a :class:`~igniter.checkpoint.store.CheckpointStore`.
 
     Ignite's ``Checkpoint`` calls it on every rank with the same ``filename``
-    (``<prefix>_<name>_<iteration>.dcp``). ``remove`` is deferred until the next checkpoint is
-    complete, as :class:`igniter.checkpoint.saver.CheckpointSaver` does.
+    (``<prefix>_<name>_<iteration>.dcp``). Rank 0 starts the checkpoint
+    (:meth:`CheckpointStore.begin`: a temporary directory on disk, the prefix in an object
+    store) and writes ``extra.pt`` into it; every rank writes its shards (DCP's writer for the
+    store); once DCP has written ``.metadata`` (after every rank's data), rank 0 publishes it
+    (renamed into place on disk; in a store, a manifest listing every object and its size,
+    without SHA-256: hashing every shard would read it back). ``remove`` is deferred until the
+    next checkpoint is complete, as :class:`igniter.checkpoint.saver.CheckpointSaver` does;
+    what interrupted writes left is removed at start-up.
 
     Args:
-        dirname: the checkpoint directory (created by rank 0).
+        where: the checkpoint directory (created by rank 0), an fsspec URL
+            (``s3://bucket/prefix``), or a store.
         async_save: write with ``dcp.async_save``: the training thread waits only for the
             copy to host memory; :meth:`flush` waits for the write.
+
+    Raises:
+        ConfigError: a URL's store cannot be reached (before training).
     """
 
-    def __init__(self, dirname: str | Path, async_save: bool = False) -> None:
-        self.dirname = Path(dirname).expanduser()
+    def __init__(self, where: str | Path | CheckpointStore, async_save: bool = False) -> None:
+        self.store = open_checkpoint_store(where) if isinstance(where, (str, Path)) else where
+        self.dirname = self.store.location  # for messages
         self.async_save = async_save
         self._pending_removal: list[str] = []
         self._in_flight: Future | None = None
         if idist.get_rank() == 0:
-            self.dirname.mkdir(parents=True, exist_ok=True)
-            for stale in self.dirname.glob(".*.tmp"):  # an interrupted write's directory
-                shutil.rmtree(stale, ignore_errors=True)
+            self.store.prepare()
         self._group = None
         if idist.get_world_size() > 1:
-            idist.barrier()  # no rank writes into a directory rank 0 is still cleaning
+            idist.barrier()  # no rank writes into a location rank 0 is still cleaning
             if async_save:  # background saves coordinate on a group of their own, never on training's
                 self._group = torch.distributed.new_group(backend="gloo")
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        """Write ``checkpoint`` to ``<dirname>/<filename>`` (a directory), collectively (a failure: :meth:`_failed`)."""
+        """Write ``checkpoint`` as checkpoint ``filename`` (a directory), collectively (a failure: :meth:`_failed`)."""
         self.flush()
         if "model" not in checkpoint:  # Ignite passes a single object's state unwrapped (best_model_*)
             checkpoint = {"model": checkpoint}
         sharded = {k: v for k, v in checkpoint.items() if k in SHARDED_KEYS}
         extra = {k: v for k, v in checkpoint.items() if k not in SHARDED_KEYS}
-        final, tmp = self._targets(filename)
+        target = self.store.target(filename)
         failed: BaseException | None = None
         if idist.get_rank() == 0:
             try:
-                self._begin(tmp, extra)
+                self.store.begin(filename)
+                self.store.put(target, EXTRA_FILE, serialized(extra))
             except Exception as e:  # a full disk: torch.save raises RuntimeError over the OSError
                 failed = e
         if idist.get_world_size() > 1 and idist.all_reduce(int(failed is not None), op="MAX"):  # (and a barrier)
             failed = failed or OSError(f"rank 0 could not write {EXTRA_FILE}")
         removals, self._pending_removal = self._pending_removal, []
-        self._in_flight_write = (final, tmp, checkpoint)
+        self._in_flight_write = (filename, target, checkpoint)
         try:
             if failed is not None:
                 raise failed
             if self.async_save:
-                future = dcp.async_save(dict(sharded), checkpoint_id=str(tmp), process_group=self._group)
-                future.add_done_callback(lambda done: self._publish(done, tmp, final, removals))
+                writer = self.store.storage_writer(target)
+                future = dcp.async_save(dict(sharded), storage_writer=writer, process_group=self._group)
+                future.add_done_callback(lambda done: self._publish(done, filename, target, removals))
                 self._in_flight = future
             else:
-                self.write(sharded, tmp)
-                self._publish(None, tmp, final, removals)
+                self.write(sharded, target)
+                self._publish(None, filename, target, removals)
         except (Exception, CheckpointException) as e:
             self._failed(e)
 
     def _failed(self, error: BaseException) -> None:
-        """Rank 0 removes the failed write's temporary directory; every rank raises
-        :class:`~igniter.errors.CheckpointWriteFailed` for a write error (``igniter.checkpoint.write_errors.write_failed``;
-        inside DCP's ``CheckpointException`` too), what it was for anything else."""
-        final, tmp, states = self._in_flight_write  # states: Ignite passes every object's state_dict()
+        """Rank 0 removes the failed write; every rank raises
+        :class:`~igniter.errors.CheckpointWriteFailed` for a write error (the store's
+        :meth:`~igniter.checkpoint.store.CheckpointStore.failed`; inside DCP's
+        ``CheckpointException`` too), what it was for anything else."""
+        name, target, states = self._in_flight_write  # states: Ignite passes every object's state_dict()
         if idist.get_rank() == 0:
-            self._drop(tmp)
+            self.store.drop(target)
         failure = (
             error.failures[min(error.failures)][0]
             if isinstance(error, CheckpointException) and error.failures
             else error
         )
-        written = write_failed(
-            failure, self.dirname, final.name, tensor_bytes(states), "its tensors and strings, without file overhead"
-        )
+        about = "its tensors and strings, without file overhead"
+        written = self.store.failed(failure, name, tensor_bytes(states), about)
         if written is None:
             raise error
         raise written from error
 
-    def _targets(self, filename: str) -> tuple[Any, Any]:
-        """``(final, where it is written)``: ``<dirname>/<filename>`` and its temporary directory."""
-        return self.dirname / filename, self.dirname / f".{filename}.tmp"
+    def write(self, sharded: Mapping[str, Any], target: Any) -> None:
+        """``dcp.save`` of the model and optimizer states into ``target`` (a hook for tests)."""
+        dcp.save(dict(sharded), storage_writer=self.store.storage_writer(target))
 
-    def _begin(self, tmp: Any, extra: Mapping[str, Any]) -> None:
-        """Rank 0, before every rank writes: a fresh ``tmp`` holding ``extra.pt``."""
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        atomic_write(tmp / EXTRA_FILE, lambda f: torch.save(extra, f))
-
-    def _drop(self, tmp: Any) -> None:
-        """Rank 0: remove what a failed write left."""
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    def write(self, sharded: Mapping[str, Any], tmp: Path) -> None:
-        """``dcp.save`` of the model and optimizer states into ``tmp`` (a hook for tests)."""
-        dcp.save(dict(sharded), checkpoint_id=str(tmp))
-
-    def _publish(self, done: Future | None, tmp: Path, final: Path, removals: list[str]) -> None:
-        """Rank 0: rename the complete directory into place, then remove rotated-out ones."""
+    def _publish(self, done: Future | None, name: str, target: Any, removals: list[str]) -> None:
+        """Rank 0: publish the complete checkpoint, then remove the rotated-out ones."""
         if (done is not None and done.exception() is not None) or idist.get_rank() != 0:
             return  # flush() raises a failed write's error
-        if final.exists():  # the same iteration saved again (a resumed run)
-            _discard(final)
-        os.replace(tmp, final)
-        fsync_dir(self.dirname)
-        for name in removals:
-            if name != final.name:
-                _discard(self.dirname / name)
+        self.store.publish(name, target)
+        for old in removals:
+            if old != name:
+                self.store.remove(old)
 
     def flush(self) -> None:
-        """Wait until the last checkpoint is on disk. Raises what its write raised (see :meth:`_failed`)."""
+        """Wait until the last checkpoint is written. Raises what its write raised (see :meth:`_failed`)."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             try:
@@ -240,119 +231,34 @@ class DcpSaver(BaseSaveHandler):
         self._pending_removal.append(filename)
 
 
-class ObjectStoreDcpSaver(DcpSaver):
-    """:class:`DcpSaver` writing to an fsspec URL (``checkpoint.dir=s3://...`` with ``dcp``).
-
-    Every rank writes its shards straight under ``<url>/<filename>/`` (DCP's ``FsspecWriter``;
-    rank 0 also ``extra.pt``); once DCP has written ``.metadata`` (after every rank's data),
-    rank 0 writes ``<filename>.manifest.json`` listing every object and its size. Only a
-    checkpoint with its manifest is complete (:func:`igniter.checkpoint.object_store.complete_checkpoints`);
-    a rotated-out one loses its manifest first, then its objects, once its successor is
-    complete; prefixes a killed run left without a manifest are deleted at start-up. The
-    manifest holds sizes, not SHA-256 digests (hashing every shard would read it back).
-
-    Args:
-        url: the checkpoint location (``s3://bucket/prefix``).
-        async_save: as :class:`DcpSaver`.
-
-    Raises:
-        ConfigError: the store cannot be reached (before training).
-    """
-
-    def __init__(self, url: str, async_save: bool = False) -> None:
-        self.url = url.rstrip("/")
-        self.dirname = Path(self.url)  # for messages only
-        self.async_save = async_save
-        self._pending_removal: list[str] = []
-        self._in_flight: Future | None = None
-        self.fs, self.root = open_store(self.url, create=True)
-        if idist.get_rank() == 0:
-            delete_orphans(self.fs, self.root, self.url, ".dcp")
-        self._group = None
-        if idist.get_world_size() > 1:
-            idist.barrier()
-            if async_save:
-                self._group = torch.distributed.new_group(backend="gloo")
-
-    def _targets(self, filename: str) -> tuple[Any, Any]:
-        url = f"{self.url}/{filename}"
-        return url, url  # written in place: the manifest, written last, makes it complete
-
-    def _begin(self, tmp: Any, extra: Mapping[str, Any]) -> None:
-        name = tmp.rsplit("/", 1)[-1]
-        delete_checkpoint(self.fs, self.root, name)  # the same iteration saved again (a resumed run)
-        buffer = io.BytesIO()
-        torch.save(extra, buffer)
-        self.fs.pipe(f"{self.root}/{name}/{EXTRA_FILE}", buffer.getvalue())
-
-    def _drop(self, tmp: Any) -> None:
-        delete_checkpoint(self.fs, self.root, tmp.rsplit("/", 1)[-1])
-
-    def write(self, sharded: Mapping[str, Any], tmp: Any) -> None:
-        dcp.save(dict(sharded), storage_writer=_fsspec_writer(tmp))
-
-    def _publish(self, done: Future | None, tmp: Any, final: Any, removals: list[str]) -> None:
-        """Rank 0: the manifest of the complete checkpoint, then the removal of rotated-out ones."""
-        if (done is not None and done.exception() is not None) or idist.get_rank() != 0:
-            return
-        name = final.rsplit("/", 1)[-1]
-        write_manifest(self.fs, self.root, name)
-        for old in removals:
-            if old != name:
-                delete_checkpoint(self.fs, self.root, old)
-
-    def _failed(self, error: BaseException) -> None:
-        final, tmp, _ = self._in_flight_write
-        if idist.get_rank() == 0:
-            self._drop(tmp)
-        raise upload_failed(final, error) from error
-
-
 def _reader(path: Path | str) -> Any:
     """DCP's reader for checkpoint ``path``: the file-system reader, or the fsspec one for a URL."""
-    from igniter.checkpoint.remote import is_url
-
-    return _fsspec_reader(str(path)) if is_url(path) else dcp.FileSystemReader(str(path))
-
-
-def _fsspec_writer(url: str) -> Any:
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-
-    from igniter.checkpoint.remote import storage_options
-
-    return FsspecWriter(url, **storage_options(url))
-
-
-def _fsspec_reader(url: str) -> Any:
+    if not is_url(path):
+        return dcp.FileSystemReader(str(path))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    from igniter.checkpoint.remote import storage_options
-
-    return FsspecReader(url, **storage_options(url))
+    return FsspecReader(str(path), **storage_options(str(path)))
 
 
 def _open(path: Path | str, name: str) -> Any:
     """Open file ``name`` of checkpoint ``path`` (a local directory or a URL) for reading."""
-    from igniter.checkpoint.remote import is_url, open_store
-
     if not is_url(path):
         return open(Path(path) / name, "rb")
     fs, root = open_store(str(path), "resume")
     return fs.open(f"{root}/{name}", "rb")
 
 
-def dcp_saver(cfg: Any, dirname: Path | str) -> DcpSaver:
-    """The saver of ``checkpoint.format=dcp``: a :class:`DcpSaver`, or what the io-registry
-    entry ``checkpoint.saver`` returns for ``dirname`` when it is not ``disk``.
+def dcp_saver(cfg: Any, where: Path | str) -> DcpSaver:
+    """The saver of ``checkpoint.format=dcp``: a :class:`DcpSaver` into ``where`` (a directory
+    or a URL), or what the io-registry entry ``checkpoint.saver`` returns for ``where`` when it
+    is not ``disk``.
 
     Raises:
         ConfigError: that entry does not return a :class:`DcpSaver` (it writes single files).
     """
     if cfg.saver == "disk":
-        if isinstance(dirname, str):  # an fsspec URL (CheckpointLocation.in_object_store)
-            return ObjectStoreDcpSaver(dirname, cfg.async_save)
-        return DcpSaver(dirname, cfg.async_save)
-    saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(dirname))
+        return DcpSaver(where, cfg.async_save)
+    saver = io_registry.get(cfg.saver, "checkpoint.saver")(str(where))
     if not isinstance(saver, DcpSaver):
         raise ConfigError(
             [
@@ -365,17 +271,6 @@ def dcp_saver(cfg: Any, dirname: Path | str) -> DcpSaver:
             header="cannot build the run",
         )
     return saver
-
-
-def _discard(path: Path) -> None:
-    """Remove checkpoint directory ``path``: renamed to a temporary name first, so a kill in the
-    middle of the removal leaves a ``.*.tmp`` directory (deleted at the next start), never a
-    partial directory under a checkpoint's name."""
-    if not path.exists():
-        return
-    doomed = path.with_name(f".{path.name}.removed.tmp")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -17,7 +17,6 @@ from typing import Any, Mapping
 
 import torch
 
-from igniter.checkpoint.dcp import check_dcp
 from igniter.checkpoint.remote import is_url
 from igniter.parallel.strategy import unwrap_model
 
@@ -188,7 +187,7 @@ def check_model_state(state: Mapping[str, Any], model: torch.nn.Module) -> None:
 
 
 def check_checkpoint(path: Path, model: torch.nn.Module, required: tuple[str, ...]) -> dict[str, Any]:
-    """Load ``path`` safely (:func:`load_checkpoint`) and check it fits ``model``.
+    """Load the ``.pt`` file ``path`` safely (:func:`load_checkpoint`) and check it fits ``model``.
 
     Returns:
         The loaded checkpoint (a dict of plain containers and tensors).
@@ -199,11 +198,6 @@ def check_checkpoint(path: Path, model: torch.nn.Module, required: tuple[str, ..
             not a dict, an entry of ``required`` is missing, or the model keys/shapes
             differ from ``model``'s.
     """
-    if is_dcp(path):  # checkpoint.format=dcp: checked from its metadata, read collectively by resume_run
-        try:
-            return check_dcp(path, unwrap_model(model).state_dict(), required)
-        except ValueError as e:
-            raise CheckpointInvalid(str(e)) from None
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, Mapping):
         raise CheckpointInvalid(f"holds a {type(ckpt).__name__}, not a dict of states")

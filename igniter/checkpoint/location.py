@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igniter.checkpoint.files import checkpoint_files, is_dcp
+from igniter.checkpoint.files import checkpoint_files
+from igniter.checkpoint.formats import FORMATS, CheckpointFormat, format_of
 from igniter.checkpoint.remote import is_url
 from igniter.errors import ConfigError, Problem
 
 __all__ = [
     "FORMATS",
     "CheckpointLocation",
-    "checkpoint_kind",
     "checkpoint_path",
     "config_problems",
     "default_format",
@@ -32,9 +32,6 @@ __all__ = [
     "resolve_location",
     "resume_mode",
 ]
-
-#: ``checkpoint.format`` values: one file rank 0 writes, or a directory every rank writes its shards to.
-FORMATS = ("torch", "dcp")
 
 
 @dataclass(frozen=True)
@@ -59,6 +56,11 @@ class CheckpointLocation:
         """Whether every rank writes its own shards (``dcp``) rather than rank 0 one file."""
         return self.format == "dcp"
 
+    @property
+    def kind(self) -> CheckpointFormat:
+        """The format's reader and writer (:mod:`igniter.checkpoint.formats`)."""
+        return FORMATS[self.format]
+
     def __str__(self) -> str:
         return str(self.root)
 
@@ -68,12 +70,6 @@ def resume_mode(value: Any) -> str | None:
     if value is None or value is False or str(value).lower() in ("false", "none", "null", "no", "off", ""):
         return None
     return str(value)
-
-
-def checkpoint_kind(path: Path | str) -> str:
-    """The format of checkpoint ``path``: ``"dcp"`` for a local directory or a URL ending in
-    ``.dcp`` (a prefix of objects), else ``"torch"`` (a file or one object)."""
-    return "dcp" if is_dcp(path) else "torch"
 
 
 def default_format(cfg: Any) -> str:
@@ -94,7 +90,7 @@ def _format_resumed_from(cfg: Any, root: Path | str) -> str | None:
     if mode is None:
         return None
     if mode != "auto":
-        return checkpoint_kind(mode) if is_url(mode) or Path(mode).exists() else None
+        return format_of(mode).name if is_url(mode) or Path(mode).exists() else None
     if isinstance(root, str):  # the newest complete checkpoint in the store
         from igniter.checkpoint.object_store import complete_checkpoints
         from igniter.checkpoint.remote import open_store
@@ -103,9 +99,9 @@ def _format_resumed_from(cfg: Any, root: Path | str) -> str | None:
             newest = [name for name, _ in complete_checkpoints(*open_store(root))][:1]
         except ConfigError:  # unreachable: the saver's check at start says so, naming checkpoint.dir
             return None
-        return checkpoint_kind(f"{root}/{newest[0]}") if newest else None
+        return format_of(f"{root}/{newest[0]}").name if newest else None
     newest = checkpoint_files(Path(root))[:1]
-    return checkpoint_kind(newest[0]) if newest else None
+    return format_of(newest[0]).name if newest else None
 
 
 def resolve_location(cfg: Any, output_dir: Path) -> CheckpointLocation:
@@ -175,7 +171,7 @@ def find_in_run(target: Path, header: str = "cannot evaluate") -> tuple[Path, Pa
             from igniter.checkpoint.remote import fetch, open_store
 
             newest = [name for name, _ in complete_checkpoints(*open_store(str(location.root)))][:1]
-            if newest and checkpoint_kind(f"{location.root}/{newest[0]}") == "dcp":  # read in place, as a resume does
+            if newest and format_of(f"{location.root}/{newest[0]}").read_in_place:  # as a resume does
                 return target, f"{location.root}/{newest[0]}"  # type: ignore[return-value]
             if newest:
                 return target, fetch(f"{location.root}/{newest[0]}", "checkpoint")

@@ -107,9 +107,9 @@ _ORPHANS = {
 }
 
 
-def delete_orphans(fs: Any, root: str, location: str, suffix: str) -> None:
-    """Delete the checkpoints ``*<suffix>`` (``.pt`` objects or ``.dcp`` prefixes) under ``root``
-    that have no complete manifest: what a kill during an upload left. ``location``: for the log."""
+def delete_orphans(fs: Any, root: str, location: str) -> None:
+    """Delete the checkpoints (``.pt`` objects and ``.dcp`` prefixes) under ``root`` that have no
+    complete manifest: what a kill during an upload or a save left. ``location``: for the log."""
     complete = {name for name, _ in complete_checkpoints(fs, root, prefix="")}
     try:
         listing = fs.ls(root, detail=False)
@@ -117,7 +117,8 @@ def delete_orphans(fs: Any, root: str, location: str, suffix: str) -> None:
         listing = []
     for entry in listing:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.endswith(suffix) and name not in complete:
+        suffix = Path(name).suffix
+        if suffix in _ORPHANS and name not in complete:
             logger.info("%s/%s: %s; deleting it", location, name, _ORPHANS[suffix])
             delete_checkpoint(fs, root, name)
 

@@ -46,14 +46,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
-from igniter.checkpoint.dcp import read_dcp
 from igniter.checkpoint.files import (
     CheckpointInvalid,
-    check_checkpoint,
     checkpoint_files,
     checkpoint_iteration,
 )
-from igniter.checkpoint.location import checkpoint_kind, checkpoint_path, resume_mode
+from igniter.checkpoint.formats import format_of
+from igniter.checkpoint.location import checkpoint_path, resume_mode
 from igniter.checkpoint.object_store import complete_checkpoints
 from igniter.checkpoint.remote import DigestMismatch, discard_copy, fetch, is_url, open_store, resume_cache
 from igniter.errors import ConfigError, Problem
@@ -147,15 +146,15 @@ class TrainerState:
 
 
 def _check(path: Path, model: torch.nn.Module, required: tuple[str, ...], fmt: str) -> dict[str, Any]:
-    """:func:`check_checkpoint`, and the file's kind against ``checkpoint.format``."""
-    kind = checkpoint_kind(path)
-    if kind != fmt:
+    """The checkpoint's format against ``checkpoint.format``, then the format's own check."""
+    kind = format_of(path)
+    if kind.name != fmt:
         raise CheckpointInvalid(
-            f"was written with checkpoint.format={kind} and this run writes checkpoint.format={fmt}: "
-            f"resume it with checkpoint.format={kind}"
-            + (" (runner.strategy=fsdp needs dcp)" if kind == "torch" else "")
+            f"was written with checkpoint.format={kind.name} and this run writes checkpoint.format={fmt}: "
+            f"resume it with checkpoint.format={kind.name}"
+            + (" (runner.strategy=fsdp needs dcp)" if fmt == "dcp" else "")
         )
-    return check_checkpoint(path, model, required)
+    return kind.check(path, model, required)
 
 
 def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> tuple[str | None, dict | None]:
@@ -179,7 +178,7 @@ def select_from_store(resume: str, url: str, check: Callable[[Path], dict]) -> t
     for candidate in candidates:
         local = None
         try:
-            if checkpoint_kind(candidate) == "dcp":  # read in place, every rank its shards: nothing to download
+            if format_of(candidate).read_in_place:  # every rank reads its shards from the store: nothing to download
                 return candidate, check(candidate)
             local = fetch(candidate, "resume", into=resume_cache(), reuse=False)  # kept for this host's other ranks
             return candidate, check(local)
@@ -285,18 +284,15 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
         raise ConfigError([Problem("resume", line) for line in lines], "cannot resume")
     if not choice:
         return None
-    sharded = checkpoint_kind(choice) == "dcp"
-    remote = is_url(choice) and not sharded  # one object, downloaded; a dcp checkpoint is read in place
+    kind = format_of(choice)
+    remote = is_url(choice) and not kind.read_in_place  # one object, downloaded once per host
     if remote:
         _download_once_per_host(choice, ctx)
-    if sharded:  # every rank reads its shards, resharded to this run
-        ckpt = read_dcp(checkpoint_path(choice), to_load)
-    elif ckpt is None:  # ranks > 0 read the file rank 0 chose (from a URL: this host's copy)
-        try:
-            local = fetch(choice, "resume", into=resume_cache()) if remote else Path(choice)
-            ckpt = check_checkpoint(local, ctx.model, required)
-        except CheckpointInvalid as e:
-            raise ConfigError([Problem("resume", f"{choice} {e}")], "cannot resume") from None
+    try:  # ranks > 0 read what rank 0 chose (from a URL: this host's copy)
+        local = fetch(choice, "resume", into=resume_cache()) if remote and ckpt is None else checkpoint_path(choice)
+        ckpt = kind.read(local, to_load, ctx.model, ckpt)
+    except CheckpointInvalid as e:
+        raise ConfigError([Problem("resume", f"{choice} {e}")], "cannot resume") from None
     from ignite.handlers import Checkpoint
 
     Checkpoint.load_objects({k: v for k, v in to_load.items() if k in ckpt}, ckpt)

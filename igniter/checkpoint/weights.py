@@ -1,8 +1,8 @@
 """A checkpoint's model weights, read safely in one process: a ``.pt`` file (``last_*`` or
 ``best_model_*``) or a ``checkpoint.format=dcp`` directory consolidated whole.
 
-Used by ``igniter eval``/``export`` and ``model.weights``; resuming reads whole checkpoints
-(:mod:`igniter.checkpoint.resume`).
+The readers of the two formats (:mod:`igniter.checkpoint.formats` picks one: ``read_weights``);
+used by ``igniter eval``/``export``. Resuming reads whole checkpoints (:mod:`igniter.checkpoint.resume`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
-from igniter.checkpoint.location import checkpoint_kind
+from igniter.checkpoint.dcp import check_metadata, dcp_model_state
+from igniter.checkpoint.files import CheckpointInvalid, load_checkpoint
 
-__all__ = ["model_state", "read_weights"]
+__all__ = ["model_state", "read_dcp_weights", "read_file_weights"]
 
 
 def model_state(ckpt: Any) -> Mapping[str, torch.Tensor]:
@@ -34,33 +36,26 @@ def model_state(ckpt: Any) -> Mapping[str, torch.Tensor]:
     raise ValueError(f"has no model weights (entries: {', '.join(map(str, ckpt)) or 'none'})")
 
 
-def read_weights(path: Path) -> Mapping[str, torch.Tensor]:
-    """The model weights in checkpoint ``path``, loaded safely (no code from the file runs):
-    a ``.pt`` file, or a ``checkpoint.format=dcp`` directory read whole in this process
-    (:func:`igniter.checkpoint.dcp.dcp_model_state`, every shard consolidated).
+def read_file_weights(path: Path) -> Mapping[str, torch.Tensor]:
+    """The model weights in the ``.pt`` file ``path`` (``torch.load(weights_only=True)``).
 
     Raises:
         CheckpointInvalid: the file cannot be opened, is not a PyTorch checkpoint, holds pickled
-            objects, or has no model weights; the directory has no readable ``.metadata`` or
-            damaged data; the message reads after the path (:func:`igniter.checkpoint.resume.load_checkpoint`).
+            objects, or has no model weights (:func:`igniter.checkpoint.files.load_checkpoint`).
     """
-    from igniter.checkpoint.files import CheckpointInvalid, load_checkpoint
-
-    if checkpoint_kind(path) == "dcp":
-        return _read_dcp_weights(path)
     try:
         return model_state(load_checkpoint(path))
     except ValueError as e:
         raise CheckpointInvalid(str(e)) from None
 
 
-def _read_dcp_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The full model weights of DCP directory ``path``, its ``.metadata`` checked first."""
-    from torch.distributed.checkpoint.api import CheckpointException  # and DCP's metadata classes importable by name
+def read_dcp_weights(path: Path | str) -> dict[str, torch.Tensor]:
+    """The full model weights of DCP checkpoint ``path`` (a directory or a URL), read whole in
+    this process (:func:`igniter.checkpoint.dcp.dcp_model_state`), its ``.metadata`` checked first.
 
-    from igniter.checkpoint.dcp import check_metadata, dcp_model_state
-    from igniter.checkpoint.files import CheckpointInvalid
-
+    Raises:
+        CheckpointInvalid: no readable or safe ``.metadata``, no model weights, or damaged data.
+    """
     incomplete = "is not a complete distributed checkpoint"
     try:
         check_metadata(path)
