@@ -38,7 +38,10 @@ def _builtin_handlers(cfg: DictConfig) -> list[str]:
     k, lg = cfg.checkpoint, cfg.logging
     names = ["nan guard (every 10 iterations)", "metrics.json"]
     if k.enabled:
-        when = f"every {k.every_epochs} epoch(s)" + (f", {k.every_iterations} iterations" if k.every_iterations else "")
+        when = f"every {k.every_epochs} epoch(s)" + (
+            f" (at most once every {k.min_interval_seconds:g} s)" if k.min_interval_seconds else ""
+        )
+        when += f", {k.every_iterations} iterations" if k.every_iterations else ""
         names.append(f"checkpoint ({when}; keep {k.n_saved} + {k.n_best} best)")
     names.append(
         {True: "progress bar", False: "log line per epoch", None: "progress bar on a terminal"}[lg.progress_bar]

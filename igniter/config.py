@@ -223,9 +223,11 @@ class HandlerConfig:
 class CheckpointConfig:
     """Checkpoints (model, optimizer, scheduler, trainer state) written by an io-registry saver.
 
-    Saved every ``every_epochs`` epochs, and also every ``every_iterations``
-    iterations and/or once ``every_seconds`` seconds have passed since the last
-    save (checked every 10 iterations, decided by rank 0), when set. The last
+    Saved every ``every_epochs`` epochs, but at most once every ``min_interval_seconds``
+    (default 60 s: a run of short epochs does not spend its time writing checkpoints; ``0``:
+    every epoch), and also every ``every_iterations`` iterations and/or once ``every_seconds``
+    seconds have passed since the last save (checked every 10 iterations), when set; always
+    at the end of training and on a requeue signal. Rank 0's clock decides. The last
     ``n_saved`` are kept, plus the ``n_best`` best by ``evaluation.monitor``.
     Files are written atomically and an old file is deleted only after its
     successor is complete. ``format``: ``torch`` (one file, rank 0 writes) or ``dcp``
@@ -242,6 +244,7 @@ class CheckpointConfig:
     dir: Optional[str] = None
     saver: str = "disk"
     every_epochs: int = 1
+    min_interval_seconds: float = 60.0
     every_iterations: Optional[int] = None
     every_seconds: Optional[float] = None
     n_saved: int = 2

@@ -255,6 +255,7 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
     k = cfg.checkpoint
     c.name(io_registry, "checkpoint.saver", k.saver)
     c.positive("checkpoint.every_epochs", k.every_epochs)
+    c.positive("checkpoint.min_interval_seconds", k.min_interval_seconds, strict=False)
     c.positive("checkpoint.every_iterations", k.every_iterations, allow_none=True)
     c.positive("checkpoint.n_saved", k.n_saved)
     c.positive("checkpoint.n_best", k.n_best, strict=False)

@@ -31,6 +31,7 @@ from igniter.errors import EXIT_CHECKPOINT_WRITE, CheckpointWriteFailed, ConfigE
 # 3 epochs of 44 iterations on digits, a checkpoint at every epoch's end (44, 88, 132), no best-model files.
 ARGS = [
     "trainer.max_epochs=3",
+    "checkpoint.min_interval_seconds=0",  # a checkpoint at every epoch's end: the disk fills at the second
     "checkpoint.n_best=0",
     "checkpoint.n_saved=2",
     "trainer.seed=3",

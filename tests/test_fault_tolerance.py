@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import igniter_env, read_metrics, run_igniter
+from conftest import igniter_env, read_metrics, run_igniter, run_together
 
 pytestmark = pytest.mark.slow  # real processes killed and restarted: minutes
 from igniter.checkpoint.dcp import dcp_model_state, read_extra
-from igniter.checkpoint.files import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files, checkpoint_iteration
 from igniter.launch.runners import free_port
 
 # 6 epochs of 44 iterations on digits; a checkpoint every 10 iterations and every epoch.
@@ -180,9 +180,10 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, base_reference):
 
 @pytest.fixture(scope="module")
 def three_epochs(tmp_path_factory) -> Path:
-    """A 3-epoch run keeping 3 checkpoints (iterations 132, 88, 44), written once per module."""
+    """A 3-epoch run keeping 3 checkpoints (iterations 132, 88, 44: one per epoch, however short), written once per module."""
     run = tmp_path_factory.mktemp("three_epochs") / "run"
-    proc = run_igniter(["trainer.max_epochs=3", "checkpoint.n_saved=3", f"output_dir={run}"], run.parent)
+    args = ["trainer.max_epochs=3", "checkpoint.n_saved=3", "checkpoint.min_interval_seconds=0", f"output_dir={run}"]
+    proc = run_igniter(args, run.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -520,6 +521,29 @@ def test_checkpoint_every_seconds(tmp_path):
     assert steps == [10, 20, 30, 40, 44]
 
 
+def test_default_cadence_is_every_epoch_at_most_once_a_minute_and_always_at_the_end(tmp_path):
+    """The default run (3 short epochs of 44 iterations) writes one checkpoint, at the end of
+    training (``checkpoint.min_interval_seconds`` is 60 s); with ``0``, one at every epoch's end.
+    The final weights are the same either way."""
+    runs = {name: tmp_path / name for name in ("default", "every_epoch")}
+    common = ["trainer.max_epochs=3", "checkpoint.n_saved=10", "logging.loggers=[]"]
+    args = [
+        [*common, f"output_dir={runs['default']}"],
+        [*common, "checkpoint.min_interval_seconds=0", f"output_dir={runs['every_epoch']}"],
+    ]
+    for proc in run_together(args, tmp_path):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = {
+        name: [checkpoint_iteration(p) for p in checkpoint_files(run / "checkpoints")] for name, run in runs.items()
+    }
+    assert steps == {"default": [132], "every_epoch": [132, 88, 44]}
+    final = {
+        name: torch.load(run / "checkpoints" / "last_checkpoint_132.pt", weights_only=True)
+        for name, run in runs.items()
+    }
+    assert all(torch.equal(final["default"]["model"][k], v) for k, v in final["every_epoch"]["model"].items())
+
+
 def test_background_write_is_complete_after_flush_and_errors_surface(tmp_path):
     """The saver returns before the file is on disk; flush() waits for it; the previous
     file is removed only once its successor is written; a failed write raises at flush()."""
@@ -597,7 +621,15 @@ def test_ctrl_c_writes_the_summary_exits_130_and_the_logged_command_resumes(extr
     import time
 
     run = tmp_path / "run"
-    args = ["trainer.max_epochs=60", "trainer.seed=3", "logging.progress_bar=false", *extra, f"output_dir={run}"]
+    every_epoch = "checkpoint.min_interval_seconds=0"  # checkpoints to resume from before the interrupt
+    args = [
+        "trainer.max_epochs=60",
+        "trainer.seed=3",
+        "logging.progress_bar=false",
+        every_epoch,
+        *extra,
+        f"output_dir={run}",
+    ]
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as o, err.open("w") as e:
         proc = subprocess.Popen(

@@ -332,7 +332,7 @@ def test_fsdp_checkpoints_to_s3_killed_mid_save_resume_by_one_and_by_three_proce
 
     cache, die_marker, stalled = tmp_path / "cache", tmp_path / "died", tmp_path / "stalled"
     die_marker.touch()  # SHARDING's die_once step never fires here: the kill comes from outside
-    saver = ["imports=[my_project]", "checkpoint.saver=stall_dcp_upload"]
+    saver = ["imports=[my_project]", "checkpoint.saver=stall_dcp_upload", "checkpoint.min_interval_seconds=0"]
 
     def env(tag: str) -> dict[str, str]:
         return {

@@ -26,7 +26,27 @@ if TYPE_CHECKING:
 __all__ = ["attach_checkpoints", "flush_checkpoints", "save_now"]
 
 
-def _guarded(save: Checkpoint, ctx: RunContext) -> Callable[[Engine], None]:
+class _Cadence:
+    """When the run's last ``last_checkpoint_*`` was taken (monotonic seconds): shared by the
+    event filters, so that "at most once every N seconds" counts every checkpoint, whichever
+    event took it."""
+
+    def __init__(self) -> None:
+        self.time = time.monotonic()
+
+    def started(self, engine: Engine) -> None:
+        """At the start (or a resume): the clock starts."""
+        self.time = time.monotonic()
+
+    def elapsed(self, seconds: float) -> bool:
+        """Whether ``seconds`` have passed since the last checkpoint, as rank 0's clock says (broadcast)."""
+        due = time.monotonic() - self.time >= seconds
+        if idist.get_world_size() > 1:
+            due = bool(idist.broadcast(torch.tensor(int(due)), src=0).item())
+        return due
+
+
+def _guarded(save: Checkpoint, ctx: RunContext, cadence: _Cadence | None = None) -> Callable[[Engine], None]:
     """Call ``save`` unless the run has diverged or the current loss is not finite on
     any rank (the NaN guard may read the flag only every few steps): a NaN state
     never overwrites a good checkpoint. Every rank reaches the same decision."""
@@ -37,6 +57,8 @@ def _guarded(save: Checkpoint, ctx: RunContext) -> Callable[[Engine], None]:
         if ctx.status.diverged is None and not any_rank(nonfinite_loss(trainer.state.output)):
             with checkpoint_phase(ctx.checkpoints.root):  # bytes written are progress for the watchdog
                 save(engine)
+            if cadence is not None:
+                cadence.time = time.monotonic()
 
     return handler
 
@@ -46,23 +68,22 @@ def _every_iterations(n: int) -> Callable[[Engine, int], bool]:
     return lambda engine, iteration: iteration % n == 0 and not epoch_end(engine)
 
 
-def _seconds_elapsed(seconds: float) -> Callable[[Engine, int], bool]:
-    """Event filter: ``True`` when ``seconds`` have passed since it last said ``True``.
+def _seconds_elapsed(seconds: float, cadence: _Cadence) -> Callable[[Engine, int], bool]:
+    """Event filter (iterations): ``True`` when ``seconds`` have passed since the last checkpoint
+    (checked every 10 iterations, not at an epoch's end; rank 0's clock decides, so every rank
+    saves at the same iteration: taking a checkpoint is collective)."""
+    return lambda engine, event: not (event % 10 or epoch_end(engine)) and cadence.elapsed(seconds)
 
-    Rank 0's clock decides and the decision is broadcast, so every rank saves at
-    the same iteration (taking a checkpoint is collective).
-    """
-    last = {"t": time.monotonic()}
 
-    def event_filter(engine: Engine, event: int) -> bool:
-        if event % 10 or epoch_end(engine):
-            return False
-        due = time.monotonic() - last["t"] >= seconds
-        if idist.get_world_size() > 1:
-            due = bool(idist.broadcast(torch.tensor(int(due)), src=0).item())
-        if due:
-            last["t"] = time.monotonic()
-        return due
+def _epochs_bounded(every: int, min_seconds: float, cadence: _Cadence) -> Callable[[Engine, int], bool]:
+    """Event filter (epochs): every ``every`` epochs, unless the last checkpoint is less than
+    ``min_seconds`` old (rank 0's clock decides); always at the last epoch and when the run is
+    stopping (early stopping's ``terminate()`` runs in the evaluation before this filter)."""
+
+    def event_filter(engine: Engine, epoch: int) -> bool:
+        if epoch == engine.state.max_epochs or engine.should_terminate:
+            return True
+        return epoch % every == 0 and (min_seconds <= 0 or cadence.elapsed(min_seconds))
 
     return event_filter
 
@@ -139,10 +160,12 @@ def attach_checkpoints(ctx: RunContext) -> dict[str, Any]:
         include_self=True,
         filename_pattern=names["last"],
     )
-    event = Events.EPOCH_COMPLETED(every=cfg.every_epochs)
+    cadence = _Cadence()
+    ctx.trainer.add_event_handler(Events.STARTED, cadence.started)
+    event = Events.EPOCH_COMPLETED(event_filter=_epochs_bounded(cfg.every_epochs, cfg.min_interval_seconds, cadence))
     if cfg.every_iterations:
         event = event | Events.ITERATION_COMPLETED(event_filter=_every_iterations(cfg.every_iterations))
     if cfg.every_seconds:
-        event = event | Events.ITERATION_COMPLETED(event_filter=_seconds_elapsed(cfg.every_seconds))
-    ctx.trainer.add_event_handler(event, _guarded(last, ctx))
+        event = event | Events.ITERATION_COMPLETED(event_filter=_seconds_elapsed(cfg.every_seconds, cadence))
+    ctx.trainer.add_event_handler(event, _guarded(last, ctx, cadence))
     return {**to_save, "checkpointer": last}
