@@ -4,8 +4,9 @@ Validates the config like a real run, builds every component on CPU, pushes one
 training batch (forward and backward) and one evaluation batch of the
 per-process size through the model, and prints the plan: world size, global and
 per-process batch size, the model FLOPs of one optimizer step (counted on the batch it
-tried: :mod:`igniter.flops`), iterations, the bytes of parameters, gradients and optimizer
-state each process will hold (:func:`memory_plan`), and every handler the run will have.
+tried: :mod:`igniter.flops`) and the peak its MFU will be measured against, iterations, the
+bytes of parameters, gradients and optimizer state each process will hold and their sum
+(:func:`memory_plan`; activations not counted), and every handler the run will have.
 Nothing is written, and no process is started: with ``runner.strategy=fsdp`` the model is
 built whole and the share of each rank is computed.
 """
