@@ -43,8 +43,8 @@ class RunStatus:
         model_tflops_per_s: model TFLOP/s of all processes in the last epoch (:mod:`igniter.flops`;
             NaN when the FLOPs were not counted).
         mfu: model FLOPs utilisation of the last epoch (:func:`igniter.flops.mfu`; NaN without a peak).
-        data_wait_fraction: this rank's share of the last epoch's step time spent waiting for
-            its batch (:func:`igniter.timing.data_wait_fraction`).
+        data_wait_fraction: this rank's share of the last epoch's batch fetch + step time spent
+            waiting for batches (:func:`igniter.timing.data_wait_fraction`).
         peak_memory_bytes: this rank's peak memory so far (:func:`igniter.telemetry.peak_memory_bytes`).
         stopped_by: the exception a handler stopped the run with (e.g. a SLURM preemption),
             raised by :func:`igniter.run.train` once the engine returns; ``None``.
