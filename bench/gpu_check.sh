@@ -11,7 +11,9 @@
 #    from bench/gpu_wheels/build/; the prebuilt bench/gpu_wheels/igniter/ wheel if that fails).
 #    The machine's torch is used as it is: this script never installs one.
 # 2. prints Python, torch, CUDA, cuDNN, NCCL and the GPUs (nvidia-smi);
-# 3. runs `pytest -m gpu tests/gpu` on MNIST (bench/gpu_wheels/data) -> bench/results/gpu/pytest.{txt,xml};
+# 3. runs `pytest -m gpu tests/gpu` on MNIST (bench/gpu_wheels/data) -> bench/results/gpu/pytest.{txt,xml}
+#    (tests/gpu/test_gpu_figures.py, a bf16 GPT's MFU and the peak table's NVML lookup, needs the machine's
+#    transformers; it generates its own text);
 # 4. runs bench/overhead.py on MNIST on CUDA: loop vs igniter -> bench/results/gpu/overhead_mnist.json,
 #    and bf16 / 4-micro-batch accumulation -> bench/results/gpu/overhead_mnist_precision.json.
 # Each step has a time budget (the whole script stays under 8 minutes); a failed step does not stop

@@ -4,8 +4,9 @@ Validates the config like a real run, builds every component on CPU, pushes one
 training batch (forward and backward) and one evaluation batch of the
 per-process size through the model, and prints the plan: world size, global and
 per-process batch size, the model FLOPs of one optimizer step (counted on the batch it
-tried: :mod:`igniter.flops`), iterations, the bytes of parameters, gradients and optimizer
-state each process will hold (:func:`memory_plan`), and every handler the run will have.
+tried: :mod:`igniter.flops`) and the peak its MFU will be measured against, iterations, the
+bytes of parameters, gradients and optimizer state each process will hold and their sum
+(:func:`memory_plan`; activations not counted), and every handler the run will have.
 Nothing is written, and no process is started: with ``runner.strategy=fsdp`` the model is
 built whole and the share of each rank is computed.
 """
@@ -26,9 +27,12 @@ from igniter.compose import hydra_args as _hydra_args
 from igniter.context import RunContext
 from igniter.errors import ConfigError, Problem
 from igniter.errors import report_problems as _report
+from igniter.flops import compute_dtype
 from igniter.launch.runners import make_runner
 from igniter.preflight import first_batch
+from igniter.profiling import profiler_options
 from igniter.registry import RegistryError, function_registry
+from igniter.summary import format_bytes
 
 __all__ = ["main", "memory_plan", "format_bytes"]
 
@@ -49,6 +53,11 @@ def _builtin_handlers(cfg: DictConfig) -> list[str]:
     names += [f"{name} (every {lg.log_every} iterations)" for name in lg.loggers]
     if lg.gpu_telemetry_every:
         names.append("gpu telemetry (when NVML finds a GPU)")
+    p = profiler_options(lg.torch_profiler)
+    if p is not None:
+        names.append(
+            f"torch profiler (ranks {p.ranks}: wait {p.wait}, warmup {p.warmup}, active {p.active}, repeat {p.repeat})"
+        )
     if cfg.data.val is not None and cfg.evaluation.patience is not None:
         names.append(f"early stopping (patience {cfg.evaluation.patience})")
     return names
@@ -89,22 +98,27 @@ def memory_plan(
     }
 
 
-def format_bytes(n: float) -> str:
-    """``n`` bytes in decimal units: ``512 B``, ``34.9 kB``, ``1.2 MB``, ``3.40 GB``."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            value = n / size
-            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _memory_line(ctx: RunContext, strategy: str, world: int) -> str:
     plan = memory_plan(ctx.model, ctx.optimizer, strategy, world)
     rank = ", ".join(f"{format_bytes(r)} {name}" for name, (r, _) in plan.items())
     total = "/".join(format_bytes(t) for _, t in plan.values())
     how = "sharded: about total / W per rank" if strategy == "fsdp" else "every rank holds it all"
+    in_all = format_bytes(sum(r for r, _ in plan.values()))
     return (
-        f"strategy {strategy} over {world} process{'es' if world > 1 else ''}: per rank {rank} (total {total}; {how})"
+        f"strategy {strategy} over {world} process{'es' if world > 1 else ''}: per rank {rank} "
+        f"({in_all} per rank before activations; total {total}; {how})"
+    )
+
+
+def _mfu_line(cfg: DictConfig) -> str:
+    """What MFU will be measured against: ``logging.peak_tflops``, or the GPU's table peak for the
+    run's compute dtype (the GPU is the one the job gets, not this machine's)."""
+    if cfg.logging.peak_tflops is not None:
+        return f"against logging.peak_tflops = {cfg.logging.peak_tflops:g} TFLOP/s per process"
+    dtype = compute_dtype(str(cfg.trainer.precision))
+    return (
+        f"against the dense {dtype} peak of the run's GPU (igniter.flops.PEAK_TFLOPS, by its NVML name); "
+        "none on CPU: set logging.peak_tflops"
     )
 
 
@@ -167,6 +181,7 @@ def main(argv: list[str]) -> int:
             if (flops := ctx.step_timer.model_flops)
             else []
         ),
+        f"  MFU        {_mfu_line(cfg)}",
         f"  schedule   {per_epoch} iterations/epoch x {cfg.trainer.max_epochs} epochs = {per_epoch * cfg.trainer.max_epochs} iterations",
         f"  optimizer  {cfg.solver.name} lr={cfg.solver.lr}"
         + (f", scheduler {cfg.solver.scheduler.name}" if cfg.solver.scheduler.name else ""),

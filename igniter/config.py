@@ -29,6 +29,7 @@ __all__ = [
     "EvaluationConfig",
     "HandlerConfig",
     "CheckpointConfig",
+    "TorchProfilerConfig",
     "LoggingConfig",
     "FsdpConfig",
     "RunnerConfig",
@@ -254,6 +255,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class TorchProfilerConfig:
+    """The keys of ``logging.torch_profiler`` and their defaults (:mod:`igniter.profiling`).
+
+    A ``torch.profiler.schedule(wait, warmup, active, repeat)`` counted in training iterations:
+    ``wait`` iterations not profiled, ``warmup`` profiled and discarded, ``active`` recorded (one
+    trace file per cycle), the cycle run ``repeat`` times (``0``: until training ends). ``ranks``:
+    the ranks that profile (each writes its own files). Traces go to ``<run dir>/profiler`` as
+    ``rank<N>.<time>.pt.trace.json`` (TensorBoard's profiler plugin and Perfetto read them).
+    """
+
+    wait: int = 1
+    warmup: int = 1
+    active: int = 3
+    repeat: int = 1
+    ranks: List[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
 class LoggingConfig:
     """Console, file and experiment logging.
 
@@ -265,6 +284,11 @@ class LoggingConfig:
     end; several us per handler call) instead of the cheap timer that splits the
     summary's time into data / step / handlers. ``gpu_telemetry_every``: iterations between NVML samples (``null``
     turns telemetry off; it is off by itself without an NVIDIA driver).
+    ``peak_tflops``: the peak TFLOP/s of one process's device that MFU is measured against, instead
+    of the table of GPU peaks (:data:`igniter.flops.PEAK_TFLOPS`); on CPU MFU is reported only
+    with it. ``torch_profiler``: ``null`` (off, the default), ``true`` (on, the defaults of
+    :class:`TorchProfilerConfig`) or a mapping of some of its keys (``{active: 5, ranks: [0, 1]}``);
+    checked by :func:`igniter.profiling.profiler_problems`.
     """
 
     level: str = "INFO"
@@ -273,6 +297,8 @@ class LoggingConfig:
     loggers: List[str] = field(default_factory=lambda: ["tensorboard"])
     profile: bool = False
     gpu_telemetry_every: Optional[int] = 50
+    peak_tflops: Optional[float] = None
+    torch_profiler: Any = None
 
 
 @dataclass

@@ -40,6 +40,12 @@ class RunStatus:
         samples_per_s: global samples per second of the last epoch (NaN before the first ends).
         tokens_per_s: global target tokens per second of the last epoch, for token datasets
             (``samples_per_s`` x tokens per sample; NaN otherwise).
+        model_tflops_per_s: model TFLOP/s of all processes in the last epoch (:mod:`igniter.flops`;
+            NaN when the FLOPs were not counted).
+        mfu: model FLOPs utilisation of the last epoch (:func:`igniter.flops.mfu`; NaN without a peak).
+        data_wait_fraction: this rank's share of the last epoch's batch fetch + step time spent
+            waiting for batches (:func:`igniter.timing.data_wait_fraction`).
+        peak_memory_bytes: this rank's peak memory so far (:func:`igniter.telemetry.peak_memory_bytes`).
         stopped_by: the exception a handler stopped the run with (e.g. a SLURM preemption),
             raised by :func:`igniter.run.train` once the engine returns; ``None``.
         run_time_s: seconds of ``trainer.run``, handlers included (0.0 until it returns).
@@ -52,6 +58,10 @@ class RunStatus:
     samples: int = 0
     samples_per_s: float = math.nan
     tokens_per_s: float = math.nan
+    model_tflops_per_s: float = math.nan
+    mfu: float = math.nan
+    data_wait_fraction: float = math.nan
+    peak_memory_bytes: float = math.nan
     stopped_by: BaseException | None = None
     run_time_s: float = 0.0
     compile_s: float = 0.0

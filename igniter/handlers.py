@@ -28,8 +28,11 @@ from ignite.handlers import EarlyStopping, ProgressBar, TerminateOnNan
 
 from igniter.compile import compile_options, compile_time_s
 from igniter.events import CHECK_LOSS_EVERY, PeriodicEvents
+from igniter.flops import achieved_tflops, mfu, run_peak
 from igniter.record import MetricsRecord, loss_of, scalar  # MetricsRecord, loss_of: importable from here too
 from igniter.registry import event_handler_registry
+from igniter.telemetry import peak_memory_bytes
+from igniter.timing import data_wait_fraction
 from igniter.token_shards import tokens_per_sample
 
 if TYPE_CHECKING:
@@ -161,20 +164,25 @@ def attach_progress(ctx: RunContext) -> None:
 
 
 def attach_throughput(ctx: RunContext) -> None:
-    """Set ``ctx.status.samples_per_s`` (global samples / epoch time, s) at every epoch end (and
-    ``tokens_per_s`` for token datasets: :func:`igniter.token_shards.tokens_per_sample`),
-    and accumulate ``train_time_s`` (s) / ``samples`` over the run (:class:`~igniter.context.RunStatus`).
-    With ``trainer.compile``, the seconds ``torch.compile`` spends in an epoch go to
-    ``compile_s`` instead of ``train_time_s``."""
+    """Set at every epoch end, for that epoch: ``ctx.status.samples_per_s`` (global samples / epoch
+    time, s), ``tokens_per_s`` for token datasets (:func:`igniter.token_shards.tokens_per_sample`),
+    ``model_tflops_per_s`` and ``mfu`` (:mod:`igniter.flops`), this rank's ``data_wait_fraction``
+    (:func:`igniter.timing.data_wait_fraction`) and ``peak_memory_bytes`` so far
+    (:func:`igniter.telemetry.peak_memory_bytes`); accumulate ``train_time_s`` (s) / ``samples`` over
+    the run (:class:`~igniter.context.RunStatus`). With ``trainer.compile``, the seconds
+    ``torch.compile`` spends in an epoch go to ``compile_s`` instead of ``train_time_s``."""
     trainer, status, global_batch_size = ctx.trainer, ctx.status, ctx.cfg.data.loader.batch_size
+    timer = ctx.step_timer
     per_sample = tokens_per_sample(ctx.train_set)
     compiling = compile_options(ctx.cfg.trainer.compile) is not None
-    epoch_start = {"t": 0.0, "it": 0, "compile": 0.0}
+    peak = run_peak(str(ctx.cfg.trainer.precision), ctx.device, ctx.cfg.logging.peak_tflops)
+    epoch_start = {"t": 0.0, "it": 0, "compile": 0.0, "data_s": 0.0, "step_s": 0.0}
 
     @trainer.on(Events.EPOCH_STARTED)
     def _start(engine: Engine) -> None:
         epoch_start["compile"] = (compile_time_s() or 0.0) if compiling else 0.0
         epoch_start["t"], epoch_start["it"] = time.perf_counter(), engine.state.iteration
+        epoch_start["data_s"], epoch_start["step_s"] = timer.data_s, timer.step_s
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _end(engine: Engine) -> None:
@@ -183,12 +191,20 @@ def attach_throughput(ctx: RunContext) -> None:
             compile_s = max(0.0, (compile_time_s() or 0.0) - epoch_start["compile"])
             status.compile_s += compile_s
             seconds -= compile_s
-        samples = (engine.state.iteration - epoch_start["it"]) * global_batch_size
+        steps = engine.state.iteration - epoch_start["it"]
+        samples = steps * global_batch_size
         status.train_time_s += seconds
         status.samples += samples
         status.samples_per_s = samples / seconds if seconds > 0 else math.nan
         if per_sample:
             status.tokens_per_s = status.samples_per_s * per_sample
+        flops = timer.model_flops
+        tflops = achieved_tflops(flops * ctx.world_size, steps, seconds) if flops else None
+        status.model_tflops_per_s = tflops if tflops is not None else math.nan
+        status.mfu = mfu(tflops, peak.tflops, ctx.world_size) if tflops and peak.tflops else math.nan
+        wait = data_wait_fraction(timer.data_s - epoch_start["data_s"], timer.step_s - epoch_start["step_s"])
+        status.data_wait_fraction = wait if wait is not None else math.nan
+        status.peak_memory_bytes = float(peak_memory_bytes(ctx.device))
 
 
 def any_rank(flag: bool | torch.Tensor) -> bool:

@@ -30,6 +30,15 @@ Layout (one JSON object; times in seconds)::
     model_flops_per_step    FLOPs of one optimizer step, all processes (the first step counted by
                             igniter.flops; forward and backward matmuls/convolutions/attention)
     model_tflops_per_s      model_flops_per_step x steps / train_time_s / 1e12
+    peak_tflops             the peak TFLOP/s of one process's device MFU is measured against (null: none known)
+    peak_tflops_source      where peak_tflops comes from (logging.peak_tflops, or the GPU's NVML name,
+                            dtype and igniter.flops.PEAK_TFLOPS entry), or why there is none
+    mfu                     model_tflops_per_s / (world_size x peak_tflops) (igniter.flops.mfu; null
+                            without a peak or a FLOPs count)
+    data_wait_fraction      data_s / (data_s + step_s) of the training loop, the largest of the ranks
+                            (igniter.timing.data_wait_fraction)
+    peak_memory_bytes       {rank: bytes}: each rank's peak memory (igniter.telemetry.peak_memory_bytes:
+                            the CUDA allocator's peak on a GPU, peak RSS on CPU)
     train_loss              the last step's loss (rank 0's), null when the step reports none
     time_split              {"data_s", "step_s", "handlers_s"} of run_time_s (when it returned)
     gpu                     {rank: {quantity: {"mean", "max"}}} (igniter.telemetry), with a GPU
@@ -49,6 +58,9 @@ import torch
 
 from igniter.atomic_files import atomic_write
 from igniter.compile import compile_options, compile_time_s
+from igniter.flops import achieved_tflops, mfu, run_peak
+from igniter.telemetry import gather_rows, peak_memory_bytes
+from igniter.timing import data_wait_fraction
 from igniter.token_shards import tokens_per_sample
 
 if TYPE_CHECKING:
@@ -164,17 +176,27 @@ def final_status(ctx: RunContext, interrupted: bool) -> str:
 def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[str, Any]:
     """The keys written at the end of a run (every rank computes them; rank 0 records them).
 
+    Every rank must call it at the same point unless ``interrupted``: the data wait and peak
+    memory of the ranks are gathered (one ``all_gather``; after Ctrl-C only this rank's, a peer
+    may have left).
+
     Args:
         ctx: the run, after ``trainer.run`` returned or was interrupted.
         interrupted: Ctrl-C ended the run.
         wall_time_s: seconds since the process started building the run.
     """
-    state, status = ctx.trainer.state, ctx.status
+    state, status, timer = ctx.trainer.state, ctx.status, ctx.step_timer
     samples_per_s = status.samples / status.train_time_s if status.train_time_s > 0 else None
     per_sample = tokens_per_sample(ctx.train_set)
-    flops = ctx.step_timer.model_flops
+    flops = timer.model_flops
     step_flops = flops * ctx.world_size if flops is not None else None  # every rank's step has the same shape
     steps = status.samples / ctx.cfg.data.loader.batch_size
+    tflops = achieved_tflops(step_flops, steps, status.train_time_s) if step_flops else None
+    peak = run_peak(str(ctx.cfg.trainer.precision), ctx.device, ctx.cfg.logging.peak_tflops)
+    mine = [timer.data_s, timer.step_s, float(peak_memory_bytes(ctx.device))]
+    together = ctx.world_size > 1 and not interrupted
+    rows = dict(enumerate(gather_rows(mine))) if together else {ctx.rank: mine}
+    waits = [w for w in (data_wait_fraction(d, s) for d, s, _ in rows.values()) if w is not None]
     return {
         "status": final_status(ctx, interrupted),
         "epochs_completed": state.epoch,
@@ -186,9 +208,12 @@ def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[
         "samples_per_s": samples_per_s,
         **({"tokens_per_s": samples_per_s * per_sample if samples_per_s else None} if per_sample else {}),
         "model_flops_per_step": step_flops,
-        "model_tflops_per_s": step_flops * steps / status.train_time_s / 1e12
-        if step_flops and status.train_time_s > 0
-        else None,
+        "model_tflops_per_s": tflops,
+        "peak_tflops": peak.tflops,
+        "peak_tflops_source": peak.source,
+        "mfu": mfu(tflops, peak.tflops, ctx.world_size) if tflops and peak.tflops else None,
+        "data_wait_fraction": max(waits) if waits else None,
+        "peak_memory_bytes": {str(rank): int(row[2]) for rank, row in rows.items()},
         "train_loss": train_loss(state.output),
         **(
             {"compile_s": compile_time_s(), "compile_train_s": status.compile_s}

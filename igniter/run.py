@@ -35,6 +35,7 @@ from igniter.launch.signals import interrupt_once
 from igniter.loading import worker_died
 from igniter.parallel.strategy import evaluation_scope
 from igniter.preflight import StepFailed
+from igniter.profiling import attach_torch_profiler
 from igniter.record import MetricsRecord, run_summary, train_loss
 from igniter.registry import event_handler_registry, io_registry
 from igniter.summary import (
@@ -210,9 +211,9 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
 
 
 def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], Any]:
-    """Loggers (rank 0), the training-loss history and GPU telemetry.
+    """Loggers (rank 0), the training-loss history, GPU telemetry and ``logging.torch_profiler``.
 
-    Returns ``(loggers, telemetry or None)``.
+    Returns ``(loggers and the torch profiler: what is closed when the run ends, telemetry or None)``.
     """
     cfg, trainer = ctx.cfg, ctx.trainer
     loggers = []
@@ -236,6 +237,10 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
         if telemetry is not None:
             telemetry.writer = next((lg.writer for lg in loggers if hasattr(lg, "writer")), None)
             trainer.add_event_handler(Events.ITERATION_COMPLETED(every=cfg.logging.gpu_telemetry_every), telemetry)
+    if cfg.logging.torch_profiler is not None:  # off: no handler
+        profiler = attach_torch_profiler(ctx)
+        if profiler is not None:
+            loggers.append(profiler)
     return loggers, telemetry
 
 

@@ -2,8 +2,8 @@
 
 The table: epochs, iterations, best and final validation metrics, wall time
 split into data loading / forward-backward (the step function) / handlers
-(:class:`~igniter.timing.StepTimer`, or Ignite's ``HandlersTimeProfiler`` with ``logging.profile``), samples/s,
-start-up time and world size. ``curves.png``: one panel per kind of metric (training and
+(:class:`~igniter.timing.StepTimer`, or Ignite's ``HandlersTimeProfiler`` with ``logging.profile``), samples/s
+(tokens/s, model FLOPs), MFU, the data wait, peak memory per rank, start-up time and world size. ``curves.png``: one panel per kind of metric (training and
 validation losses together, every other validation metric on its own y-axis), drawn
 with matplotlib (``pip install 'igniter[plot]'``); without matplotlib the picture is
 skipped with one line.
@@ -38,6 +38,7 @@ __all__ = [
     "time_split",
     "handler_profile",
     "summary_table",
+    "format_bytes",
     "Series",
     "Panel",
     "curve_panels",
@@ -158,6 +159,39 @@ def _throughput(m: dict[str, Any]) -> str:
     return text
 
 
+def format_bytes(n: float) -> str:
+    """``n`` bytes in decimal units: ``512 B``, ``34.9 kB``, ``1.2 MB``, ``3.40 GB``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _mfu(m: dict[str, Any]) -> str:
+    if m.get("mfu") is not None:
+        world = m.get("world_size", 1)
+        return (
+            f"{m['mfu']:.1%} of {f'{world} x ' if world != 1 else ''}{m['peak_tflops']:.4g} TFLOP/s peak "
+            f"({m.get('peak_tflops_source', '?')})"
+        )
+    if m.get("model_flops_per_step") and m.get("peak_tflops_source"):
+        return f"- ({m['peak_tflops_source']})"
+    return "-"
+
+
+def _memory(m: dict[str, Any]) -> str:
+    peaks = {r: v for r, v in (m.get("peak_memory_bytes") or {}).items() if isinstance(v, (int, float))}
+    if not peaks:
+        return "-"
+    if len(peaks) <= 4:
+        text = ", ".join(f"{format_bytes(v)} (rank {r})" for r, v in peaks.items())
+    else:
+        top, low = max(peaks, key=peaks.__getitem__), min(peaks, key=peaks.__getitem__)
+        text = f"{format_bytes(peaks[top])} (rank {top}) to {format_bytes(peaks[low])} (rank {low}) over {len(peaks)} ranks"
+    return f"peak {text}"
+
+
 def summary_table(m: dict[str, Any]) -> str:
     """A few aligned lines from a ``metrics.json`` dict."""
     split = m.get("time_split")
@@ -176,6 +210,14 @@ def summary_table(m: dict[str, Any]) -> str:
             ),
         ),
         ("throughput", _throughput(m)),
+        ("MFU", _mfu(m)),
+        (
+            "data wait",
+            f"{m['data_wait_fraction']:.1%} of batch fetch + step time (the largest of the ranks)"
+            if m.get("data_wait_fraction") is not None
+            else "-",
+        ),
+        ("memory", _memory(m)),
         (
             "start-up",
             f"first iteration done {m['first_iteration_s']:.2f} s after the interpreter started"

@@ -8,11 +8,15 @@ TensorBoard as ``gpu/<rank>/<quantity>`` and summarised (mean, max) in
 ``metrics.json`` under ``"gpu"``. Without an NVIDIA driver (or without
 ``nvidia-ml-py``) rank 0 logs one line saying telemetry is off and why, and
 nothing is attached to the engine: no per-iteration cost.
+
+Also here: the NVML name of a CUDA device (:func:`device_name`, what the peak-FLOPs table of
+:mod:`igniter.flops` is keyed by) and a process's peak memory (:func:`peak_memory_bytes`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 import ignite.distributed as idist
@@ -24,7 +28,16 @@ from igniter.registry import event_handler_registry
 if TYPE_CHECKING:
     from igniter.context import RunContext
 
-__all__ = ["QUANTITIES", "open_nvml", "GpuTelemetry", "gpu_telemetry"]
+__all__ = [
+    "QUANTITIES",
+    "open_nvml",
+    "device_name",
+    "peak_memory_bytes",
+    "rss_bytes",
+    "gather_rows",
+    "GpuTelemetry",
+    "gpu_telemetry",
+]
 
 logger = logging.getLogger("igniter")
 
@@ -45,6 +58,49 @@ def open_nvml() -> tuple[Any, str | None]:
     except Exception as e:  # pynvml.NVMLError_LibraryNotFound / DriverNotLoaded ...
         return None, f"NVML is unavailable ({e})"
     return pynvml, None
+
+
+def device_name(device: torch.device) -> str:
+    """The NVML name of CUDA device ``device`` (``"NVIDIA H100 80GB HBM3"``), found by the
+    device's UUID (so ``CUDA_VISIBLE_DEVICES`` cannot mix devices up); torch's name for it
+    (``torch.cuda.get_device_name``, the same string from the CUDA runtime) when NVML is
+    unavailable or does not know the UUID (a MIG instance)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    nvml, _ = open_nvml()
+    if nvml is not None:
+        try:
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
+            name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}"))
+            return name.decode() if isinstance(name, bytes) else str(name)
+        except Exception:  # pynvml.NVMLError_NotFound ..., or a torch without .uuid
+            pass
+    return torch.cuda.get_device_name(index)
+
+
+def rss_bytes(ru_maxrss: int, platform: str = sys.platform) -> int:
+    """``getrusage``'s ``ru_maxrss`` in bytes: it is in KiB on Linux (and the BSDs), in bytes on macOS."""
+    return int(ru_maxrss) if platform == "darwin" else int(ru_maxrss) * 1024
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory so far, bytes: on CUDA the caching allocator's peak of
+    allocated tensors on ``device`` (``torch.cuda.max_memory_allocated``; the CUDA context and
+    the allocator's unused cache are not in it), elsewhere the process's peak resident set size
+    (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; DataLoader worker processes are not in it)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource  # Unix
+
+    return rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def gather_rows(values: list[float]) -> list[list[float]]:
+    """Every rank's ``values`` (the same length on each), in rank order: one ``all_gather``
+    (every rank must call it at the same point); ``[values]`` in a single process."""
+    if idist.get_world_size() == 1:
+        return [list(values)]
+    rows = idist.all_gather(torch.tensor([values], dtype=torch.float64))
+    return rows.cpu().tolist()
 
 
 class GpuTelemetry:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ignite.engine import Engine, Events
 
-__all__ = ["StepTimer", "interpreter_age_s", "process_age_s"]
+__all__ = ["StepTimer", "data_wait_fraction", "interpreter_age_s", "process_age_s"]
 
 
 class StepTimer:
@@ -61,6 +61,14 @@ class StepTimer:
 
     def _batch_started(self) -> None:
         self._fetch_started = time.perf_counter()
+
+
+def data_wait_fraction(data_s: float, step_s: float) -> float | None:
+    """The share of the training loop's time spent waiting for batches: ``data_s / (data_s +
+    step_s)`` (seconds from :class:`StepTimer`: fetching the batch, and the step function that
+    trains on it; handlers not counted), in [0, 1]; ``None`` before any time was measured."""
+    total = data_s + step_s
+    return data_s / total if total > 0 else None
 
 
 def process_age_s() -> float | None:

@@ -42,6 +42,7 @@ from igniter.launch.runners import make_runner
 from igniter.loading import loader_problems
 from igniter.parallel.strategy import strategy_problems
 from igniter.precision import accumulation_problems, precision_problems
+from igniter.profiling import profiler_problems
 from igniter.registry import (
     Registry,
     RegistryError,
@@ -276,6 +277,12 @@ def _check_run(c: _Checker, cfg: DictConfig) -> None:
                 c.add(problem.key, problem.expected, problem.value)
 
 
+def _check_figures(c: _Checker, lg: DictConfig, world_size: int) -> None:
+    """``logging.peak_tflops`` and ``logging.torch_profiler``."""
+    c.positive("logging.peak_tflops", lg.peak_tflops, allow_none=True)
+    c.problems += profiler_problems(lg.torch_profiler, world_size)
+
+
 def _strings(node: Any) -> Iterable[str]:
     """Every string leaf of a plain nested container."""
     if isinstance(node, dict):
@@ -394,6 +401,7 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
         _check_output_dir(c, cfg.output_dir)
     _check_solver(c, cfg.solver)
     _check_run(c, cfg)
+    _check_figures(c, cfg.logging, world_size)
     if c.unregistered:  # say when an imported module registered nothing (its __init__ imports no registrations)
         c.problems += registered_nothing(cfg.imports)
     return c.problems

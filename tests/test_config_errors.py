@@ -52,6 +52,11 @@ BAD_CONFIGS = [
     ),
     (["runner.backend=nccl"], ["runner.backend"]),
     (["checkpoint.saver=s3"], ["checkpoint.saver"]),
+    (["logging.peak_tflops=0"], ["logging.peak_tflops", "positive"]),
+    (
+        ["logging.torch_profiler={active:0,ranks:[1],activ:2}"],
+        ["logging.torch_profiler.active", "logging.torch_profiler.ranks[0]", "logging.torch_profiler.activ"],
+    ),
 ]
 
 

@@ -62,6 +62,7 @@ def test_check_uses_the_per_process_batch_and_lists_the_builtin_handlers(tmp_pat
     assert "global 64, per process 32" in proc.stdout
     # the MLP 64-128-10 on 32 samples: 6 x 32 x (64 x 128 + 128 x 10), less the input gradient never computed
     assert "FLOPs      1,294,336 per optimizer step and process, 2,588,672 for all 2" in proc.stdout
+    assert "MFU        against the dense fp32 peak of the run's GPU" in proc.stdout
     handlers = proc.stdout.split("handlers", 1)[1]
     for name in ("checkpoint", "tensorboard", "nan guard", "progress bar"):
         assert name in handlers, proc.stdout

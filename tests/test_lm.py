@@ -211,6 +211,8 @@ def test_tiny_gpt_trains_with_exact_validation_loss_perplexity_tokens_and_flops(
     assert m["tokens_per_s"] == pytest.approx(m["samples_per_s"] * 16)
     # (6 N + 12 L T d) x 12 x 16 with N ~ 2 x 12 x 32^2 + 60 x 32 (the tied output layer): 3.3e7
     assert 3.0e7 < m["model_flops_per_step"] < 3.6e7
+    assert m["mfu"] is None  # on CPU only with logging.peak_tflops
+    assert 0 <= m["data_wait_fraction"] <= 1 and m["peak_memory_bytes"]["0"] > 0
     summary = (tiny_run / "rank0.log").read_text()
     assert "tokens/s" in summary and "GFLOP/step" in summary
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

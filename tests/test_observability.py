@@ -47,6 +47,19 @@ def test_no_nvml_logs_one_line_and_attaches_nothing(digits_run):
     assert not any(t.startswith("gpu/") for t in scalar_tags(digits_run))
 
 
+def test_profiler_off_and_no_peak_on_cpu(digits_run):
+    """``logging.torch_profiler`` off (the default): no profiler directory; on CPU without
+    ``logging.peak_tflops`` no MFU (and no MFU scalar), the reason recorded; the data wait and
+    peak memory are there."""
+    assert not (digits_run / "profiler").exists()
+    m = read_metrics(digits_run)
+    assert m["mfu"] is None and m["peak_tflops"] is None
+    assert "logging.peak_tflops" in m["peak_tflops_source"]
+    assert 0 <= m["data_wait_fraction"] <= 1 and m["peak_memory_bytes"]["0"] > 0
+    tags = scalar_tags(digits_run)
+    assert "train/mfu" not in tags and {"train/data_wait_fraction", "train/peak_memory_bytes"} <= tags
+
+
 def test_fake_nvml_values_reach_tensorboard_and_metrics(tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(FIXTURES / "fake_nvml"), igniter_env()["PYTHONPATH"]])}
     proc = run_with_env(

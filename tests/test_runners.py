@@ -95,6 +95,9 @@ def test_spawn_rank_discipline_one_run_dir(spawn_job):
     assert "[rank1]" in (run / "rank1.log").read_text()
     metrics = read_metrics(run)
     assert metrics["world_size"] == 2 and metrics["per_process_batch_size"] == 16
+    # every rank's peak memory, gathered at the end; the data wait of the rank that waited most
+    assert set(metrics["peak_memory_bytes"]) == {"0", "1"} and min(metrics["peak_memory_bytes"].values()) > 0
+    assert 0 <= metrics["data_wait_fraction"] <= 1
     # only rank 0 prints: the summary line appears once
     assert proc.stdout.count("summary:") == 1 and "samples/s" in proc.stdout
 

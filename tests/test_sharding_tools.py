@@ -228,6 +228,10 @@ def test_check_prints_the_per_rank_share_with_fsdp(tmp_path):
         lines[strategy] = next(line for line in proc.stdout.splitlines() if "memory" in line)
         assert f"strategy {strategy} over 2 processes: per rank" in lines[strategy], proc.stdout
         figures[strategy] = memory_figures(proc.stdout)
+        in_all = re.search(r"\(([\d.]+) (B|kB|MB|GB) per rank before activations", lines[strategy])
+        assert in_all, lines[strategy]
+        total = float(in_all.group(1)) * UNITS[in_all.group(2)]
+        assert total == pytest.approx(sum(figures[strategy].values()), rel=0.01), lines[strategy]
     assert set(figures["ddp"]) == {"parameters", "gradients", "optimizer state"}, lines
     for name, ddp in figures["ddp"].items():
         # MLP 64-128-10: every dim 0 even, so exactly half, up to the printed 3 digits

@@ -136,17 +136,31 @@ def tracker_key(ctx: Any, name: str) -> str:
 
 
 def throughput_attributes(ctx: Any) -> list[str]:
-    """The trainer-state throughput a tracker logs per epoch: ``samples_per_s``, and
-    ``tokens_per_s`` when the training set is tokens (``token_shards``)."""
+    """The trainer-state figures a tracker logs per epoch (:func:`igniter.handlers.attach_throughput`):
+    ``samples_per_s``; ``tokens_per_s`` when the training set is tokens (``token_shards``);
+    ``model_tflops_per_s`` when FLOPs are counted (not under ``trainer.compile``) and ``mfu`` when a
+    peak is known too (:func:`igniter.flops.run_peak`); rank 0's ``data_wait_fraction`` and
+    ``peak_memory_bytes``."""
+    from igniter.compile import compile_options
+    from igniter.flops import run_peak
     from igniter.token_shards import tokens_per_sample
 
-    return ["samples_per_s", *(["tokens_per_s"] if tokens_per_sample(ctx.train_set) else [])]
+    counted = compile_options(ctx.cfg.trainer.compile) is None
+    peak = run_peak(str(ctx.cfg.trainer.precision), ctx.device, ctx.cfg.logging.peak_tflops)
+    return [
+        "samples_per_s",
+        *(["tokens_per_s"] if tokens_per_sample(ctx.train_set) else []),
+        *(["model_tflops_per_s"] if counted else []),
+        *(["mfu"] if counted and peak.tflops else []),
+        "data_wait_fraction",
+        "peak_memory_bytes",
+    ]
 
 
 def attach_standard_handlers(tracker: Any, ctx: Any) -> Any:
     """Attach to ``tracker`` (an Ignite logger) what every tracker logs, with TensorBoard's names:
     ``train/loss`` and ``lr/group_<i>`` every ``logging.log_every`` iterations,
-    ``train/samples_per_s`` (and ``train/tokens_per_s``: :func:`throughput_attributes`) per epoch, ``val/<metric>`` after every evaluation (step = trainer
+    ``train/samples_per_s`` (and the other figures of :func:`throughput_attributes`) per epoch, ``val/<metric>`` after every evaluation (step = trainer
     iteration); ``tracker.completed`` is set when training reaches its end. Returns ``tracker``."""
     from ignite.engine import Events
     from ignite.handlers import global_step_from_engine
