@@ -165,7 +165,11 @@ class TrainerConfig:
     :mod:`igniter.precision`. ``accumulate_grad_batches``: micro-batches per optimizer
     step (``data.loader.batch_size`` stays the global batch of one step). ``compile``:
     ``false``, ``true`` or ``{mode, backend, fullgraph, dynamic, options}`` for
-    ``torch.compile`` (:mod:`igniter.compile`).
+    ``torch.compile`` (:mod:`igniter.compile`). ``activation_checkpointing``: class names
+    (``GPT2Block``) or dotted paths of the submodules whose activations are recomputed in the
+    backward pass instead of kept (PyTorch's non-reentrant checkpoint; less memory, one more
+    forward of those modules per step); empty: none
+    (:func:`igniter.parallel.strategy.checkpoint_activations`).
     """
 
     engine: str = "supervised_trainer"
@@ -181,6 +185,7 @@ class TrainerConfig:
     precision: str = "32"
     accumulate_grad_batches: int = 1
     compile: Any = False
+    activation_checkpointing: List[str] = field(default_factory=list)
 
 
 @dataclass

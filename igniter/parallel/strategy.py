@@ -1,14 +1,19 @@
-"""How the model is wrapped for the run's processes: compile, then DDP; and back.
+"""How the model is wrapped for the run's processes: activation checkpointing, compile, DDP or FSDP; and back.
 
 The one place that knows the wrapping order and how to see through it:
 
+* :func:`checkpoint_activations` (``trainer.activation_checkpointing``): the named modules'
+  activations recomputed in the backward pass (PyTorch's non-reentrant checkpoint), applied
+  first, before FSDP and compile (torchtitan's order).
 * :func:`wrap_model`: ``torch.compile`` first (``trainer.compile``), then
   ``idist.auto_model`` (device placement and, with several processes,
   ``DistributedDataParallel``), the order of PyTorch's DDP + ``torch.compile`` notes:
   the compiled module is what DDP's hooks see.
 * :func:`unwrap_model`: the original ``nn.Module`` under DDP's ``.module`` and
   ``torch.compile``'s ``_orig_mod``: what checkpoints save and load, so their keys never
-  carry ``module.`` or ``_orig_mod.`` prefixes.
+  carry ``module.`` or ``_orig_mod.`` prefixes (nor ``_checkpoint_wrapped_module.``: PyTorch's
+  ``CheckpointWrapper`` removes its own prefix in ``state_dict()`` and adds it back in
+  ``load_state_dict()``, and ``get_model_state_dict`` does the same for DCP).
 * :func:`gradient_sync`: DDP's ``no_sync()`` for the micro-batches of an accumulation
   that are not the last (one gradient all-reduce per optimizer step).
 """
@@ -16,7 +21,9 @@ The one place that knows the wrapping order and how to see through it:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterator
+import functools
+import logging
+from typing import Any, ContextManager, Iterator, Sequence
 
 import ignite.distributed as idist
 import torch
@@ -28,6 +35,9 @@ from igniter.supervision.progress import watch_compiles
 
 __all__ = [
     "wrap_model",
+    "matching_modules",
+    "checkpointed_modules",
+    "checkpoint_activations",
     "shard_units",
     "shard_model",
     "unwrap_model",
@@ -38,12 +48,19 @@ __all__ = [
     "strategy_problems",
 ]
 
+logger = logging.getLogger("igniter")
+
 
 def wrap_model(
-    model: torch.nn.Module, compile_options: dict[str, Any] | None, runner: Any, precision: str = "32"
+    model: torch.nn.Module,
+    compile_options: dict[str, Any] | None,
+    runner: Any,
+    precision: str = "32",
+    activation_checkpointing: Sequence[str] = (),
 ) -> torch.nn.Module:
-    """``model`` compiled (when ``compile_options`` is not ``None``), on this process's device,
-    and wrapped for ``runner.strategy``.
+    """``model`` with its activations checkpointed (:func:`checkpoint_activations`, when
+    ``activation_checkpointing`` names modules), compiled (when ``compile_options`` is not
+    ``None``), on this process's device, and wrapped for ``runner.strategy``.
 
     * ``ddp``: compiled first, then ``idist.auto_model`` (``DistributedDataParallel`` with
       several processes, options ``runner.bucket_cap_mb``, ``runner.gradient_as_bucket_view``).
@@ -55,7 +72,14 @@ def wrap_model(
         compile_options: keyword arguments of ``torch.compile`` (:func:`igniter.compile.compile_options`).
         runner: the ``runner`` config section.
         precision: ``trainer.precision``: with ``fsdp`` its ``MixedPrecisionPolicy``.
+        activation_checkpointing: ``trainer.activation_checkpointing``.
+
+    Raises:
+        ConfigError: ``activation_checkpointing`` names no module of ``model``;
+            ``runner.fsdp.cpu_offload`` on a process without a GPU.
     """
+    if activation_checkpointing:
+        checkpoint_activations(model, activation_checkpointing)
     if compile_options is not None:
         watch_compiles()  # compile time counts as progress for the hang watchdog
     if getattr(runner, "strategy", "ddp") == "fsdp":
@@ -80,6 +104,87 @@ def wrap_model(
     return idist.auto_model(model, sync_bn=False, **(ddp if idist.get_world_size() > 1 else {}))
 
 
+def matching_modules(model: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Module]:
+    """The submodules of ``model`` (not ``model`` itself) whose class is named in ``names``:
+    by class name (``GPT2Block``) or dotted path (``transformers.models.gpt2.modeling_gpt2.GPT2Block``),
+    in ``model.modules()`` order."""
+    wanted = set(names)
+    return [
+        m for m in model.modules()
+        if m is not model and (type(m).__name__ in wanted or f"{type(m).__module__}.{type(m).__qualname__}" in wanted)
+    ]  # fmt: skip
+
+
+def checkpointed_modules(model: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Module]:
+    """The modules :func:`checkpoint_activations` wraps: the matches of ``names`` not inside
+    another match (a nested match would be recomputed twice).
+
+    Raises:
+        ConfigError: a name matches no module (naming ``trainer.activation_checkpointing`` and
+            some of the model's class names).
+    """
+    unmatched = [n for n in names if not matching_modules(model, [n])]
+    if unmatched:
+        classes = sorted({type(m).__name__ for m in model.modules() if m is not model})
+        shown = ", ".join(classes[:12]) + (f" and {len(classes) - 12} more" if len(classes) > 12 else "")
+        raise ConfigError(
+            [
+                Problem(
+                    "trainer.activation_checkpointing",
+                    f"{', '.join(unmatched)} {'matches' if len(unmatched) == 1 else 'match'} no module of the model "
+                    f"{type(model).__name__}; expected class names or dotted paths of its submodules, e.g. the "
+                    f"transformer blocks (its classes: {shown})",
+                    list(names),
+                )
+            ],
+            header="cannot build the run",
+        )
+    matches = matching_modules(model, names)
+    inside = {id(sub) for m in matches for sub in m.modules() if sub is not m}
+    return [m for m in matches if id(m) not in inside]
+
+
+def checkpoint_activations(model: torch.nn.Module, names: Sequence[str]) -> torch.nn.Module:
+    """Recompute the activations of the modules named in ``names`` in the backward pass instead
+    of keeping them (full activation checkpointing, as torchtitan's ``apply_ac``): each match
+    (:func:`checkpointed_modules`) is replaced in its parent by PyTorch's ``CheckpointWrapper``
+    (``checkpoint_impl=NO_REENTRANT``: ``torch.utils.checkpoint`` with ``use_reentrant=False``,
+    RNG state preserved, so dropout draws the same masks in the recomputation).
+
+    Shapes and results are unchanged (the module computes the same; its forward runs twice
+    per step); ``state_dict()`` keys are the plain module's.
+
+    Args:
+        model: the built model (before FSDP and compile), changed in place.
+        names: class names or dotted paths (``trainer.activation_checkpointing``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: a name matches no module.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    modules = checkpointed_modules(model, names)
+    chosen = {id(m) for m in modules}
+    logger.info(
+        "activation checkpointing: %d modules (%s) recomputed in the backward pass",
+        len(modules),
+        ", ".join(sorted({type(m).__name__ for m in modules})),
+    )
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: id(m) in chosen,
+    )
+    return model
+
+
 def shard_units(model: torch.nn.Module, names: list[str], min_params: int) -> list[torch.nn.Module]:
     """The submodules sharded as units (the root is sharded after them, holding the rest).
 
@@ -92,11 +197,7 @@ def shard_units(model: torch.nn.Module, names: list[str], min_params: int) -> li
     """
     if not names:
         return [child for child in model.children() if sum(p.numel() for p in child.parameters()) >= min_params]
-    wanted = set(names)
-    return [
-        m for m in model.modules()
-        if m is not model and (type(m).__name__ in wanted or f"{type(m).__module__}.{type(m).__qualname__}" in wanted)
-    ]  # fmt: skip
+    return matching_modules(model, names)
 
 
 def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.Module:
