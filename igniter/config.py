@@ -312,6 +312,10 @@ class RunnerConfig:
     watchdog names the rank behind, writes the stacks to the rank logs and ends the job (exit
     status 4); ``None``: no watchdog (:mod:`igniter.supervision.watchdog`). ``requeue_on_hang``:
     inside a SLURM job, requeue it on a hang instead (it resumes from the newest checkpoint).
+    ``straggler_factor``: a rank whose own time per step (its step less its wait for the others)
+    stays above this many times the median of the ranks over ``straggler_window`` iterations is
+    named in the log, TensorBoard and the summary, with whether it waits for data or computes
+    (:mod:`igniter.supervision.stragglers`); ``None``: off.
     """
 
     name: str = "single"
@@ -327,6 +331,8 @@ class RunnerConfig:
     threads_per_process: Optional[int] = None
     hang_timeout_s: Optional[float] = 120.0
     requeue_on_hang: bool = False
+    straggler_factor: Optional[float] = 1.2
+    straggler_window: int = 50
     strategy: str = "ddp"
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
