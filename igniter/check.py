@@ -30,7 +30,7 @@ from igniter.context import RunContext
 from igniter.errors import ConfigError, Problem
 from igniter.errors import report_problems as _report
 from igniter.launch.runners import make_runner
-from igniter.parallel.strategy import checkpointed_modules, unwrap_model
+from igniter.parallel.strategy import checkpointed_modules, replica_groups, unwrap_model
 from igniter.preflight import first_batch
 from igniter.registry import RegistryError, function_registry
 
@@ -100,10 +100,13 @@ def format_bytes(n: float) -> str:
 
 
 def _memory_line(ctx: RunContext, strategy: str, world: int) -> str:
-    plan = memory_plan(ctx.model, ctx.optimizer, strategy, world)
+    shards = world // replica_groups(ctx.cfg.runner.fsdp, world, ctx.cfg.runner.nnodes) if strategy == "fsdp" else world
+    plan = memory_plan(ctx.model, ctx.optimizer, strategy, shards)
     rank = ", ".join(f"{format_bytes(r)} {name}" for name, (r, _) in plan.items())
     total = "/".join(format_bytes(t) for _, t in plan.values())
     how = "sharded: about total / W per rank" if strategy == "fsdp" else "every rank holds it all"
+    if shards != world:
+        how = f"HSDP: sharded over the {shards} processes of each of {world // shards} replica groups"
     return (
         f"strategy {strategy} over {world} process{'es' if world > 1 else ''}: per rank {rank} (total {total}; {how})"
     )

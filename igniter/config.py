@@ -286,12 +286,17 @@ class FsdpConfig:
     ``min_params`` parameters. ``reshard_after_forward``: free the gathered parameters after
     the forward pass (less memory, one more all-gather in the backward pass).
     ``cpu_offload``: keep parameters, gradients and optimizer state in host memory.
+    ``replicate``: replica groups (HSDP: a 2-D ``DeviceMesh`` of ``replicate`` x ``world size /
+    replicate``; parameters sharded within a group, gradients all-reduced across groups); 1: every
+    process shards (FSDP); ``None``: the number of nodes (shard within a node, replicate across
+    nodes; 1 on one node).
     """
 
     shard_modules: List[str] = field(default_factory=list)
     min_params: int = 100_000
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    replicate: Optional[int] = None
 
 
 @dataclass

@@ -39,6 +39,7 @@ __all__ = [
     "checkpointed_modules",
     "checkpoint_activations",
     "shard_units",
+    "replica_groups",
     "shard_model",
     "unwrap_model",
     "unwrap_compiled",
@@ -200,8 +201,21 @@ def shard_units(model: torch.nn.Module, names: list[str], min_params: int) -> li
     return matching_modules(model, names)
 
 
+def replica_groups(fsdp: Any, world_size: int, nnodes: int) -> int:
+    """The replica groups of ``runner.fsdp.replicate`` (``None``: ``nnodes``, shard within a node)."""
+    replicate = fsdp.get("replicate") if hasattr(fsdp, "get") else getattr(fsdp, "replicate", None)
+    if replicate is None:
+        replicate = nnodes if nnodes > 1 and world_size % nnodes == 0 else 1
+    return int(replicate)
+
+
 def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.Module:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) over every process of the run.
+
+    With ``R = runner.fsdp.replicate`` above 1 (HSDP), the mesh is 2-D, ``R`` replica groups x
+    ``W / R`` shards (dimension names ``replicate``, ``shard``): each parameter is sharded over the
+    processes of a group and whole in every group; gradients are reduce-scattered within a group
+    and all-reduced across groups.
 
     Args:
         model: the model on this process's device (on the CPU with ``fsdp.cpu_offload``).
@@ -212,7 +226,20 @@ def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.M
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(idist.device().type, (idist.get_world_size(),))
+    world = idist.get_world_size()
+    replicate = replica_groups(fsdp, world, idist.get_nnodes())
+    if replicate > 1:
+        mesh = init_device_mesh(
+            idist.device().type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard")
+        )
+        if idist.get_rank() == 0:
+            logger.info(
+                "HSDP: %d replica groups x %d shards (runner.fsdp.replicate; parameters sharded within a group)",
+                replicate,
+                world // replicate,
+            )
+    else:
+        mesh = init_device_mesh(idist.device().type, (world,))
     dtype = PRECISIONS.get(str(precision))  # the autocast dtype of trainer.precision (None: float32)
     options: dict[str, Any] = {
         "mesh": mesh,
@@ -337,6 +364,17 @@ def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) 
                     True,
                 )
             )
+    replicate = runner.fsdp.get("replicate")
+    if replicate is not None and replicate < 1:
+        problems.append(Problem("runner.fsdp.replicate", "expected a number of replica groups, 1 or more", replicate))
+    elif replicate is not None and runner.strategy == "fsdp" and world_size % replicate:
+        problems.append(
+            Problem(
+                "runner.fsdp.replicate",
+                f"the {world_size} processes do not split into {replicate} replica groups of equal size",
+                replicate,
+            )
+        )
     if runner.fsdp.min_params < 0:  # checked whatever the strategy: a wrong value waits for the day fsdp is chosen
         problems.append(
             Problem("runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params)
