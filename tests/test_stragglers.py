@@ -1,10 +1,13 @@
 """Slow ranks named (issue 29, item 4): the detector's rules on synthetic records, then one real
-3-process run (gloo) in which nothing is slow for 20 iterations, then rank 1's handler sleeps
-(config: a ``sleep_on_rank`` handler on iterations 21-40), then rank 2's loader does (config: the
-``sleepy_digits`` dataset, from its 41st batch): rank 1 is named as computing, rank 2 as waiting
-for data, each within the first window of its slowdown, nobody in the healthy windows. Every
-rank's step itself sleeps 50 ms (``slow_supervised``), so the CPU scheduling of 3 processes on
-2 cores stays small beside it."""
+3-process run (gloo, windows of 10 iterations) in which nothing is slow for 10 iterations, then
+rank 1's handler sleeps (config: a ``sleep_on_rank`` handler on iterations 11-20), then rank 2's
+loader does (config: the ``sleepy_digits`` dataset, its batches 21-30), then nothing again
+(31-60): rank 1 is named as computing, rank 2 as waiting for data, each in the window of its
+slowdown, nobody in the 4 healthy windows (one run instead of a separate healthy run of the
+same length: the suite's time). Every rank's step itself sleeps 50 ms (``slow_supervised``), so
+the CPU scheduling of 3 processes on 2 cores stays small beside it. The reports come every 0.5 s
+(``runner.hang_timeout_s=5``): the 30 healthy iterations at the end leave rank 0's reporter
+thread time to read rank 2's slow window before the run ends."""
 
 from __future__ import annotations
 
@@ -80,22 +83,23 @@ def test_bad_straggler_settings_are_named(runner, key):
 @pytest.mark.slow
 def test_three_processes_name_the_computing_and_the_data_waiting_rank_and_nobody_else(tmp_path):
     run = tmp_path / "run"
-    handler = '{name: sleep_on_rank, event: "ITERATION_COMPLETED(after=20) & ITERATION_COMPLETED(before=41)", params: {rank: 1, seconds: 0.1}}'  # fmt: skip
+    handler = '{name: sleep_on_rank, event: "ITERATION_COMPLETED(after=10) & ITERATION_COMPLETED(before=21)", params: {rank: 1, seconds: 0.1}}'  # fmt: skip
     proc = run_igniter(
         [
             "imports=[my_project]",
             "runner=spawn",
             "runner.nproc_per_node=3",
-            "runner.hang_timeout_s=20",
+            "runner.hang_timeout_s=5",
             "runner.straggler_window=10",
             "data.loader.batch_size=12",
             "trainer.max_epochs=1",
-            "trainer.epoch_length=70",
+            "trainer.epoch_length=60",
             "data.val=null",
             "checkpoint.enabled=false",
             "logging.progress_bar=false",
             "data.train.name=sleepy_digits",
-            "+data.train.params.after_samples=160",
+            "+data.train.params.after_samples=80",
+            "+data.train.params.until_samples=120",
             "+data.train.params.sleep_s=0.025",
             "trainer.step=slow_supervised",
             "+trainer.step_params.sleep_s=0.05",
@@ -108,21 +112,21 @@ def test_three_processes_name_the_computing_and_the_data_waiting_rank_and_nobody
     named = re.findall(r"rank (\d) \(host [^)]+\) is slow: .* over iterations (\d+)-(\d+) .*?: (computing|waiting for data)", proc.stdout)  # fmt: skip
     assert named, proc.stdout
     by_window = {(int(first), int(last)): (int(rank), cause) for rank, first, last, cause in named}
-    assert by_window.get((21, 30)) == (1, "computing"), proc.stdout  # within one window of its start
-    assert by_window.get((41, 50)) == (2, "waiting for data"), proc.stdout
+    assert by_window.get((11, 20)) == (1, "computing"), proc.stdout  # within one window of its start
+    assert by_window.get((21, 30)) == (2, "waiting for data"), proc.stdout
     for (first, last), (rank, cause) in by_window.items():
-        assert first > 20, f"nobody in the healthy iterations 1-20: {proc.stdout}"
-        assert (rank, cause) == ((1, "computing") if last <= 40 else (2, "waiting for data")), proc.stdout
+        assert first > 10 and last <= 30, f"nobody in the healthy iterations 1-10 and 31-60: {proc.stdout}"
+        assert (rank, cause) == ((1, "computing") if last <= 20 else (2, "waiting for data")), proc.stdout
     assert len(named) == len(by_window), "at most once per window"
     recorded = read_metrics(run)["stragglers"]
     assert {(s["rank"], s["cause"]) for s in recorded} == {(1, "computing"), (2, "waiting for data")}
-    assert re.search(r"stragglers +rank 1 \(host .*\) computing in \d window\(s\) from iteration 21", proc.stdout)
+    assert re.search(r"stragglers +rank 1 \(host .*\) computing in \d window\(s\) from iteration 11", proc.stdout)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb"), size_guidance={"tensors": 0})
     events.Reload()
-    assert 30 in [e.step for e in events.Scalars("stragglers/rank1_step_over_median")]
-    assert 50 in [e.step for e in events.Scalars("stragglers/rank2_step_over_median")]
+    assert 20 in [e.step for e in events.Scalars("stragglers/rank1_step_over_median")]
+    assert 30 in [e.step for e in events.Scalars("stragglers/rank2_step_over_median")]
     assert any("stragglers" in tag for tag in events.Tags()["tensors"])  # the text entries
     json.dumps(recorded)  # plain values in metrics.json
     assert Path(run / "metrics.json").is_file()

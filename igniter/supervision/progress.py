@@ -269,6 +269,7 @@ class Reporter(threading.Thread):
         self.store, self.rank, self.beat_s, self.watch = store, rank, beat_s, watch
         self.beat = 0
         self.also: Callable[[dist.Store], None] | None = None
+        self.final = False  # the process is leaving (its function returned or raised): not a hang
         self.stopped = threading.Event()
         self.host, self.pid = socket.gethostname(), os.getpid()
 
@@ -289,6 +290,7 @@ class Reporter(threading.Thread):
             "time": round(time.time(), 1),
             "beat_s": self.beat_s,
             "windows": p.windows,
+            "final": self.final,
         }
 
     def publish(self) -> None:
@@ -319,6 +321,10 @@ class Reporter(threading.Thread):
                 if self.watch is not None:
                     self.watch(None)
                 logger.debug("progress report failed: %s", e)
+        if self.stopped.is_set():  # stopped by its process, which is leaving: its last record says so
+            self.final = True
+            with contextlib.suppress(RuntimeError, dist.DistError, OSError):
+                self.publish()
 
     def obey(self, verdict: dict[str, Any]) -> None:
         """Dump this process's stacks and publish its innermost frames (the watcher ends the

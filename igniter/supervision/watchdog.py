@@ -212,7 +212,13 @@ class HangDetector:
         known = {r: s.record for r, s in self.seen.items() if s.record is not None}
         if not known:  # nobody has reported yet: the process group is still forming
             return None
-        silent = [s.record or never_reported(r) for r, s in self.seen.items() if now - s.beat_at >= self.silent_s]
+        if len(known) == len(self.seen) and all(r.get("final") for r in known.values()):
+            return None  # every process is leaving (a slow exit is not a hang)
+        silent = [
+            s.record or never_reported(r)
+            for r, s in self.seen.items()
+            if now - s.beat_at >= self.silent_s and not (s.record or {}).get("final")
+        ]
         if silent:
             culprits = silent
         else:
@@ -296,7 +302,7 @@ def in_process_watch(rank: int, world_size: int, plan: WatchPlan) -> Any:
         if store is None:  # the store's host (rank 0) does not answer
             unreachable_since[:] = unreachable_since or [now]
             last = detector.seen[0].record or never_reported(0)  # stopped before this rank first read it
-            if rank != 0 and now - unreachable_since[0] >= plan.hang_timeout_s:
+            if rank != 0 and not last.get("final") and now - unreachable_since[0] >= plan.hang_timeout_s:
                 verdict = Verdict([last], True, now - detector.seen[0].changed_at, plan.hang_timeout_s, {0: last})
                 _decide(None, verdict, rank, plan)
             return
