@@ -4,7 +4,7 @@ In-process: the same losses and gradients as without it on a tiny GPT (with drop
 recomputation draws the same masks), every block's forward run twice per step, the plain
 module's checkpoint keys, a name that matches nothing, ``igniter check``'s estimate (exact on
 a model whose saved tensors are counted by hand). Real runs: FSDP + torch.compile + gradient
-accumulation with it on 2 processes ends where the plain 1-process run ends, and a checkpoint
+accumulation and HSDP with it on 4 processes ends where the plain 1-process run ends, and a checkpoint
 of a run with it resumes without it and the other way round (torch and dcp files).
 Peak memory is measured by ``bench/activation_checkpointing.py``, not here.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def test_check_prints_the_activation_estimate_with_and_without(shards, capsys):
     assert main([*_tiny(shards, vocab), "trainer.activation_checkpointing=[GPT2Block]"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("activations"))
     assert "without activation checkpointing" in line and "2 x GPT2Block recomputed" in line, line
-    without, with_ = (float(v) for v in __import__("re").findall(r"([\d.]+) kB", line)[:2])
+    units = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    without, with_ = (float(v) * units[u] for v, u in re.findall(r"([\d.]+) (B|kB|MB|GB)\b", line)[:2])
     assert with_ < without, line
 
 
@@ -145,7 +147,7 @@ def _tiny(shards: Path, vocab: int) -> list[str]:
         "experiment=shakespeare_char", f"data.root={shards}", f"model.params.vocab_size={vocab}",
         "model.params.block_size=16", "model.params.n_layer=2", "model.params.n_head=2", "model.params.n_embd=32",
         "trainer.max_epochs=2", "trainer.epoch_length=3", "data.val=null", "logging.progress_bar=false",
-        "logging.loggers=[]", "checkpoint.n_saved=3",
+        "logging.loggers=[]", "checkpoint.n_saved=3", "data.loader.batch_size=16",
     ]  # fmt: skip
 
 
@@ -161,16 +163,19 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory) -> dict[str, Path]:
-    """The plain 1-process run and the 2-process run with FSDP, torch.compile (TorchDynamo with the eager backend, to keep the test short;
-    aot_eager, checked by hand, ends within 1e-7 too),
-    2 micro-batches and activation checkpointing, side by side."""
+    """The plain 1-process run and, side by side, a 4-process run with everything at once: HSDP
+    (``runner.fsdp.replicate=2``: 2 replica groups x 2 shards, each GPT2Block a unit),
+    torch.compile (TorchDynamo with the eager backend, to keep the test short; aot_eager on 2
+    processes, checked by hand, ends within 1e-7 too), 2 micro-batches and activation
+    checkpointing; every rank records its parameter bytes (``record_param_bytes``)."""
     cwd = tmp_path_factory.mktemp("ac_runs")
     vocab = json.loads((shards / "meta.json").read_text())["vocab_size"]
     base = _tiny(shards, vocab)
     all_on = [
-        "runner=spawn", "runner.nproc_per_node=2", "runner.strategy=fsdp", "runner.fsdp.shard_modules=[GPT2Block]",
-        "+trainer.compile.backend=eager", "trainer.accumulate_grad_batches=2",
-        "trainer.activation_checkpointing=[GPT2Block]",
+        "runner=spawn", "runner.nproc_per_node=4", "runner.strategy=fsdp", "runner.fsdp.shard_modules=[GPT2Block]",
+        "runner.fsdp.replicate=2", "+trainer.compile.backend=eager", "trainer.accumulate_grad_batches=2",
+        "trainer.activation_checkpointing=[GPT2Block]", "imports=[my_project]",
+        "+handlers=[{name: record_param_bytes, event: COMPLETED}]",
     ]  # fmt: skip
     procs = run_together([[*base, f"output_dir={cwd / 'plain'}"], [*base, *all_on, f"output_dir={cwd / 'all'}"]], cwd)
     for proc in procs:
@@ -179,9 +184,16 @@ def runs(shards, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_with_fsdp_compile_and_accumulation_it_ends_where_the_plain_run_ends(runs):
+def test_with_hsdp_compile_and_accumulation_it_ends_where_the_plain_run_ends(runs):
+    """Also the HSDP claims (issue 29, item 2): the 2 x 2 run ends with the 1-process weights, and
+    every rank holds half of the model's parameter bytes (sharded over its group of 2), not a
+    quarter (sharded over all 4): the 2-D pattern."""
     log = (runs["all"] / "rank0.log").read_text()
     assert "activation checkpointing: 2 modules (GPT2Block) recomputed in the backward pass" in log
+    assert "HSDP: 2 replica groups x 2 shards" in log
+    for rank in range(4):  # every dim 0 of this GPT is even: exactly half
+        local, whole = (int(v) for v in (runs["all"] / f"param_bytes_rank{rank}.txt").read_text().split())
+        assert local * 2 == whole, (rank, local, whole)
     assert read_metrics(runs["all"])["compile_s"] > 0
     _assert_close(_weights(checkpoint_files(runs["plain"] / "checkpoints")[0]), _weights(checkpoint_files(runs["all"] / "checkpoints")[0]))  # fmt: skip
 
@@ -189,7 +201,7 @@ def test_with_fsdp_compile_and_accumulation_it_ends_where_the_plain_run_ends(run
 @pytest.mark.slow
 def test_a_checkpoint_resumes_with_it_switched_on_or_off(runs):
     """The plain run's torch file of iteration 3 resumed with activation checkpointing (``resume=``
-    its path), and the checkpointed FSDP run's dcp directory of iteration 3 resumed without it,
+    its path), and the checkpointed HSDP run's dcp directory of iteration 3 resumed without it,
     in 1 process (a copy of that run whose newest checkpoint it is, ``resume=auto``): both end
     where the plain run ends."""
     cwd, base = runs["cwd"], runs["base"]

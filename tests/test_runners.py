@@ -159,34 +159,6 @@ def test_same_model_at_every_scale_strategy_and_accumulation(sgd_reference, laun
 
 
 @pytest.mark.slow
-def test_hsdp_two_replicas_of_two_shards_ends_with_the_one_process_weights(sgd_reference, tmp_path):
-    """runner.fsdp.replicate=2 over 4 processes: a 2-D mesh, 2 replica groups x 2 shards (each
-    Linear a unit). The same final weights as 1 process, and every rank holds half of the model's
-    parameter bytes (sharded over its group of 2), not a quarter: the 2-D pattern."""
-    run = tmp_path / "run"
-    proc = run_igniter(
-        [
-            *SGD,
-            "runner=spawn",
-            "runner.nproc_per_node=4",
-            "runner.strategy=fsdp",
-            "runner.fsdp.shard_modules=[Linear]",
-            "runner.fsdp.replicate=2",
-            "imports=[my_project]",
-            "+handlers=[{name: record_param_bytes, event: COMPLETED}]",
-            f"output_dir={run}",
-        ],  # fmt: skip
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "HSDP: 2 replica groups x 2 shards" in (run / "rank0.log").read_text()
-    for rank in range(4):
-        local, whole = (int(v) for v in (run / f"param_bytes_rank{rank}.txt").read_text().split())
-        assert local * 2 == whole, (rank, local, whole)  # MLP 64-128-10: every dim 0 even
-    assert_same_weights(sgd_reference, final_weights(run))
-
-
-@pytest.mark.slow
 def test_fsdp_bf16_stays_within_bf16_rounding_of_float32(sgd_reference, tmp_path):
     """FSDP2 with bf16-mixed (weights cast to bfloat16 for every op, gradients reduced in
     float32) against the float32 1-process run: bfloat16 keeps 8 significant bits (relative
