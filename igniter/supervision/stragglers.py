@@ -61,7 +61,7 @@ __all__ = [
 logger = logging.getLogger("igniter")
 
 #: Windows each rank keeps in its record (the detector reads every few seconds; windows may be shorter).
-WINDOWS_KEPT = 16
+WINDOWS_KEPT = 8
 
 
 @dataclass(frozen=True)
