@@ -114,7 +114,13 @@ def _model(cfg: DictConfig) -> torch.nn.Module:
     model = build_model(cfg.model)
     if cfg.model.get("weights"):
         load_weights(model, str(cfg.model.weights), cfg.model.get("weights_sha256"))
-    return wrap_model(model, compile_options(cfg.trainer.compile), cfg.runner, cfg.trainer.precision)
+    return wrap_model(
+        model,
+        compile_options(cfg.trainer.compile),
+        cfg.runner,
+        cfg.trainer.precision,
+        list(cfg.trainer.get("activation_checkpointing") or []),
+    )
 
 
 def load_weights(model: torch.nn.Module, source: str, sha256: str | None = None) -> None:

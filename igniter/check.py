@@ -6,7 +6,9 @@ per-process size through the model, and prints the plan: world size, global and
 per-process batch size, the model FLOPs of one optimizer step (counted on the batch it
 tried: :mod:`igniter.flops`) and the peak its MFU will be measured against, iterations, the
 bytes of parameters, gradients and optimizer state each process will hold and their sum
-(:func:`memory_plan`; activations not counted), and every handler the run will have.
+(:func:`memory_plan`), the activations one step saves for its backward pass with and without
+``trainer.activation_checkpointing`` (measured on that batch: :mod:`igniter.activation_memory`),
+and every handler the run will have.
 Nothing is written, and no process is started: with ``runner.strategy=fsdp`` the model is
 built whole and the share of each rank is computed.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from igniter.activation_memory import ActivationMeter
 from igniter.assemble import build_training
 from igniter.build import import_modules
 from igniter.compose import config_problems, plain_config
@@ -29,6 +32,7 @@ from igniter.errors import ConfigError, Problem
 from igniter.errors import report_problems as _report
 from igniter.flops import compute_dtype
 from igniter.launch.runners import make_runner
+from igniter.parallel.strategy import checkpointed_modules, replica_groups, unwrap_model
 from igniter.preflight import first_batch
 from igniter.profiling import profiler_options
 from igniter.registry import RegistryError, function_registry
@@ -99,11 +103,14 @@ def memory_plan(
 
 
 def _memory_line(ctx: RunContext, strategy: str, world: int) -> str:
-    plan = memory_plan(ctx.model, ctx.optimizer, strategy, world)
+    shards = world // replica_groups(ctx.cfg.runner.fsdp, world, ctx.cfg.runner.nnodes) if strategy == "fsdp" else world
+    plan = memory_plan(ctx.model, ctx.optimizer, strategy, shards)
     rank = ", ".join(f"{format_bytes(r)} {name}" for name, (r, _) in plan.items())
     total = "/".join(format_bytes(t) for _, t in plan.values())
     how = "sharded: about total / W per rank" if strategy == "fsdp" else "every rank holds it all"
     in_all = format_bytes(sum(r for r, _ in plan.values()))
+    if shards != world:
+        how = f"HSDP: sharded over the {shards} processes of each of {world // shards} replica groups"
     return (
         f"strategy {strategy} over {world} process{'es' if world > 1 else ''}: per rank {rank} "
         f"({in_all} per rank before activations; total {total}; {how})"
@@ -122,9 +129,27 @@ def _mfu_line(cfg: DictConfig) -> str:
     )
 
 
-def _try_one_batch(ctx: RunContext, world_size: int) -> None:
+def _activation_line(meter: ActivationMeter, names: list[str], modules: list[torch.nn.Module], batch: int) -> str:
+    what = "saved for the backward pass per process"
+    how = (
+        f"measured on one forward pass of {batch // meter.micro_batches} samples"
+        f"{' (a micro-batch)' if meter.micro_batches > 1 else ''}: saved tensors, parameters excluded"
+    )
+    if not names:
+        return (
+            f"{format_bytes(meter.without)} {what} ({how}; trainer.activation_checkpointing recomputes modules instead)"
+        )
+    return (
+        f"{format_bytes(meter.without)} {what} without activation checkpointing, about "
+        f"{format_bytes(meter.with_checkpointing)} with it ({len(modules)} x {', '.join(names)} recomputed; {how}; "
+        "with: saved outside them + their inputs + the largest one's)"
+    )
+
+
+def _try_one_batch(ctx: RunContext, world_size: int, checkpointed: list[torch.nn.Module]) -> ActivationMeter:
     """One training step and one evaluation batch on real data of the per-process size
-    (the global batch sizes divided by the run's ``world_size``).
+    (the global batch sizes divided by the run's ``world_size``), then the same training step
+    again, eager, inside an :class:`ActivationMeter` (``checkpointed``: its modules).
 
     Raises:
         StepFailed: the model cannot take the data (see :mod:`igniter.preflight`).
@@ -132,10 +157,16 @@ def _try_one_batch(ctx: RunContext, world_size: int) -> None:
     logging.getLogger("ignite").addHandler(logging.NullHandler())  # the error is reported once, below
     loader = ctx.cfg.data.loader
     collate = function_registry.get(loader.collate_fn) if loader.collate_fn else None
-    ctx.trainer.run([first_batch(ctx.train_set, loader.batch_size // world_size, collate)], max_epochs=1)
+    batch = first_batch(ctx.train_set, loader.batch_size // world_size, collate)
+    ctx.trainer.run([batch], max_epochs=1)
+    meter = ActivationMeter(ctx.model, checkpointed)
+    meter.micro_batches = ctx.cfg.trainer.accumulate_grad_batches
+    with torch.compiler.set_stance("force_eager"), meter:  # the hooks see every saved tensor in eager mode
+        ctx.trainer.run([batch], max_epochs=1)
     if ctx.evaluator is not None:
         val_batch = (loader.val_batch_size or loader.batch_size) // world_size
         ctx.evaluator.run([first_batch(ctx.val_set, val_batch, collate)])
+    return meter
 
 
 def main(argv: list[str]) -> int:
@@ -151,12 +182,15 @@ def main(argv: list[str]) -> int:
     per_process = cfg.data.loader.batch_size // world
     try:
         import_modules(cfg.imports)
-        built = cfg
+        built = copy.deepcopy(cfg)
         if cfg.runner.strategy == "fsdp":  # no process group here: built whole, each rank's share computed
-            built = copy.deepcopy(cfg)
             built.runner.strategy = "ddp"
+        # built without checkpoint wrappers: the meter sees inside the modules they would recompute
+        built.trainer.activation_checkpointing = []
         ctx = build_training(built, Path("."))
-        _try_one_batch(ctx, world)
+        names = list(cfg.trainer.activation_checkpointing)
+        checkpointed = checkpointed_modules(unwrap_model(ctx.model), names) if names else []
+        meter = _try_one_batch(ctx, world, checkpointed)
         if not ctx.optimizer.state:  # no step yet (gradient accumulation): one, for the state it creates
             ctx.optimizer.step()
     except (ConfigError, RegistryError) as e:
@@ -172,6 +206,7 @@ def main(argv: list[str]) -> int:
         + (f" | val {cfg.data.val.name}: {len(ctx.val_set):,} samples" if ctx.val_set is not None else ""),
         f"  runner     {cfg.runner.name}: world size {world}, backend {cfg.runner.backend or 'auto'}",
         f"  memory     {_memory_line(ctx, cfg.runner.strategy, world)}",
+        f"  activations {_activation_line(meter, names, checkpointed, per_process)}",
         f"  batch      global {loader.batch_size}, per process {per_process}",
         *(
             [

@@ -166,7 +166,11 @@ class TrainerConfig:
     :mod:`igniter.precision`. ``accumulate_grad_batches``: micro-batches per optimizer
     step (``data.loader.batch_size`` stays the global batch of one step). ``compile``:
     ``false``, ``true`` or ``{mode, backend, fullgraph, dynamic, options}`` for
-    ``torch.compile`` (:mod:`igniter.compile`).
+    ``torch.compile`` (:mod:`igniter.compile`). ``activation_checkpointing``: class names
+    (``GPT2Block``) or dotted paths of the submodules whose activations are recomputed in the
+    backward pass instead of kept (PyTorch's non-reentrant checkpoint; less memory, one more
+    forward of those modules per step); empty: none
+    (:func:`igniter.parallel.strategy.checkpoint_activations`).
     """
 
     engine: str = "supervised_trainer"
@@ -182,6 +186,7 @@ class TrainerConfig:
     precision: str = "32"
     accumulate_grad_batches: int = 1
     compile: Any = False
+    activation_checkpointing: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -310,12 +315,17 @@ class FsdpConfig:
     ``min_params`` parameters. ``reshard_after_forward``: free the gathered parameters after
     the forward pass (less memory, one more all-gather in the backward pass).
     ``cpu_offload``: keep parameters, gradients and optimizer state in host memory.
+    ``replicate``: replica groups (HSDP: a 2-D ``DeviceMesh`` of ``replicate`` x ``world size /
+    replicate``; parameters sharded within a group, gradients all-reduced across groups); 1: every
+    process shards (FSDP); ``None``: the number of nodes (shard within a node, replicate across
+    nodes; 1 on one node).
     """
 
     shard_modules: List[str] = field(default_factory=list)
     min_params: int = 100_000
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    replicate: Optional[int] = None
 
 
 @dataclass
@@ -336,6 +346,10 @@ class RunnerConfig:
     watchdog names the rank behind, writes the stacks to the rank logs and ends the job (exit
     status 4); ``None``: no watchdog (:mod:`igniter.supervision.watchdog`). ``requeue_on_hang``:
     inside a SLURM job, requeue it on a hang instead (it resumes from the newest checkpoint).
+    ``straggler_factor``: a rank whose own time per step (its step less its wait for the others)
+    stays above this many times the median of the ranks over ``straggler_window`` iterations is
+    named in the log, TensorBoard and the summary, with whether it waits for data or computes
+    (:mod:`igniter.supervision.stragglers`); ``None``: off.
     """
 
     name: str = "single"
@@ -351,6 +365,8 @@ class RunnerConfig:
     threads_per_process: Optional[int] = None
     hang_timeout_s: Optional[float] = 120.0
     requeue_on_hang: bool = False
+    straggler_factor: Optional[float] = 1.2
+    straggler_window: int = 50
     strategy: str = "ddp"
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 

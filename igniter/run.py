@@ -47,6 +47,7 @@ from igniter.summary import (
     time_split,
 )
 from igniter.supervision.progress import attach_reports, checkpoint_phase
+from igniter.supervision.stragglers import StragglerLog, attach_step_split
 from igniter.telemetry import gpu_telemetry
 
 __all__ = ["RunContext", "train", "setup_logging", "TrainingDiverged", "Interrupted"]
@@ -118,7 +119,7 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
         continue_record(record, ctx.trainer.state.iteration)
     checkpointer = to_load.get("checkpointer")
     make_runner(cfg.runner).attach(ctx.trainer, save_now(checkpointer) if checkpointer is not None else None)
-    loggers, telemetry = _observe(ctx, record)
+    loggers, telemetry, stragglers = _observe(ctx, record)
     # run
     interrupted = False
     try:
@@ -135,7 +136,7 @@ def _train(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None) 
                 with checkpoint_phase(ctx.checkpoints.root):
                     flush_checkpoints(checkpointer)
         # record
-        summary = _record(ctx, record, interrupted, time.perf_counter() - start, profiler, telemetry)
+        summary = _record(ctx, record, interrupted, time.perf_counter() - start, profiler, telemetry, stragglers)
     finally:  # after the record (a tracker's close() uploads the final metrics.json and curves.png), also
         for lg in loggers:  # when the run failed (e.g. CheckpointWriteFailed of the last write)
             lg.close()
@@ -147,6 +148,7 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
     throughput, evaluation, then checkpoints and loggers that read their results."""
     cfg, trainer, evaluator = ctx.cfg, ctx.trainer, ctx.evaluator
     attach_reports(trainer, evaluator)  # first: a user handler that blocks then shows as the rank behind
+    attach_step_split(ctx)  # the time of the handlers attached after it counts as this rank's computing
     samplers = [ctx.train_loader.sampler]
     batches_per_pass = len(ctx.train_loader)
 
@@ -210,13 +212,15 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)))
 
 
-def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], Any]:
-    """Loggers (rank 0), the training-loss history, GPU telemetry and ``logging.torch_profiler``.
+def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], Any, StragglerLog | None]:
+    """Loggers (rank 0), the training-loss history, slow ranks named (rank 0), GPU telemetry and
+    ``logging.torch_profiler``.
 
-    Returns ``(loggers and the torch profiler: what is closed when the run ends, telemetry or None)``.
+    Returns ``(loggers and the torch profiler: what is closed when the run ends, telemetry or None,
+    the straggler log or None)``.
     """
     cfg, trainer = ctx.cfg, ctx.trainer
-    loggers = []
+    loggers, stragglers = [], None
     if ctx.rank == 0:
         loggers = [
             call_with(io_registry.get(n, f"logging.loggers[{i}]"), {"ctx": ctx})
@@ -224,6 +228,11 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
         ]
     if record is not None:
         record_first_iteration(ctx.step_timer, record)
+        factor = cfg.runner.get("straggler_factor")
+        if ctx.world_size > 1 and factor is not None:
+            writer = next((lg.writer for lg in loggers if hasattr(lg, "writer")), None)
+            stragglers = StragglerLog(factor, ctx.world_size, writer)
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, stragglers.drain)
 
         @trainer.on(PeriodicEvents.LOG)
         def _loss_history(engine: Engine) -> None:
@@ -241,7 +250,7 @@ def _observe(ctx: RunContext, record: MetricsRecord | None) -> tuple[list[Any], 
         profiler = attach_torch_profiler(ctx)
         if profiler is not None:
             loggers.append(profiler)
-    return loggers, telemetry
+    return loggers, telemetry, stragglers
 
 
 def _run_engine(ctx: RunContext) -> None:
@@ -259,11 +268,21 @@ def _run_engine(ctx: RunContext) -> None:
 
 
 def _record(
-    ctx: RunContext, record: MetricsRecord | None, interrupted: bool, wall_time_s: float, profiler: Any, telemetry: Any
+    ctx: RunContext,
+    record: MetricsRecord | None,
+    interrupted: bool,
+    wall_time_s: float,
+    profiler: Any,
+    telemetry: Any,
+    stragglers: StragglerLog | None = None,
 ) -> dict[str, Any]:
     """The end-of-run summary; rank 0 writes it to ``metrics.json``, logs the table and draws
     ``curves.png``. ``wall_time_s``: seconds since the run started building."""
     summary = run_summary(ctx, interrupted, wall_time_s)
+    if stragglers is not None:
+        stragglers.drain()
+        if stragglers.found:  # nothing in a healthy run
+            summary["stragglers"] = stragglers.found
     if ctx.status.run_time_s:
         summary["time_split"] = time_split(ctx.step_timer, profiler, ctx.status.run_time_s)
         if profiler is not None and ctx.rank == 0:

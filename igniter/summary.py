@@ -234,8 +234,26 @@ def summary_table(m: dict[str, Any]) -> str:
                 f"{seconds:.1f} s in torch.compile, not counted in the throughput" if seconds is not None else "on",
             )
         )
+    if m.get("stragglers"):
+        rows.append(("stragglers", _stragglers(m["stragglers"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _stragglers(found: list[dict[str, Any]]) -> str:
+    """Each slow rank once: host, cause, its windows and its worst own time per step against the median."""
+    by_rank: dict[int, list[dict[str, Any]]] = {}
+    for s in found:
+        by_rank.setdefault(s["rank"], []).append(s)
+    parts = []
+    for rank, windows in sorted(by_rank.items()):
+        worst = max(windows, key=lambda w: w["step_s"] / w["median_s"])
+        causes = " and ".join(sorted({w["cause"] for w in windows}))
+        parts.append(
+            f"rank {rank} (host {worst['host']}) {causes} in {len(windows)} window(s) from iteration "
+            f"{min(w['first'] for w in windows)}, up to {worst['step_s']:.3f} s per step against the median {worst['median_s']:.3f} s"
+        )
+    return "; ".join(parts)
 
 
 _LOSS_WORDS = ("loss", "nll", "mse", "mae", "rmse")  # lower is better, on a loss scale: drawn with the training loss

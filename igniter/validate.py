@@ -55,6 +55,7 @@ from igniter.registry import (
     suggest,
     transforms_registry,
 )
+from igniter.supervision.stragglers import straggler_problems
 
 __all__ = ["validate"]
 
@@ -395,6 +396,7 @@ def validate(cfg: DictConfig, here: bool = True) -> list[Problem]:
     c.problems += accumulation_problems(cfg.trainer.accumulate_grad_batches, cfg.data.loader.batch_size, world_size)
     c.problems += compile_problems(cfg.trainer.compile, cuda_here)
     c.problems += strategy_problems(cfg, world_size, cuda_here)
+    c.problems += straggler_problems(cfg.runner)
     c.problems += checkpoint_config_problems(cfg)
     c.problems += storage_problems(cfg)
     if here:  # a cluster job's directory may live on a file system this machine does not see

@@ -298,3 +298,28 @@ def test_strategy_settings_that_cannot_work_exit_2_naming_the_key(overrides, key
     proc = run_igniter([*overrides, f"output_dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 2 and f"  {key} = " in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_hsdp_replica_groups_default_to_the_nodes_and_must_divide_the_world(capsys):
+    from omegaconf import OmegaConf
+
+    from igniter.check import main
+    from igniter.parallel.strategy import replica_groups, strategy_problems
+
+    fsdp = OmegaConf.create({"replicate": None})
+    assert [replica_groups(fsdp, 8, nodes) for nodes in (1, 2, 3)] == [1, 2, 1]  # 3 nodes do not split 8 evenly
+    assert replica_groups(OmegaConf.create({"replicate": 4}), 8, 2) == 4
+
+    def problems(strategy: str, replicate: int | None, world: int) -> list[str]:
+        cfg = OmegaConf.create(
+            {"runner": {"strategy": strategy, "fsdp": {"replicate": replicate, "min_params": 0, "cpu_offload": False}}}
+        )
+        return [p.key for p in strategy_problems(cfg, world)]
+
+    assert problems("fsdp", 3, 4) == ["runner.fsdp.replicate"] and problems("fsdp", 2, 4) == []
+    assert problems("ddp", 0, 1) == ["runner.fsdp.replicate"]  # checked whatever the strategy
+    # igniter check: each rank's share is of its group of 2, half of the ddp figure (MLP 64-128-10)
+    assert main(["runner=spawn", "runner.nproc_per_node=4", "runner.strategy=fsdp", "runner.fsdp.replicate=2"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "memory" in x)
+    assert "HSDP: sharded over the 2 processes of each of 2 replica groups" in line, line
+    assert memory_figures(line)["parameters"] == pytest.approx((64 * 128 + 128 + 128 * 10 + 10) * 4 / 2, rel=0.01)

@@ -112,6 +112,22 @@ def test_detector_keeps_a_job_alive_while_any_rank_progresses():
     )
 
 
+def test_processes_that_are_leaving_are_not_hung_however_slow_their_exit():
+    """A reporter stopped by its process (its function returned) publishes a last record with
+    ``final``; a slow exit afterwards (3 processes tearing down on a loaded machine took over
+    5 s: a false hang verdict with runner.hang_timeout_s=5) is not a hang, nor is a rank that
+    left while the others are still finishing; a rank stuck beside a leaving one still is."""
+    d = HangDetector([0, 1, 2], timeout_s=5, beat_s=0.5, now=0.0)
+    for t in range(60):  # every reporter stopped at t=3, each after its final record
+        final = [{**_record(r, 70, "done", beat=min(t, 3)), "final": t >= 3} for r in range(3)]
+        assert _observe(d, float(t), *final) is None
+    d = HangDetector([0, 1], timeout_s=5, beat_s=0.5, now=0.0)
+    verdict = None
+    for t in range(60):  # rank 0 left at t=3; rank 1 stays in the step of iteration 12, beating
+        verdict = verdict or _observe(d, float(t), {**_record(0, 12, "done", beat=min(t, 3)), "final": t >= 3}, _record(1, 12, beat=t))  # fmt: skip
+    assert verdict is not None and [c["rank"] for c in verdict.culprits] == [1] and not verdict.not_responding
+
+
 def test_detector_counts_a_compile_in_flight_as_progress_while_its_reporter_beats():
     d = HangDetector([0, 1], timeout_s=5, beat_s=1, now=0.0)
     for t in range(40):  # rank 0 compiles its first step for 40 s (inductor works in other processes)

@@ -203,6 +203,7 @@ class Runner:
             launcher_store,
             requeue_job if self.cfg.get("requeue_on_hang") else None,
             self.cfg.timeout_s,
+            self.cfg.get("straggler_factor"),
         )
 
     def parallel_kwargs(self) -> dict[str, Any]:

@@ -1,14 +1,19 @@
-"""How the model is wrapped for the run's processes: compile, then DDP; and back.
+"""How the model is wrapped for the run's processes: activation checkpointing, compile, DDP or FSDP; and back.
 
 The one place that knows the wrapping order and how to see through it:
 
+* :func:`checkpoint_activations` (``trainer.activation_checkpointing``): the named modules'
+  activations recomputed in the backward pass (PyTorch's non-reentrant checkpoint), applied
+  first, before FSDP and compile (torchtitan's order).
 * :func:`wrap_model`: ``torch.compile`` first (``trainer.compile``), then
   ``idist.auto_model`` (device placement and, with several processes,
   ``DistributedDataParallel``), the order of PyTorch's DDP + ``torch.compile`` notes:
   the compiled module is what DDP's hooks see.
 * :func:`unwrap_model`: the original ``nn.Module`` under DDP's ``.module`` and
   ``torch.compile``'s ``_orig_mod``: what checkpoints save and load, so their keys never
-  carry ``module.`` or ``_orig_mod.`` prefixes.
+  carry ``module.`` or ``_orig_mod.`` prefixes (nor ``_checkpoint_wrapped_module.``: PyTorch's
+  ``CheckpointWrapper`` removes its own prefix in ``state_dict()`` and adds it back in
+  ``load_state_dict()``, and ``get_model_state_dict`` does the same for DCP).
 * :func:`gradient_sync`: DDP's ``no_sync()`` for the micro-batches of an accumulation
   that are not the last (one gradient all-reduce per optimizer step).
 """
@@ -16,7 +21,9 @@ The one place that knows the wrapping order and how to see through it:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterator
+import functools
+import logging
+from typing import Any, ContextManager, Iterator, Sequence
 
 import ignite.distributed as idist
 import torch
@@ -28,7 +35,11 @@ from igniter.supervision.progress import watch_compiles
 
 __all__ = [
     "wrap_model",
+    "matching_modules",
+    "checkpointed_modules",
+    "checkpoint_activations",
     "shard_units",
+    "replica_groups",
     "shard_model",
     "unwrap_model",
     "unwrap_compiled",
@@ -38,12 +49,19 @@ __all__ = [
     "strategy_problems",
 ]
 
+logger = logging.getLogger("igniter")
+
 
 def wrap_model(
-    model: torch.nn.Module, compile_options: dict[str, Any] | None, runner: Any, precision: str = "32"
+    model: torch.nn.Module,
+    compile_options: dict[str, Any] | None,
+    runner: Any,
+    precision: str = "32",
+    activation_checkpointing: Sequence[str] = (),
 ) -> torch.nn.Module:
-    """``model`` compiled (when ``compile_options`` is not ``None``), on this process's device,
-    and wrapped for ``runner.strategy``.
+    """``model`` with its activations checkpointed (:func:`checkpoint_activations`, when
+    ``activation_checkpointing`` names modules), compiled (when ``compile_options`` is not
+    ``None``), on this process's device, and wrapped for ``runner.strategy``.
 
     * ``ddp``: compiled first, then ``idist.auto_model`` (``DistributedDataParallel`` with
       several processes, options ``runner.bucket_cap_mb``, ``runner.gradient_as_bucket_view``).
@@ -55,7 +73,14 @@ def wrap_model(
         compile_options: keyword arguments of ``torch.compile`` (:func:`igniter.compile.compile_options`).
         runner: the ``runner`` config section.
         precision: ``trainer.precision``: with ``fsdp`` its ``MixedPrecisionPolicy``.
+        activation_checkpointing: ``trainer.activation_checkpointing``.
+
+    Raises:
+        ConfigError: ``activation_checkpointing`` names no module of ``model``;
+            ``runner.fsdp.cpu_offload`` on a process without a GPU.
     """
+    if activation_checkpointing:
+        checkpoint_activations(model, activation_checkpointing)
     if compile_options is not None:
         watch_compiles()  # compile time counts as progress for the hang watchdog
     if getattr(runner, "strategy", "ddp") == "fsdp":
@@ -80,6 +105,87 @@ def wrap_model(
     return idist.auto_model(model, sync_bn=False, **(ddp if idist.get_world_size() > 1 else {}))
 
 
+def matching_modules(model: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Module]:
+    """The submodules of ``model`` (not ``model`` itself) whose class is named in ``names``:
+    by class name (``GPT2Block``) or dotted path (``transformers.models.gpt2.modeling_gpt2.GPT2Block``),
+    in ``model.modules()`` order."""
+    wanted = set(names)
+    return [
+        m for m in model.modules()
+        if m is not model and (type(m).__name__ in wanted or f"{type(m).__module__}.{type(m).__qualname__}" in wanted)
+    ]  # fmt: skip
+
+
+def checkpointed_modules(model: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Module]:
+    """The modules :func:`checkpoint_activations` wraps: the matches of ``names`` not inside
+    another match (a nested match would be recomputed twice).
+
+    Raises:
+        ConfigError: a name matches no module (naming ``trainer.activation_checkpointing`` and
+            some of the model's class names).
+    """
+    unmatched = [n for n in names if not matching_modules(model, [n])]
+    if unmatched:
+        classes = sorted({type(m).__name__ for m in model.modules() if m is not model})
+        shown = ", ".join(classes[:12]) + (f" and {len(classes) - 12} more" if len(classes) > 12 else "")
+        raise ConfigError(
+            [
+                Problem(
+                    "trainer.activation_checkpointing",
+                    f"{', '.join(unmatched)} {'matches' if len(unmatched) == 1 else 'match'} no module of the model "
+                    f"{type(model).__name__}; expected class names or dotted paths of its submodules, e.g. the "
+                    f"transformer blocks (its classes: {shown})",
+                    list(names),
+                )
+            ],
+            header="cannot build the run",
+        )
+    matches = matching_modules(model, names)
+    inside = {id(sub) for m in matches for sub in m.modules() if sub is not m}
+    return [m for m in matches if id(m) not in inside]
+
+
+def checkpoint_activations(model: torch.nn.Module, names: Sequence[str]) -> torch.nn.Module:
+    """Recompute the activations of the modules named in ``names`` in the backward pass instead
+    of keeping them (full activation checkpointing, as torchtitan's ``apply_ac``): each match
+    (:func:`checkpointed_modules`) is replaced in its parent by PyTorch's ``CheckpointWrapper``
+    (``checkpoint_impl=NO_REENTRANT``: ``torch.utils.checkpoint`` with ``use_reentrant=False``,
+    RNG state preserved, so dropout draws the same masks in the recomputation).
+
+    Shapes and results are unchanged (the module computes the same; its forward runs twice
+    per step); ``state_dict()`` keys are the plain module's.
+
+    Args:
+        model: the built model (before FSDP and compile), changed in place.
+        names: class names or dotted paths (``trainer.activation_checkpointing``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: a name matches no module.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    modules = checkpointed_modules(model, names)
+    chosen = {id(m) for m in modules}
+    logger.info(
+        "activation checkpointing: %d modules (%s) recomputed in the backward pass",
+        len(modules),
+        ", ".join(sorted({type(m).__name__ for m in modules})),
+    )
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: id(m) in chosen,
+    )
+    return model
+
+
 def shard_units(model: torch.nn.Module, names: list[str], min_params: int) -> list[torch.nn.Module]:
     """The submodules sharded as units (the root is sharded after them, holding the rest).
 
@@ -92,15 +198,24 @@ def shard_units(model: torch.nn.Module, names: list[str], min_params: int) -> li
     """
     if not names:
         return [child for child in model.children() if sum(p.numel() for p in child.parameters()) >= min_params]
-    wanted = set(names)
-    return [
-        m for m in model.modules()
-        if m is not model and (type(m).__name__ in wanted or f"{type(m).__module__}.{type(m).__qualname__}" in wanted)
-    ]  # fmt: skip
+    return matching_modules(model, names)
+
+
+def replica_groups(fsdp: Any, world_size: int, nnodes: int) -> int:
+    """The replica groups of ``runner.fsdp.replicate`` (``None``: ``nnodes``, shard within a node)."""
+    replicate = fsdp.get("replicate") if hasattr(fsdp, "get") else getattr(fsdp, "replicate", None)
+    if replicate is None:
+        replicate = nnodes if nnodes > 1 and world_size % nnodes == 0 else 1
+    return int(replicate)
 
 
 def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.Module:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) over every process of the run.
+
+    With ``R = runner.fsdp.replicate`` above 1 (HSDP), the mesh is 2-D, ``R`` replica groups x
+    ``W / R`` shards (dimension names ``replicate``, ``shard``): each parameter is sharded over the
+    processes of a group and whole in every group; gradients are reduce-scattered within a group
+    and all-reduced across groups.
 
     Args:
         model: the model on this process's device (on the CPU with ``fsdp.cpu_offload``).
@@ -111,7 +226,20 @@ def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.M
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(idist.device().type, (idist.get_world_size(),))
+    world = idist.get_world_size()
+    replicate = replica_groups(fsdp, world, idist.get_nnodes())
+    if replicate > 1:
+        mesh = init_device_mesh(
+            idist.device().type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard")
+        )
+        if idist.get_rank() == 0:
+            logger.info(
+                "HSDP: %d replica groups x %d shards (runner.fsdp.replicate; parameters sharded within a group)",
+                replicate,
+                world // replicate,
+            )
+    else:
+        mesh = init_device_mesh(idist.device().type, (world,))
     dtype = PRECISIONS.get(str(precision))  # the autocast dtype of trainer.precision (None: float32)
     options: dict[str, Any] = {
         "mesh": mesh,
@@ -236,6 +364,17 @@ def strategy_problems(cfg: Any, world_size: int, cuda_here: bool | None = None) 
                     True,
                 )
             )
+    replicate = runner.fsdp.get("replicate")
+    if replicate is not None and replicate < 1:
+        problems.append(Problem("runner.fsdp.replicate", "expected a number of replica groups, 1 or more", replicate))
+    elif replicate is not None and runner.strategy == "fsdp" and world_size % replicate:
+        problems.append(
+            Problem(
+                "runner.fsdp.replicate",
+                f"the {world_size} processes do not split into {replicate} replica groups of equal size",
+                replicate,
+            )
+        )
     if runner.fsdp.min_params < 0:  # checked whatever the strategy: a wrong value waits for the day fsdp is chosen
         problems.append(
             Problem("runner.fsdp.min_params", "expected a non-negative number of parameters", runner.fsdp.min_params)

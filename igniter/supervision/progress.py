@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -83,13 +83,15 @@ class Progress:
     """What the main thread last did: ``iteration`` (the trainer's, -1 before the first),
     ``phase`` (one of :data:`PHASES`), ``count`` (evaluation batches in ``eval``),
     ``watch_dir`` (its bytes count as progress while in ``checkpoint``), ``compiling``
-    (TorchDynamo compiles in flight)."""
+    (TorchDynamo compiles in flight), ``windows`` (the medians of the last few straggler windows,
+    :mod:`igniter.supervision.stragglers`)."""
 
     iteration: int = -1
     phase: str = "setup"
     count: int = 0
     watch_dir: str | None = None
     compiling: int = 0
+    windows: list[dict[str, Any]] = field(default_factory=list)
 
 
 #: This process's progress: written by the main thread, read by the :class:`Reporter`.
@@ -255,6 +257,9 @@ class Reporter(threading.Thread):
         beat_s: seconds between reports.
         watch: called after every report with the store (the in-process watchdog of rank 0
             and of the other ranks, :mod:`igniter.supervision.watchdog`).
+
+    ``also``: called after every report with the store too (rank 0's straggler detector); an
+    error in it is logged (debug) and the reports go on.
     """
 
     def __init__(
@@ -263,6 +268,8 @@ class Reporter(threading.Thread):
         super().__init__(name="igniter-progress", daemon=True)
         self.store, self.rank, self.beat_s, self.watch = store, rank, beat_s, watch
         self.beat = 0
+        self.also: Callable[[dist.Store], None] | None = None
+        self.final = False  # the process is leaving (its function returned or raised): not a hang
         self.stopped = threading.Event()
         self.host, self.pid = socket.gethostname(), os.getpid()
 
@@ -282,6 +289,8 @@ class Reporter(threading.Thread):
             "beat": self.beat,
             "time": round(time.time(), 1),
             "beat_s": self.beat_s,
+            "windows": p.windows,
+            "final": self.final,
         }
 
     def publish(self) -> None:
@@ -303,10 +312,19 @@ class Reporter(threading.Thread):
                     return
                 if self.watch is not None:
                     self.watch(self.store)
+                if self.also is not None:
+                    try:
+                        self.also(self.store)
+                    except Exception as e:  # never stop the reports (the hang watchdog reads them)
+                        logger.debug("straggler detection failed: %s", e)
             except (RuntimeError, dist.DistError, OSError) as e:  # the store's host is gone or stopped
                 if self.watch is not None:
                     self.watch(None)
                 logger.debug("progress report failed: %s", e)
+        if self.stopped.is_set():  # stopped by its process, which is leaving: its last record says so
+            self.final = True
+            with contextlib.suppress(RuntimeError, dist.DistError, OSError):
+                self.publish()
 
     def obey(self, verdict: dict[str, Any]) -> None:
         """Dump this process's stacks and publish its innermost frames (the watcher ends the

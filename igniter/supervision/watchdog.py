@@ -54,6 +54,7 @@ from igniter.supervision.progress import (
     rank_key,
     read_records,
 )
+from igniter.supervision.stragglers import StragglerDetector, report
 
 __all__ = [
     "WatchPlan",
@@ -85,12 +86,15 @@ class WatchPlan:
     ``requeue``: with ``runner.requeue_on_hang`` inside a SLURM job, the function that requeues
     it (called with the reason) instead of ending it; ``None``: end the job.
     ``collective_timeout_s``: ``runner.timeout_s``.
+    ``straggler_factor``: ``runner.straggler_factor`` (rank 0 names slow ranks,
+    :mod:`igniter.supervision.stragglers`; ``None``: off).
     """
 
     hang_timeout_s: float | None = 120.0
     store: str | None = None
     requeue: Callable[[str], Any] | None = None
     collective_timeout_s: float = 600.0
+    straggler_factor: float | None = None
 
     @property
     def beat_s(self) -> float:
@@ -208,7 +212,13 @@ class HangDetector:
         known = {r: s.record for r, s in self.seen.items() if s.record is not None}
         if not known:  # nobody has reported yet: the process group is still forming
             return None
-        silent = [s.record or never_reported(r) for r, s in self.seen.items() if now - s.beat_at >= self.silent_s]
+        if len(known) == len(self.seen) and all(r.get("final") for r in known.values()):
+            return None  # every process is leaving (a slow exit is not a hang)
+        silent = [
+            s.record or never_reported(r)
+            for r, s in self.seen.items()
+            if now - s.beat_at >= self.silent_s and not (s.record or {}).get("final")
+        ]
         if silent:
             culprits = silent
         else:
@@ -292,7 +302,7 @@ def in_process_watch(rank: int, world_size: int, plan: WatchPlan) -> Any:
         if store is None:  # the store's host (rank 0) does not answer
             unreachable_since[:] = unreachable_since or [now]
             last = detector.seen[0].record or never_reported(0)  # stopped before this rank first read it
-            if rank != 0 and now - unreachable_since[0] >= plan.hang_timeout_s:
+            if rank != 0 and not last.get("final") and now - unreachable_since[0] >= plan.hang_timeout_s:
                 verdict = Verdict([last], True, now - detector.seen[0].changed_at, plan.hang_timeout_s, {0: last})
                 _decide(None, verdict, rank, plan)
             return
@@ -357,6 +367,20 @@ def _group_store_address() -> tuple[str, int] | None:
     return (store.host, store.port) if isinstance(store, dist.TCPStore) else None
 
 
+def straggler_watch(factor: float, world_size: int) -> Callable[[dist.Store], None]:
+    """Rank 0's reporter callback: read every rank's record, hand the slow ranks of each newly
+    complete window to the main thread (:func:`igniter.supervision.stragglers.report`)."""
+    ranks = list(range(world_size))
+    detector = StragglerDetector(factor, ranks)
+
+    def watch(store: dist.Store) -> None:
+        found = detector.observe(read_records(store, ranks))
+        if found:
+            report(found)
+
+    return watch
+
+
 def start_reporting(plan: WatchPlan) -> Reporter | None:
     """Start this process's :class:`~igniter.supervision.progress.Reporter` (and, without a
     watching launcher, its in-process watchdog). ``None`` outside a process group of 2 or more."""
@@ -374,6 +398,8 @@ def start_reporting(plan: WatchPlan) -> Reporter | None:
         reporter = _LeaveAfterDecision(
             connect(*address, timeout_s=min(10.0, plan.beat_s * 2)), rank, plan.beat_s, watch
         )
+    if rank == 0 and plan.straggler_factor is not None:
+        reporter.also = straggler_watch(plan.straggler_factor, world_size)
     reporter.start()
     if plan.store is None and watch is not None and rank != 0:  # know rank 0's host and pid before training
         with contextlib.suppress(RuntimeError, dist.DistError, OSError):
