@@ -147,7 +147,7 @@ def _tiny(shards: Path, vocab: int) -> list[str]:
         "experiment=shakespeare_char", f"data.root={shards}", f"model.params.vocab_size={vocab}",
         "model.params.block_size=16", "model.params.n_layer=2", "model.params.n_head=2", "model.params.n_embd=32",
         "trainer.max_epochs=2", "trainer.epoch_length=3", "data.val=null", "logging.progress_bar=false",
-        "logging.loggers=[]", "checkpoint.n_saved=3", "data.loader.batch_size=16",
+        "logging.loggers=[]", "checkpoint.n_saved=3", "checkpoint.min_interval_seconds=0", "data.loader.batch_size=16",
     ]  # fmt: skip
 
 
