@@ -138,8 +138,9 @@ def test_a_damaged_shard_is_named(shards, tmp_path):
 
 def test_token_shards_behind_a_url_are_downloaded_checked_and_cached(shards, tmp_path, monkeypatch):
     """An fsspec URL (file:// here; s3:// goes through the same fetch as model.weights): the
-    shards land in the download cache, SHA-256 checked, and give the local samples; a
-    damaged object is named."""
+    shards land in the download cache when first read, SHA-256 checked, and give the local
+    samples; a damaged object is named when a sample reads it, a shard of the wrong size
+    or a missing one when the dataset is built."""
     monkeypatch.setenv("IGNITER_CACHE_DIR", str(tmp_path / "cache"))
     remote = TokenShards(f"file://{shards}", "train", seq_len=16, stride=1)
     local = TokenShards(shards, "train", seq_len=16, stride=1)
@@ -151,8 +152,38 @@ def test_token_shards_behind_a_url_are_downloaded_checked_and_cached(shards, tmp
     data = bytearray((damaged / "train_000002.bin").read_bytes())
     data[7] ^= 1
     (damaged / "train_000002.bin").write_bytes(bytes(data))
+    dataset = TokenShards(f"file://{damaged}", "train", seq_len=16)
+    assert dataset[0][0].tolist() == local[0][0].tolist()  # shards 0 and 1 are intact
     with pytest.raises(ShardError, match=f"file://{damaged}/train_000002.bin has SHA-256"):
+        dataset[2000 // 16]
+    (damaged / "train_000002.bin").write_bytes(bytes(data[:-2]))
+    with pytest.raises(ShardError, match=f"shard file://{damaged}/train_000002.bin is damaged: 1998 bytes"):
         TokenShards(f"file://{damaged}", "train", seq_len=16)
+    (damaged / "train_000002.bin").unlink()
+    with pytest.raises(ShardError, match=f"shard file://{damaged}/train_000002.bin is missing"):
+        TokenShards(f"file://{damaged}", "train", seq_len=16)
+
+
+def test_reading_a_shard_behind_a_url_downloads_the_next_one_in_the_background(shards, tmp_path, monkeypatch):
+    """Read-ahead: a sample of shard 0 downloads shard 0 and starts shard 1's download in a
+    background thread; shard 1 lands in the cache without any sample reading it (waited for
+    with a deadline), shard 2 is not downloaded; a pass in order downloads each shard once."""
+    import time
+
+    monkeypatch.setenv("IGNITER_CACHE_DIR", str(tmp_path / "cache"))
+    dataset = TokenShards(f"file://{shards}", "train", seq_len=16)
+    assert not any(p.exists() for p in dataset.paths), "nothing is downloaded when the dataset is built"
+    dataset[0]
+    assert dataset.paths[0].is_file() and dataset._maps[1] is None
+    deadline = time.monotonic() + 30
+    while not (dataset.paths[1].is_file() and Path(f"{dataset.paths[1]}.sha256").is_file()):
+        assert time.monotonic() < deadline, "shard 1 was not read ahead within 30 s"
+        time.sleep(0.01)
+    assert dataset._maps[1] is None and not dataset.paths[2].exists()
+    assert dataset._downloads[1].result() == dataset.paths[1]
+    local = TokenShards(shards, "train", seq_len=16)
+    assert all(torch.equal(dataset[i][0], local[i][0]) for i in range(len(local)))
+    assert sorted(dataset._downloads) == list(range(8)) and all(p.is_file() for p in dataset.paths)
 
 
 # A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 15 iterations, a checkpoint
