@@ -42,20 +42,23 @@ def run_igniter(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.
     )
 
 
-def run_together(arg_lists: list[list[str]], cwd: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+def run_together(
+    arg_lists: list[list[str]], cwd: Path, timeout: float = 300, envs: list[dict[str, str]] | None = None
+) -> list[subprocess.CompletedProcess]:
     """Run ``python -m igniter`` once per argument list, all at once (the host has cores to spare
     while each start-up imports); returns their completed processes in order. A run still going
-    after ``timeout`` seconds fails the test (every run is killed first)."""
+    after ``timeout`` seconds fails the test (every run is killed first). ``envs``: variables
+    added to each run's environment (one dict per argument list)."""
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "igniter", *args],
             cwd=cwd,
-            env=igniter_env(),
+            env={**igniter_env(), **(envs[i] if envs else {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for args in arg_lists
+        for i, args in enumerate(arg_lists)
     ]
     try:
         outputs = [p.communicate(timeout=timeout) for p in procs]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, igniter_env, read_metrics
+from conftest import REPO, igniter_env, read_metrics, run_together
 
 from igniter.checkpoint.resume import checkpoint_files
 from igniter.prepare_text import main as prepare_main
@@ -186,14 +187,21 @@ def test_reading_a_shard_behind_a_url_downloads_the_next_one_in_the_background(s
     assert sorted(dataset._downloads) == list(range(8)) and all(p.is_file() for p in dataset.paths)
 
 
-# A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 15 iterations, a checkpoint
-# every 10 iterations and at each epoch's end. die_once (tests/fixtures/my_project) is the
-# supervised step that SIGKILLs its process once; it never does while its marker file exists.
-def _tiny(shards: Path, run: Path) -> list[str]:
+# A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 15 iterations (global batch 12),
+# a checkpoint every 10 iterations and at each epoch's end. die_once (tests/fixtures/my_project)
+# is the supervised step that SIGKILLs rank 0 at iterations 13, 17 and 24, once each: the file
+# $DIE_ONCE_MARKER.<iteration> records that it did (a run whose markers exist never dies).
+# record_windows logs the samples of every batch (tests/test_sharding.py's format).
+KILLS = (13, 17, 24)
+SPAWN2 = ["runner=spawn", "runner.nproc_per_node=2"]
+
+
+def _tiny(shards: Path, run: Path, root: str | None = None) -> list[str]:
+    """The tiny run of ``shards`` (or of the same shards at ``root``, a URL) into ``run``."""
     vocab = json.loads((shards / "meta.json").read_text())["vocab_size"]
     return [
         "experiment=shakespeare_char",
-        f"data.root={shards}",
+        f"data.root={root or shards}",
         f"model.params.vocab_size={vocab}",
         "model.params.block_size=16",
         "model.params.n_layer=2",
@@ -206,31 +214,93 @@ def _tiny(shards: Path, run: Path) -> list[str]:
         "solver.scheduler.params.warmup_steps=5",
         "solver.scheduler.params.total_steps=30",
         "checkpoint.every_iterations=10",
+        "checkpoint.n_saved=3",
         "logging.progress_bar=false",
         "imports=[my_project]",
+        "+handlers=[{name: record_windows, event: ITERATION_COMPLETED}]",
         "trainer.step=die_once",
         "+trainer.step_params.rank=0",
-        "+trainer.step_params.iteration=17",
+        f"+trainer.step_params.iteration=[{','.join(map(str, KILLS))}]",
         f"output_dir={run}",
     ]
 
 
-def _run(args: list[str], cwd: Path, marker: Path) -> subprocess.CompletedProcess:
-    env = {**igniter_env(), "DIE_ONCE_MARKER": str(marker)}
+def _env(marker: Path, tag: str, never: tuple[int, ...] = (), **extra: str) -> dict[str, str]:
+    """The variables of one run: its die_once marker base (``never``: iterations whose marker
+    is made now, so that the run does not die there) and its record_windows tag."""
+    for i in never:
+        Path(f"{marker}.{i}").touch()
+    return {"DIE_ONCE_MARKER": str(marker), "RUN_TAG": tag, **extra}
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "igniter", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "igniter", *args],
+        cwd=cwd,
+        env={**igniter_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint_files(run / "checkpoints")[0], weights_only=True)["model"]
+
+
+def _newest(run: Path) -> int:
+    return int(checkpoint_files(run / "checkpoints")[0].stem.rsplit("_", 1)[1])
 
 
 @pytest.fixture(scope="module")
 def tiny_run(shards, tmp_path_factory) -> Path:
-    """The uninterrupted tiny run (its die_once marker exists: it never dies)."""
-    run = tmp_path_factory.mktemp("tiny") / "run"
-    marker = run.parent / "never"
-    marker.touch()
-    proc = _run(_tiny(shards, run), run.parent, marker)
+    """The uninterrupted tiny run, one process (tag ``one``; its markers exist: it never dies)."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    proc = _run(_tiny(shards, run), run.parent, _env(run.parent / "marker", "one", KILLS))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """The tiny runs compared with ``tiny_run`` (``one``), started two at a time (the host has
+    cores to spare while each one starts up):
+
+    - ``two``: the same with ``runner=spawn runner.nproc_per_node=2`` (tag ``two``);
+    - ``killed``: the same command as ``one`` run until it completes: SIGKILLed at iterations
+      13, 17 and 24 (tags ``killed1`` to ``killed4``);
+    - ``moved``: a copy of ``killed`` after its first kill, resumed with 2 processes and
+      SIGKILLed at iteration 17 (tag ``moved2``), then with one process to the end (tag ``moved1``).
+    """
+    root = tmp_path_factory.mktemp("runs")
+    two, killed, moved = (root / name for name in ("two", "killed", "moved"))
+    m = root / "markers"
+    m.mkdir()
+    first = run_together(
+        [[*_tiny(shards, two), *SPAWN2], _tiny(shards, killed)],
+        root,
+        envs=[_env(m / "two", "two", KILLS), _env(m / "killed", "killed1")],
+    )
+    assert first[0].returncode == 0, first[0].stderr[-3000:]
+    assert first[1].returncode == -signal.SIGKILL and Path(f"{m / 'killed'}.13").exists(), first[1].stderr[-3000:]
+    shutil.copytree(killed, moved)
+    second = run_together(
+        [_tiny(shards, killed), [*_tiny(shards, moved), *SPAWN2]],
+        root,
+        envs=[_env(m / "killed", "killed2"), _env(m / "moved", "moved2", (13, 24))],
+    )
+    assert second[0].returncode == -signal.SIGKILL and Path(f"{m / 'killed'}.17").exists(), second[0].stderr[-3000:]
+    assert second[1].returncode != 0 and Path(f"{m / 'moved'}.17").exists(), second[1].stderr[-3000:]
+    third = run_together(
+        [_tiny(shards, killed), _tiny(shards, moved)],
+        root,
+        envs=[_env(m / "killed", "killed3"), _env(m / "moved", "moved1")],
+    )
+    assert third[0].returncode == -signal.SIGKILL and Path(f"{m / 'killed'}.24").exists(), third[0].stderr[-3000:]
+    assert third[1].returncode == 0, third[1].stderr[-3000:]
+    last = _run(_tiny(shards, killed), root, _env(m / "killed", "killed4"))
+    assert last.returncode == 0, last.stderr[-3000:]
+    return {"one": tiny_run, "two": two, "killed": killed, "moved": moved}
 
 
 def test_tiny_gpt_trains_with_exact_validation_loss_perplexity_tokens_and_flops(tiny_run):
@@ -270,22 +340,61 @@ def test_validation_loss_is_the_mean_over_every_validation_token(tiny_run, shard
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_the_same_command_is_bit_identical(shards, tiny_run, tmp_path):
-    """SIGKILL at iteration 17 (the newest checkpoint is 15, the end of epoch 1), then the same
-    command: the final weights equal the uninterrupted run's, bit for bit."""
-    run, marker = tmp_path / "run", tmp_path / "died"
-    first = _run(_tiny(shards, run), tmp_path, marker)
-    assert first.returncode != 0 and marker.exists()
-    assert int(checkpoint_files(run / "checkpoints")[0].stem.rsplit("_", 1)[1]) == 15
-    second = _run(_tiny(shards, run), tmp_path, marker)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout
-    reference = torch.load(checkpoint_files(tiny_run / "checkpoints")[0], weights_only=True)["model"]
-    resumed = torch.load(checkpoint_files(run / "checkpoints")[0], weights_only=True)["model"]
-    assert reference.keys() == resumed.keys()
-    for k in reference:
-        assert torch.equal(reference[k], resumed[k]), k
-    assert read_metrics(run)["final"] == read_metrics(tiny_run)["final"]
+def test_two_processes_end_allclose_to_one_with_the_same_global_batches(runs):
+    """``runner=spawn runner.nproc_per_node=2`` (global batch 12 as 2 x 6): every global batch
+    holds the samples of the one-process run's, in the same order, and the run ends allclose
+    to it (DDP averages the two halves' gradients: equal up to float summation order)."""
+    from test_sharding import global_batches
+
+    one, two = global_batches(runs["one"], "one"), global_batches(runs["two"], "two")
+    assert sorted(one) == list(range(1, 31)) and one == two
+    assert all(len(batch) == 12 for batch in two.values())
+    a, b = _final(runs["one"]), _final(runs["two"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max())
+    m1, m2 = read_metrics(runs["one"]), read_metrics(runs["two"])
+    assert m2["final"]["token_loss"] == pytest.approx(m1["final"]["token_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_three_sigkills_then_the_same_command_is_bit_identical(runs):
+    """The same command SIGKILLed at iterations 13, 17 and 24 (each resumed from the newest
+    checkpoint: 10, 15 (the end of epoch 1), 20, or one before when a background write was
+    not on disk yet), then run to the end: every global batch after each resume is the
+    uninterrupted run's, and the final weights and metrics equal it, bit for bit."""
+    from test_fault_tolerance import assert_bit_identical
+    from test_sharding import global_batches
+
+    killed, reference = runs["killed"], global_batches(runs["one"], "one")
+    assert (killed / "rank0.log").read_text().count("resumed from") == 3
+    for tag, died in (("killed1", 13), ("killed2", 17), ("killed3", 24), ("killed4", None)):
+        batches = global_batches(killed, tag)
+        assert max(batches) == (died - 1 if died else 30), tag
+        assert all(batches[i] == reference[i] for i in batches), f"{tag}: other samples or order"
+    assert_bit_identical(_final(runs["one"]), _final(killed))
+    assert read_metrics(killed)["final"] == read_metrics(runs["one"])["final"]
+    assert read_metrics(killed)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_resumed_with_two_processes_after_one_and_back_continues_the_same_global_batches(runs):
+    """One process killed at 13, resumed by 2 processes (killed at 17), resumed by one to the
+    end: every global batch after each resume holds the uninterrupted run's samples in its
+    order, and the run ends allclose to it."""
+    from test_sharding import global_batches
+
+    moved, reference = runs["moved"], global_batches(runs["one"], "one")
+    log = (moved / "rank0.log").read_text()
+    assert "world size changed: the checkpoint was written by 1 processes, this run has 2" in log
+    assert "world size changed: the checkpoint was written by 2 processes, this run has 1" in log
+    two, back = global_batches(moved, "moved2"), global_batches(moved, "moved1")
+    assert min(two) <= 11 and max(two) == 16 and min(back) <= 16 and max(back) == 30, (sorted(two), sorted(back))
+    assert all(len(two[i]) == 12 and two[i] == reference[i] for i in two), "2 processes: other samples or order"
+    assert all(back[i] == reference[i] for i in back), "back to 1 process: other samples or order"
+    a, b = _final(runs["one"]), _final(moved)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max())
 
 
 def test_a_run_on_a_damaged_shard_stops_with_a_config_error_naming_it(shards, tmp_path):
