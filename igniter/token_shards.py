@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from igniter.atomic_files import atomic_write
-from igniter.checkpoint.remote import cached_copy, fetch, fetched, is_url, open_store
+from igniter.checkpoint.remote import DigestMismatch, cached_copy, fetch, fetched, is_url, open_store
 from igniter.errors import ConfigError
 from igniter.registry import dataset_registry
 
@@ -295,10 +295,13 @@ def _fetch_shard(url: str, shard: dict[str, Any], dtype: np.dtype) -> Path:
     processes of a host take a lock beside the cached copy, and those that waited reuse it."""
     target = cached_copy(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(target.name + ".lock"), "a") as lock, _store_errors():
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            path = fetch(url, f"token_shards shard {url}", shard["sha256"])
+            path = fetch(url, "token_shards", shard["sha256"])
+        except ConfigError as e:  # its problems name the URL
+            advice = "; upload the shards again" if isinstance(e, DigestMismatch) else ""
+            raise ShardError("token_shards: " + "; ".join(p.expected for p in e.problems) + advice) from None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     _check_shard(path, shard, dtype, False)

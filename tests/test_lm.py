@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, igniter_env, read_metrics, run_together
+from conftest import BUCKET, REPO, igniter_env, read_metrics, run_together
 
 from igniter.checkpoint.resume import checkpoint_files
 from igniter.prepare_text import main as prepare_main
@@ -395,6 +395,42 @@ def test_resumed_with_two_processes_after_one_and_back_continues_the_same_global
     a, b = _final(runs["one"]), _final(moved)
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.mark.slow
+def test_shards_from_s3_train_the_same_weights_and_a_damaged_one_exits_2_naming_it(shards, tiny_run, s3, tmp_path):
+    """The shard set served by a moto S3 server: the tiny run from ``s3://`` downloads each
+    shard once into the cache (SHA-256 checked) and ends bit-identical to the run from local
+    disk. The same set with one train shard damaged (same size, one bit flipped): the first
+    sample read from it stops the run with exit status 2, one paragraph naming the shard."""
+    from test_fault_tolerance import assert_bit_identical
+
+    from igniter.checkpoint.remote import open_store
+
+    fs, _ = open_store(f"s3://{BUCKET}")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    data = bytearray((damaged / "train_000003.bin").read_bytes())
+    data[100] ^= 1
+    (damaged / "train_000003.bin").write_bytes(bytes(data))
+    for name, local in (("char", shards), ("damaged", damaged)):
+        for f in sorted(local.iterdir()):
+            fs.put(str(f), f"{BUCKET}/lm/{name}/{f.name}")
+    url, bad = f"s3://{BUCKET}/lm/char", f"s3://{BUCKET}/lm/damaged"
+    cache = {**s3, "IGNITER_CACHE_DIR": str(tmp_path / "cache")}
+    good_run, bad_run = tmp_path / "s3", tmp_path / "bad"
+    good, failed = run_together(
+        [_tiny(shards, good_run, url), _tiny(shards, bad_run, bad)],
+        tmp_path,
+        envs=[_env(tmp_path / "marker", "s3", KILLS, **cache), _env(tmp_path / "marker", "bad", **cache)],
+    )
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert_bit_identical(_final(tiny_run), _final(good_run))
+    downloads = [line for line in (good_run / "rank0.log").read_text().splitlines() if f"downloaded {url}/" in line]
+    names = sorted(line.split(f"{url}/")[1].split(" ")[0] for line in downloads)
+    assert [n for n in names if n.endswith(".bin")] == sorted(p.name for p in shards.glob("*.bin")), names
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert f"{bad}/train_000003.bin has SHA-256" in failed.stderr and "Traceback" not in failed.stderr
 
 
 def test_a_run_on_a_damaged_shard_stops_with_a_config_error_naming_it(shards, tmp_path):
