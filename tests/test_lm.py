@@ -191,9 +191,12 @@ def test_reading_a_shard_behind_a_url_downloads_the_next_one_in_the_background(s
 # a checkpoint every 10 iterations and at each epoch's end. die_once (tests/fixtures/my_project)
 # is the supervised step that SIGKILLs rank 0 at iterations 13, 17 and 24, once each: the file
 # $DIE_ONCE_MARKER.<iteration> records that it did (a run whose markers exist never dies).
-# record_windows logs the samples of every batch (tests/test_sharding.py's format).
+# record_windows logs the samples of every batch (tests/test_sharding.py's format), record_peak_rss
+# the process's memory at the end.
 KILLS = (13, 17, 24)
 SPAWN2 = ["runner=spawn", "runner.nproc_per_node=2"]
+BIG = ["trainer.max_epochs=1", "trainer.epoch_length=8"]
+S3_URL = f"s3://{BUCKET}/lm/char"
 
 
 def _tiny(shards: Path, run: Path, root: str | None = None) -> list[str]:
@@ -217,7 +220,7 @@ def _tiny(shards: Path, run: Path, root: str | None = None) -> list[str]:
         "checkpoint.n_saved=3",
         "logging.progress_bar=false",
         "imports=[my_project]",
-        "+handlers=[{name: record_windows, event: ITERATION_COMPLETED}]",
+        "+handlers=[{name: record_windows, event: ITERATION_COMPLETED}, {name: record_peak_rss, event: COMPLETED}]",
         "trainer.step=die_once",
         "+trainer.step_params.rank=0",
         f"+trainer.step_params.iteration=[{','.join(map(str, KILLS))}]",
@@ -261,19 +264,51 @@ def tiny_run(shards, tmp_path_factory) -> Path:
     return run
 
 
+def _big_shards(shards: Path, big: Path) -> None:
+    """1 GiB of uint16 tokens at ``big``: the character stream of ``shards`` tiled, 2 train
+    shards of 512 MiB written through numpy.memmap 32 MiB at a time (hashed as they are
+    written), their SHA-256 in meta.json; the val split is ``shards``'."""
+    import hashlib
+
+    from igniter.token_shards import write_meta
+
+    big.mkdir()
+    meta = json.loads((shards / "meta.json").read_text())
+    stream = np.concatenate([np.fromfile(shards / s["file"], dtype="<u2") for s in meta["splits"]["train"]["shards"]])
+    block = np.resize(stream, 16 << 20)  # 32 MiB of tokens, written 16 times per shard
+    entries = []
+    for index in range(2):
+        name, digest = f"train_{index:06d}.bin", hashlib.sha256()
+        tokens = np.memmap(big / name, dtype="<u2", mode="w+", shape=(16 * len(block),))
+        for i in range(16):
+            tokens[i * len(block) : (i + 1) * len(block)] = block
+            digest.update(block.data)
+        tokens.flush()
+        del tokens
+        entries.append({"file": name, "tokens": 16 * len(block), "sha256": digest.hexdigest()})
+    shutil.copy(shards / "val_000000.bin", big / "val_000000.bin")
+    splits = {"train": {"tokens": sum(e["tokens"] for e in entries), "shards": entries}, "val": meta["splits"]["val"]}
+    write_meta(big, {**{k: v for k, v in meta.items() if k not in ("format", "splits")}, "splits": splits})
+    assert sum(p.stat().st_size for p in big.glob("train_*.bin")) == 1 << 30
+
+
 @pytest.fixture(scope="module")
-def runs(shards, tiny_run, tmp_path_factory) -> dict[str, Path]:
-    """The tiny runs compared with ``tiny_run`` (``one``), started two at a time (the host has
-    cores to spare while each one starts up):
+def runs(shards, tiny_run, s3, tmp_path_factory) -> dict[str, Path]:
+    """The tiny runs compared with ``tiny_run`` (``one``), started two or three at a time (the
+    host has cores to spare while each one starts up; the suite's time budget):
 
     - ``two``: the same with ``runner=spawn runner.nproc_per_node=2`` (tag ``two``);
     - ``killed``: the same command as ``one`` run until it completes: SIGKILLed at iterations
       13, 17 and 24 (tags ``killed1`` to ``killed4``);
     - ``moved``: a copy of ``killed`` after its first kill, resumed with 2 processes and
-      SIGKILLed at iteration 17 (tag ``moved2``), then with one process to the end (tag ``moved1``).
+      SIGKILLed at iteration 17 (tag ``moved2``), then with one process to the end (tag ``moved1``);
+    - ``s3``: the same as ``one`` from the shards on the moto S3 server (``s3_url``);
+    - ``big``: 8 iterations on 1 GiB of tokens (:func:`_big_shards`, deleted afterwards).
     """
+    from igniter.checkpoint.remote import open_store
+
     root = tmp_path_factory.mktemp("runs")
-    two, killed, moved = (root / name for name in ("two", "killed", "moved"))
+    two, killed, moved, on_s3, big = (root / name for name in ("two", "killed", "moved", "s3", "big"))
     m = root / "markers"
     m.mkdir()
     first = run_together(
@@ -291,16 +326,29 @@ def runs(shards, tiny_run, tmp_path_factory) -> dict[str, Path]:
     )
     assert second[0].returncode == -signal.SIGKILL and Path(f"{m / 'killed'}.17").exists(), second[0].stderr[-3000:]
     assert second[1].returncode != 0 and Path(f"{m / 'moved'}.17").exists(), second[1].stderr[-3000:]
+    fs, _ = open_store(f"s3://{BUCKET}")
+    fs.put([str(f) for f in sorted(shards.iterdir())], f"{BUCKET}/lm/char/")
+    cache = {**s3, "IGNITER_CACHE_DIR": str(root / "cache")}
     third = run_together(
-        [_tiny(shards, killed), _tiny(shards, moved)],
+        [_tiny(shards, killed), _tiny(shards, moved), _tiny(shards, on_s3, S3_URL)],
         root,
-        envs=[_env(m / "killed", "killed3"), _env(m / "moved", "moved1")],
+        envs=[_env(m / "killed", "killed3"), _env(m / "moved", "moved1"), _env(m / "s3", "s3", KILLS, **cache)],
     )
     assert third[0].returncode == -signal.SIGKILL and Path(f"{m / 'killed'}.24").exists(), third[0].stderr[-3000:]
     assert third[1].returncode == 0, third[1].stderr[-3000:]
-    last = _run(_tiny(shards, killed), root, _env(m / "killed", "killed4"))
-    assert last.returncode == 0, last.stderr[-3000:]
-    return {"one": tiny_run, "two": two, "killed": killed, "moved": moved}
+    assert third[2].returncode == 0, third[2].stderr[-3000:]
+    try:
+        _big_shards(shards, root / "big_shards")
+        last = run_together(
+            [_tiny(shards, killed), [*_tiny(shards, big, str(root / "big_shards")), *BIG]],
+            root,
+            envs=[_env(m / "killed", "killed4"), _env(m / "big", "big", KILLS)],
+        )
+    finally:
+        shutil.rmtree(root / "big_shards")
+    assert last[0].returncode == 0, last[0].stderr[-3000:]
+    assert last[1].returncode == 0, last[1].stderr[-3000:]
+    return {"one": tiny_run, "two": two, "killed": killed, "moved": moved, "s3": on_s3, "big": big}
 
 
 def test_tiny_gpt_trains_with_exact_validation_loss_perplexity_tokens_and_flops(tiny_run):
@@ -398,39 +446,48 @@ def test_resumed_with_two_processes_after_one_and_back_continues_the_same_global
 
 
 @pytest.mark.slow
-def test_shards_from_s3_train_the_same_weights_and_a_damaged_one_exits_2_naming_it(shards, tiny_run, s3, tmp_path):
+def test_shards_from_s3_train_the_same_weights_and_a_damaged_one_is_named(runs, shards, tmp_path, monkeypatch):
     """The shard set served by a moto S3 server: the tiny run from ``s3://`` downloads each
     shard once into the cache (SHA-256 checked) and ends bit-identical to the run from local
     disk. The same set with one train shard damaged (same size, one bit flipped): the first
-    sample read from it stops the run with exit status 2, one paragraph naming the shard."""
+    sample read from it raises the error naming it (a run stops there with exit status 2,
+    as for any sample that cannot be loaded: ``SampleFailed``)."""
     from test_fault_tolerance import assert_bit_identical
 
     from igniter.checkpoint.remote import open_store
 
-    fs, _ = open_store(f"s3://{BUCKET}")
+    assert_bit_identical(_final(runs["one"]), _final(runs["s3"]))
+    log = (runs["s3"] / "rank0.log").read_text().splitlines()
+    names = sorted(line.split(f"{S3_URL}/")[1].split(" ")[0] for line in log if f"downloaded {S3_URL}/" in line)
+    assert [n for n in names if n.endswith(".bin")] == sorted(p.name for p in shards.glob("*.bin")), names
+
     damaged = tmp_path / "damaged"
     shutil.copytree(shards, damaged)
     data = bytearray((damaged / "train_000003.bin").read_bytes())
     data[100] ^= 1
     (damaged / "train_000003.bin").write_bytes(bytes(data))
-    for name, local in (("char", shards), ("damaged", damaged)):
-        for f in sorted(local.iterdir()):
-            fs.put(str(f), f"{BUCKET}/lm/{name}/{f.name}")
-    url, bad = f"s3://{BUCKET}/lm/char", f"s3://{BUCKET}/lm/damaged"
-    cache = {**s3, "IGNITER_CACHE_DIR": str(tmp_path / "cache")}
-    good_run, bad_run = tmp_path / "s3", tmp_path / "bad"
-    good, failed = run_together(
-        [_tiny(shards, good_run, url), _tiny(shards, bad_run, bad)],
-        tmp_path,
-        envs=[_env(tmp_path / "marker", "s3", KILLS, **cache), _env(tmp_path / "marker", "bad", **cache)],
-    )
-    assert good.returncode == 0, good.stderr[-3000:]
-    assert_bit_identical(_final(tiny_run), _final(good_run))
-    downloads = [line for line in (good_run / "rank0.log").read_text().splitlines() if f"downloaded {url}/" in line]
-    names = sorted(line.split(f"{url}/")[1].split(" ")[0] for line in downloads)
-    assert [n for n in names if n.endswith(".bin")] == sorted(p.name for p in shards.glob("*.bin")), names
-    assert failed.returncode == 2, failed.stderr[-3000:]
-    assert f"{bad}/train_000003.bin has SHA-256" in failed.stderr and "Traceback" not in failed.stderr
+    fs, _ = open_store(f"s3://{BUCKET}")
+    fs.put([str(f) for f in sorted(damaged.iterdir())], f"{BUCKET}/lm/damaged/")
+    monkeypatch.setenv("IGNITER_CACHE_DIR", str(tmp_path / "cache"))
+    dataset = TokenShards(f"s3://{BUCKET}/lm/damaged", "train", seq_len=16)
+    dataset[0]
+    with pytest.raises(ShardError, match=f"s3://{BUCKET}/lm/damaged/train_000003.bin has SHA-256"):
+        dataset[3000 // 16]
+
+
+@pytest.mark.slow
+def test_a_token_set_of_1_gb_trains_memory_mapped_under_1_gb_of_resident_memory(runs):
+    """1 GiB of uint16 tokens (:func:`_big_shards`; SHA-256 checked when the run builds its
+    dataset) trains 8 iterations over every offset (536 million windows, shuffled) with a
+    peak resident set under 1 GB as the training process measures it (VmHWM), and with the
+    same memory of its own (RssAnon) as the tiny run on 8 KB of text: what grows is mapped
+    shard pages (RssFile: page cache)."""
+    assert read_metrics(runs["big"])["iterations"] == 8
+    memory = json.loads((runs["big"] / "memory_rank0.json").read_text())
+    small = json.loads((runs["one"] / "memory_rank0.json").read_text())
+    print({k: f"{v / 2**20:.0f} MiB" for k, v in memory.items()}, {k: f"{v / 2**20:.0f} MiB" for k, v in small.items()})
+    assert memory["peak_rss"] < 1e9, memory
+    assert memory["anon"] < small["anon"] + (64 << 20), (memory, small)
 
 
 def test_a_run_on_a_damaged_shard_stops_with_a_config_error_naming_it(shards, tmp_path):
