@@ -35,7 +35,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ignite.distributed as idist
 import numpy as np
@@ -153,9 +153,11 @@ class LazyReproducibleBatchSampler(ReproducibleBatchSampler):
         batch_sampler: the batch sampler of the loader (a ``BatchSampler``).
     """
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[list[Any]]:
+        # a generator: start_iteration is read at the first batch, as Ignite's does (a DataLoader
+        # with workers calls iter() twice when it makes its iterator and draws from the second)
         start, self.start_iteration = self.start_iteration or 0, None
-        return islice(iter(self.batch_sampler), start, None)
+        yield from islice(iter(self.batch_sampler), start, None)
 
 
 class LoaderWorkerDied(IgniterError):

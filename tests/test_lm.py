@@ -187,6 +187,49 @@ def test_reading_a_shard_behind_a_url_downloads_the_next_one_in_the_background(s
     assert sorted(dataset._downloads) == list(range(8)) and all(p.is_file() for p in dataset.paths)
 
 
+def test_the_processes_of_a_host_download_a_shard_once(shards, tmp_path, monkeypatch, caplog):
+    """Two readers of the same shard URL at once (two processes of a host: a lock file beside
+    the cached copy): the first downloads, held until the second has asked for the shard too;
+    the second waits for the lock and reuses the copy (one ``downloaded`` line)."""
+    import logging
+    import threading
+
+    import igniter.token_shards as ts
+
+    monkeypatch.setenv("IGNITER_CACHE_DIR", str(tmp_path / "cache"))
+    real_copy, real_fetch = ts.cached_copy, ts.fetch
+    calls, both_asked = [], threading.Event()
+
+    def cached_copy(url, *args):
+        calls.append(url)
+        if len(calls) == 2:
+            both_asked.set()
+        return real_copy(url, *args)
+
+    def fetch(url, *args):
+        assert both_asked.wait(30), "the second reader asked for the shard"
+        return real_fetch(url, *args)
+
+    monkeypatch.setattr(ts, "cached_copy", cached_copy)
+    monkeypatch.setattr(ts, "fetch", fetch)
+    meta = json.loads((shards / "meta.json").read_text())
+    shard, url = meta["splits"]["train"]["shards"][0], f"file://{shards}/train_000000.bin"
+    paths = []
+    with caplog.at_level(logging.INFO, logger="igniter"):
+        readers = [
+            threading.Thread(target=lambda: paths.append(ts._fetch_shard(url, shard, np.dtype("<u2"))))
+            for _ in range(2)
+        ]
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join(60)
+    assert (
+        len(paths) == 2 and paths[0] == paths[1] and paths[0].read_bytes() == (shards / "train_000000.bin").read_bytes()
+    )
+    assert [r.getMessage() for r in caplog.records].count(f"downloaded {url} (2000 bytes)") == 1
+
+
 # A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 15 iterations (global batch 12),
 # a checkpoint every 10 iterations and at each epoch's end. die_once (tests/fixtures/my_project)
 # is the supervised step that SIGKILLs rank 0 at iterations 13, 17 and 24, once each: the file
