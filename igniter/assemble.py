@@ -15,7 +15,6 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
-from ignite.engine.deterministic import ReproducibleBatchSampler
 from ignite.utils import manual_seed
 from omegaconf import DictConfig
 from torch.utils.data import BatchSampler, DataLoader, Dataset
@@ -40,7 +39,14 @@ from igniter.context import EvalContext, RunContext
 from igniter.errors import ConfigError, Problem
 from igniter.events import PeriodicEvents
 from igniter.flops import FirstStepFlops
-from igniter.loading import Loader, SeededSamples, make_collate, start_method, workers_per_process
+from igniter.loading import (
+    LazyReproducibleBatchSampler,
+    Loader,
+    SeededSamples,
+    make_collate,
+    start_method,
+    workers_per_process,
+)
 from igniter.parallel.sampler import ShardedSampler
 from igniter.parallel.strategy import wrap_model
 from igniter.precision import Autocast, make_autocast, make_scaler, precision_problems
@@ -63,9 +69,10 @@ def make_loader(
     whichever process loads it; a sample that raises stops the run with
     :class:`~igniter.loading.SampleFailed` naming ``key``, ``name`` and its index.
 
-    The training loader's batch sampler is already Ignite's ``ReproducibleBatchSampler``,
-    so ``DeterministicEngine`` uses the loader as built (it would rebuild it otherwise,
-    dropping ``multiprocessing_context``).
+    The training loader's batch sampler is already an Ignite ``ReproducibleBatchSampler``
+    (:class:`~igniter.loading.LazyReproducibleBatchSampler`, which keeps no list of the
+    pass's batches), so ``DeterministicEngine`` uses the loader as built (it would rebuild
+    it otherwise, dropping ``multiprocessing_context``).
 
     Args:
         dataset: the samples.
@@ -95,7 +102,7 @@ def make_loader(
         }
     return Loader(
         SeededSamples(dataset, seed, key, name),
-        batch_sampler=ReproducibleBatchSampler(batches) if train else batches,
+        batch_sampler=LazyReproducibleBatchSampler(batches) if train else batches,
         num_workers=workers,
         collate_fn=make_collate(collate),
         pin_memory=idist.device().type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,

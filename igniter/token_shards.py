@@ -17,8 +17,12 @@ whole: every shard is opened with ``numpy.memmap`` and a sample reads ``seq_len 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from igniter.atomic_files import atomic_write
-from igniter.checkpoint.remote import fetch, fetched, is_url
+from igniter.checkpoint.remote import DigestMismatch, cached_copy, fetch, fetched, is_url, open_store
 from igniter.errors import ConfigError
 from igniter.registry import dataset_registry
 
@@ -135,10 +139,13 @@ class TokenShards(Dataset):
 
     Args:
         root: the token-shard directory (``meta.json`` and the shards), or an fsspec URL of one
-            (``s3://bucket/shards``): its ``meta.json`` is read and the split's shards are
-            downloaded when the dataset is built, into the download cache
-            (:func:`igniter.checkpoint.remote.fetch`: kept, SHA-256 checked against ``meta.json``,
-            downloaded again when the cached copy is not intact).
+            (``s3://bucket/shards``): its ``meta.json`` is read and the shards' sizes listed when
+            the dataset is built; a shard is downloaded when a sample first reads it, into the
+            download cache (:func:`igniter.checkpoint.remote.fetch`: kept, SHA-256 checked
+            against ``meta.json``, downloaded again when the cached copy is not intact; one
+            process per host downloads, the others wait for its copy), and the next shard is
+            downloaded in a background thread meanwhile (read-ahead: a pass in order does not
+            wait for downloads). ``paths`` are the cached copies' paths.
         split: a split of ``meta.json`` (``train``, ``val``).
         seq_len: tokens per input, e.g. the model's block size.
         stride: tokens between the starts of consecutive windows; ``None``: ``seq_len``.
@@ -147,7 +154,8 @@ class TokenShards(Dataset):
 
     Raises:
         ShardError: a bad directory, an unknown split, a missing or damaged shard (named), or a
-            split shorter than one window.
+            split shorter than one window; behind a URL, a shard whose download is damaged
+            raises it from the first sample that reads it.
         ValueError: ``seq_len`` or ``stride`` below 1.
     """
 
@@ -174,15 +182,14 @@ class TokenShards(Dataset):
         self.vocab_size = int(meta["vocab_size"])
         self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         self.shards = splits[split]["shards"]
-        self.paths: list[Path] = []
-        for shard in self.shards:
-            if remote:  # fetch checked the SHA-256
-                with _store_errors():
-                    self.paths.append(fetch(f"{base}/{shard['file']}", f"token_shards root {base}", shard["sha256"]))
-                _check_shard(self.paths[-1], shard, self.dtype, False)
-            else:
-                self.paths.append(Path(root) / shard["file"])
-                _check_shard(self.paths[-1], shard, self.dtype, verify)
+        self.urls: list[str] | None = [f"{base}/{s['file']}" for s in self.shards] if remote else None
+        if self.urls is not None:  # downloaded on first use (_shard); sizes checked now
+            self.paths = [cached_copy(url) for url in self.urls]
+            _check_remote_sizes(base, self.shards, self.dtype)
+        else:
+            self.paths = [Path(root) / shard["file"] for shard in self.shards]
+            for path, shard in zip(self.paths, self.shards):
+                _check_shard(path, shard, self.dtype, verify)
         self.starts = np.cumsum([0] + [int(s["tokens"]) for s in self.shards])
         self.total = int(self.starts[-1])
         if self.total < self.seq_len + 1:
@@ -190,7 +197,11 @@ class TokenShards(Dataset):
                 f"token_shards: split '{split}' of {self.root} has {self.total} tokens, fewer than one window of "
                 f"seq_len + 1 = {self.seq_len + 1}"
             )
-        self._maps: list[np.memmap] | None = None  # opened on first use, in the process that reads
+        self._maps: list[np.memmap | None] | None = None  # opened on first use, in the process that reads
+        self._downloads: dict[int, Future] = {}  # shard -> its download (URLs), in this process
+        self._lock: threading.Lock | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
 
     @property
     def tokens_per_sample(self) -> int:
@@ -200,25 +211,43 @@ class TokenShards(Dataset):
     def __len__(self) -> int:
         return (self.total - self.seq_len - 1) // self.stride + 1
 
-    def __getstate__(self) -> dict[str, Any]:  # a spawned DataLoader worker maps the files itself
-        return {**self.__dict__, "_maps": None}
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker maps (and downloads) the files itself
+        return {**self.__dict__, "_maps": None, "_downloads": {}, "_lock": None, "_pool": None}
 
-    def _open(self) -> list[np.memmap]:
+    def _shard(self, k: int) -> np.memmap:
+        """Shard ``k`` memory-mapped: behind a URL, downloaded first (or its read-ahead waited
+        for), and shard ``k + 1``'s download started in the background."""
         if self._maps is None:
-            self._maps = [
-                np.memmap(path, dtype=self.dtype, mode="r", shape=(int(s["tokens"]),))
-                for path, s in zip(self.paths, self.shards)
-            ]
-        return self._maps
+            self._maps = [None] * len(self.shards)
+        tokens = self._maps[k]
+        if tokens is None:
+            if self.urls is not None:
+                self._download(k).result()  # a damaged shard's ShardError is raised here
+            tokens = np.memmap(self.paths[k], dtype=self.dtype, mode="r", shape=(int(self.shards[k]["tokens"]),))
+            self._maps[k] = tokens
+            if self.urls is not None and k + 1 < len(self.shards):
+                self._download(k + 1)  # read-ahead: not waited for
+        return tokens
+
+    def _download(self, k: int) -> Future:
+        """Shard ``k``'s download in this process (started once, in a background thread)."""
+        if self._lock is None or self._pid != os.getpid():  # none yet, or a forked copy's (no threads)
+            self._lock, self._pool, self._downloads, self._pid = threading.Lock(), None, {}, os.getpid()
+        with self._lock:
+            if k not in self._downloads:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="token-shards")
+                self._downloads[k] = self._pool.submit(_fetch_shard, self.urls[k], self.shards[k], self.dtype)
+            return self._downloads[k]
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the split (across shards), as an int64 array."""
-        maps, out, pos = self._open(), [], start
+        out, pos = [], start
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         while pos < start + length:
             lo = pos - int(self.starts[shard])
             hi = min(int(self.starts[shard + 1]), start + length) - int(self.starts[shard])
-            out.append(maps[shard][lo:hi])
+            out.append(self._shard(shard)[lo:hi])
             pos += hi - lo
             shard += 1
         return np.concatenate(out).astype(np.int64) if len(out) > 1 else out[0].astype(np.int64)
@@ -237,6 +266,46 @@ def _store_errors() -> Iterator[None]:
         yield
     except ConfigError as e:
         raise ShardError("token_shards: " + "; ".join(str(p) for p in e.problems)) from None
+
+
+def _check_remote_sizes(base: str, shards: list[dict[str, Any]], dtype: np.dtype) -> None:
+    """Every shard listed under ``base`` with the size ``meta.json`` gives it (one listing; a web
+    server lists nothing: its shards are checked when downloaded)."""
+    if base.split("://", 1)[0].lower() in ("http", "https"):
+        return
+    with _store_errors():
+        fs, root = open_store(base, f"token_shards root {base}")
+    try:
+        sizes = {Path(str(e["name"])).name: int(e["size"]) for e in fs.ls(root, detail=True)}
+    except Exception as e:  # noqa: BLE001  (any client error: the store cannot be listed)
+        raise ShardError(f"token_shards: cannot list {base}: {type(e).__name__}: {e}") from None
+    for shard in shards:
+        url, expected = f"{base}/{shard['file']}", int(shard["tokens"]) * dtype.itemsize
+        if shard["file"] not in sizes:
+            raise ShardError(f"token_shards: shard {url} is missing; prepare the shards again (`igniter prepare-text`)")
+        if sizes[shard["file"]] != expected:
+            raise ShardError(
+                f"token_shards: shard {url} is damaged: {sizes[shard['file']]} bytes, meta.json says {expected} "
+                f"({shard['tokens']} tokens of {dtype.name}); prepare the shards again (`igniter prepare-text`)"
+            )
+
+
+def _fetch_shard(url: str, shard: dict[str, Any], dtype: np.dtype) -> Path:
+    """Download ``url`` into the cache (SHA-256 checked by :func:`fetch`), once per host: the
+    processes of a host take a lock beside the cached copy, and those that waited reuse it."""
+    target = cached_copy(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            path = fetch(url, "token_shards", shard["sha256"])
+        except ConfigError as e:  # its problems name the URL
+            advice = "; upload the shards again" if isinstance(e, DigestMismatch) else ""
+            raise ShardError("token_shards: " + "; ".join(p.expected for p in e.problems) + advice) from None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _check_shard(path, shard, dtype, False)
+    return path
 
 
 def _check_shard(path: Path, shard: dict[str, Any], dtype: np.dtype, verify: bool) -> None:

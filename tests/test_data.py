@@ -77,8 +77,12 @@ def test_transforms():
     assert shifted.shape == (1, 6, 6) and 16 <= int(shifted.sum()) <= 36
 
 
+@pytest.mark.parametrize("permutation", ["randperm", "feistel"])
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_sharded_sampler_global_batches_do_not_depend_on_world_size(world_size):
+def test_sharded_sampler_global_batches_do_not_depend_on_world_size(world_size, permutation, monkeypatch):
+    """With torch.randperm and (above RANDPERM_MAX samples, lowered here) the Feistel permutation."""
+    if permutation == "feistel":
+        monkeypatch.setattr("igniter.parallel.sampler.RANDPERM_MAX", 50)
     n, global_batch = 103, 8
     data = list(range(n))
     reference = list(ShardedSampler(data, 1, 0, global_batch, shuffle=True, seed=3))
@@ -100,6 +104,50 @@ def test_sharded_sampler_global_batches_do_not_depend_on_world_size(world_size):
     s = ShardedSampler(data, 1, 0, global_batch, shuffle=True, seed=3)
     s.set_epoch(1)
     assert list(s) != reference  # reshuffled every epoch
+
+
+def test_feistel_permutation_is_a_permutation_and_shuffles():
+    from igniter.parallel.sampler import feistel_permutation
+
+    for n in (1, 2, 3, 17, 1024, 1025, 10_007):
+        out = feistel_permutation(n, torch.Generator().manual_seed(n))(torch.arange(n))
+        assert sorted(out.tolist()) == list(range(n)), n
+    a = feistel_permutation(10_007, torch.Generator().manual_seed(1))(torch.arange(10_007))
+    b = feistel_permutation(10_007, torch.Generator().manual_seed(2))(torch.arange(10_007))
+    assert (a != b).float().mean() > 0.99  # another seed, another order
+    assert abs(float(torch.corrcoef(torch.stack([torch.arange(10_007.0), a.double()]))[0, 1])) < 0.05
+
+
+def test_a_sampler_over_half_a_billion_samples_costs_no_memory_per_sample():
+    """536 million windows (every offset of 1 GB of uint16 tokens): the first batches come at
+    once and the process grows by a few MB (torch.randperm would hold 4.3 GB, its list 60 GB)."""
+    import resource
+
+    class Windows:
+        def __len__(self) -> int:
+            return 536_000_000
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampler = ShardedSampler(Windows(), 2, 1, 12, shuffle=True, seed=0, with_epoch=True)
+    first = [i for _, (_, i) in zip(range(1000), sampler)]
+    assert len(set(first)) == 1000 and all(0 <= i < 536_000_000 for i in first)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 64 << 20
+
+
+def test_lazy_reproducible_batches_skip_as_ignites_list_does():
+    from ignite.engine.deterministic import ReproducibleBatchSampler
+    from torch.utils.data import BatchSampler
+
+    from igniter.loading import LazyReproducibleBatchSampler
+
+    def batches(cls, start):
+        sampler = cls(BatchSampler(ShardedSampler(list(range(50)), 1, 0, 4, seed=1), 4, drop_last=False))
+        sampler.start_iteration = start
+        iter(sampler)  # a DataLoader with workers calls iter() twice and draws from the second
+        return list(iter(sampler))
+
+    for start in (None, 0, 5, 12):
+        assert batches(LazyReproducibleBatchSampler, start) == batches(ReproducibleBatchSampler, start)
 
 
 def test_sharded_sampler_eval_counts_every_sample_once():

@@ -14,12 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import igniter_env, read_metrics
+from conftest import BUCKET, igniter_env, read_metrics
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -29,7 +28,6 @@ from igniter.checkpoint.remote import MANIFEST_SUFFIX, fetch, open_store  # noqa
 from igniter.errors import ConfigError  # noqa: E402
 from igniter.launch.runners import free_port  # noqa: E402
 
-BUCKET = "checkpoints"
 BASE = [
     "trainer.max_epochs=1",
     "checkpoint.every_iterations=10",
@@ -38,47 +36,6 @@ BASE = [
     "logging.progress_bar=false",
     "logging.loggers=[]",
 ]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free port with bucket ``checkpoints``; yields the environment
-    (endpoint and dummy credentials) a client needs. Its log (a line per request) goes to a
-    file: a pipe nobody reads fills up after a few thousand requests and blocks the server."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "wb"),  # noqa: SIM115  (the server's, closed when it exits)
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:  # until it answers (or has died)
-        assert server.poll() is None, log.read_text()[-2000:]
-        try:
-            urllib.request.urlopen(endpoint, timeout=2)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "moto server did not answer in 120 s"
-            time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # for the in-process clients below
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir(BUCKET)
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def igniter(args: list[str], cwd: Path, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:

@@ -1,0 +1,229 @@
+"""Tokens/s of igniter's language-model run against a hand-written loop with the same model, data
+and optimizer: one process and ``runner=spawn`` with 2 processes, fp32 and ``bf16-mixed``.
+
+    python bench/lm.py --rounds 5                      # ~10 min on 2 cores
+    python bench/lm.py --rounds 3 --iterations 40 --configs 1p-fp32 2p-fp32
+
+The workload is the reference recipe's (``experiment=shakespeare_char``: a 4-layer, 4-head,
+128-wide GPT-2 from ``transformers``, windows of 64 characters of the Shakespeare shards at every
+offset, global batch 12, AdamW with decay on matrices, warm-up + cosine learning rate, clipping
+1.0). The hand-written loop (:func:`hand_loop`) builds the same ``causal_lm`` and
+``token_shards`` dataset and loops over a ``DataLoader`` with a ``DistributedSampler`` (2
+processes: ``torch.multiprocessing`` spawn, gloo, ``DistributedDataParallel``), ``autocast``
+for bf16; every process uses ``--threads`` intra-op threads (default 1, igniter's
+``runner.threads_per_process``). igniter runs its default run (progress bar, TensorBoard, checkpoints at its default
+cadence; validation off: the loop has none).
+
+Both are timed the same way, from inside the training process (rank 0): the time at every
+iteration's end; tokens/s is ``global batch x 64`` over the median time of an iteration after
+the first ``--warmup`` iterations (start-up, first-step FLOP counting and allocator warm-up
+excluded). Each round runs every configuration's two variants back to back, in a fresh
+process each, in alternating order (this shared VM's speed drifts by tens of per cent over
+minutes: a pair run seconds apart shares the host's state). The table gives, per
+configuration, the median over rounds of igniter's tokens/s, the loop's, and of the paired
+ratio igniter/loop with the 95% confidence interval of that median (bootstrap over rounds).
+The issue's target: igniter within 5% of the loop (ratio >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+BLOCK, BATCH = 64, 12
+CONFIGS = {"1p-fp32": (1, "32"), "1p-bf16": (1, "bf16-mixed"), "2p-fp32": (2, "32"), "2p-bf16": (2, "bf16-mixed")}
+
+try:  # registered when igniter imports this module (imports=[lm], bench/ on PYTHONPATH)
+    from igniter.registry import event_handler_registry
+
+    @event_handler_registry("bench_lm_clock")
+    def bench_lm_clock(ctx: Any) -> Any:
+        """Append ``time.perf_counter()`` at every iteration's end (rank 0) to ``<run dir>/clock.txt``."""
+        path = Path(ctx.output_dir) / "clock.txt"
+
+        def handler(engine: Any) -> None:
+            if ctx.rank == 0:
+                with open(path, "a") as f:
+                    f.write(f"{time.perf_counter()}\n")
+
+        return handler
+except ImportError:  # pragma: no cover
+    pass
+
+
+def iteration_seconds(stamps: list[float], warmup: int) -> float:
+    """The median time between consecutive iteration ends, after the first ``warmup`` iterations."""
+    steps = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
+    return statistics.median(steps)
+
+
+def _hand_worker(rank: int, world: int, args: dict[str, Any], port: int) -> None:
+    """One process of the hand-written loop (``args``: shards, precision, iterations, threads, out)."""
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from igniter.lm import causal_lm
+    from igniter.solver import adamw_matrices
+    from igniter.token_shards import TokenShards
+
+    torch.set_num_threads(args["threads"])
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(1337)
+    data = TokenShards(args["shards"], "train", BLOCK, 1)
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=1337, drop_last=True)
+    loader = DataLoader(data, batch_size=BATCH // world, sampler=sampler, drop_last=True)
+    model = causal_lm(65, BLOCK, 4, 4, 128, activation="gelu", bias=False)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = adamw_matrices(model.parameters(), lr=1e-3, weight_decay=0.1, betas=[0.9, 0.99])
+    total, warm = 2000, 100
+    import math
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: (
+            (it + 1) / warm
+            if it < warm
+            else 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (it - warm) / (total - warm))))
+        ),
+    )
+    bf16 = args["precision"] == "bf16-mixed"
+    stamps = []
+    for it, (x, y) in enumerate(loader):
+        if it == args["iterations"]:
+            break
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(net(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        stamps.append(time.perf_counter())
+    if rank == 0:
+        Path(args["out"]).write_text("\n".join(map(str, stamps)) + "\n")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def hand_loop(shards: str, world: int, precision: str, iterations: int, threads: int, out: str) -> None:
+    """The hand-written loop (``world`` processes), writing rank 0's iteration end times to ``out``."""
+    args = {"shards": shards, "precision": precision, "iterations": iterations, "threads": threads, "out": out}
+    if world == 1:
+        _hand_worker(0, 1, args, 0)
+        return
+    import torch.multiprocessing as mp
+
+    from igniter.launch.runners import free_port
+
+    mp.spawn(_hand_worker, args=(world, args, free_port()), nprocs=world, join=True)
+
+
+def run_variant(variant: str, config: str, shards: str, iterations: int, threads: int, tmp: Path) -> list[float]:
+    """One run in a fresh process; returns rank 0's iteration end times."""
+    world, precision = CONFIGS[config]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    out = tmp / f"{variant}-{config}-{time.monotonic_ns()}"
+    if variant == "loop":
+        code = f"import lm; lm.hand_loop({shards!r}, {world}, {precision!r}, {iterations}, {threads}, {str(out)!r})"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, capture_output=True, text=True)
+        clock = out
+    else:
+        overrides = [
+            "experiment=shakespeare_char",
+            f"data.root={shards}",
+            "data.val=null",
+            f"trainer.precision={precision}",
+            "trainer.max_epochs=1",
+            f"trainer.epoch_length={iterations}",
+            f"runner.threads_per_process={threads}",
+            "imports=[lm]",
+            "+handlers=[{name: bench_lm_clock, event: ITERATION_COMPLETED}]",
+            f"output_dir={out}",
+        ]
+        if world > 1:
+            overrides += ["runner=spawn", f"runner.nproc_per_node={world}"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "igniter", *overrides], cwd=tmp, env=env, capture_output=True, text=True
+        )
+        clock = out / "clock.txt"
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} {config} failed:\n{proc.stderr[-3000:]}")
+    return [float(line) for line in clock.read_text().split()]
+
+
+def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% confidence interval of the median of ``values`` (one per round), bootstrap over rounds."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=60, help="iterations per run")
+    parser.add_argument("--warmup", type=int, default=10, help="first iterations not timed")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process, both variants")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "lm.json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from igniter.prepare_text import prepare_text
+
+    with tempfile.TemporaryDirectory(prefix="bench-lm-") as tmp_name:
+        tmp = Path(tmp_name)
+        shards = tmp / "shards"
+        prepare_text(TEXT, shards)
+        results: dict[str, dict[str, list[float]]] = {c: {"igniter": [], "loop": []} for c in args.configs}
+        start = time.monotonic()
+        for r in range(args.rounds):
+            for config in args.configs:
+                order = ["igniter", "loop"] if (r + args.configs.index(config)) % 2 == 0 else ["loop", "igniter"]
+                for variant in order:
+                    stamps = run_variant(variant, config, str(shards), args.iterations, args.threads, tmp)
+                    tokens_per_s = BATCH * BLOCK / iteration_seconds(stamps, args.warmup)
+                    results[config][variant].append(tokens_per_s)
+            print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - start:.0f} s)", flush=True)
+
+    rows = {}
+    print(
+        f"\ntokens/s (median over {args.rounds} rounds, each the median iteration of {args.iterations - args.warmup - 1}"
+        " timed ones); ratio: median over rounds of igniter/loop of the same round, [95% interval]"
+    )
+    for config in args.configs:
+        ign, loop = results[config]["igniter"], results[config]["loop"]
+        ratios = [a / b for a, b in zip(ign, loop)]
+        low, high = bootstrap_ci(ratios)
+        rows[config] = {
+            "igniter_tokens_per_s": statistics.median(ign),
+            "loop_tokens_per_s": statistics.median(loop),
+            "ratio": statistics.median(ratios),
+            "ratio_ci95": [low, high],
+            "rounds": {"igniter": ign, "loop": loop},
+        }
+        met = "MET" if low >= 0.95 else "MISSED" if high < 0.95 else "undecided"
+        print(
+            f"  {config:8s} igniter {statistics.median(ign):8.0f}  loop {statistics.median(loop):8.0f}  "
+            f"ratio {statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}]  target >= 0.95: {met}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"iterations": args.iterations, "warmup": args.warmup, "results": rows}, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
