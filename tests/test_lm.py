@@ -260,6 +260,7 @@ def _tiny(shards: Path, run: Path, root: str | None = None) -> list[str]:
         "solver.scheduler.params.warmup_steps=5",
         "solver.scheduler.params.total_steps=30",
         "checkpoint.every_iterations=10",
+        "checkpoint.min_interval_seconds=0",  # also at iteration 15, the end of a short epoch
         "checkpoint.n_saved=3",
         "logging.progress_bar=false",
         "imports=[my_project]",
