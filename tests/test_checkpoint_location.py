@@ -67,3 +67,16 @@ def test_an_explicit_format_that_contradicts_the_checkpoints_is_an_error_naming_
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     assert Path(run / "checkpoints" / before[-1]).is_file()
+
+
+def test_resume_names_a_pt_file_or_a_dcp_directory(tmp_path):
+    """``resume=<path>`` accepts a ``.pt`` file and a ``.dcp`` directory (a dcp checkpoint is a
+    directory); a missing path or another directory is a problem naming ``resume``."""
+    (tmp_path / "last_checkpoint_4.pt").write_bytes(b"x")
+    (tmp_path / "last_checkpoint_8.dcp").mkdir()
+    (tmp_path / "other").mkdir()
+    assert config_problems(_cfg(resume=str(tmp_path / "last_checkpoint_4.pt"))) == []
+    assert config_problems(_cfg(resume=str(tmp_path / "last_checkpoint_8.dcp"))) == []
+    for bad in ("missing.pt", "other"):
+        (problem,) = config_problems(_cfg(resume=str(tmp_path / bad)))
+        assert problem.key == "resume" and ".dcp directory" in problem.expected

@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointInvalid",
     "checkpoint_files",
     "checkpoint_iteration",
+    "is_checkpoint",
     "is_dcp",
     "load_checkpoint",
     "check_model_state",
@@ -55,6 +56,12 @@ def is_dcp(path: Path | str) -> bool:
     if is_url(path):
         return str(path).rstrip("/").endswith(".dcp")
     return Path(path).is_dir()
+
+
+def is_checkpoint(path: Path | str) -> bool:
+    """Whether local ``path`` is a checkpoint to resume from: a file, or a ``.dcp`` directory."""
+    path = Path(path)
+    return path.is_file() or (path.is_dir() and path.suffix == ".dcp")
 
 
 def checkpoint_iteration(path: Path) -> int:

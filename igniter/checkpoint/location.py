@@ -12,12 +12,11 @@ run resumed by one process continues its ``dcp`` checkpoints); else ``dcp`` with
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igniter.checkpoint.files import checkpoint_files
+from igniter.checkpoint.files import checkpoint_files, is_checkpoint
 from igniter.checkpoint.formats import FORMATS, CheckpointFormat, format_of
 from igniter.checkpoint.remote import is_url
 from igniter.errors import ConfigError, Problem
@@ -131,8 +130,10 @@ def config_problems(cfg: Any) -> list[Problem]:
         why = "needs checkpoint.format=dcp (torch-format files are already written in a background thread)"
         problems.append(Problem("checkpoint.async_save", why, True))
     resume = resume_mode(cfg.resume)
-    if resume not in (None, "auto") and not is_url(resume) and not os.path.isfile(resume):
-        expected = "expected 'auto', false, the path of an existing checkpoint file or its URL"
+    if resume not in (None, "auto") and not is_url(resume) and not is_checkpoint(resume):
+        expected = (
+            "expected 'auto', false, the path of an existing checkpoint (a .pt file or a .dcp directory) or its URL"
+        )
         problems.append(Problem("resume", expected, cfg.resume))
     return problems
 

@@ -50,6 +50,7 @@ from igniter.checkpoint.files import (
     CheckpointInvalid,
     checkpoint_files,
     checkpoint_iteration,
+    is_checkpoint,
 )
 from igniter.checkpoint.formats import format_of
 from igniter.checkpoint.location import checkpoint_path, resume_mode
@@ -222,8 +223,10 @@ def select_checkpoint(
         return select_from_store(mode, str(directory), lambda local: _check(local, model, required, fmt))
     if mode != "auto":
         path = Path(mode)
-        if not path.is_file():
-            raise ConfigError([Problem("resume", "checkpoint file does not exist", mode)], "cannot resume")
+        if not is_checkpoint(path):
+            raise ConfigError(
+                [Problem("resume", "no such checkpoint (a .pt file or a .dcp directory)", mode)], "cannot resume"
+            )
         try:
             return path, _check(path, model, required, fmt)
         except CheckpointInvalid as e:
