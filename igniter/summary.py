@@ -149,7 +149,8 @@ def _epochs(m: dict[str, Any]) -> str:
 def _throughput(m: dict[str, Any]) -> str:
     if not m.get("samples_per_s"):
         return "-"
-    text = f"{m['samples_per_s']:.0f} samples/s"
+    rate = m["samples_per_s"]
+    text = f"{rate:.0f} samples/s" if rate >= 10 else f"{rate:.2g} samples/s"  # a large model on CPU: 0.2, not 0
     if m.get("tokens_per_s"):
         text += f", {m['tokens_per_s']:,.0f} tokens/s"
     if m.get("model_flops_per_step"):

@@ -66,6 +66,12 @@ def test_summary_table_says_what_the_start_up_time_counts():
     assert "first iteration done 4.20 s after the interpreter started" in summary_table({"first_iteration_s": 4.2})
 
 
+def test_a_slow_run_s_throughput_is_not_rounded_to_zero():
+    """A GPT-2-sized model on CPU trains 0.2 samples/s: shown as such, not as 0."""
+    assert "0.24 samples/s, 246 tokens/s" in summary_table({"samples_per_s": 0.24, "tokens_per_s": 246.0})
+    assert "1234 samples/s" in summary_table({"samples_per_s": 1234.4})
+
+
 def _record(accuracy: list[float], losses: list[float], status: str = "completed") -> dict:
     epochs = [
         {"epoch": i + 1, "iteration": 44 * (i + 1), "accuracy": a, "loss": loss}
