@@ -30,12 +30,15 @@ def igniter_env() -> dict[str, str]:
     return env
 
 
-def run_igniter(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m igniter *args`` in ``cwd``; returns the completed process (text output)."""
+def run_igniter(
+    args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m igniter *args`` in ``cwd``; returns the completed process (text output).
+    ``env``: variables added to the test environment (:func:`igniter_env`)."""
     return subprocess.run(
         [sys.executable, "-m", "igniter", *args],
         cwd=cwd,
-        env=igniter_env(),
+        env={**igniter_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BUCKET, REPO, igniter_env, read_metrics, run_together
+from conftest import BUCKET, REPO, read_metrics, run_igniter, run_together
 
 from igniter.checkpoint.resume import checkpoint_files
 from igniter.prepare_text import main as prepare_main
@@ -281,14 +281,7 @@ def _env(marker: Path, tag: str, never: tuple[int, ...] = (), **extra: str) -> d
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "igniter", *args],
-        cwd=cwd,
-        env={**igniter_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_igniter(args, cwd, env=env)
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:

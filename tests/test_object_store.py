@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUCKET, igniter_env, read_metrics
+from conftest import BUCKET, igniter_env, read_metrics, run_igniter
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -38,16 +38,8 @@ BASE = [
 ]
 
 
-def igniter(args: list[str], cwd: Path, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "igniter", *args],
-        cwd=cwd,
-        env={**igniter_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )
+def igniter(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run_igniter(args, cwd, timeout=600, env=env)
 
 
 def store_model(url: str) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import igniter_env
+from conftest import run_igniter
 
 pytest.importorskip("mlflow")
 
@@ -83,14 +83,7 @@ def mlflow_uri(mlflow_server) -> str:
 
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "igniter", *args],
-        cwd=cwd,
-        env={**igniter_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_igniter(args, cwd, timeout=120, env=env)
 
 
 def _steps(client, run_id: str, key: str) -> list[int]:
