@@ -66,10 +66,16 @@ class CheckpointFormat(Protocol):
         """
 
     def read(
-        self, path: Path | str, to_load: Mapping[str, Any], model: torch.nn.Module, checked: dict | None
+        self,
+        path: Path | str,
+        to_load: Mapping[str, Any],
+        model: torch.nn.Module,
+        required: tuple[str, ...],
+        checked: dict | None,
     ) -> dict[str, Any]:
         """The states of checkpoint ``path`` for ``Checkpoint.load_objects(to_load, ...)`` (every
-        rank; collective for ``dcp``). ``checked``: what :meth:`check` returned on this rank, if it ran.
+        rank; collective for ``dcp``). ``checked``: what :meth:`check` (``model``, ``required``)
+        returned on this rank, if it ran.
 
         Raises:
             CheckpointInvalid: the checkpoint cannot be read (``torch``, on a rank that did not check it).
@@ -103,9 +109,13 @@ class TorchFile:
         return check_checkpoint(Path(path), model, required)
 
     def read(
-        self, path: Path | str, to_load: Mapping[str, Any], model: torch.nn.Module, checked: dict | None
+        self,
+        path: Path | str,
+        to_load: Mapping[str, Any],
+        model: torch.nn.Module,
+        required: tuple[str, ...],
+        checked: dict | None,
     ) -> dict[str, Any]:
-        required = tuple(k for k in to_load if k not in ("checkpointer", "scaler"))
         return checked if checked is not None else self.check(path, model, required)
 
     def weights(self, path: Path | str) -> Mapping[str, torch.Tensor]:
@@ -137,7 +147,12 @@ class DcpDirectory:
             raise CheckpointInvalid(str(e)) from None
 
     def read(
-        self, path: Path | str, to_load: Mapping[str, Any], model: torch.nn.Module, checked: dict | None
+        self,
+        path: Path | str,
+        to_load: Mapping[str, Any],
+        model: torch.nn.Module,
+        required: tuple[str, ...],
+        checked: dict | None,
     ) -> dict[str, Any]:
         return read_dcp(path, to_load)  # type: ignore[arg-type]  (every rank its shards, resharded to this run)
 

@@ -293,7 +293,7 @@ def resume_run(ctx: RunContext, to_load: dict[str, Any]) -> Path | str | None:
         _download_once_per_host(choice, ctx)
     try:  # ranks > 0 read what rank 0 chose (from a URL: this host's copy)
         local = fetch(choice, "resume", into=resume_cache()) if remote and ckpt is None else checkpoint_path(choice)
-        ckpt = kind.read(local, to_load, ctx.model, ckpt)
+        ckpt = kind.read(local, to_load, ctx.model, required, ckpt)
     except CheckpointInvalid as e:
         raise ConfigError([Problem("resume", f"{choice} {e}")], "cannot resume") from None
     from ignite.handlers import Checkpoint
