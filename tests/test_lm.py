@@ -232,11 +232,13 @@ def test_the_processes_of_a_host_download_a_shard_once(shards, tmp_path, monkeyp
 
 # A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 15 iterations (global batch 12),
 # a checkpoint every 10 iterations and at each epoch's end. die_once (tests/fixtures/my_project)
-# is the supervised step that SIGKILLs rank 0 at iterations 13, 17 and 24, once each: the file
-# $DIE_ONCE_MARKER.<iteration> records that it did (a run whose markers exist never dies).
+# is the supervised step that SIGKILLs rank 0 at iterations 13, 17 and 24, once each, after the
+# checkpoints of 10, 15 and 20 are on disk: the file $DIE_ONCE_MARKER.<iteration> records that it
+# did (a run whose markers exist never dies).
 # record_windows logs the samples of every batch (tests/test_sharding.py's format), record_peak_rss
 # the process's memory at the end.
 KILLS = (13, 17, 24)
+AFTER = (10, 15, 20)  # the checkpoint each kill waits for (on disk) before it happens
 SPAWN2 = ["runner=spawn", "runner.nproc_per_node=2"]
 BIG = ["trainer.max_epochs=1", "trainer.epoch_length=8"]
 S3_URL = f"s3://{BUCKET}/lm/char"
@@ -268,6 +270,8 @@ def _tiny(shards: Path, run: Path, root: str | None = None) -> list[str]:
         "trainer.step=die_once",
         "+trainer.step_params.rank=0",
         f"+trainer.step_params.iteration=[{','.join(map(str, KILLS))}]",
+        f"+trainer.step_params.after=[{','.join(map(str, AFTER))}]",
+        f"+trainer.step_params.checkpoints={run / 'checkpoints'}",
         f"output_dir={run}",
     ]
 
@@ -447,8 +451,8 @@ def test_two_processes_end_allclose_to_one_with_the_same_global_batches(runs):
 @pytest.mark.slow
 def test_three_sigkills_then_the_same_command_is_bit_identical(runs):
     """The same command SIGKILLed at iterations 13, 17 and 24 (each resumed from the newest
-    checkpoint: 10, 15 (the end of epoch 1), 20, or one before when a background write was
-    not on disk yet), then run to the end: every global batch after each resume is the
+    checkpoint: 10, 15 (the end of epoch 1), 20; each kill waits for it to be on disk), then
+    run to the end: every global batch after each resume is the
     uninterrupted run's, and the final weights and metrics equal it, bit for bit."""
     from test_fault_tolerance import assert_bit_identical
     from test_sharding import global_batches
