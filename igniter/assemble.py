@@ -14,7 +14,8 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
+from ignite.metrics.metric import MetricUsage
 from ignite.utils import manual_seed
 from omegaconf import DictConfig
 from torch.utils.data import BatchSampler, DataLoader, Dataset
@@ -48,23 +49,33 @@ from igniter.loading import (
     workers_per_process,
 )
 from igniter.parallel.sampler import ShardedSampler
-from igniter.parallel.strategy import wrap_model
+from igniter.parallel.strategy import is_sharded, wrap_model
 from igniter.precision import Autocast, make_autocast, make_scaler, precision_problems
 from igniter.preflight import guard_first_step
 from igniter.registry import engine_registry, function_registry
+from igniter.steps import without_padding
 from igniter.timing import StepTimer
 
 __all__ = ["make_loader", "build_training", "build_evaluation"]
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, cfg: DictConfig, train: bool, seed: int, key: str = "data.train", name: str = ""
+    dataset: Dataset,
+    batch_size: int,
+    cfg: DictConfig,
+    train: bool,
+    seed: int,
+    key: str = "data.train",
+    name: str = "",
+    equal_batches: bool = False,
 ) -> DataLoader:
     """A loader of ``batch_size / world_size`` samples per process over a :class:`ShardedSampler`.
 
     Training drops the last partial global batch (``drop_last``) or pads it
     like ``DistributedSampler``; evaluation shards without padding so every
-    sample counts exactly once. Every sample's randomness (its loading and transforms)
+    sample counts exactly once, or, with ``equal_batches`` (a sharded model), pads the
+    shorter shards by one sample so every rank runs the same number of batches (the
+    evaluation step drops the padding from its output: :func:`igniter.steps.without_padding`). Every sample's randomness (its loading and transforms)
     is seeded from ``(seed, epoch, index)`` (:class:`igniter.loading.SeededSamples`),
     whichever process loads it; a sample that raises stops the run with
     :class:`~igniter.loading.SampleFailed` naming ``key``, ``name`` and its index.
@@ -82,12 +93,13 @@ def make_loader(
         seed: the sampler's shuffling seed (with the epoch) and the samples' seed.
         key: the dataset's config key, for error messages.
         name: the dataset's registered name, for error messages.
+        equal_batches: evaluation only: the same number of batches on every rank.
 
     Raises:
         RegistryError: ``data.loader.collate_fn`` is not registered.
     """
     world_size, rank = idist.get_world_size(), idist.get_rank()
-    tail = ("drop" if cfg.drop_last else "pad") if train else "none"
+    tail = ("drop" if cfg.drop_last else "pad") if train else ("pad" if equal_batches else "none")
     shuffle = cfg.shuffle and train
     sampler = ShardedSampler(dataset, world_size, rank, batch_size, shuffle, seed, tail, with_epoch=True)
     batches = BatchSampler(sampler, batch_size // world_size, drop_last=False)
@@ -169,33 +181,48 @@ def _precision(cfg: DictConfig, device: torch.device) -> tuple[Autocast, torch.a
     return make_autocast(cfg.trainer.precision, device), make_scaler(cfg.trainer.precision, device)
 
 
-def _val_data(cfg: DictConfig) -> tuple[Dataset | None, DataLoader | None]:
-    """``(val_set, val_loader)``, both ``None`` without ``data.val``."""
+def _val_data(cfg: DictConfig, model: torch.nn.Module) -> tuple[Dataset | None, DataLoader | None]:
+    """``(val_set, val_loader)``, both ``None`` without ``data.val``; for a sharded ``model``
+    every rank gets the same number of batches (the shorter shards padded)."""
     if cfg.data.val is None:
         return None, None
     val_set = build_dataset(cfg.data.val, "data.val")
     loader_cfg = cfg.data.loader
     batch_size = loader_cfg.val_batch_size or loader_cfg.batch_size
-    return val_set, make_loader(val_set, batch_size, loader_cfg, False, cfg.trainer.seed, "data.val", cfg.data.val.name)
+    loader = make_loader(
+        val_set, batch_size, loader_cfg, False, cfg.trainer.seed, "data.val", cfg.data.val.name, is_sharded(model)
+    )
+    return val_set, loader
 
 
-def _evaluator(cfg: DictConfig, available: dict[str, Any]) -> Engine:
-    """The evaluation engine with its metrics attached.
+# Metrics skip the iterations whose output is None (a batch of padding only: steps.without_padding).
+_REAL_BATCHES = MetricUsage(
+    Events.EPOCH_STARTED,
+    Events.EPOCH_COMPLETED,
+    Events.ITERATION_COMPLETED(event_filter=lambda engine, _: engine.state.output is not None),
+)
+
+
+def _evaluator(cfg: DictConfig, available: dict[str, Any], loader: DataLoader) -> Engine:
+    """The evaluation engine over ``loader`` with its metrics attached.
 
     ``available``: what the step, engine and metric factories may ask for by name.
     """
-    # Evaluate the unwrapped module: DDP's forward may sync buffers, and shards can differ by one batch.
+    # Evaluate the unwrapped module: DDP's forward may sync buffers, and unsharded shards can differ by a batch.
     model = available["model"]
     eval_step = call_with(
         function_registry.get(cfg.evaluation.step, "evaluation.step"),
         {**available, "model": getattr(model, "module", model)},
     )
+    batches = loader.batch_sampler
+    if batches.sampler.real_samples < len(batches.sampler):  # a sharded model's padded shard
+        eval_step = without_padding(eval_step, batches.sampler.real_samples, batches.batch_size)
     evaluator = call_with(
         engine_registry.get(cfg.evaluation.engine, "evaluation.engine"),
         {"process_function": guard_first_step(eval_step, cfg, "evaluation")},
     )
     for name, metric in build_metrics(cfg.evaluation.metrics, available).items():
-        metric.attach(evaluator, name)
+        metric.attach(evaluator, name, usage=_REAL_BATCHES)
     return evaluator
 
 
@@ -220,8 +247,8 @@ def build_evaluation(cfg: DictConfig, output_dir: Path) -> EvalContext:
         "grad_clip_norm": cfg.trainer.grad_clip_norm,
         "autocast": autocast,
     }
-    val_set, val_loader = _val_data(cfg)
-    evaluator = _evaluator(cfg, available) if val_loader is not None else None
+    val_set, val_loader = _val_data(cfg, model)
+    evaluator = _evaluator(cfg, available, val_loader) if val_loader is not None else None
     return EvalContext(
         cfg=cfg, output_dir=output_dir, rank=idist.get_rank(), world_size=idist.get_world_size(), device=idist.device(),
         model=model, loss_fn=loss_fn, val_set=val_set, val_loader=val_loader, evaluator=evaluator,
@@ -249,7 +276,7 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
     train_loader = make_loader(
         train_set, loader_cfg.batch_size, loader_cfg, True, cfg.trainer.seed, "data.train", cfg.data.train.name
     )
-    val_set, val_loader = _val_data(cfg)
+    val_set, val_loader = _val_data(cfg, model)
     # What step/engine/metric factories may ask for by name: one definition (validate reserves the same names).
     autocast, scaler = _precision(cfg, device)
     available = StepArgs(
@@ -271,7 +298,7 @@ def build_training(cfg: DictConfig, output_dir: Path) -> RunContext:
     user_events = [import_object(path) for path in cfg.trainer.custom_events]
     for enum in user_events:
         trainer.register_events(*enum)
-    evaluator = _evaluator(cfg, available) if val_loader is not None else None
+    evaluator = _evaluator(cfg, available, val_loader) if val_loader is not None else None
     return RunContext(
         cfg=cfg, output_dir=output_dir, rank=idist.get_rank(), world_size=idist.get_world_size(), device=device,
         model=model, loss_fn=loss_fn, val_set=val_set, val_loader=val_loader, evaluator=evaluator,

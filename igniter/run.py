@@ -176,7 +176,7 @@ def _wire(ctx: RunContext, record: MetricsRecord | None) -> dict[str, Any]:
             if last_eval["epoch"] == engine.state.epoch:
                 return
             last_eval["epoch"] = engine.state.epoch
-            with evaluation_scope(ctx.model):  # a sharded model gathered once for the whole evaluation
+            with evaluation_scope(ctx.model):  # a sharded model gathered one unit at a time
                 evaluator.run(ctx.val_loader)
             metrics = {k: v for k, v in evaluator.state.metrics.items()}
             logger.info("epoch %d validation: %s", engine.state.epoch, _fmt_metrics(metrics))

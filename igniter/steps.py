@@ -28,7 +28,15 @@ from igniter.parallel.strategy import gradient_sync
 from igniter.precision import Autocast, micro_batches
 from igniter.registry import function_registry
 
-__all__ = ["supervised", "loss_dict", "supervised_eval", "total_loss", "next_token_cross_entropy", "TokenLoss"]
+__all__ = [
+    "supervised",
+    "loss_dict",
+    "supervised_eval",
+    "without_padding",
+    "total_loss",
+    "next_token_cross_entropy",
+    "TokenLoss",
+]
 
 Batch = Any
 StepFn = Callable[[Engine, Batch], Any]
@@ -183,6 +191,54 @@ def supervised_eval(
         return logits.float(), y
 
     return step
+
+
+def _rows(batch: Any) -> int:
+    """The number of samples in ``batch``: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    return next(_rows(b) for b in items if isinstance(b, (torch.Tensor, Mapping, tuple, list)))
+
+
+def _first_rows(output: Any, rows: int, keep: int) -> Any:
+    """``output`` with every tensor of ``rows`` rows (first dimension) cut to its first ``keep``."""
+    if isinstance(output, torch.Tensor):
+        return output[:keep] if output.dim() and output.shape[0] == rows else output
+    if isinstance(output, Mapping):
+        return {k: _first_rows(v, rows, keep) for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        return type(output)(_first_rows(v, rows, keep) for v in output)
+    return output
+
+
+def without_padding(step: StepFn, real_samples: int, batch_size: int) -> StepFn:
+    """An evaluation step whose output leaves out the padding a sharded evaluation adds.
+
+    Under a sharded model every rank runs the same number of forward passes (each one
+    gathers parameters: a collective), so the evaluation loader pads the shorter shards
+    (:class:`igniter.parallel.sampler.ShardedSampler` with ``tail="pad"``: at most one
+    sample, a rank's last). The forward pass sees the padding; the output does not:
+    every tensor in it whose first dimension is the batch's is cut to the real samples,
+    and a batch of padding only gives ``None``, which metrics skip
+    (:func:`igniter.assemble` attaches them with a filter on it).
+
+    Args:
+        step: the evaluation step (its output: tensors, or tuples, lists or dicts of them,
+            with samples along the first dimension, such as ``(logits [B, C], y [B])``).
+        real_samples: the real samples of this rank's shard (the rest is padding).
+        batch_size: the per-process batch size (every batch but the last has it).
+    """
+
+    def wrapped(engine: Engine, batch: Any) -> Any:
+        output = step(engine, batch)
+        rows = _rows(batch)
+        keep = real_samples - (engine.state.iteration - 1) * batch_size
+        if keep >= rows:
+            return output
+        return _first_rows(output, rows, keep) if keep > 0 else None
+
+    return wrapped
 
 
 function_registry.register(F.cross_entropy, "cross_entropy")

@@ -156,6 +156,33 @@ def test_sharded_sampler_eval_counts_every_sample_once():
     assert sorted(i for s in shards for i in s) == data
 
 
+def test_a_padded_evaluation_shard_ends_with_its_padding_and_the_step_drops_it():
+    """``tail="pad"`` gives every rank of 3 the same 4 positions over 10 samples; the padding
+    (position 10, 11: sample 0 and 1 again) is the last sample of ranks 1 and 2, and
+    ``without_padding`` cuts it from the outputs: a batch of padding only gives None."""
+    from types import SimpleNamespace
+
+    from igniter.steps import without_padding
+
+    data = list(range(10))
+    samplers = [ShardedSampler(data, 3, r, 3, shuffle=False, tail="pad") for r in range(3)]
+    assert [list(s) for s in samplers] == [[0, 3, 6, 9], [1, 4, 7, 0], [2, 5, 8, 1]]
+    assert [(len(s), s.real_samples) for s in samplers] == [(4, 4), (4, 3), (4, 3)]
+
+    def step(engine, batch):
+        return {"logits": batch * 10, "y": batch, "total": batch.sum()}
+
+    masked = without_padding(step, real_samples=3, batch_size=3)
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=1))
+    assert masked(engine, torch.tensor([1, 4, 7]))["y"].tolist() == [1, 4, 7]
+    engine.state.iteration = 2
+    assert masked(engine, torch.tensor([0])) is None
+    masked = without_padding(step, real_samples=3, batch_size=2)  # a last batch of [real, padding]
+    out = masked(engine, torch.tensor([7, 1]))
+    assert out["y"].tolist() == [7] and out["logits"].tolist() == [70]
+    assert out["total"].item() == 8  # not per sample (no first dimension): left as it is
+
+
 def test_mnist_subset_trains_lenet(tmp_path, mnist_root):
     args = [
         "experiment=mnist",

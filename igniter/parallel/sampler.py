@@ -73,6 +73,11 @@ class ShardedSampler(DistributedSampler):
       evaluation, where Ignite metrics reduce over ranks once per run and
       every sample must count exactly once.
 
+    With ``"pad"`` a rank's padding (at most one sample) is its last sample:
+    :attr:`real_samples` of its :attr:`num_samples` are real. A sharded evaluation pads
+    so that every rank runs the same number of forward passes (their collectives line
+    up) and drops the padding from the outputs (:func:`igniter.steps.without_padding`).
+
     Args:
         dataset: a map-style dataset of ``N`` samples.
         num_replicas: world size ``W``.
@@ -117,6 +122,8 @@ class ShardedSampler(DistributedSampler):
         else:
             raise ValueError(f"tail must be 'drop', 'pad' or 'none', got '{tail}'")
         self.num_samples = len(range(rank, self.total_size, num_replicas))
+        # positions >= N are padding; a rank's come last (positions rank, rank + W, ...)
+        self.real_samples = min(self.num_samples, len(range(rank, self.dataset_size, num_replicas)))
         self.with_epoch = with_epoch
 
     def __iter__(self) -> Iterator[Any]:

@@ -278,14 +278,19 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def evaluation_scope(model: torch.nn.Module) -> Iterator[None]:
-    """Around an evaluation of a sharded model: every FSDP unit's parameters gathered once
-    (a collective every rank reaches at the same point) and kept for the whole evaluation,
-    so that ranks whose validation shards differ by a batch run no collective inside it;
-    resharded after. Nothing happens for an unsharded model."""
+    """Around an evaluation of a sharded model: every FSDP unit, the root included, frees
+    its gathered parameters after its forward pass (``set_reshard_after_forward(True)``), so
+    a rank holds its shards and the parameters of the unit that runs (not the whole model,
+    as the root and ``runner.fsdp.reshard_after_forward=false`` units would keep them with
+    no backward pass to free them); set back after, every unit resharded.
+
+    Each forward pass gathers parameters (collectives), so every rank must run the same
+    number of them: the evaluation loader of a sharded model pads the shorter shards
+    (:func:`igniter.assemble.make_loader`'s ``equal_batches``). Nothing happens for an
+    unsharded model."""
     units = _fsdp_modules(model)
     for unit in units:
-        unit.unshard()
-        unit.set_reshard_after_forward(False, recurse=False)
+        unit.set_reshard_after_forward(True, recurse=False)
     try:
         yield
     finally:
