@@ -164,7 +164,7 @@ class DcpSaver(BaseSaveHandler):
         if idist.get_rank() == 0:
             try:
                 self.store.begin(filename)
-                self.store.put(target, EXTRA_FILE, serialized(extra))
+                self.store.put(target, EXTRA_FILE, serialized(extra).getbuffer())
             except Exception as e:  # a full disk: torch.save raises RuntimeError over the OSError
                 failed = e
         if idist.get_world_size() > 1 and idist.all_reduce(int(failed is not None), op="MAX"):  # (and a barrier)

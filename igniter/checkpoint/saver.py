@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import BinaryIO, Mapping
 
 import ignite.distributed as idist
-import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 
-from igniter.checkpoint.store import CheckpointStore, FsspecStore, LocalStore
+from igniter.checkpoint.store import CheckpointStore, FsspecStore, LocalStore, serialized
 from igniter.registry import io_registry
 
 __all__ = ["AtomicDiskSaver", "CheckpointSaver", "ObjectStoreSaver", "disk", "object_store"]
@@ -74,9 +73,7 @@ class CheckpointSaver(BaseSaveHandler):
 
     def serialize(self, checkpoint: Mapping) -> io.BytesIO:
         """``torch.save`` into memory (a hook for benchmarks that write nothing)."""
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        return buffer
+        return serialized(checkpoint)
 
     def _write(self, filename: str, buffer: io.BytesIO, removals: list[str]) -> None:
         """Write ``buffer`` as ``filename``, then remove the rotated-out ``removals`` (the writer

@@ -72,7 +72,7 @@ class CheckpointStore(Protocol):
     def begin(self, name: str) -> None:
         """Start the directory checkpoint ``name`` (rank 0, before any rank writes): an empty :meth:`target`."""
 
-    def put(self, target: Any, filename: str, data: bytes) -> None:
+    def put(self, target: Any, filename: str, data: bytes | memoryview) -> None:
         """Write the small file ``filename`` into ``target`` (what :meth:`begin` returned)."""
 
     def storage_writer(self, target: Any) -> Any:
@@ -125,7 +125,7 @@ class LocalStore:
         shutil.rmtree(self.target(name), ignore_errors=True)
         self.target(name).mkdir(parents=True)
 
-    def put(self, target: Path, filename: str, data: bytes) -> None:
+    def put(self, target: Path, filename: str, data: bytes | memoryview) -> None:
         atomic_write(target / filename, lambda f: f.write(data))
 
     def storage_writer(self, target: Path) -> Any:
@@ -183,8 +183,8 @@ class FsspecStore:
     def begin(self, name: str) -> None:
         delete_checkpoint(self.fs, self.root, name)  # the same iteration saved again (a resumed run)
 
-    def put(self, target: str, filename: str, data: bytes) -> None:
-        self.fs.pipe(f"{self.root}/{_name(target)}/{filename}", data)
+    def put(self, target: str, filename: str, data: bytes | memoryview) -> None:
+        self.fs.pipe(f"{self.root}/{_name(target)}/{filename}", bytes(data))
 
     def storage_writer(self, target: str) -> Any:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -213,13 +213,13 @@ def open_checkpoint_store(where: str | Path, create: bool = True) -> CheckpointS
     return FsspecStore(str(where)) if is_url(where) else LocalStore(where, create=create)
 
 
-def serialized(obj: Any) -> bytes:
-    """``torch.save`` of ``obj`` into bytes."""
+def serialized(obj: Any) -> io.BytesIO:
+    """``torch.save`` of ``obj`` into memory (``.getbuffer()``: its bytes, not copied)."""
     import torch
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return buffer.getvalue()
+    return buffer
 
 
 def _name(target: str) -> str:
