@@ -204,8 +204,9 @@ def test_pin_memory_with_non_blocking_copies(tmp_path):
 @two_gpus
 def test_fsdp_bf16_mixed_two_processes(tmp_path):
     """FSDP2 over two NCCL processes with bfloat16 compute (``MixedPrecisionPolicy(param_dtype=bfloat16,
-    reduce_dtype=float32)``), every child of 100+ parameters its own unit, ``dcp`` checkpoints;
-    ``igniter eval`` in one process reads the last one back."""
+    reduce_dtype=float32)``), every child of 100+ parameters its own unit, ``dcp`` checkpoints, its
+    validation evaluated sharded (one unit gathered at a time over NCCL, the shorter shard padded);
+    ``igniter eval`` in one process reads the last one back and gives the same accuracy."""
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
     from igniter.checkpoint.dcp import dcp_model_state
