@@ -206,14 +206,17 @@ def test_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
         assert counted == {"allreduces": 6, "iterations": 6, "forward_batch_sizes": [4], "forwards": 24}, counted
 
 
-def _launch_nodes(prefixes: list[list[str]], addr: str, cwd: Path, env_extra: list[dict]) -> list[subprocess.Popen]:
+def _launch_nodes(
+    prefixes: list[list[str]], addr: str, cwd: Path, env_extra: list[dict], nproc: int = 1, more: tuple[str, ...] = ()
+) -> list[subprocess.Popen]:
     port = free_port() if addr == "127.0.0.1" else 29517
     procs = []
     for node_rank, (prefix, extra) in enumerate(zip(prefixes, env_extra)):
         args = [
             *COMMON,
+            *more,
             "runner=spawn",
-            "runner.nproc_per_node=1",
+            f"runner.nproc_per_node={nproc}",
             "runner.nnodes=2",
             f"runner.node_rank={node_rank}",
             f"runner.master_addr={addr}",
@@ -250,6 +253,29 @@ def test_two_nodes_on_loopback_match_single(reference, tmp_path):
     assert_same_weights(reference, final_weights(tmp_path / "node0"))
     assert not (tmp_path / "node1" / "checkpoints").exists(), "only rank 0 writes checkpoints"
     assert (tmp_path / "node0" / "rank0.log").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_nodes_shards_within_a_node_and_replicates_across_nodes(reference, tmp_path):
+    """``runner.strategy=fsdp`` on 2 nodes (loopback) of 2 processes, ``runner.fsdp.replicate``
+    unset: HSDP by default, parameters sharded over the 2 processes of a node and replicated
+    across the nodes (logged once), every rank holding half of the model's parameter bytes
+    (not a quarter), and the weights of one process (to float summation order)."""
+    more = [
+        "runner.strategy=fsdp", "runner.fsdp.shard_modules=[Linear]", "imports=[my_project]",
+        "+handlers=[{name: record_param_bytes, event: COMPLETED}]",
+    ]  # fmt: skip
+    procs = _launch_nodes([[], []], "127.0.0.1", tmp_path, [{}, {}], nproc=2, more=tuple(more))
+    for code, _out, err in _wait_all(procs):
+        assert code == 0, err[-3000:]
+    log = (tmp_path / "node0" / "rank0.log").read_text()
+    assert log.count("HSDP: 2 replica groups x 2 shards") == 1, log[-3000:]
+    for rank in range(4):  # every dim 0 of the MLP (128, 128, 10, 10) is even; one run dir, rank 0's
+        local, whole = (int(v) for v in (tmp_path / "node0" / f"param_bytes_rank{rank}.txt").read_text().split())
+        assert local * 2 == whole, (rank, local, whole)
+    hsdp = final_weights(tmp_path / "node0")
+    for k, w in reference.items():  # 25 SGD steps; reduce-scatter then all-reduce sums in another order
+        assert torch.allclose(w, hsdp[k], atol=1e-5, rtol=1e-5), (k, (w - hsdp[k]).abs().max())
 
 
 NETNS = ("igniter-n0", "igniter-n1")
