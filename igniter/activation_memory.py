@@ -152,13 +152,12 @@ def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     left = []
     for d, limit_file, used_file, inactive in files:
         try:
-            limit, used = (d / limit_file).read_text().strip(), int((d / used_file).read_text())
+            text, used = (d / limit_file).read_text().strip(), int((d / used_file).read_text())
+            limit = _NO_LIMIT if text == "max" else int(text)
         except (OSError, ValueError):
             continue
-        if limit == "max" or int(limit) >= _NO_LIMIT:
-            continue
-        stat = _stat_field(d / "memory.stat", inactive)
-        left.append(max(0, int(limit) - used + (stat or 0)))
+        if limit < _NO_LIMIT:
+            left.append(max(0, limit - used + (_stat_field(d / "memory.stat", inactive) or 0)))
     return min(left, default=None)
 
 

@@ -12,13 +12,13 @@ and every handler the run will have.
 Nothing is written, and no process is started: with ``runner.strategy=fsdp`` the model is
 built whole and the share of each rank is computed.
 
-Before the step of the per-process size, a step of one sample per micro-batch measures the
+Before the step of the per-process size, a step of 2 samples per micro-batch measures the
 activations per sample, and the step's activations are estimated from it, linear in the batch
 size (an estimate: it leaves out temporaries never saved for the backward pass). When that is
 more than this process may still allocate (:func:`~igniter.activation_memory.memory_headroom`:
 ``MemAvailable``, a cgroup limit, ``RLIMIT_AS``; the free memory on a GPU), the step is not run:
 the plan so far goes to stdout, one paragraph naming ``data.loader.batch_size`` to stderr, exit
-status 2, where the step would have been killed by the kernel's out-of-memory killer without a
+status 2, where the step could have been killed by the kernel's out-of-memory killer without a
 word. A step that runs out of memory all the same (an allocation that fails) is reported alike.
 """
 
@@ -318,7 +318,7 @@ def _try_one_batch(ctx: RunContext, world_size: int, checkpointed: list[torch.nn
 
 def main(argv: list[str]) -> int:
     """``igniter check [overrides]``: validate, build every component on CPU, estimate the
-    training step's activations from a one-sample step and refuse the step when they exceed
+    training step's activations from a 2-sample step and refuse the step when they exceed
     what this process may allocate, else push one training batch (forward and backward) and
     one evaluation batch through the model, print the plan. Returns the exit status (2 on any
     problem, the step's memory included)."""

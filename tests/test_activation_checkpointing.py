@@ -117,19 +117,19 @@ def test_the_meter_counts_saved_activations_as_by_hand():
 
 
 def test_the_meter_counts_each_micro_batch_though_its_addresses_are_reused():
-    """4 forward and backward passes of 256 x 1024 floats, one after the other (gradient
+    """4 forward and backward passes of 256 x 512 floats, one after the other (gradient
     accumulation): the allocator hands a freed pass's addresses to the next, whose tensors the
     meter counts all the same: a quarter of the 4 passes' bytes is one pass's."""
     from igniter.activation_memory import ActivationMeter
 
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU()) for _ in range(4)])
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU()) for _ in range(4)])
     with ActivationMeter(model, list(model)) as one:
-        model(torch.randn(256, 1024)).sum().backward()
+        model(torch.randn(256, 512)).sum().backward()
     with ActivationMeter(model, list(model)) as four:
         for _ in range(4):
-            model(torch.randn(256, 1024)).sum().backward()
+            model(torch.randn(256, 512)).sum().backward()
     four.micro_batches = 4
-    assert one.without == 5 * 256 * 1024 * 4  # the input and the 4 ReLU outputs
+    assert one.without == 5 * 256 * 512 * 4  # the input and the 4 ReLU outputs
     assert (four.without, four.with_checkpointing) == (one.without, one.with_checkpointing)
 
 
