@@ -11,18 +11,30 @@ bytes of parameters, gradients and optimizer state each process will hold and th
 and every handler the run will have.
 Nothing is written, and no process is started: with ``runner.strategy=fsdp`` the model is
 built whole and the share of each rank is computed.
+
+Before the step of the per-process size, a step of 2 samples per micro-batch measures the
+activations per sample, and the step's activations are estimated from it, linear in the batch
+size (an estimate: it leaves out temporaries never saved for the backward pass). When that is
+more than this process may still allocate (:func:`~igniter.activation_memory.memory_headroom`:
+``MemAvailable``, a cgroup limit, ``RLIMIT_AS``; the free memory on a GPU), the step is not run:
+the plan so far goes to stdout, one paragraph naming ``data.loader.batch_size`` to stderr, exit
+status 2, where the step could have been killed by the kernel's out-of-memory killer without a
+word. A step that runs out of memory all the same (an allocation that fails) is reported alike.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ignite.engine import Engine
 from omegaconf import DictConfig
 
-from igniter.activation_memory import ActivationMeter
+from igniter.activation_memory import ActivationMeter, memory_headroom
 from igniter.assemble import build_training
 from igniter.build import import_modules
 from igniter.compose import config_problems, plain_config
@@ -33,7 +45,7 @@ from igniter.errors import report_problems as _report
 from igniter.flops import compute_dtype
 from igniter.launch.runners import make_runner
 from igniter.parallel.strategy import checkpointed_modules, replica_groups, unwrap_model
-from igniter.preflight import first_batch
+from igniter.preflight import StepOutOfMemory, first_batch, memory_message, out_of_memory
 from igniter.profiling import profiler_options
 from igniter.registry import RegistryError, function_registry
 from igniter.summary import format_bytes
@@ -102,18 +114,25 @@ def memory_plan(
     }
 
 
-def _memory_line(ctx: RunContext, strategy: str, world: int) -> str:
+def _memory_line(ctx: RunContext, strategy: str, world: int) -> tuple[str, int]:
+    """The plan's memory line, and the bytes of parameters, gradients and optimizer state one rank holds."""
     shards = world // replica_groups(ctx.cfg.runner.fsdp, world, ctx.cfg.runner.nnodes) if strategy == "fsdp" else world
     plan = memory_plan(ctx.model, ctx.optimizer, strategy, shards)
     rank = ", ".join(f"{format_bytes(r)} {name}" for name, (r, _) in plan.items())
     total = "/".join(format_bytes(t) for _, t in plan.values())
     how = "sharded: about total / W per rank" if strategy == "fsdp" else "every rank holds it all"
-    in_all = format_bytes(sum(r for r, _ in plan.values()))
+    per_rank = sum(r for r, _ in plan.values())
     if shards != world:
         how = f"HSDP: sharded over the {shards} processes of each of {world // shards} replica groups"
     return (
         f"strategy {strategy} over {world} process{'es' if world > 1 else ''}: per rank {rank} "
-        f"({in_all} per rank before activations; total {total}; {how})"
+        f"({format_bytes(per_rank)} per rank before activations; total {total}; {how})"
+    ), per_rank
+
+
+def _model_line(cfg: DictConfig, ctx: RunContext) -> str:
+    return (
+        f"{cfg.model.name} ({type(ctx.model).__name__}): {sum(p.numel() for p in ctx.model.parameters()):,} parameters"
     )
 
 
@@ -146,6 +165,124 @@ def _activation_line(meter: ActivationMeter, names: list[str], modules: list[tor
     )
 
 
+@dataclass(frozen=True)
+class _Estimate:
+    """The activations of the step of the per-process size, estimated before it runs.
+
+    ``per_sample``: bytes one sample saves for the backward pass (with activation checkpointing
+    when it is set), measured on a step of ``probe`` samples; ``samples``: the samples of one
+    forward pass of the real step (the per-process batch, or one micro-batch of it:
+    ``micro``); ``headroom``: ``(bytes, bound)`` this process may still allocate, ``None`` when
+    unknown."""
+
+    per_sample: int
+    samples: int
+    probe: int
+    micro: bool
+    headroom: tuple[int, str] | None
+
+    @property
+    def activations(self) -> int:
+        """Bytes the real step saves for its backward pass (linear in the batch size)."""
+        return self.per_sample * self.samples
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom is None or self.activations <= self.headroom[0]
+
+    def describe(self) -> str:
+        return (
+            f"about {format_bytes(self.activations)} saved for the backward pass per process, estimated before the "
+            f"step ({format_bytes(self.per_sample)} per sample, measured on a step of {self.probe} "
+            f"sample{'s' if self.probe > 1 else ''}, x {self.samples}{' (a micro-batch)' if self.micro else ''}: "
+            "linear in the batch size)"
+        )
+
+    def room(self) -> str:
+        if self.headroom is None:
+            return "how much more this process may allocate is not known here"
+        return f"this process may allocate {format_bytes(self.headroom[0])} more ({self.headroom[1]})"
+
+
+def _probe(ctx: RunContext, world_size: int, checkpointed: list[torch.nn.Module], names: list[str]) -> _Estimate | None:
+    """One training step of 2 samples per micro-batch (1 where the per-process batch is smaller)
+    inside an :class:`ActivationMeter`, eager, with the step function itself in a plain Engine:
+    the first-step guard and the FLOPs count stay for the real batch. Then the estimate for the
+    per-process batch (linear in the batch size) and this process's headroom (measured after
+    the step: the parameters, gradients and optimizer state are allocated by then).
+
+    Returns ``None`` when the small step raised (other than for memory): the real step then
+    reports the problem with its own batch.
+
+    Raises:
+        _OutOfMemory: the small step ran out of memory (:func:`out_of_memory`).
+    """
+    cfg = ctx.cfg
+    k = cfg.trainer.accumulate_grad_batches
+    per_process = min(cfg.data.loader.batch_size // world_size, len(ctx.train_set))  # type: ignore[arg-type]
+    m = 2 if per_process >= 2 * k else 1  # 2: a BatchNorm in training mode refuses a batch of 1
+    collate = function_registry.get(cfg.data.loader.collate_fn) if cfg.data.loader.collate_fn else None
+    batch = first_batch(ctx.train_set, k * m, collate)
+    meter = ActivationMeter(ctx.model, checkpointed)
+    meter.micro_batches = k
+    try:
+        with torch.compiler.set_stance("force_eager"), meter:
+            Engine(inspect.unwrap(ctx.trainer._process_function)).run([batch], max_epochs=1)
+    except Exception as e:
+        if out_of_memory(e):
+            raise _OutOfMemory("training step", k * m, e) from e
+        return None
+    per_micro_batch = meter.with_checkpointing if names else meter.without  # of m samples
+    return _Estimate(per_micro_batch // m, -(-per_process // k), k * m, k > 1, memory_headroom(ctx.device))
+
+
+class _OutOfMemory(Exception):
+    """An allocation failed in ``phase`` (``"training step"``, ``"evaluation batch"``) of ``samples``
+    samples per process; ``message``: the allocator's, shortened."""
+
+    def __init__(self, phase: str, samples: int, error: BaseException) -> None:
+        if isinstance(error, StepOutOfMemory) and error.__cause__ is not None:  # the first step's guard
+            error = error.__cause__
+        self.phase, self.samples, self.message = phase, samples, memory_message(error)
+        super().__init__(f"{phase}: {self.message}")
+
+
+def _does_not_fit(
+    cfg: DictConfig, world: int, held: int, estimate: _Estimate | None, oom: _OutOfMemory | None = None
+) -> ConfigError:
+    """The paragraph for a step too large for this process's memory: refused before it ran
+    (``oom`` ``None``: ``estimate`` does not fit; ``held``: bytes of parameters, gradients and
+    optimizer state per rank) or out of memory when it ran (``oom``)."""
+    key, batch = "data.loader.batch_size", cfg.data.loader.batch_size
+    if oom is not None and oom.phase.startswith("evaluation"):
+        key, batch = "data.loader.val_batch_size", cfg.data.loader.val_batch_size or batch
+    per_process = batch // world
+    if oom is not None:
+        plural = "s" if oom.samples > 1 else ""
+        what = f"the {oom.phase} of {oom.samples} sample{plural} per process ran out of memory ({oom.message})"
+        if estimate is not None and oom.phase.startswith("training"):
+            what += f"; its activations were estimated at {format_bytes(estimate.activations)}, and {estimate.room()}"
+    else:
+        assert estimate is not None and estimate.headroom is not None
+        fit = estimate.headroom[0] // max(1, estimate.per_sample) * cfg.trainer.accumulate_grad_batches * world
+        fits = f"About {key}={fit} fits here" if fit else "Not one sample per process fits here"
+        what = (
+            f"one training step of {per_process} samples per process would save about "
+            f"{format_bytes(estimate.activations)} of activations for its backward pass (estimated from a step of "
+            f"{estimate.probe} sample{'s' if estimate.probe > 1 else ''}: {format_bytes(estimate.per_sample)} per "
+            f"sample, linear in the batch size) besides {format_bytes(held)} of parameters, gradients and optimizer "
+            f"state per rank, but {estimate.room()}, so the step was not run (the kernel's out-of-memory killer "
+            f"could have ended the process without a message). {fits}"
+        )
+    text = (
+        f"{what}. Lower {key}, or use less memory per sample: trainer.activation_checkpointing=[<block class>] "
+        "recomputes blocks in the backward pass, trainer.accumulate_grad_batches=k runs the batch as k micro-batches, "
+        "more processes (runner.nproc_per_node) split it. `igniter check` runs the step on this machine: to check a "
+        f"job for a larger one, give it a smaller {key} (the activations scale with it)"
+    )
+    return ConfigError([Problem(key, text, batch)], header="the step does not fit in this process's memory")
+
+
 def _try_one_batch(ctx: RunContext, world_size: int, checkpointed: list[torch.nn.Module]) -> ActivationMeter:
     """One training step and one evaluation batch on real data of the per-process size
     (the global batch sizes divided by the run's ``world_size``), then the same training step
@@ -153,26 +290,38 @@ def _try_one_batch(ctx: RunContext, world_size: int, checkpointed: list[torch.nn
 
     Raises:
         StepFailed: the model cannot take the data (see :mod:`igniter.preflight`).
+        _OutOfMemory: an allocation failed (:func:`~igniter.preflight.out_of_memory`).
     """
-    logging.getLogger("ignite").addHandler(logging.NullHandler())  # the error is reported once, below
     loader = ctx.cfg.data.loader
     collate = function_registry.get(loader.collate_fn) if loader.collate_fn else None
-    batch = first_batch(ctx.train_set, loader.batch_size // world_size, collate)
-    ctx.trainer.run([batch], max_epochs=1)
-    meter = ActivationMeter(ctx.model, checkpointed)
-    meter.micro_batches = ctx.cfg.trainer.accumulate_grad_batches
-    with torch.compiler.set_stance("force_eager"), meter:  # the hooks see every saved tensor in eager mode
+    try:
+        batch = first_batch(ctx.train_set, loader.batch_size // world_size, collate)
         ctx.trainer.run([batch], max_epochs=1)
+        meter = ActivationMeter(ctx.model, checkpointed)
+        meter.micro_batches = ctx.cfg.trainer.accumulate_grad_batches
+        with torch.compiler.set_stance("force_eager"), meter:  # the hooks see every saved tensor in eager mode
+            ctx.trainer.run([batch], max_epochs=1)
+    except Exception as e:
+        if isinstance(e, StepOutOfMemory) or out_of_memory(e):
+            raise _OutOfMemory("training step", loader.batch_size // world_size, e) from e
+        raise
     if ctx.evaluator is not None:
         val_batch = (loader.val_batch_size or loader.batch_size) // world_size
-        ctx.evaluator.run([first_batch(ctx.val_set, val_batch, collate)])
+        try:
+            ctx.evaluator.run([first_batch(ctx.val_set, val_batch, collate)])
+        except Exception as e:
+            if isinstance(e, StepOutOfMemory) or out_of_memory(e):
+                raise _OutOfMemory("evaluation batch", val_batch, e) from e
+            raise
     return meter
 
 
 def main(argv: list[str]) -> int:
-    """``igniter check [overrides]``: validate, build every component on CPU, push one
-    training batch (forward and backward) and one evaluation batch through the model,
-    print the plan. Returns the exit status (2 on any problem)."""
+    """``igniter check [overrides]``: validate, build every component on CPU, estimate the
+    training step's activations from a 2-sample step and refuse the step when they exceed
+    what this process may allocate, else push one training batch (forward and backward) and
+    one evaluation batch through the model, print the plan. Returns the exit status (2 on any
+    problem, the step's memory included)."""
     args = _hydra_args(argv)
     cfg, problems = config_problems(args.overrides, args.config_name or "config", args.config_dir)
     if problems or cfg is None:
@@ -180,6 +329,8 @@ def main(argv: list[str]) -> int:
     cfg = plain_config(cfg)
     world = make_runner(cfg.runner).world_size
     per_process = cfg.data.loader.batch_size // world
+    logging.getLogger("ignite").addHandler(logging.NullHandler())  # an error is reported once, below
+    estimate: _Estimate | None = None
     try:
         import_modules(cfg.imports)
         built = copy.deepcopy(cfg)
@@ -190,7 +341,17 @@ def main(argv: list[str]) -> int:
         ctx = build_training(built, Path("."))
         names = list(cfg.trainer.activation_checkpointing)
         checkpointed = checkpointed_modules(unwrap_model(ctx.model), names) if names else []
-        meter = _try_one_batch(ctx, world, checkpointed)
+        try:
+            estimate = _probe(ctx, world, checkpointed, names)
+            if estimate is not None and not estimate.fits:
+                memory, held = _memory_line(ctx, cfg.runner.strategy, world)
+                print("igniter check: the training step was not run: its activations would not fit in memory here.")
+                print(f"  model      {_model_line(cfg, ctx)}\n  memory     {memory}")
+                print(f"  activations {estimate.describe()}; {estimate.room()}")
+                raise _does_not_fit(cfg, world, held, estimate)
+            meter = _try_one_batch(ctx, world, checkpointed)
+        except _OutOfMemory as e:
+            raise _does_not_fit(cfg, world, 0, estimate, e) from e
         if not ctx.optimizer.state:  # no step yet (gradient accumulation): one, for the state it creates
             ctx.optimizer.step()
     except (ConfigError, RegistryError) as e:
@@ -198,15 +359,15 @@ def main(argv: list[str]) -> int:
         return _report(getattr(e, "problems", [Problem("?", str(e))]), header)
     loader = cfg.data.loader
     per_epoch = len(ctx.train_loader) if cfg.trainer.epoch_length is None else cfg.trainer.epoch_length
-    n_params = sum(p.numel() for p in ctx.model.parameters())
     lines = [
         "igniter check: configuration is valid, every component builds, and one training step and one evaluation batch ran.",
-        f"  model      {cfg.model.name} ({type(ctx.model).__name__}): {n_params:,} parameters",
+        f"  model      {_model_line(cfg, ctx)}",
         f"  data       train {cfg.data.train.name}: {len(ctx.train_set):,} samples"
         + (f" | val {cfg.data.val.name}: {len(ctx.val_set):,} samples" if ctx.val_set is not None else ""),
         f"  runner     {cfg.runner.name}: world size {world}, backend {cfg.runner.backend or 'auto'}",
-        f"  memory     {_memory_line(ctx, cfg.runner.strategy, world)}",
+        f"  memory     {_memory_line(ctx, cfg.runner.strategy, world)[0]}",
         f"  activations {_activation_line(meter, names, checkpointed, per_process)}",
+        *([f"  headroom   {estimate.describe()}; {estimate.room()}"] if estimate is not None else []),
         f"  batch      global {loader.batch_size}, per process {per_process}",
         *(
             [

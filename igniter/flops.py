@@ -107,6 +107,7 @@ class FirstStepFlops:
                 self.on_count(self.flops)
             return output
 
+        counted_step.__wrapped__ = step  # type: ignore[attr-defined]  (inspect.unwrap finds the step)
         return counted_step
 
 

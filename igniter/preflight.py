@@ -6,7 +6,9 @@ inside ``conv2d``. The first call of each step function is therefore guarded: it
 failure becomes one paragraph naming ``model.name``, the dataset, the batch's
 shapes and dtypes and the original message (:class:`StepFailed`, exit status 2),
 in ``igniter check`` and in a real run alike. Later steps are not wrapped in any
-``try``: a failure after the first step is a training failure, not a mismatch.
+``try``: a failure after the first step is a training failure, not a mismatch. A first step
+that runs out of memory (:func:`out_of_memory`) is not a mismatch either: it is reported as a
+batch too large (:class:`StepOutOfMemory`, naming ``data.loader.batch_size``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from torch.utils.data.dataloader import default_collate
 
 from igniter.errors import ConfigError, Problem
 
-__all__ = ["StepFailed", "describe_batch", "guard_first_step", "first_batch"]
+__all__ = [
+    "StepFailed",
+    "StepOutOfMemory",
+    "describe_batch",
+    "guard_first_step",
+    "first_batch",
+    "out_of_memory",
+    "memory_message",
+]
 
 
 class StepFailed(ConfigError):
@@ -29,6 +39,30 @@ class StepFailed(ConfigError):
     ``problems[0]`` names ``model.name``; ``__cause__`` is the original exception
     (its traceback goes to ``rank{N}.log``, not to the console).
     """
+
+
+class StepOutOfMemory(StepFailed):
+    """The first training or evaluation step ran out of memory: the batch is too large for the
+    device. ``problems[0]`` names ``data.loader.batch_size`` (``data.loader.val_batch_size``);
+    ``__cause__`` is the allocator's error."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says an allocation failed: ``torch.OutOfMemoryError`` (CUDA), ``MemoryError``,
+    or the ``RuntimeError`` of PyTorch's CPU allocator (``DefaultCPUAllocator: can't allocate memory``,
+    e.g. under ``RLIMIT_AS`` or a refused overcommit)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def memory_message(error: BaseException) -> str:
+    """The allocator's message of an :func:`out_of_memory` error on one line, shortened: without
+    the C++ ``enforce fail`` prefix of the CPU allocator and the advice that follows CUDA's first
+    two sentences (e.g. ``CUDA out of memory. Tried to allocate 2.00 GiB``)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = text.split("DefaultCPUAllocator: ", 1)[-1]
+    return ". ".join(text.split(". ")[:2]).rstrip(".")
 
 
 def describe_batch(batch: Any) -> str:
@@ -59,6 +93,19 @@ def _failure(cfg: DictConfig, phase: str, batch: Any, error: BaseException) -> S
     return StepFailed([Problem("model.name", text, cfg.model.name)], header="the model cannot take the data")
 
 
+def _too_large(cfg: DictConfig, phase: str, batch: Any, error: BaseException) -> StepOutOfMemory:
+    key, size = "data.loader.batch_size", cfg.data.loader.batch_size
+    if phase == "evaluation":
+        key, size = "data.loader.val_batch_size", cfg.data.loader.val_batch_size or size
+    text = (
+        f"the first {phase} step ran out of memory on a batch of shapes and dtypes {describe_batch(batch)} per "
+        f"process ({memory_message(error)}). Lower {key}, or use less memory per sample: "
+        "trainer.activation_checkpointing=[<block class>], trainer.accumulate_grad_batches=k, more processes "
+        "(runner.nproc_per_node). `igniter check` estimates a step's activations before it runs it"
+    )
+    return StepOutOfMemory([Problem(key, text, size)], header="the batch does not fit in memory")
+
+
 def guard_first_step(step: Callable[[Any, Any], Any], cfg: DictConfig, phase: str) -> Callable[[Any, Any], Any]:
     """Wrap an engine's process function ``step(engine, batch)`` so that an exception in
     its first call raises :class:`StepFailed` (``from`` the original).
@@ -68,7 +115,9 @@ def guard_first_step(step: Callable[[Any, Any], Any], cfg: DictConfig, phase: st
         cfg: the run's config (model and dataset names for the message).
         phase: ``"training"`` or ``"evaluation"``.
 
-    Later calls go straight to ``step`` apart from one attribute test.
+    Later calls go straight to ``step`` apart from one attribute test. An error that
+    :func:`out_of_memory` recognises raises :class:`StepOutOfMemory` instead (the batch is too
+    large, not of the wrong shape).
     """
     guard = {"first": True}
 
@@ -80,6 +129,8 @@ def guard_first_step(step: Callable[[Any, Any], Any], cfg: DictConfig, phase: st
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
+            if out_of_memory(e):
+                raise _too_large(cfg, phase, batch, e) from e
             raise _failure(cfg, phase, batch, e) from e
         guard["first"] = False
         return output

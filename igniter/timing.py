@@ -53,6 +53,7 @@ class StepTimer:
                 callback()
             return output
 
+        timed_step.__wrapped__ = step  # type: ignore[attr-defined]  (inspect.unwrap finds the step)
         return timed_step
 
     def attach(self, trainer: Engine) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -31,10 +32,15 @@ def igniter_env() -> dict[str, str]:
 
 
 def run_igniter(
-    args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m igniter *args`` in ``cwd``; returns the completed process (text output).
-    ``env``: variables added to the test environment (:func:`igniter_env`)."""
+    ``env``: variables added to the test environment (:func:`igniter_env`); ``preexec_fn``: run
+    in the child before it starts Python (e.g. ``resource.setrlimit``)."""
     return subprocess.run(
         [sys.executable, "-m", "igniter", *args],
         cwd=cwd,
@@ -42,16 +48,22 @@ def run_igniter(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
 
 
 def run_together(
-    arg_lists: list[list[str]], cwd: Path, timeout: float = 300, envs: list[dict[str, str]] | None = None
+    arg_lists: list[list[str]],
+    cwd: Path,
+    timeout: float = 300,
+    envs: list[dict[str, str]] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> list[subprocess.CompletedProcess]:
     """Run ``python -m igniter`` once per argument list, all at once (the host has cores to spare
     while each start-up imports); returns their completed processes in order. A run still going
     after ``timeout`` seconds fails the test (every run is killed first). ``envs``: variables
-    added to each run's environment (one dict per argument list)."""
+    added to each run's environment (one dict per argument list); ``preexec_fn``: as for
+    :func:`run_igniter`, in every child."""
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "igniter", *args],
@@ -60,6 +72,7 @@ def run_together(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=preexec_fn,
         )
         for i, args in enumerate(arg_lists)
     ]

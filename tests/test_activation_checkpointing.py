@@ -116,6 +116,23 @@ def test_the_meter_counts_saved_activations_as_by_hand():
     assert (meter.without, meter.with_checkpointing) == (5 * one, 6 * one)
 
 
+def test_the_meter_counts_each_micro_batch_though_its_addresses_are_reused():
+    """4 forward and backward passes of 256 x 512 floats, one after the other (gradient
+    accumulation): the allocator hands a freed pass's addresses to the next, whose tensors the
+    meter counts all the same: a quarter of the 4 passes' bytes is one pass's."""
+    from igniter.activation_memory import ActivationMeter
+
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU()) for _ in range(4)])
+    with ActivationMeter(model, list(model)) as one:
+        model(torch.randn(256, 512)).sum().backward()
+    with ActivationMeter(model, list(model)) as four:
+        for _ in range(4):
+            model(torch.randn(256, 512)).sum().backward()
+    four.micro_batches = 4
+    assert one.without == 5 * 256 * 512 * 4  # the input and the 4 ReLU outputs
+    assert (four.without, four.with_checkpointing) == (one.without, one.with_checkpointing)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     from igniter.prepare_text import prepare_text
@@ -132,12 +149,22 @@ def test_check_prints_the_activation_estimate_with_and_without(shards, capsys):
     from igniter.check import main
 
     vocab = json.loads((shards / "meta.json").read_text())["vocab_size"]
-    assert main([*_tiny(shards, vocab), "trainer.activation_checkpointing=[GPT2Block]"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("activations"))
+    # 2 micro-batches of 8: the measured figures are one micro-batch's (the second one's tensors
+    # reuse the first one's freed addresses, and are counted all the same)
+    args = [*_tiny(shards, vocab), "trainer.activation_checkpointing=[GPT2Block]", "trainer.accumulate_grad_batches=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    line = next(x for x in out if x.strip().startswith("activations"))
     assert "without activation checkpointing" in line and "2 x GPT2Block recomputed" in line, line
+    assert "measured on one forward pass of 8 samples (a micro-batch)" in line, line
     units = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
     without, with_ = (float(v) * units[u] for v, u in re.findall(r"([\d.]+) (B|kB|MB|GB)\b", line)[:2])
     assert with_ < without, line
+    # estimated before the step from 2 micro-batches of 2 samples, linear in the batch size: within 5%
+    ahead = next(x for x in out if x.strip().startswith("headroom"))
+    assert "measured on a step of 4 samples, x 8 (a micro-batch)" in ahead, ahead
+    value, unit = re.search(r"about ([\d.]+) (B|kB|MB|GB)\b", ahead).groups()
+    assert abs(float(value) * units[unit] - with_) <= 0.05 * with_, (ahead, line)
 
 
 # A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 3 iterations, a checkpoint at

@@ -4,11 +4,14 @@ data, a run that cannot start, the printed config. Each test runs the real comma
 from __future__ import annotations
 
 import os
+import re
+import resource
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_igniter
+from conftest import read_metrics, run_igniter, run_together
 
 SHORT = ["trainer.max_epochs=1", "data.train.subset=256", "logging.progress_bar=false"]
 
@@ -66,6 +69,15 @@ def test_check_uses_the_per_process_batch_and_lists_the_builtin_handlers(tmp_pat
     handlers = proc.stdout.split("handlers", 1)[1]
     for name in ("checkpoint", "tensorboard", "nan guard", "progress bar"):
         assert name in handlers, proc.stdout
+    # the activations estimated from a 2-sample step before the real one, x 32, against those measured on it
+    measured, estimated = (_bytes(proc.stdout, label) for label in ("activations ", "headroom   about "))
+    assert abs(estimated - measured) <= 0.05 * measured, proc.stdout
+
+
+def _bytes(out: str, label: str) -> float:
+    """The first figure in bytes after ``label`` at the start of a line of ``igniter check``'s plan."""
+    value, unit = re.search(rf"^  {label}([\d.]+) (B|kB|MB|GB)\b", out, re.M).groups()
+    return float(value) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
 
 
 def test_check_reports_an_evaluation_batch_that_fails(tmp_path):
@@ -173,3 +185,102 @@ def test_spawned_workers_report_bad_input_as_one_paragraph(tmp_path):
     assert "not a PyTorch checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert "NO_VALUE" not in proc.stderr and "object at 0x" not in proc.stderr
     assert not run.exists()
+
+
+# A model whose activations are large for its 651 parameters (tests/fixtures/my_project), on a
+# per-process batch of 1024 digits, in processes whose address space is limited to 8 GiB.
+WIDE = ["imports=[my_project]", "model.name=wide_activations", "data.loader.batch_size=1024"]
+# its products of every pair of samples: 525 MB of activations estimated from 2 samples, a
+# first allocation of 268 GB in the real step (quadratic in the batch size)
+PAIRWISE = ["model.params.hidden=[1000]", "+model.params.pairwise=true"]
+
+
+def _address_space_8_gib() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY))
+
+
+@pytest.fixture(scope="module")
+def too_large(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Three commands run together, each limited to 8 GiB of address space (RLIMIT_AS): a check
+    whose activations (25.6 MB per sample x 1024 = 26 GB) exceed it, a check and a real run of
+    :data:`PAIRWISE`. Returns each one's process and its working directory (the run's directory
+    is elsewhere)."""
+    cwd, run = tmp_path_factory.mktemp("too_large"), tmp_path_factory.mktemp("too_large_run") / "run"
+    commands = {
+        "refused": ["check", *WIDE, "model.params.hidden=[100000]"],
+        "check_oom": ["check", *WIDE, *PAIRWISE],
+        "run_oom": [*WIDE, *PAIRWISE, "trainer.max_epochs=1", "logging.progress_bar=false", f"output_dir={run}"],
+    }
+    procs = run_together(list(commands.values()), cwd, preexec_fn=_address_space_8_gib)
+    return {name: (proc, cwd if name != "run_oom" else run) for name, proc in zip(commands, procs)}
+
+
+def test_check_refuses_a_step_whose_activations_do_not_fit_and_names_the_batch_size(too_large):
+    """The step is not run (without the limit it could have been OOM-killed without a word)."""
+    proc, cwd = too_large["refused"]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    _one_paragraph(err)
+    for needle in (
+        "data.loader.batch_size = 1024", "26.2 GB of activations", "RLIMIT_AS", "the step was not run",
+        "trainer.activation_checkpointing", "trainer.accumulate_grad_batches", "runner.nproc_per_node",
+    ):  # fmt: skip
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    fits = int(re.search(r"About data.loader.batch_size=(\d+) fits here", err).group(1))
+    assert 0 < fits < (8 << 30) / 25.6e6, err
+    # the plan it has: parameters, gradients and optimizer state, and the estimate
+    assert "per rank 2.6 kB parameters, 2.6 kB gradients, 5.22 kB optimizer state" in proc.stdout, proc.stdout
+    assert "activations about 26.2 GB" in proc.stdout and "linear in the batch size" in proc.stdout, proc.stdout
+    assert "one training step and one evaluation batch ran" not in proc.stdout
+    assert not any(cwd.iterdir())
+
+
+def test_check_reports_a_step_that_runs_out_of_memory_all_the_same(too_large):
+    """The estimate fits, the real step's allocation fails: the same paragraph, not a traceback
+    and not 'the model cannot take the data'."""
+    proc, cwd = too_large["check_oom"]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    _one_paragraph(err)
+    for needle in (
+        "data.loader.batch_size = 1024",
+        "training step of 1024 samples",
+        "ran out of memory",
+        "estimated at",
+    ):
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert "cannot take" not in err
+    assert not any(cwd.iterdir())
+
+
+def test_a_run_whose_first_step_runs_out_of_memory_names_the_batch_size(too_large):
+    proc, run = too_large["run_oom"]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.split("igniter: the batch does not fit", 1)[-1]
+    _one_paragraph(err)
+    for needle in ("data.loader.batch_size = 1024", "first training step ran out of memory", "float32[1024, 64]"):
+        assert needle in err, f"{needle!r} not in:\n{proc.stderr}"
+    assert "cannot take" not in err
+    assert "Traceback" in (run / "rank0.log").read_text(), "the full traceback goes to the rank log"
+
+
+def test_the_memory_left_under_a_cgroup_limit_is_read_from_v2_and_v1_files(tmp_path):
+    """The headroom ``igniter check`` compares with (igniter.activation_memory): limit less usage,
+    inactive file cache (reclaimable) not counted as used, the smallest where several are set."""
+    from igniter.activation_memory import _cgroup_headroom
+
+    assert _cgroup_headroom(tmp_path) is None  # no files: no limit
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("500\n")
+    assert _cgroup_headroom(tmp_path) is None  # v2 without a limit
+    (tmp_path / "memory.max").write_text("2000\n")
+    (tmp_path / "memory.stat").write_text("anon 300\ninactive_file 100\nactive_file 100\n")
+    assert _cgroup_headroom(tmp_path) == 2000 - 500 + 100
+    v1 = tmp_path / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (v1 / "memory.usage_in_bytes").write_text("100\n")
+    assert _cgroup_headroom(tmp_path) == 1600
+    (v1 / "memory.limit_in_bytes").write_text("1100\n")
+    (v1 / "memory.stat").write_text("total_inactive_file 50\n")
+    assert _cgroup_headroom(tmp_path) == 1100 - 100 + 50

@@ -275,3 +275,23 @@ def test_hsdp_over_nccl(tmp_path):
     assert_learned(metrics)
     assert_on_cuda(metrics, text)
     assert f"HSDP: 2 replica groups x {gpus // 2} shards" in text
+
+
+def test_check_on_cuda_refuses_a_step_larger_than_the_free_memory_and_reports_cuda_oom(tmp_path):
+    """``igniter check`` on a GPU: activations of 256 MB per sample x 1024 (262 GB, estimated
+    from 2 samples) exceed the device's free memory: refused before the step, exit 2 naming
+    data.loader.batch_size; the pairwise model's real step (a 268 GB allocation) raises CUDA's
+    OutOfMemoryError: the same paragraph. Digits (scikit-learn) with the fixture model."""
+    if importlib.util.find_spec("sklearn") is None:
+        pytest.skip("needs scikit-learn (the digits dataset)")
+    wide = ["check", "imports=[my_project]", "model.name=wide_activations", "data.loader.batch_size=1024"]
+    refused = run_igniter([*wide, "model.params.hidden=[1000000]"], tmp_path, timeout=TIMEOUT)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    for needle in ("data.loader.batch_size = 1024", "the step was not run", "free memory of cuda"):
+        assert needle in refused.stderr, refused.stderr
+    oom = run_igniter([*wide, "model.params.hidden=[1000]", "+model.params.pairwise=true"], tmp_path, timeout=TIMEOUT)
+    assert oom.returncode == 2, oom.stdout + oom.stderr
+    for needle in ("data.loader.batch_size = 1024", "ran out of memory", "CUDA out of memory"):
+        assert needle in oom.stderr, oom.stderr
+    assert "Traceback" not in refused.stderr + oom.stderr
+    assert not any(tmp_path.iterdir())
