@@ -96,12 +96,18 @@ def make_loader(
         equal_batches: evaluation only: the same number of batches on every rank.
 
     Raises:
+        ConfigError: training with ``drop_last`` on fewer samples than one global batch.
         RegistryError: ``data.loader.collate_fn`` is not registered.
     """
     world_size, rank = idist.get_world_size(), idist.get_rank()
     tail = ("drop" if cfg.drop_last else "pad") if train else ("pad" if equal_batches else "none")
     shuffle = cfg.shuffle and train
-    sampler = ShardedSampler(dataset, world_size, rank, batch_size, shuffle, seed, tail, with_epoch=True)
+    try:
+        sampler = ShardedSampler(dataset, world_size, rank, batch_size, shuffle, seed, tail, with_epoch=True)
+    except ValueError as e:  # fewer samples than one global batch
+        raise ConfigError(
+            [Problem("data.loader.batch_size", f"{key} ({name}): {e}", batch_size)], "cannot build the run"
+        ) from None
     batches = BatchSampler(sampler, batch_size // world_size, drop_last=False)
     collate = function_registry.get(cfg.collate_fn, "data.loader.collate_fn") if cfg.collate_fn else None
     workers = workers_per_process(cfg.num_workers, idist.get_nproc_per_node())

@@ -118,6 +118,17 @@ def test_a_missing_data_file_leaves_no_run_directory(tmp_path):
     assert not run.exists(), f"left behind: {sorted(p.name for p in run.rglob('*'))}"
 
 
+def test_a_global_batch_larger_than_the_dataset_is_one_paragraph_naming_the_batch_size(tmp_path):
+    """256 training digits (SHORT) and a global batch of 4,096 with drop_last (the default): no full
+    batch. Was a ValueError traceback from the sampler (exit 1) and a run directory."""
+    run = tmp_path / "run"
+    proc = run_igniter([*SHORT, "data.loader.batch_size=4096", f"output_dir={run}"], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "data.loader.batch_size = 4096: data.train (digits): the dataset has 256 samples" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not run.exists(), f"left behind: {sorted(p.name for p in run.rglob('*'))}"
+
+
 def test_a_failed_start_in_an_existing_run_changes_none_of_its_files(tmp_path):
     run = tmp_path / "run"
     assert run_igniter([*SHORT, f"output_dir={run}"], tmp_path).returncode == 0
