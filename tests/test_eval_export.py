@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import igniter_env, run_igniter
+from conftest import igniter_env, run_igniter, run_together
 
 from igniter.checkpoint.files import CheckpointInvalid, check_checkpoint, checkpoint_files
 from igniter.models import MLP
@@ -162,18 +162,21 @@ def test_eval_of_a_bad_file_reports_the_checkpoint_before_the_config(digits_run,
 
 @pytest.mark.slow  # two spawned processes
 def test_eval_with_a_config_group_choice_runs_two_processes(digits_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(digits_run, run)
+    """The same checkpoint evaluated by one process and, through a group choice or a dotted key,
+    by two (the three evaluations run at once, each in its own copy of the run)."""
+    choices = {
+        "single": [],
+        "group": ["runner=spawn", "runner.nproc_per_node=2"],
+        "dotted": ["runner.name=spawn", "runner.nproc_per_node=2"],
+    }
+    for name in choices:
+        shutil.copytree(digits_run, tmp_path / name)
+        (tmp_path / name / "eval_metrics.json").unlink(missing_ok=True)
+    procs = run_together([["eval", str(tmp_path / name), *overrides] for name, overrides in choices.items()], tmp_path)
     results = {}
-    for name, overrides in [
-        ("single", []),
-        ("group", ["runner=spawn", "runner.nproc_per_node=2"]),
-        ("dotted", ["runner.name=spawn", "runner.nproc_per_node=2"]),
-    ]:
-        (run / "eval_metrics.json").unlink(missing_ok=True)
-        proc = run_igniter(["eval", str(run), *overrides], tmp_path)
+    for name, proc in zip(choices, procs):
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
-        results[name] = json.loads((run / "eval_metrics.json").read_text())
+        results[name] = json.loads((tmp_path / name / "eval_metrics.json").read_text())
     assert results["single"]["world_size"] == 1
     for name in ("group", "dotted"):
         assert results[name]["world_size"] == 2, results[name]
