@@ -3,9 +3,11 @@
 In-process: the same losses and gradients as without it on a tiny GPT (with dropout: the
 recomputation draws the same masks), every block's forward run twice per step, the plain
 module's checkpoint keys, a name that matches nothing, ``igniter check``'s estimate (exact on
-a model whose saved tensors are counted by hand). Real runs: FSDP + torch.compile + gradient
-accumulation and HSDP with it on 4 processes ends where the plain 1-process run ends, and a checkpoint
-of a run with it resumes without it and the other way round (torch and dcp files).
+a model whose saved tensors are counted by hand; the torch and dcp state dicts load strictly
+both ways). Real runs: FSDP + torch.compile + gradient accumulation and HSDP with it on 4
+processes ends where the plain 1-process run ends; that run's distributed checkpoint resumes
+under other mesh shapes (2 x 2 -> 1 x 4 -> 4 x 1, issue 29 item 2), without it (1 x 4) and with
+it again (4 x 1).
 Peak memory is measured by ``bench/activation_checkpointing.py``, not here.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_together
+from conftest import REPO, read_metrics, run_igniter, run_together
 
 from igniter.checkpoint.dcp import dcp_model_state
 from igniter.checkpoint.files import checkpoint_files
@@ -167,14 +169,16 @@ def test_check_prints_the_activation_estimate_with_and_without(shards, capsys):
     assert abs(float(value) * units[unit] - with_) <= 0.05 * with_, (ahead, line)
 
 
-# A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 3 iterations, a checkpoint at
-# the end of each (iteration 3 and 6), no validation; the recipe's AdamW (ends within 1e-7 here).
+# A 2-layer, 32-wide GPT on windows of 16 characters: 2 epochs of 3 iterations, a checkpoint every
+# 2 iterations and at the end of each epoch (iterations 2, 3, 4 and 6, all kept), no validation;
+# the recipe's AdamW (ends within 1e-7 here).
 def _tiny(shards: Path, vocab: int) -> list[str]:
     return [
         "experiment=shakespeare_char", f"data.root={shards}", f"model.params.vocab_size={vocab}",
         "model.params.block_size=16", "model.params.n_layer=2", "model.params.n_head=2", "model.params.n_embd=32",
         "trainer.max_epochs=2", "trainer.epoch_length=3", "data.val=null", "logging.progress_bar=false",
-        "logging.loggers=[]", "checkpoint.n_saved=3", "checkpoint.min_interval_seconds=0", "data.loader.batch_size=16",
+        "logging.loggers=[]", "checkpoint.n_saved=4", "checkpoint.every_iterations=2", "checkpoint.min_interval_seconds=0",
+        "data.loader.batch_size=16",
     ]  # fmt: skip
 
 
@@ -188,23 +192,34 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (k, (a[k] - b[k]).abs().max())
 
 
+# The 4-process settings of the runs below (FSDP with each GPT2Block a unit, 2 micro-batches) and
+# the handlers: every global batch's samples (``record_windows``, tag ``$RUN_TAG``) and, at the
+# end, every rank's parameter bytes (``record_param_bytes``); runner.fsdp.replicate is added.
+AC = "trainer.activation_checkpointing=[GPT2Block]"
+HSDP = [
+    "runner=spawn", "runner.nproc_per_node=4", "runner.strategy=fsdp", "runner.fsdp.shard_modules=[GPT2Block]",
+    "trainer.accumulate_grad_batches=2", "imports=[my_project]",
+    "+handlers=[{name: record_param_bytes, event: COMPLETED}, {name: record_windows, event: ITERATION_COMPLETED}]",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory) -> dict[str, Path]:
     """The plain 1-process run and, side by side, a 4-process run with everything at once: HSDP
     (``runner.fsdp.replicate=2``: 2 replica groups x 2 shards, each GPT2Block a unit),
     torch.compile (TorchDynamo with the eager backend, to keep the test short; aot_eager on 2
     processes, checked by hand, ends within 1e-7 too), 2 micro-batches and activation
-    checkpointing; every rank records its parameter bytes (``record_param_bytes``)."""
+    checkpointing (:data:`HSDP`). Both record their global batches (tags ``plain``, ``2x2``)."""
     cwd = tmp_path_factory.mktemp("ac_runs")
     vocab = json.loads((shards / "meta.json").read_text())["vocab_size"]
     base = _tiny(shards, vocab)
-    all_on = [
-        "runner=spawn", "runner.nproc_per_node=4", "runner.strategy=fsdp", "runner.fsdp.shard_modules=[GPT2Block]",
-        "runner.fsdp.replicate=2", "+trainer.compile.backend=eager", "trainer.accumulate_grad_batches=2",
-        "trainer.activation_checkpointing=[GPT2Block]", "imports=[my_project]",
-        "+handlers=[{name: record_param_bytes, event: COMPLETED}]",
-    ]  # fmt: skip
-    procs = run_together([[*base, f"output_dir={cwd / 'plain'}"], [*base, *all_on, f"output_dir={cwd / 'all'}"]], cwd)
+    plain = ["imports=[my_project]", "+handlers=[{name: record_windows, event: ITERATION_COMPLETED}]"]
+    all_on = [*HSDP, "runner.fsdp.replicate=2", "+trainer.compile.backend=eager", AC]
+    procs = run_together(
+        [[*base, *plain, f"output_dir={cwd / 'plain'}"], [*base, *all_on, f"output_dir={cwd / 'all'}"]],
+        cwd,
+        envs=[{"RUN_TAG": "plain"}, {"RUN_TAG": "2x2"}],
+    )
     for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"plain": cwd / "plain", "all": cwd / "all", "cwd": cwd, "base": base}  # type: ignore[dict-item]
@@ -226,29 +241,55 @@ def test_with_hsdp_compile_and_accumulation_it_ends_where_the_plain_run_ends(run
 
 
 @pytest.mark.slow
-def test_a_checkpoint_resumes_with_it_switched_on_or_off(runs):
-    """The plain run's torch file of iteration 3 resumed with activation checkpointing (``resume=``
-    its path), and the checkpointed HSDP run's dcp directory of iteration 3 resumed without it,
-    in 1 process (a copy of that run whose newest checkpoint it is, ``resume=auto``): both end
-    where the plain run ends."""
-    cwd, base = runs["cwd"], runs["base"]
-    shutil.copytree(runs["all"], cwd / "off")
-    for later in checkpoint_files(cwd / "off" / "checkpoints"):
-        if "_3." not in later.name:
+def test_hsdp_checkpoints_resume_across_mesh_shapes_with_the_same_global_batches(runs, tmp_path):
+    """Issue 29, item 2: the 2 x 2 HSDP run stopped at iteration 2 (mid-epoch; a copy of it whose
+    newest checkpoint is that of iteration 2), resumed as 1 x 4 (``replicate=1``, plain FSDP over
+    4 processes: each dcp shard read into another layout; and without activation checkpointing)
+    and SIGKILLed at iteration 5 once the checkpoint of 4 (mid-epoch 2) is on disk
+    (``die_once``), then resumed as 4 x 1 (4 replica groups of 1: every rank holds the whole
+    model; activation checkpointing on again: a resume with it switched off, then on) to the end.
+    Every global batch after each resume
+    holds the uninterrupted run's samples in its order (the 1-process run's, which the 2 x 2
+    run's equal), and the run ends allclose to it. Without compile (the same numerics as the
+    2 x 2 run's eager backend; shorter)."""
+    from test_sharding import global_batches
+
+    run, marker = tmp_path / "run", tmp_path / "died"
+    shutil.copytree(runs["all"], run)
+    for later in checkpoint_files(run / "checkpoints"):
+        if not later.name.endswith("_2.dcp"):
             shutil.rmtree(later)
-    middle = {
-        "on": next(p for p in checkpoint_files(runs["plain"] / "checkpoints") if "_3." in p.name),
-        "off": checkpoint_files(cwd / "off" / "checkpoints")[0],
-    }
-    procs = run_together(
-        [
-            [*base, f"resume={middle['on']}", "trainer.activation_checkpointing=[GPT2Block]", f"output_dir={cwd / 'on'}"],
-            [*base, f"output_dir={cwd / 'off'}"],
-        ],
-        cwd,
-    )  # fmt: skip
-    reference = _weights(checkpoint_files(runs["plain"] / "checkpoints")[0])
-    for proc, name in zip(procs, ("on", "off")):
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"resumed from {middle[name]}" in (cwd / name / "rank0.log").read_text()
-        _assert_close(reference, _weights(checkpoint_files(cwd / name / "checkpoints")[0]))
+    for stale in run.glob("param_bytes_rank*.txt"):
+        stale.unlink()
+    (start,) = checkpoint_files(run / "checkpoints")
+
+    def shape(replicate: int, *extra: str) -> list[str]:
+        return [
+            *runs["base"], *HSDP, *extra, f"runner.fsdp.replicate={replicate}", f"output_dir={run}", "trainer.step=die_once",
+            "+trainer.step_params.iteration=[5]", "+trainer.step_params.after=[4]",
+            f"+trainer.step_params.checkpoints={run / 'checkpoints'}",
+        ]  # fmt: skip
+
+    env = {"DIE_ONCE_MARKER": str(marker)}
+    killed = run_igniter(shape(1), runs["cwd"], env={**env, "RUN_TAG": "1x4"})
+    assert killed.returncode != 0 and Path(f"{marker}.5").exists(), killed.stderr[-3000:]
+    middle = checkpoint_files(run / "checkpoints")[0]
+    assert middle.name.endswith("_4.dcp"), middle
+    proc = run_igniter(shape(4, AC), runs["cwd"], env={**env, "RUN_TAG": "4x1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    log = (run / "rank0.log").read_text()
+    assert f"resumed from {start}" in log and f"resumed from {middle}" in log
+    assert "HSDP: 2 replica groups x 2 shards" in log and "HSDP: 4 replica groups x 1 shards" in log
+    assert log.count("activation checkpointing: 2 modules (GPT2Block)") == 2, "the 2 x 2 and 4 x 1 parts, not 1 x 4"
+    for rank in range(4):  # 4 x 1: each rank's parameters are the whole model's
+        local, whole = (int(v) for v in (run / f"param_bytes_rank{rank}.txt").read_text().split())
+        assert local == whole, (rank, local, whole)
+    reference = global_batches(runs["plain"], "plain")
+    assert sorted(reference) == list(range(1, 7)) and all(len(b) == 16 for b in reference.values())
+    assert global_batches(runs["all"], "2x2") == reference, "2 x 2: other samples or order"
+    for tag, iterations in (("1x4", [3, 4]), ("4x1", [5, 6])):
+        batches = global_batches(run, tag)
+        assert sorted(batches) == iterations, (tag, sorted(batches))
+        assert all(batches[i] == reference[i] for i in iterations), f"{tag}: other samples or order after the resume"
+    _assert_close(_weights(checkpoint_files(runs["plain"] / "checkpoints")[0]), _weights(checkpoint_files(run / "checkpoints")[0]))  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUCKET, igniter_env, read_metrics, run_igniter
+from conftest import BUCKET, igniter_env, read_metrics, run_igniter, run_together
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -292,9 +292,12 @@ def test_fsdp_checkpoints_to_s3_killed_mid_save_resume_by_one_and_by_three_proce
             "IGNITER_CACHE_DIR": str(cache),
         }
 
-    (reference := tmp_path / "reference").mkdir()
-    ref = igniter([*SHARDING, "runner=single", f"output_dir={reference}"], tmp_path, env("reference"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    (reference := tmp_path / "reference").mkdir()  # the uninterrupted run, side by side with the killed one
+    with open(tmp_path / "reference.err", "w") as err:  # a file: a pipe nobody reads can fill up
+        ref = subprocess.Popen(
+            [sys.executable, "-m", "igniter", *SHARDING, "runner=single", f"output_dir={reference}"],
+            cwd=tmp_path, env=env("reference"), stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
     url, out = f"s3://{BUCKET}/sharded", tmp_path / "run"
     args = [*SHARDING, *saver, f"checkpoint.dir={url}", f"output_dir={out}"]
     killed_env = {**env("killed"), "STALL_UPLOAD_AT": "16", "STALL_UPLOAD_MARKER": str(stalled)}
@@ -309,6 +312,7 @@ def test_fsdp_checkpoints_to_s3_killed_mid_save_resume_by_one_and_by_three_proce
         time.sleep(0.1)
     os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
     job.wait(timeout=60)
+    assert ref.wait(timeout=600) == 0, (tmp_path / "reference.err").read_text()[-3000:]
     fs, root = open_store(url)
     fs.invalidate_cache()
     assert any(p.endswith("last_checkpoint_16.dcp/.metadata") for p in fs.find(root)), "killed after the shards"
@@ -318,11 +322,9 @@ def test_fsdp_checkpoints_to_s3_killed_mid_save_resume_by_one_and_by_three_proce
         fs.copy(path, f"{BUCKET}/sharded3/{path[len(root) + 1 :]}")
     shutil.copytree(out, out3)
 
-    resumed = igniter([*args, "runner=single"], tmp_path, env("resumed"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     three = [*SHARDING, *saver, f"checkpoint.dir={url3}", f"output_dir={out3}", *TWO, "runner.nproc_per_node=3", *FSDP]
-    resumed3 = igniter(three, tmp_path, env("resumed3"))
-    assert resumed3.returncode == 0, resumed3.stderr[-3000:]
+    for proc in run_together([[*args, "runner=single"], three], tmp_path, 600, [env("resumed"), env("resumed3")]):
+        assert proc.returncode == 0, proc.stderr[-3000:]
     expected = global_batches(reference, "reference")
     for where, run_dir, tag in ((url, out, "resumed"), (url3, out3, "resumed3")):
         log = (run_dir / "rank0.log").read_text()

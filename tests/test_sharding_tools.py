@@ -300,6 +300,47 @@ def test_strategy_settings_that_cannot_work_exit_2_naming_the_key(overrides, key
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
+def test_hsdp_by_default_shards_within_a_node_replicates_across_nodes_and_says_so_once(monkeypatch, caplog):
+    """``shard_model`` on 2 nodes of 2 processes with ``runner.fsdp.replicate`` unset builds the 2 x 2
+    mesh (replicate across the nodes, shard within each) and rank 0 alone logs it, once, as the
+    default; ``replicate=1``: the 1-D mesh over all 4 and no HSDP line. The mesh and the sharding
+    are recorded, not built (the decision needs no processes; 4 real ones run HSDP in
+    test_activation_checkpointing)."""
+    import logging
+
+    import ignite.distributed as idist
+    import torch.distributed.device_mesh as device_mesh
+    import torch.distributed.fsdp as fsdp_module
+    from omegaconf import OmegaConf
+
+    from igniter.config import FsdpConfig
+    from igniter.parallel.strategy import shard_model
+
+    meshes: list[tuple] = []
+    rank = [0]
+    monkeypatch.setattr(idist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(idist, "get_nnodes", lambda: 2)
+    monkeypatch.setattr(idist, "get_rank", lambda: rank[0])
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda _d, shape, mesh_dim_names=None: meshes.append((shape, mesh_dim_names)))  # fmt: skip
+    monkeypatch.setattr(fsdp_module, "fully_shard", lambda module, **_: module)
+    caplog.set_level(logging.INFO, logger="igniter")
+
+    def shard(rank_: int, **fsdp) -> list[str]:
+        rank[0] = rank_
+        caplog.clear()
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        shard_model(model, OmegaConf.structured(FsdpConfig(shard_modules=["Linear"], **fsdp)), "32")
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("HSDP")]
+
+    assert shard(0) == [
+        "HSDP: 2 replica groups x 2 shards (the default on 2 nodes: sharded within a node, replicated across nodes;"
+        " runner.fsdp.replicate=1 shards over every process)"
+    ]
+    assert shard(1) == [] and meshes == [((2, 2), ("replicate", "shard"))] * 2, meshes
+    assert shard(0, replicate=1) == [] and meshes[-1] == ((4,), None)
+    assert shard(0, replicate=4) == ["HSDP: 4 replica groups x 1 shards (runner.fsdp.replicate; parameters sharded within a group)"]  # fmt: skip
+
+
 def test_hsdp_replica_groups_default_to_the_nodes_and_must_divide_the_world(capsys):
     from omegaconf import OmegaConf
 

@@ -165,8 +165,12 @@ def test_usr2_saves_requeues_resumes_and_matches_uninterrupted(slurm, tmp_path):
         "trainer.seed=5",
         "logging.progress_bar=false",
     ]
-    reference = run_igniter([*train, f"output_dir={tmp_path / 'reference'}"], tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    # the uninterrupted run, side by side with the job (its steps mostly sleep)
+    with open(tmp_path / "reference.err", "w") as errors:  # a file: a pipe nobody reads can fill up
+        reference = subprocess.Popen(
+            [sys.executable, "-m", "igniter", *train, f"output_dir={tmp_path / 'reference'}"],
+            cwd=tmp_path, env=igniter_env(), stdout=subprocess.DEVNULL, stderr=errors,
+        )  # fmt: skip
 
     cwd = tmp_path / "slurm_job"
     cwd.mkdir()
@@ -195,7 +199,10 @@ def test_usr2_saves_requeues_resumes_and_matches_uninterrupted(slurm, tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+        if sys.exc_info()[0] is not None:
+            reference.kill()
     assert launcher.returncode == 0, err[-3000:]
+    assert reference.wait(timeout=300) == 0, (tmp_path / "reference.err").read_text()[-3000:]
     (job,) = job_dirs(cwd)
     log = (job / "rank0.log").read_text()
     assert "SLURM signal SIGUSR2" in log and "requeued" in log

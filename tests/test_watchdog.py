@@ -200,7 +200,7 @@ def test_sigstop_of_a_spawned_worker_ends_the_job_named_and_the_same_command_res
         "-m",
         "igniter",
         *SPAWN,
-        "runner.hang_timeout_s=20",
+        "runner.hang_timeout_s=10",
         "trainer.max_epochs=2",
         "checkpoint.every_iterations=10",
         _pid_handler(30),

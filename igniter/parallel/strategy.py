@@ -233,11 +233,14 @@ def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.M
             idist.device().type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard")
         )
         if idist.get_rank() == 0:
-            logger.info(
-                "HSDP: %d replica groups x %d shards (runner.fsdp.replicate; parameters sharded within a group)",
-                replicate,
-                world // replicate,
+            chosen = fsdp.get("replicate") if hasattr(fsdp, "get") else getattr(fsdp, "replicate", None)
+            why = (
+                "runner.fsdp.replicate; parameters sharded within a group"
+                if chosen is not None
+                else f"the default on {replicate} nodes: sharded within a node, replicated across nodes;"
+                " runner.fsdp.replicate=1 shards over every process"
             )
+            logger.info("HSDP: %d replica groups x %d shards (%s)", replicate, world // replicate, why)
     else:
         mesh = init_device_mesh(idist.device().type, (world,))
     dtype = PRECISIONS.get(str(precision))  # the autocast dtype of trainer.precision (None: float32)
