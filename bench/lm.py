@@ -10,8 +10,9 @@ offset, global batch 12, AdamW with decay on matrices, warm-up + cosine learning
 1.0). The hand-written loop (:func:`hand_loop`) builds the same ``causal_lm`` and
 ``token_shards`` dataset and loops over a ``DataLoader`` with a ``DistributedSampler`` (2
 processes: ``torch.multiprocessing`` spawn, gloo, ``DistributedDataParallel``), ``autocast``
-for bf16; every process uses ``--threads`` intra-op threads (default 1, igniter's
-``runner.threads_per_process``). igniter runs its default run (progress bar, TensorBoard, checkpoints at its default
+for bf16; ``--threads N`` gives every process of both variants N intra-op threads (igniter's
+``runner.threads_per_process``); the default, 0, leaves each variant its own default (igniter's:
+usable cores / processes on the node; the loop's: PyTorch's, ``torch.get_num_threads()``). igniter runs its default run (progress bar, TensorBoard, checkpoints at its default
 cadence; validation off: the loop has none).
 
 Both are timed the same way, from inside the training process (rank 0): the time at every
@@ -79,7 +80,8 @@ def _hand_worker(rank: int, world: int, args: dict[str, Any], port: int) -> None
     from igniter.solver import adamw_matrices
     from igniter.token_shards import TokenShards
 
-    torch.set_num_threads(args["threads"])
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(1337)
@@ -149,7 +151,7 @@ def run_variant(variant: str, config: str, shards: str, iterations: int, threads
             f"trainer.precision={precision}",
             "trainer.max_epochs=1",
             f"trainer.epoch_length={iterations}",
-            f"runner.threads_per_process={threads}",
+            *([f"runner.threads_per_process={threads}"] if threads else []),
             "imports=[lm]",
             "+handlers=[{name: bench_lm_clock, event: ITERATION_COMPLETED}]",
             f"output_dir={out}",
@@ -177,7 +179,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=60, help="iterations per run")
     parser.add_argument("--warmup", type=int, default=10, help="first iterations not timed")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process, both variants")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads per process, both variants (0: each one's default)"
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lm.json")
     args = parser.parse_args()
@@ -221,7 +225,8 @@ def main() -> None:
             f"ratio {statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}]  target >= 0.95: {met}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"iterations": args.iterations, "warmup": args.warmup, "results": rows}, indent=2))
+    meta = {"iterations": args.iterations, "warmup": args.warmup, "threads": args.threads or "each variant's default"}
+    args.out.write_text(json.dumps({**meta, "results": rows}, indent=2))
     print(f"written to {args.out}")
 
 
