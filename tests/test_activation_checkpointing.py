@@ -243,7 +243,8 @@ def test_with_hsdp_compile_and_accumulation_it_ends_where_the_plain_run_ends(run
 @pytest.mark.slow
 def test_hsdp_checkpoints_resume_across_mesh_shapes_with_the_same_global_batches(runs, tmp_path):
     """Issue 29, item 2: the 2 x 2 HSDP run stopped at iteration 2 (mid-epoch; a copy of it whose
-    newest checkpoint is that of iteration 2), resumed as 1 x 4 (``replicate=1``, plain FSDP over
+    newest checkpoint is that of iteration 2), resumed as 1 x 4 (``resume=`` that ``.dcp`` directory;
+    ``replicate=1``, plain FSDP over
     4 processes: each dcp shard read into another layout; and without activation checkpointing)
     and SIGKILLed at iteration 5 once the checkpoint of 4 (mid-epoch 2) is on disk
     (``die_once``), then resumed as 4 x 1 (4 replica groups of 1: every rank holds the whole
@@ -271,7 +272,8 @@ def test_hsdp_checkpoints_resume_across_mesh_shapes_with_the_same_global_batches
         ]  # fmt: skip
 
     env = {"DIE_ONCE_MARKER": str(marker)}
-    killed = run_igniter(shape(1), runs["cwd"], env={**env, "RUN_TAG": "1x4"})
+    # resume= names the .dcp directory (the 4 x 1 part resumes with the default, resume=auto)
+    killed = run_igniter([*shape(1), f"resume={start}"], runs["cwd"], env={**env, "RUN_TAG": "1x4"})
     assert killed.returncode != 0 and Path(f"{marker}.5").exists(), killed.stderr[-3000:]
     middle = checkpoint_files(run / "checkpoints")[0]
     assert middle.name.endswith("_4.dcp"), middle
