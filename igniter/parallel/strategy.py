@@ -201,9 +201,14 @@ def shard_units(model: torch.nn.Module, names: list[str], min_params: int) -> li
     return matching_modules(model, names)
 
 
+def _configured_replicate(fsdp: Any) -> int | None:
+    """``runner.fsdp.replicate`` as set (``None``: unset), from a config section or a dataclass."""
+    return fsdp.get("replicate") if hasattr(fsdp, "get") else getattr(fsdp, "replicate", None)
+
+
 def replica_groups(fsdp: Any, world_size: int, nnodes: int) -> int:
     """The replica groups of ``runner.fsdp.replicate`` (``None``: ``nnodes``, shard within a node)."""
-    replicate = fsdp.get("replicate") if hasattr(fsdp, "get") else getattr(fsdp, "replicate", None)
+    replicate = _configured_replicate(fsdp)
     if replicate is None:
         replicate = nnodes if nnodes > 1 and world_size % nnodes == 0 else 1
     return int(replicate)
@@ -233,10 +238,9 @@ def shard_model(model: torch.nn.Module, fsdp: Any, precision: str) -> torch.nn.M
             idist.device().type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard")
         )
         if idist.get_rank() == 0:
-            chosen = fsdp.get("replicate") if hasattr(fsdp, "get") else getattr(fsdp, "replicate", None)
             why = (
                 "runner.fsdp.replicate; parameters sharded within a group"
-                if chosen is not None
+                if _configured_replicate(fsdp) is not None
                 else f"the default on {replicate} nodes: sharded within a node, replicated across nodes;"
                 " runner.fsdp.replicate=1 shards over every process"
             )
