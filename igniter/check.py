@@ -24,11 +24,13 @@ word. A step that runs out of memory all the same (an allocation that fails) is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from ignite.engine import Engine
@@ -45,7 +47,7 @@ from igniter.errors import report_problems as _report
 from igniter.flops import compute_dtype
 from igniter.launch.runners import make_runner
 from igniter.parallel.strategy import checkpointed_modules, replica_groups, unwrap_model
-from igniter.preflight import StepOutOfMemory, first_batch, memory_message, out_of_memory
+from igniter.preflight import MEMORY_LEVERS, StepOutOfMemory, batch_size_key, first_batch, memory_message, out_of_memory
 from igniter.profiling import profiler_options
 from igniter.registry import RegistryError, function_registry
 from igniter.summary import format_bytes
@@ -226,11 +228,11 @@ def _probe(ctx: RunContext, world_size: int, checkpointed: list[torch.nn.Module]
     meter = ActivationMeter(ctx.model, checkpointed)
     meter.micro_batches = k
     try:
-        with torch.compiler.set_stance("force_eager"), meter:
+        with _out_of_memory_as("training step", k * m), torch.compiler.set_stance("force_eager"), meter:
             Engine(inspect.unwrap(ctx.trainer._process_function)).run([batch], max_epochs=1)
-    except Exception as e:
-        if out_of_memory(e):
-            raise _OutOfMemory("training step", k * m, e) from e
+    except _OutOfMemory:
+        raise
+    except Exception:
         return None
     per_micro_batch = meter.with_checkpointing if names else meter.without  # of m samples
     return _Estimate(per_micro_batch // m, -(-per_process // k), k * m, k > 1, memory_headroom(ctx.device))
@@ -247,15 +249,27 @@ class _OutOfMemory(Exception):
         super().__init__(f"{phase}: {self.message}")
 
 
+@contextlib.contextmanager
+def _out_of_memory_as(phase: str, samples: int) -> Iterator[None]:
+    """Inside: an allocation that fails (:func:`out_of_memory`, or the first-step guard's
+    :class:`StepOutOfMemory`) raises :class:`_OutOfMemory` ``(phase, samples)``; other errors pass."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, StepOutOfMemory) or out_of_memory(e):
+            raise _OutOfMemory(phase, samples, e) from e
+        raise
+
+
 def _does_not_fit(
     cfg: DictConfig, world: int, held: int, estimate: _Estimate | None, oom: _OutOfMemory | None = None
 ) -> ConfigError:
     """The paragraph for a step too large for this process's memory: refused before it ran
     (``oom`` ``None``: ``estimate`` does not fit; ``held``: bytes of parameters, gradients and
     optimizer state per rank) or out of memory when it ran (``oom``)."""
-    key, batch = "data.loader.batch_size", cfg.data.loader.batch_size
-    if oom is not None and oom.phase.startswith("evaluation"):
-        key, batch = "data.loader.val_batch_size", cfg.data.loader.val_batch_size or batch
+    key, batch = batch_size_key(
+        cfg, "evaluation" if oom is not None and oom.phase.startswith("evaluation") else "training"
+    )
     per_process = batch // world
     if oom is not None:
         plural = "s" if oom.samples > 1 else ""
@@ -275,10 +289,8 @@ def _does_not_fit(
             f"could have ended the process without a message). {fits}"
         )
     text = (
-        f"{what}. Lower {key}, or use less memory per sample: trainer.activation_checkpointing=[<block class>] "
-        "recomputes blocks in the backward pass, trainer.accumulate_grad_batches=k runs the batch as k micro-batches, "
-        "more processes (runner.nproc_per_node) split it. `igniter check` runs the step on this machine: to check a "
-        f"job for a larger one, give it a smaller {key} (the activations scale with it)"
+        f"{what}. Lower {key}, or use less memory per sample: {MEMORY_LEVERS}. `igniter check` runs the step on "
+        f"this machine: to check a job for a larger one, give it a smaller {key} (the activations scale with it)"
     )
     return ConfigError([Problem(key, text, batch)], header="the step does not fit in this process's memory")
 
@@ -294,25 +306,17 @@ def _try_one_batch(ctx: RunContext, world_size: int, checkpointed: list[torch.nn
     """
     loader = ctx.cfg.data.loader
     collate = function_registry.get(loader.collate_fn) if loader.collate_fn else None
-    try:
+    with _out_of_memory_as("training step", loader.batch_size // world_size):
         batch = first_batch(ctx.train_set, loader.batch_size // world_size, collate)
         ctx.trainer.run([batch], max_epochs=1)
         meter = ActivationMeter(ctx.model, checkpointed)
         meter.micro_batches = ctx.cfg.trainer.accumulate_grad_batches
         with torch.compiler.set_stance("force_eager"), meter:  # the hooks see every saved tensor in eager mode
             ctx.trainer.run([batch], max_epochs=1)
-    except Exception as e:
-        if isinstance(e, StepOutOfMemory) or out_of_memory(e):
-            raise _OutOfMemory("training step", loader.batch_size // world_size, e) from e
-        raise
     if ctx.evaluator is not None:
-        val_batch = (loader.val_batch_size or loader.batch_size) // world_size
-        try:
+        val_batch = batch_size_key(ctx.cfg, "evaluation")[1] // world_size
+        with _out_of_memory_as("evaluation batch", val_batch):
             ctx.evaluator.run([first_batch(ctx.val_set, val_batch, collate)])
-        except Exception as e:
-            if isinstance(e, StepOutOfMemory) or out_of_memory(e):
-                raise _OutOfMemory("evaluation batch", val_batch, e) from e
-            raise
     return meter
 
 

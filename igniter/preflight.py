@@ -30,7 +30,16 @@ __all__ = [
     "first_batch",
     "out_of_memory",
     "memory_message",
+    "batch_size_key",
+    "MEMORY_LEVERS",
 ]
+
+#: What lowers a step's memory besides a smaller batch (the advice of every "does not fit" message).
+MEMORY_LEVERS = (
+    "trainer.activation_checkpointing=[<block class>] recomputes blocks in the backward pass, "
+    "trainer.accumulate_grad_batches=k runs the batch as k micro-batches, more processes (runner.nproc_per_node) "
+    "split it"
+)
 
 
 class StepFailed(ConfigError):
@@ -93,15 +102,20 @@ def _failure(cfg: DictConfig, phase: str, batch: Any, error: BaseException) -> S
     return StepFailed([Problem("model.name", text, cfg.model.name)], header="the model cannot take the data")
 
 
-def _too_large(cfg: DictConfig, phase: str, batch: Any, error: BaseException) -> StepOutOfMemory:
-    key, size = "data.loader.batch_size", cfg.data.loader.batch_size
+def batch_size_key(cfg: DictConfig, phase: str) -> tuple[str, int]:
+    """``(config key, global batch size)`` of ``phase``'s batches: ``data.loader.batch_size`` for
+    ``"training"``, ``data.loader.val_batch_size`` (or the training one where unset) for ``"evaluation"``."""
     if phase == "evaluation":
-        key, size = "data.loader.val_batch_size", cfg.data.loader.val_batch_size or size
+        return "data.loader.val_batch_size", cfg.data.loader.val_batch_size or cfg.data.loader.batch_size
+    return "data.loader.batch_size", cfg.data.loader.batch_size
+
+
+def _too_large(cfg: DictConfig, phase: str, batch: Any, error: BaseException) -> StepOutOfMemory:
+    key, size = batch_size_key(cfg, phase)
     text = (
         f"the first {phase} step ran out of memory on a batch of shapes and dtypes {describe_batch(batch)} per "
-        f"process ({memory_message(error)}). Lower {key}, or use less memory per sample: "
-        "trainer.activation_checkpointing=[<block class>], trainer.accumulate_grad_batches=k, more processes "
-        "(runner.nproc_per_node). `igniter check` estimates a step's activations before it runs it"
+        f"process ({memory_message(error)}). Lower {key}, or use less memory per sample: {MEMORY_LEVERS}. "
+        "`igniter check` estimates a step's activations before it runs it"
     )
     return StepOutOfMemory([Problem(key, text, size)], header="the batch does not fit in memory")
 
