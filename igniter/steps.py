@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine
 from ignite.metrics import Accuracy, Loss, Metric, TopKCategoricalAccuracy
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import default_collate
 
 from igniter.parallel.strategy import gradient_sync
@@ -193,23 +194,14 @@ def supervised_eval(
     return step
 
 
-def _rows(batch: Any) -> int:
-    """The number of samples in ``batch``: the first dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    return next(_rows(b) for b in items if isinstance(b, (torch.Tensor, Mapping, tuple, list)))
-
-
 def _first_rows(output: Any, rows: int, keep: int) -> Any:
-    """``output`` with every tensor of ``rows`` rows (first dimension) cut to its first ``keep``."""
-    if isinstance(output, torch.Tensor):
-        return output[:keep] if output.dim() and output.shape[0] == rows else output
-    if isinstance(output, Mapping):
-        return {k: _first_rows(v, rows, keep) for k, v in output.items()}
-    if isinstance(output, (tuple, list)):
-        return type(output)(_first_rows(v, rows, keep) for v in output)
-    return output
+    """``output`` (a pytree: tensors in tuples, lists, dicts) with every tensor of ``rows`` rows
+    (first dimension) cut to its first ``keep``."""
+
+    def cut(t: Any) -> Any:
+        return t[:keep] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == rows else t
+
+    return tree_map(cut, output)
 
 
 def without_padding(step: StepFn, real_samples: int, batch_size: int) -> StepFn:
@@ -232,7 +224,7 @@ def without_padding(step: StepFn, real_samples: int, batch_size: int) -> StepFn:
 
     def wrapped(engine: Engine, batch: Any) -> Any:
         output = step(engine, batch)
-        rows = _rows(batch)
+        rows = next(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)).shape[0]  # samples in the batch
         keep = real_samples - (engine.state.iteration - 1) * batch_size
         if keep >= rows:
             return output
