@@ -342,6 +342,10 @@ class RunnerConfig:
     ``threads_per_process``: PyTorch intra-op threads of each process; ``None``:
     ``OMP_NUM_THREADS`` if the user set it, else usable cores / processes on the node
     (see :mod:`igniter.launch.cpu_threads`).
+    ``malloc_trim_threshold_mb``: MiB of freed heap each process keeps for reuse instead of
+    returning it to the OS (glibc's ``M_TRIM_THRESHOLD``; blocks up to 32 MiB then come from
+    the heap); ``None``: glibc's adaptive thresholds, which can make every iteration page-fault
+    its activations in again (see :mod:`igniter.launch.cpu_heap`).
     ``hang_timeout_s``: seconds without progress on every rank after which the job is hung: the
     watchdog names the rank behind, writes the stacks to the rank logs and ends the job (exit
     status 4); ``None``: no watchdog (:mod:`igniter.supervision.watchdog`). ``requeue_on_hang``:
@@ -363,6 +367,7 @@ class RunnerConfig:
     bucket_cap_mb: Optional[float] = None
     gradient_as_bucket_view: bool = True
     threads_per_process: Optional[int] = None
+    malloc_trim_threshold_mb: Optional[float] = 1024.0
     hang_timeout_s: Optional[float] = 120.0
     requeue_on_hang: bool = False
     straggler_factor: Optional[float] = 1.2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -510,6 +511,7 @@ def test_outer_launcher_rule(env, runner, rejected, monkeypatch):
 # --- threads per process ---------------------------------------------------------------------
 
 PROBE = """
+import ctypes
 from pathlib import Path
 
 import torch
@@ -522,6 +524,26 @@ def record_threads(ctx):
     def record(engine):
         Path(ctx.output_dir, f"threads_rank{ctx.rank}.txt").write_text(str(torch.get_num_threads()))
     return record
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+@event_handler_registry("record_heap")
+def record_heap(ctx):
+    # allocate and free 4 blocks of 30 MiB: the MiB glibc served by mmap, the heap MiB kept after the free
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    def record(engine):
+        before = mallinfo2()
+        blocks = [torch.ones(30 * 2**18) for _ in range(4)]
+        during = mallinfo2()
+        del blocks
+        after = mallinfo2()
+        mmapped, kept = (during.hblkhd - before.hblkhd) >> 20, (after.arena - before.arena) >> 20
+        Path(ctx.output_dir, f"heap_rank{ctx.rank}.txt").write_text(f"{mmapped} {kept}")
+    return record
 """
 
 
@@ -531,15 +553,18 @@ def _two_cpus() -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "extra, omp, expected",
+    "extra, omp, expected, heap_kept",
     [
-        ([], None, max(1, len(_two_cpus()) // 2)),  # the rule: usable cores / 2 processes
-        (["runner.threads_per_process=2"], None, 2),
-        ([], "2", 2),
+        ([], None, max(1, len(_two_cpus()) // 2), True),  # the rule: usable cores / 2 processes
+        (["runner.threads_per_process=2", "runner.malloc_trim_threshold_mb=null"], None, 2, False),
+        ([], "2", 2, True),
     ],
-    ids=["rule", "threads_per_process", "OMP_NUM_THREADS"],
+    ids=["rule", "threads_per_process-adaptive_malloc", "OMP_NUM_THREADS"],
 )
-def test_spawn_processes_share_the_cores(extra, omp, expected, tmp_path):
+def test_spawn_processes_share_the_cores(extra, omp, expected, heap_kept, tmp_path):
+    """Every process sets its thread count, and (glibc) keeps freed heap for reuse
+    (:mod:`igniter.launch.cpu_heap`): 30 MiB blocks come from the heap and stay after the free;
+    with ``runner.malloc_trim_threshold_mb=null`` glibc's default serves them by mmap."""
     (tmp_path / "threads_probe.py").write_text(PROBE)
     env = igniter_env()
     env.pop("OMP_NUM_THREADS")
@@ -549,7 +574,7 @@ def test_spawn_processes_share_the_cores(extra, omp, expected, tmp_path):
     run = tmp_path / "run"
     args = [
         "imports=[threads_probe]",
-        "handlers=[{name: record_threads, event: STARTED}]",
+        "handlers=[{name: record_threads, event: STARTED}, {name: record_heap, event: STARTED}]",
         "trainer.max_epochs=1",
         "trainer.epoch_length=2",
         "checkpoint.enabled=false",
@@ -575,6 +600,10 @@ def test_spawn_processes_share_the_cores(extra, omp, expected, tmp_path):
     lines = [line for line in proc.stdout.splitlines() if "threads:" in line]
     assert len(lines) == 1 and f"threads: {expected} per process" in lines[0], proc.stdout[-2000:]
     assert f"threads: {expected} per process" in (run / "rank1.log").read_text()
+    if platform.libc_ver()[0] == "glibc":
+        heap = [tuple(map(int, (run / f"heap_rank{r}.txt").read_text().split())) for r in (0, 1)]
+        for mmapped, kept in heap:  # MiB of the 120 allocated (part of it may reuse free heap)
+            assert (mmapped == 0 and kept >= 100) if heap_kept else (mmapped >= 120 and kept < 20), heap
 
 
 def test_thread_choice_rules(monkeypatch):
@@ -608,14 +637,20 @@ def test_thread_choice_rules(monkeypatch):
     assert choose_threads(ThreadPlan(), 2).source == "OMP_NUM_THREADS"
 
 
-def test_threads_per_process_must_be_positive(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "override",
+    ["runner.threads_per_process=0", "runner.malloc_trim_threshold_mb=0", "runner.malloc_trim_threshold_mb=4096"],
+)
+def test_cpu_settings_out_of_range_exit_2(override, tmp_path, monkeypatch, capsys):
     from igniter.cli import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as info:
-        main(["runner=spawn", "runner.threads_per_process=0"])
+        main(["runner=spawn", override])
     assert info.value.code == 2
-    assert "  runner.threads_per_process = 0" in capsys.readouterr().err
+    key, value = override.split("=")
+    assert f"  {key} = {value}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "nothing written"
 
 
 # --- Ctrl-C ----------------------------------------------------------------------------------

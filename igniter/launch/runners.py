@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from igniter.errors import EXIT_FAILED, IgniterError, Problem, RankHung
+from igniter.launch.cpu_heap import keep_freed_memory
 from igniter.launch.cpu_threads import ThreadPlan, apply_threads, chosen
 from igniter.launch.environment import Slurm, Torchrun
 from igniter.launch.nested_launch import outer_launcher_problem
@@ -100,12 +101,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _call(local_rank: int, plan: ThreadPlan, watch: WatchPlan, fn: Callable[..., Any], *args: Any) -> None:
+def _call(
+    local_rank: int,
+    plan: ThreadPlan,
+    trim_threshold_mb: float | None,
+    watch: WatchPlan,
+    fn: Callable[..., Any],
+    *args: Any,
+) -> None:
     """Every process's entry, under every runner: its thread count
-    (:mod:`igniter.launch.cpu_threads`), its progress reports and hang watchdog
+    (:mod:`igniter.launch.cpu_threads`), the freed memory it keeps
+    (:mod:`igniter.launch.cpu_heap`), its progress reports and hang watchdog
     (:mod:`igniter.supervision.watchdog`), Ctrl-C handling
     (:mod:`igniter.launch.signals`), then ``fn(*args)``."""
     apply_threads(plan, idist.get_nproc_per_node())
+    keep_freed_memory(trim_threshold_mb)
     reporter = start_reporting(watch)
     try:
         with sigint_scope():
@@ -190,6 +200,15 @@ class Runner:
                     threads,
                 )
             )
+        trim = self.cfg.get("malloc_trim_threshold_mb")
+        if trim is not None and not 0 < trim < 2048:
+            problems.append(
+                Problem(
+                    "runner.malloc_trim_threshold_mb",
+                    "expected a size in MiB above 0 and below 2048 (or null: glibc's adaptive threshold)",
+                    trim,
+                )
+            )
         return problems
 
     def thread_plan(self) -> ThreadPlan:
@@ -234,7 +253,7 @@ class Runner:
 
     def _run(self, parallel: idist.Parallel, watch: WatchPlan, fn: Callable[..., Any], *args: Any) -> None:
         with parallel:
-            parallel.run(_call, self.thread_plan(), watch, fn, *args)
+            parallel.run(_call, self.thread_plan(), self.cfg.get("malloc_trim_threshold_mb"), watch, fn, *args)
 
 
 @runner_registry("single")
