@@ -23,7 +23,10 @@ process each, in alternating order (this shared VM's speed drifts by tens of per
 minutes: a pair run seconds apart shares the host's state). The table gives, per
 configuration, the median over rounds of igniter's tokens/s, the loop's, and of the paired
 ratio igniter/loop with the 95% confidence interval of that median (bootstrap over rounds).
-The issue's target: igniter within 5% of the loop (ratio >= 0.95).
+The issue's target: igniter within 5% of the loop (ratio >= 0.95). Beside each run's speed the
+script prints its minor page faults per iteration: a process whose C library hands the step's
+freed memory back to the OS faults it in again every iteration (igniter fixes glibc's threshold,
+:mod:`igniter.launch.cpu_heap`; the hand-written loop keeps glibc's adaptive default).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,23 +55,39 @@ try:  # registered when igniter imports this module (imports=[lm], bench/ on PYT
 
     @event_handler_registry("bench_lm_clock")
     def bench_lm_clock(ctx: Any) -> Any:
-        """Append ``time.perf_counter()`` at every iteration's end (rank 0) to ``<run dir>/clock.txt``."""
+        """Append :func:`stamp` at every iteration's end (rank 0) to ``<run dir>/clock.txt``."""
         path = Path(ctx.output_dir) / "clock.txt"
 
         def handler(engine: Any) -> None:
             if ctx.rank == 0:
                 with open(path, "a") as f:
-                    f.write(f"{time.perf_counter()}\n")
+                    f.write(stamp() + "\n")
 
         return handler
 except ImportError:  # pragma: no cover
     pass
 
 
-def iteration_seconds(stamps: list[float], warmup: int) -> float:
+def stamp() -> str:
+    """``"<time.perf_counter()> <minor page faults of this process so far>"``: one iteration's end."""
+    return f"{time.perf_counter()} {resource.getrusage(resource.RUSAGE_SELF).ru_minflt}"
+
+
+def read_stamps(path: Path) -> list[tuple[float, int]]:
+    """The ``(seconds, page faults)`` :func:`stamp` lines of one run."""
+    return [(float(t), int(f)) for t, f in (line.split() for line in path.read_text().splitlines())]
+
+
+def iteration_seconds(stamps: list[tuple[float, int]], warmup: int) -> float:
     """The median time between consecutive iteration ends, after the first ``warmup`` iterations."""
-    steps = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
+    steps = [b[0] - a[0] for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
     return statistics.median(steps)
+
+
+def faults_per_iteration(stamps: list[tuple[float, int]], warmup: int) -> float:
+    """Minor page faults per iteration after the first ``warmup`` iterations (a step that hands
+    freed memory back to the OS faults it in again: :mod:`igniter.launch.cpu_heap`)."""
+    return (stamps[-1][1] - stamps[warmup][1]) / (len(stamps) - 1 - warmup)
 
 
 def _hand_worker(rank: int, world: int, args: dict[str, Any], port: int) -> None:
@@ -114,9 +134,9 @@ def _hand_worker(rank: int, world: int, args: dict[str, Any], port: int) -> None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        stamps.append(time.perf_counter())
+        stamps.append(stamp())
     if rank == 0:
-        Path(args["out"]).write_text("\n".join(map(str, stamps)) + "\n")
+        Path(args["out"]).write_text("\n".join(stamps) + "\n")
     if world > 1:
         dist.destroy_process_group()
 
@@ -134,8 +154,10 @@ def hand_loop(shards: str, world: int, precision: str, iterations: int, threads:
     mp.spawn(_hand_worker, args=(world, args, free_port()), nprocs=world, join=True)
 
 
-def run_variant(variant: str, config: str, shards: str, iterations: int, threads: int, tmp: Path) -> list[float]:
-    """One run in a fresh process; returns rank 0's iteration end times."""
+def run_variant(
+    variant: str, config: str, shards: str, iterations: int, threads: int, tmp: Path
+) -> list[tuple[float, int]]:
+    """One run in a fresh process; returns rank 0's :func:`read_stamps`."""
     world, precision = CONFIGS[config]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     out = tmp / f"{variant}-{config}-{time.monotonic_ns()}"
@@ -164,7 +186,7 @@ def run_variant(variant: str, config: str, shards: str, iterations: int, threads
         clock = out / "clock.txt"
     if proc.returncode != 0:
         raise SystemExit(f"{variant} {config} failed:\n{proc.stderr[-3000:]}")
-    return [float(line) for line in clock.read_text().split()]
+    return read_stamps(clock)
 
 
 def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -193,6 +215,7 @@ def main() -> None:
         shards = tmp / "shards"
         prepare_text(TEXT, shards)
         results: dict[str, dict[str, list[float]]] = {c: {"igniter": [], "loop": []} for c in args.configs}
+        faults: dict[str, dict[str, list[float]]] = {c: {"igniter": [], "loop": []} for c in args.configs}
         start = time.monotonic()
         for r in range(args.rounds):
             for config in args.configs:
@@ -201,6 +224,7 @@ def main() -> None:
                     stamps = run_variant(variant, config, str(shards), args.iterations, args.threads, tmp)
                     tokens_per_s = BATCH * BLOCK / iteration_seconds(stamps, args.warmup)
                     results[config][variant].append(tokens_per_s)
+                    faults[config][variant].append(faults_per_iteration(stamps, args.warmup))
             print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - start:.0f} s)", flush=True)
 
     rows = {}
@@ -218,11 +242,18 @@ def main() -> None:
             "ratio": statistics.median(ratios),
             "ratio_ci95": [low, high],
             "rounds": {"igniter": ign, "loop": loop},
+            "page_faults_per_iteration": faults[config],
         }
         met = "MET" if low >= 0.95 else "MISSED" if high < 0.95 else "undecided"
         print(
             f"  {config:8s} igniter {statistics.median(ign):8.0f}  loop {statistics.median(loop):8.0f}  "
             f"ratio {statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}]  target >= 0.95: {met}"
+        )
+        print(
+            "           page faults per iteration, by round: igniter "
+            + " ".join(f"{f:.0f}" for f in faults[config]["igniter"])
+            + "; loop "
+            + " ".join(f"{f:.0f}" for f in faults[config]["loop"])
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"iterations": args.iterations, "warmup": args.warmup, "threads": args.threads or "each variant's default"}
