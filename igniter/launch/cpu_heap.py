@@ -8,9 +8,9 @@ activations stay with the process depends on what the process happened to free b
 When they do not, every iteration gives them back at its end and page-faults them in
 again during the next one. Measured on the reference LM recipe (``bench/lm.py``, one
 process, bf16, 2026-12-06): each iteration handed back about 15 MB, 3,700 extra page faults
-per iteration, 44-58 ms per iteration against 37 ms with the memory kept; a hand-written
-loop of the same step was fast by chance (its ``DistributedSampler`` had freed an 8 MB
-permutation early, which raised glibc's thresholds).
+per iteration, 42-58 ms per iteration against 37 ms with the memory kept; a hand-written
+loop of the same step, in a process of its own, happened to keep it (37 ms, and 0 to a few
+hundred page faults per iteration from run to run).
 
 Every process of a run therefore fixes both before it builds anything
 (:func:`keep_freed_memory`, called beside the thread count in
