@@ -183,15 +183,15 @@ def test_spawned_workers_report_bad_input_as_one_paragraph(tmp_path):
     """Under runner=spawn the error is raised in a worker: it still reaches the user as
     the same paragraph and exit 2 (not 'rank 1 failed' with a traceback, exit 1)."""
     spawn = ["runner=spawn", "runner.nproc_per_node=2", *SHORT]
-    run = tmp_path / "step"
-    proc = run_igniter([*spawn, "model=lenet", f"output_dir={run}"], tmp_path)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert "float32[16, 64]" in proc.stderr, proc.stderr  # the per-process batch: 32 / 2
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(4096))
-    run = tmp_path / "resume"
-    proc = run_igniter([*spawn, f"resume={garbage}", f"output_dir={run}"], tmp_path)
+    step, run = tmp_path / "step", tmp_path / "resume"
+    wrong_model, proc = run_together(  # both at once: the suite's time
+        [[*spawn, "model=lenet", f"output_dir={step}"], [*spawn, f"resume={garbage}", f"output_dir={run}"]], tmp_path
+    )
+    assert wrong_model.returncode == 2, wrong_model.stdout + wrong_model.stderr
+    assert "Traceback" not in wrong_model.stdout + wrong_model.stderr
+    assert "float32[16, 64]" in wrong_model.stderr, wrong_model.stderr  # the per-process batch: 32 / 2
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "not a PyTorch checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert "NO_VALUE" not in proc.stderr and "object at 0x" not in proc.stderr
