@@ -17,8 +17,9 @@ Every process of a run therefore fixes both before it builds anything
 :func:`igniter.launch.runners._call`): blocks up to 32 MiB come from the heap (glibc's own
 ceiling for the adaptive threshold) and up to ``runner.malloc_trim_threshold_mb`` of free
 heap stays with the process (default 1024 MiB). The cost is resident memory: a process
-keeps up to that much freed memory until it allocates again, the trade PyTorch's CPU
-launcher makes with jemalloc (``torch.backends.xeon.run_cpu``: memory never decays back).
+keeps up to that much freed memory until it allocates again. PyTorch's CPU launcher
+(``torch.backends.xeon.run_cpu``) goes further in the same direction: it preloads tcmalloc or
+jemalloc, which keep freed pages for reuse and hand them back slowly.
 ``null`` keeps glibc's adaptive behaviour. Nothing is changed where the C library is not
 glibc or the user set ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_`` or a
 ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``: theirs is kept.
