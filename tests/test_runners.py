@@ -637,6 +637,22 @@ def test_thread_choice_rules(monkeypatch):
     assert choose_threads(ThreadPlan(), 2).source == "OMP_NUM_THREADS"
 
 
+def test_malloc_thresholds_the_user_set_are_kept(monkeypatch):
+    """README: MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or a glibc.malloc tunable the user
+    exported is left alone (glibc read it at start-up); other tunables are not the user's heap setting."""
+    from igniter.launch.cpu_heap import keep_freed_memory, user_malloc_settings
+
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
+    assert user_malloc_settings() == []
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert user_malloc_settings() == ["MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"]
+    assert keep_freed_memory(1024) is False
+    assert keep_freed_memory(None) is False
+
+
 @pytest.mark.parametrize(
     "override",
     ["runner.threads_per_process=0", "runner.malloc_trim_threshold_mb=0", "runner.malloc_trim_threshold_mb=4096"],
