@@ -243,9 +243,9 @@ def test_with_hsdp_compile_and_accumulation_it_ends_where_the_plain_run_ends(run
 @pytest.mark.slow
 def test_hsdp_checkpoints_resume_across_mesh_shapes_with_the_same_global_batches(runs, tmp_path):
     """Issue 29, item 2: the 2 x 2 HSDP run stopped at iteration 2 (mid-epoch; a copy of it whose
-    newest checkpoint is that of iteration 2), resumed as 1 x 4 (``resume=`` that ``.dcp`` directory;
-    ``replicate=1``, plain FSDP over
-    4 processes: each dcp shard read into another layout; and without activation checkpointing)
+    newest checkpoint is that of iteration 2), resumed as 1 x 4 (``resume=`` that ``.dcp``
+    directory; ``replicate=1``, plain FSDP over 4 processes: each dcp shard read into another
+    layout; and without activation checkpointing)
     and SIGKILLed at iteration 5 once the checkpoint of 4 (mid-epoch 2) is on disk
     (``die_once``), then resumed as 4 x 1 (4 replica groups of 1: every rank holds the whole
     model; activation checkpointing on again: a resume with it switched off, then on) to the end.

@@ -16,7 +16,9 @@ Every process of a run therefore fixes both before it builds anything
 (:func:`keep_freed_memory`, called beside the thread count in
 :func:`igniter.launch.runners._call`): blocks up to 32 MiB come from the heap (glibc's own
 ceiling for the adaptive threshold) and up to ``runner.malloc_trim_threshold_mb`` of free
-heap stays with the process (default 1024 MiB). The cost is resident memory: a process
+heap stays with the process (default 1024 MiB). Loader workers it forks inherit the setting
+(glibc's state is copied with the process); workers of a ``spawn`` context keep glibc's
+default. The cost is resident memory: a process
 keeps up to that much freed memory until it allocates again. PyTorch's CPU launcher
 (``torch.backends.xeon.run_cpu``) goes further in the same direction: it preloads tcmalloc or
 jemalloc, which keep freed pages for reuse and hand them back slowly.
