@@ -35,8 +35,11 @@ class RunStatus:
 
     Attributes:
         diverged: ``(iteration, loss)`` where the NaN guard found a non-finite loss, else ``None``.
-        train_time_s: seconds inside training epochs, end-of-epoch handlers excluded.
-        samples: global samples trained on during those epochs.
+        train_time_s: seconds inside training epochs, end-of-epoch handlers and this process's
+            first step excluded (``first_step_s``).
+        samples: global samples trained on in those seconds.
+        first_step_s: seconds of this process's first step, left out of ``train_time_s`` and
+            the throughput figures (it counts the FLOPs and pays one-time costs); NaN before it.
         samples_per_s: global samples per second of the last epoch (NaN before the first ends).
         tokens_per_s: global target tokens per second of the last epoch, for token datasets
             (``samples_per_s`` x tokens per sample; NaN otherwise).
@@ -56,6 +59,7 @@ class RunStatus:
     diverged: tuple[int, Any] | None = None
     train_time_s: float = 0.0
     samples: int = 0
+    first_step_s: float = math.nan
     samples_per_s: float = math.nan
     tokens_per_s: float = math.nan
     model_tflops_per_s: float = math.nan

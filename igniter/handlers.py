@@ -169,29 +169,39 @@ def attach_throughput(ctx: RunContext) -> None:
     ``model_tflops_per_s`` and ``mfu`` (:mod:`igniter.flops`), this rank's ``data_wait_fraction``
     (:func:`igniter.timing.data_wait_fraction`) and ``peak_memory_bytes`` so far
     (:func:`igniter.telemetry.peak_memory_bytes`); accumulate ``train_time_s`` (s) / ``samples`` over
-    the run (:class:`~igniter.context.RunStatus`). With ``trainer.compile``, the seconds
-    ``torch.compile`` spends in an epoch go to ``compile_s`` instead of ``train_time_s``."""
+    the run (:class:`~igniter.context.RunStatus`). This process's first step is left out of
+    these figures (its seconds and samples; :attr:`igniter.timing.StepTimer.first_step_s`), unless
+    it is its epoch's only step: it is the step the FLOPs are counted in and pays one-time costs,
+    which would understate the rate of a short run. With ``trainer.compile``, the seconds ``torch.compile`` spends in an epoch
+    go to ``compile_s`` instead of ``train_time_s``."""
     trainer, status, global_batch_size = ctx.trainer, ctx.status, ctx.cfg.data.loader.batch_size
     timer = ctx.step_timer
     per_sample = tokens_per_sample(ctx.train_set)
     compiling = compile_options(ctx.cfg.trainer.compile) is not None
     peak = run_peak(str(ctx.cfg.trainer.precision), ctx.device, ctx.cfg.logging.peak_tflops)
-    epoch_start = {"t": 0.0, "it": 0, "compile": 0.0, "data_s": 0.0, "step_s": 0.0}
+    epoch_start = {"t": 0.0, "it": 0, "compile": 0.0, "data_s": 0.0, "step_s": 0.0, "first_done": False}
 
     @trainer.on(Events.EPOCH_STARTED)
     def _start(engine: Engine) -> None:
         epoch_start["compile"] = (compile_time_s() or 0.0) if compiling else 0.0
         epoch_start["t"], epoch_start["it"] = time.perf_counter(), engine.state.iteration
         epoch_start["data_s"], epoch_start["step_s"] = timer.data_s, timer.step_s
+        epoch_start["first_done"] = timer.first_step_s is not None
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _end(engine: Engine) -> None:
         seconds = time.perf_counter() - epoch_start["t"]
+        steps = engine.state.iteration - epoch_start["it"]
+        compile_s = 0.0
         if compiling:
             compile_s = max(0.0, (compile_time_s() or 0.0) - epoch_start["compile"])
             status.compile_s += compile_s
             seconds -= compile_s
-        steps = engine.state.iteration - epoch_start["it"]
+        if timer.first_step_s is not None and not epoch_start["first_done"] and steps > 1:
+            # the first step's compile seconds are out already (an under-count when it recompiles later)
+            first_s = max(0.0, timer.first_step_s - compile_s)
+            status.first_step_s = first_s
+            seconds, steps = max(0.0, seconds - first_s), steps - 1
         samples = steps * global_batch_size
         status.train_time_s += seconds
         status.samples += samples

@@ -22,7 +22,9 @@ Layout (one JSON object; times in seconds)::
     epoch_length            iterations per epoch (the summary: "22 complete + 12 of 44 iterations")
     wall_time_s             the whole process (start-up, evaluation and summary included)
     run_time_s              trainer.run, handlers included (0.0 when it did not return)
-    train_time_s            training epochs without end-of-epoch handlers (and without compilation)
+    train_time_s            training epochs without end-of-epoch handlers, without compilation and
+                            without this process's first step (the throughput figures' time base)
+    first_step_s            that first step (null: none in a completed epoch): FLOPs counted, one-time costs
     compile_s               seconds in torch.compile (training and evaluation), with trainer.compile
     compile_train_s         the part of compile_s inside training epochs
     samples_per_s           global samples / train_time_s (null before an epoch ends)
@@ -51,6 +53,7 @@ leaves the history so far. How a resumed run continues the history is
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -204,6 +207,7 @@ def run_summary(ctx: RunContext, interrupted: bool, wall_time_s: float) -> dict[
         "epoch_length": state.epoch_length,
         "wall_time_s": wall_time_s,
         "train_time_s": status.train_time_s,
+        "first_step_s": None if math.isnan(status.first_step_s) else status.first_step_s,
         "run_time_s": status.run_time_s,
         "samples_per_s": samples_per_s,
         **({"tokens_per_s": samples_per_s * per_sample if samples_per_s else None} if per_sample else {}),

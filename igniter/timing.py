@@ -25,7 +25,10 @@ class StepTimer:
     ``GET_BATCH_COMPLETED`` and ``ITERATION_STARTED``, microseconds, and the handlers of
     those events, none by default). Each per-iteration handler costs ~5-10x its
     isolated time on a small model (measured with ``bench/overhead.py``), so the timer
-    has one. ``on_first_step`` is called once, when the first step returns. ``model_flops``:
+    has one. ``on_first_step`` is called once, when the first step returns. ``first_step_s``:
+    the seconds of this process's first step (``None`` before it returns), which the
+    throughput figures leave out: it runs under the FLOP counter and pays one-time costs
+    (allocator growth, kernel selection, CUDA context). ``model_flops``:
     the FLOPs of one optimizer step in this process, when something counted them
     (:class:`igniter.flops.FirstStepFlops`), else ``None``.
     ``logging.profile=true`` adds Ignite's ``HandlersTimeProfiler`` for the time of
@@ -35,6 +38,7 @@ class StepTimer:
         self.data_s = self.step_s = 0.0
         self._fetch_started: float | None = None
         self.on_first_step: Callable[[], None] | None = None
+        self.first_step_s: float | None = None
         self.model_flops: int | None = None
 
     def wrap(self, step: Callable[[Engine, Any], Any]) -> Callable[[Engine, Any], Any]:
@@ -47,7 +51,10 @@ class StepTimer:
                 self.data_s += start - self._fetch_started
                 self._fetch_started = None
             output = step(engine, batch)
-            self.step_s += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.step_s += seconds
+            if self.first_step_s is None:
+                self.first_step_s = seconds
             if self.on_first_step is not None:
                 callback, self.on_first_step = self.on_first_step, None
                 callback()

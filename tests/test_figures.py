@@ -167,10 +167,13 @@ def test_summary_rows_for_mfu_data_wait_and_memory():
 @pytest.fixture(scope="module")
 def profiled_run(tmp_path_factory) -> Path:
     """One epoch of the digits default (44 iterations), a CPU peak given, the profiler recording
-    iterations 3-4 (wait 1, warm-up 1, active 2, once)."""
+    iterations 3-4 (wait 1, warm-up 1, active 2, once); the MLP's first step sleeps 2 s
+    (``fixtures/slow_first_step.py``), as a first step's one-time costs would."""
     cwd = tmp_path_factory.mktemp("profiled")
     proc = run_igniter(
         [
+            "imports=[slow_first_step]",
+            "model.name=mlp_slow_first_step",
             "trainer.max_epochs=1",
             "logging.peak_tflops=0.05",
             "logging.torch_profiler={wait:1,warmup:1,active:2}",
@@ -195,6 +198,17 @@ def test_metrics_json_has_mfu_data_wait_and_peak_memory(profiled_run):
     assert 50e6 < m["peak_memory_bytes"]["0"] < 8e9  # a Python process with torch: tens of MB at least
     summary = (profiled_run / "rank0.log").read_text()
     assert "MFU         " in summary and "data wait   " in summary and "memory      peak" in summary
+
+
+def test_the_first_step_is_left_out_of_the_throughput_figures(profiled_run):
+    from slow_first_step import FIRST_STEP_SLEEP_S
+
+    m = read_metrics(profiled_run)
+    assert m["first_step_s"] >= FIRST_STEP_SLEEP_S
+    # the other 43 steps of a digits MLP take milliseconds each: the sleep is not in the time base
+    assert m["train_time_s"] < FIRST_STEP_SLEEP_S
+    assert m["samples_per_s"] == pytest.approx(43 * 32 / m["train_time_s"])
+    assert m["model_tflops_per_s"] == pytest.approx(m["model_flops_per_step"] * 43 / m["train_time_s"] / 1e12)
 
 
 def test_trackers_get_the_figures_per_epoch(profiled_run):
