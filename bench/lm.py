@@ -27,6 +27,14 @@ The issue's target: igniter within 5% of the loop (ratio >= 0.95). Beside each r
 script prints its minor page faults per iteration: a process whose C library hands the step's
 freed memory back to the OS faults it in again every iteration (igniter fixes glibc's threshold,
 :mod:`igniter.launch.cpu_heap`; the hand-written loop keeps glibc's adaptive default).
+
+``--side-by-side`` (one-process configurations, 2 usable CPUs) runs the two variants of a round
+at the same time, one intra-op thread each, each pinned to its own CPU (the CPUs swap every
+round), and times each over the seconds both were running (:func:`overlapping`): a slowdown of
+the host then hits both, so the paired ratio's interval shrinks to what the variants differ by.
+It measures one thread per process, not the defaults (a default one-process run uses every core).
+
+    python bench/lm.py --side-by-side --rounds 20 --iterations 200 --configs 1p-fp32 1p-bf16
 """
 
 from __future__ import annotations
@@ -158,12 +166,20 @@ def run_variant(
     variant: str, config: str, shards: str, iterations: int, threads: int, tmp: Path
 ) -> list[tuple[float, int]]:
     """One run in a fresh process; returns rank 0's :func:`read_stamps`."""
+    return finish_variant(*start_variant(variant, config, shards, iterations, threads, tmp))
+
+
+def start_variant(
+    variant: str, config: str, shards: str, iterations: int, threads: int, tmp: Path, cpu: int | None = None
+) -> tuple[str, str, subprocess.Popen, Path]:
+    """Start one run in a fresh process (pinned to ``cpu`` when given); :func:`finish_variant` waits."""
     world, precision = CONFIGS[config]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     out = tmp / f"{variant}-{config}-{time.monotonic_ns()}"
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     if variant == "loop":
         code = f"import lm; lm.hand_loop({shards!r}, {world}, {precision!r}, {iterations}, {threads}, {str(out)!r})"
-        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, capture_output=True, text=True)
+        command = [sys.executable, "-c", code]
         clock = out
     else:
         overrides = [
@@ -180,13 +196,30 @@ def run_variant(
         ]
         if world > 1:
             overrides += ["runner=spawn", f"runner.nproc_per_node={world}"]
-        proc = subprocess.run(
-            [sys.executable, "-m", "igniter", *overrides], cwd=tmp, env=env, capture_output=True, text=True
-        )
+        command = [sys.executable, "-m", "igniter", *overrides]
         clock = out / "clock.txt"
+    proc = subprocess.Popen(
+        command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin
+    )
+    return variant, config, proc, clock
+
+
+def finish_variant(variant: str, config: str, proc: subprocess.Popen, clock: Path) -> list[tuple[float, int]]:
+    """Wait for a run :func:`start_variant` started; returns rank 0's :func:`read_stamps`."""
+    _, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"{variant} {config} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{variant} {config} failed:\n{stderr[-3000:]}")
     return read_stamps(clock)
+
+
+def overlapping(
+    a: list[tuple[float, int]], b: list[tuple[float, int]], warmup: int
+) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+    """The stamps of two runs that ran at once, cut to the seconds both were past their first
+    ``warmup`` iterations and neither had finished (``perf_counter`` is CLOCK_MONOTONIC on Linux:
+    one clock for every process)."""
+    start, end = max(a[warmup][0], b[warmup][0]), min(a[-1][0], b[-1][0])
+    return [s for s in a if start <= s[0] <= end], [s for s in b if start <= s[0] <= end]
 
 
 def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -205,8 +238,16 @@ def main() -> None:
         "--threads", type=int, default=0, help="intra-op threads per process, both variants (0: each one's default)"
     )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="one-process configs only: run the two variants at once, one thread each, each pinned to its own CPU",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lm.json")
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if args.side_by_side and (len(cpus) < 2 or any(CONFIGS[c][0] != 1 for c in args.configs)):
+        parser.error("--side-by-side needs 2 usable CPUs and one-process configs (1p-fp32, 1p-bf16)")
     sys.path.insert(0, str(REPO))
     from igniter.prepare_text import prepare_text
 
@@ -220,17 +261,31 @@ def main() -> None:
         for r in range(args.rounds):
             for config in args.configs:
                 order = ["igniter", "loop"] if (r + args.configs.index(config)) % 2 == 0 else ["loop", "igniter"]
-                for variant in order:
-                    stamps = run_variant(variant, config, str(shards), args.iterations, args.threads, tmp)
-                    tokens_per_s = BATCH * BLOCK / iteration_seconds(stamps, args.warmup)
+                if args.side_by_side:  # at once, each on its own CPU; the CPUs swap every round
+                    started = [
+                        start_variant(v, config, str(shards), args.iterations, 1, tmp, cpu=cpus[i])
+                        for i, v in enumerate(order)
+                    ]
+                    both = dict(zip(order, overlapping(*(finish_variant(*s) for s in started), args.warmup)))
+                    warmup = 0
+                else:
+                    both = {v: run_variant(v, config, str(shards), args.iterations, args.threads, tmp) for v in order}
+                    warmup = args.warmup
+                for variant, stamps in both.items():
+                    if len(stamps) - warmup < 10:
+                        raise SystemExit(f"{variant} {config}: {len(stamps)} iterations overlap; raise --iterations")
+                    tokens_per_s = BATCH * BLOCK / iteration_seconds(stamps, warmup)
                     results[config][variant].append(tokens_per_s)
-                    faults[config][variant].append(faults_per_iteration(stamps, args.warmup))
+                    faults[config][variant].append(faults_per_iteration(stamps, warmup))
             print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - start:.0f} s)", flush=True)
 
     rows = {}
+    timed = (
+        "the iterations both ran at once" if args.side_by_side else f"{args.iterations - args.warmup - 1} timed ones"
+    )
     print(
-        f"\ntokens/s (median over {args.rounds} rounds, each the median iteration of {args.iterations - args.warmup - 1}"
-        " timed ones); ratio: median over rounds of igniter/loop of the same round, [95% interval]"
+        f"\ntokens/s (median over {args.rounds} rounds, each the median iteration of {timed}); ratio: median over"
+        " rounds of igniter/loop of the same round, [95% interval]"
     )
     for config in args.configs:
         ign, loop = results[config]["igniter"], results[config]["loop"]
@@ -256,7 +311,12 @@ def main() -> None:
             + " ".join(f"{f:.0f}" for f in faults[config]["loop"])
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"iterations": args.iterations, "warmup": args.warmup, "threads": args.threads or "each variant's default"}
+    meta = {
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "threads": 1 if args.side_by_side else args.threads or "each variant's default",
+        "side_by_side": args.side_by_side,
+    }
     args.out.write_text(json.dumps({**meta, "results": rows}, indent=2))
     print(f"written to {args.out}")
 
