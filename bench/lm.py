@@ -35,6 +35,14 @@ the host then hits both, so the paired ratio's interval shrinks to what the vari
 It measures one thread per process, not the defaults (a default one-process run uses every core).
 
     python bench/lm.py --side-by-side --rounds 20 --iterations 200 --configs 1p-fp32 1p-bf16
+
+``--time-sliced SECONDS`` measures the defaults the same way: the two variants of a round run at
+once with their default threads and take turns on the whole machine (:func:`run_time_sliced`:
+the process group of one is stopped while the other runs ``SECONDS``), each timed over the
+seconds both were running. The iteration a turn ends in is stretched by the pause; the median
+iteration is not (a turn holds ~20 iterations at 1 s).
+
+    python bench/lm.py --time-sliced 1 --rounds 20 --iterations 300 --configs 1p-fp32 1p-bf16
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -172,7 +181,8 @@ def run_variant(
 def start_variant(
     variant: str, config: str, shards: str, iterations: int, threads: int, tmp: Path, cpu: int | None = None
 ) -> tuple[str, str, subprocess.Popen, Path]:
-    """Start one run in a fresh process (pinned to ``cpu`` when given); :func:`finish_variant` waits."""
+    """Start one run in a fresh process, in a session of its own (its processes are one group:
+    :func:`run_time_sliced`), pinned to ``cpu`` when given; :func:`finish_variant` waits."""
     world, precision = CONFIGS[config]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     out = tmp / f"{variant}-{config}-{time.monotonic_ns()}"
@@ -198,18 +208,41 @@ def start_variant(
             overrides += ["runner=spawn", f"runner.nproc_per_node={world}"]
         command = [sys.executable, "-m", "igniter", *overrides]
         clock = out / "clock.txt"
-    proc = subprocess.Popen(
-        command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin
-    )
+    with open(f"{out}.log", "w") as log:  # a file, not a pipe: nobody reads a pipe while runs are sliced
+        proc = subprocess.Popen(
+            command, cwd=tmp, env=env, stdout=log, stderr=log, preexec_fn=pin, start_new_session=True
+        )
     return variant, config, proc, clock
 
 
 def finish_variant(variant: str, config: str, proc: subprocess.Popen, clock: Path) -> list[tuple[float, int]]:
     """Wait for a run :func:`start_variant` started; returns rank 0's :func:`read_stamps`."""
-    _, stderr = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{variant} {config} failed:\n{stderr[-3000:]}")
+    if proc.wait() != 0:
+        log = Path(f"{clock.parent if variant == 'igniter' else clock}.log").read_text()
+        raise SystemExit(f"{variant} {config} failed:\n{log[-3000:]}")
     return read_stamps(clock)
+
+
+def run_time_sliced(started: list[tuple[str, str, subprocess.Popen, Path]], slice_s: float) -> None:
+    """Let two started runs take turns: one runs ``slice_s`` seconds while the other's process
+    group is stopped (SIGSTOP; SIGCONT when its turn comes), until one of them exits; the other
+    then runs alone to its end. Each variant has the whole machine in its turns, and a drift of
+    the host slower than a few turns reaches both."""
+    procs = [proc for _, _, proc, _ in started]
+    turn = 0
+    try:
+        while all(p.poll() is None for p in procs):
+            os.killpg(procs[1 - turn].pid, signal.SIGSTOP)
+            os.killpg(procs[turn].pid, signal.SIGCONT)
+            try:
+                procs[turn].wait(timeout=slice_s)
+            except subprocess.TimeoutExpired:
+                pass
+            turn = 1 - turn
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGCONT)
 
 
 def overlapping(
@@ -243,8 +276,17 @@ def main() -> None:
         action="store_true",
         help="one-process configs only: run the two variants at once, one thread each, each pinned to its own CPU",
     )
+    parser.add_argument(
+        "--time-sliced",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="run the two variants at once, taking turns of SECONDS on the whole machine (default threads)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lm.json")
     args = parser.parse_args()
+    if args.side_by_side and args.time_sliced:
+        parser.error("--side-by-side and --time-sliced are two ways of running the variants at once: choose one")
     cpus = sorted(os.sched_getaffinity(0))[:2]
     if args.side_by_side and (len(cpus) < 2 or any(CONFIGS[c][0] != 1 for c in args.configs)):
         parser.error("--side-by-side needs 2 usable CPUs and one-process configs (1p-fp32, 1p-bf16)")
@@ -268,6 +310,11 @@ def main() -> None:
                     ]
                     both = dict(zip(order, overlapping(*(finish_variant(*s) for s in started), args.warmup)))
                     warmup = 0
+                elif args.time_sliced:  # at once, taking turns on the whole machine
+                    started = [start_variant(v, config, str(shards), args.iterations, args.threads, tmp) for v in order]
+                    run_time_sliced(started, args.time_sliced)
+                    both = dict(zip(order, overlapping(*(finish_variant(*s) for s in started), args.warmup)))
+                    warmup = 0
                 else:
                     both = {v: run_variant(v, config, str(shards), args.iterations, args.threads, tmp) for v in order}
                     warmup = args.warmup
@@ -280,9 +327,8 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - start:.0f} s)", flush=True)
 
     rows = {}
-    timed = (
-        "the iterations both ran at once" if args.side_by_side else f"{args.iterations - args.warmup - 1} timed ones"
-    )
+    at_once = args.side_by_side or args.time_sliced
+    timed = "the iterations both ran at once" if at_once else f"{args.iterations - args.warmup - 1} timed ones"
     print(
         f"\ntokens/s (median over {args.rounds} rounds, each the median iteration of {timed}); ratio: median over"
         " rounds of igniter/loop of the same round, [95% interval]"
@@ -316,6 +362,7 @@ def main() -> None:
         "warmup": args.warmup,
         "threads": 1 if args.side_by_side else args.threads or "each variant's default",
         "side_by_side": args.side_by_side,
+        "time_sliced_s": args.time_sliced or None,
     }
     args.out.write_text(json.dumps({**meta, "results": rows}, indent=2))
     print(f"written to {args.out}")
