@@ -172,8 +172,8 @@ def attach_throughput(ctx: RunContext) -> None:
     the run (:class:`~igniter.context.RunStatus`). This process's first step is left out of
     these figures (its seconds and samples; :attr:`igniter.timing.StepTimer.first_step_s`), unless
     it is its epoch's only step: it is the step the FLOPs are counted in and pays one-time costs,
-    which would understate the rate of a short run. With ``trainer.compile``, the seconds ``torch.compile`` spends in an epoch
-    go to ``compile_s`` instead of ``train_time_s``."""
+    which would understate the rate of a short run. With ``trainer.compile``, the seconds
+    ``torch.compile`` spends in an epoch go to ``compile_s`` instead of ``train_time_s``."""
     trainer, status, global_batch_size = ctx.trainer, ctx.status, ctx.cfg.data.loader.batch_size
     timer = ctx.step_timer
     per_sample = tokens_per_sample(ctx.train_set)
