@@ -88,6 +88,8 @@ def test_a_bf16_gpt_on_cuda_reports_mfu_against_its_gpus_peak(bf16_gpt_run):
     assert m["peak_tflops_source"].startswith(f"{name}, bf16 ({table_key(name)}"), m["peak_tflops_source"]
     assert 0 < m["mfu"] < 1, m["mfu"]
     assert m["mfu"] == pytest.approx(m["model_tflops_per_s"] / m["peak_tflops"])
+    # the first step (FLOP count, CUDA context, kernel selection) is outside the MFU's time base
+    assert m["first_step_s"] > 0 and m["train_time_s"] > 0
     assert 0 <= m["data_wait_fraction"] <= 1
     total = torch.cuda.get_device_properties(0).total_memory
     assert 0 < m["peak_memory_bytes"]["0"] < total  # the allocator's peak, not the host's RSS
