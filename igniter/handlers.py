@@ -179,14 +179,13 @@ def attach_throughput(ctx: RunContext) -> None:
     per_sample = tokens_per_sample(ctx.train_set)
     compiling = compile_options(ctx.cfg.trainer.compile) is not None
     peak = run_peak(str(ctx.cfg.trainer.precision), ctx.device, ctx.cfg.logging.peak_tflops)
-    epoch_start = {"t": 0.0, "it": 0, "compile": 0.0, "data_s": 0.0, "step_s": 0.0, "first_done": False}
+    epoch_start = {"t": 0.0, "it": 0, "compile": 0.0, "data_s": 0.0, "step_s": 0.0}
 
     @trainer.on(Events.EPOCH_STARTED)
     def _start(engine: Engine) -> None:
         epoch_start["compile"] = (compile_time_s() or 0.0) if compiling else 0.0
         epoch_start["t"], epoch_start["it"] = time.perf_counter(), engine.state.iteration
         epoch_start["data_s"], epoch_start["step_s"] = timer.data_s, timer.step_s
-        epoch_start["first_done"] = timer.first_step_s is not None
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _end(engine: Engine) -> None:
@@ -197,7 +196,8 @@ def attach_throughput(ctx: RunContext) -> None:
             compile_s = max(0.0, (compile_time_s() or 0.0) - epoch_start["compile"])
             status.compile_s += compile_s
             seconds -= compile_s
-        if timer.first_step_s is not None and not epoch_start["first_done"] and steps > 1:
+        # no step timed before this epoch: the process's first step is in it
+        if timer.first_step_s is not None and epoch_start["step_s"] == 0.0 and steps > 1:
             # the first step's compile seconds are out already (an under-count when it recompiles later)
             first_s = max(0.0, timer.first_step_s - compile_s)
             status.first_step_s = first_s
