@@ -40,9 +40,9 @@ It measures one thread per process, not the defaults (a default one-process run 
 once with their default threads and take turns on the whole machine (:func:`run_time_sliced`:
 the process group of one is stopped while the other runs ``SECONDS``), each timed over the
 seconds both were running. The iteration a turn ends in is stretched by the pause; the median
-iteration is not (a turn holds ~20 iterations at 1 s).
+iteration is not (a turn holds ~60 iterations at 3 s).
 
-    python bench/lm.py --time-sliced 1 --rounds 20 --iterations 300 --configs 1p-fp32 1p-bf16
+    python bench/lm.py --time-sliced 3 --rounds 12 --iterations 300 --configs 1p-fp32 1p-bf16
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -175,12 +175,23 @@ def run_variant(
     variant: str, config: str, shards: str, iterations: int, threads: int, tmp: Path
 ) -> list[tuple[float, int]]:
     """One run in a fresh process; returns rank 0's :func:`read_stamps`."""
-    return finish_variant(*start_variant(variant, config, shards, iterations, threads, tmp))
+    return finish_variant(start_variant(variant, config, shards, iterations, threads, tmp))
+
+
+class Started(NamedTuple):
+    """A run :func:`start_variant` started: its variant and config, the process (leader of its
+    own process group), rank 0's clock file and the file its output goes to."""
+
+    variant: str
+    config: str
+    proc: subprocess.Popen
+    clock: Path
+    log: Path
 
 
 def start_variant(
     variant: str, config: str, shards: str, iterations: int, threads: int, tmp: Path, cpu: int | None = None
-) -> tuple[str, str, subprocess.Popen, Path]:
+) -> Started:
     """Start one run in a fresh process, in a session of its own (its processes are one group:
     :func:`run_time_sliced`), pinned to ``cpu`` when given; :func:`finish_variant` waits."""
     world, precision = CONFIGS[config]
@@ -208,27 +219,25 @@ def start_variant(
             overrides += ["runner=spawn", f"runner.nproc_per_node={world}"]
         command = [sys.executable, "-m", "igniter", *overrides]
         clock = out / "clock.txt"
-    with open(f"{out}.log", "w") as log:  # a file, not a pipe: nobody reads a pipe while runs are sliced
-        proc = subprocess.Popen(
-            command, cwd=tmp, env=env, stdout=log, stderr=log, preexec_fn=pin, start_new_session=True
-        )
-    return variant, config, proc, clock
+    log = Path(f"{out}.log")
+    with open(log, "w") as f:  # a file, not a pipe: nobody reads a pipe while runs are sliced
+        proc = subprocess.Popen(command, cwd=tmp, env=env, stdout=f, stderr=f, preexec_fn=pin, start_new_session=True)
+    return Started(variant, config, proc, clock, log)
 
 
-def finish_variant(variant: str, config: str, proc: subprocess.Popen, clock: Path) -> list[tuple[float, int]]:
+def finish_variant(run: Started) -> list[tuple[float, int]]:
     """Wait for a run :func:`start_variant` started; returns rank 0's :func:`read_stamps`."""
-    if proc.wait() != 0:
-        log = Path(f"{clock.parent if variant == 'igniter' else clock}.log").read_text()
-        raise SystemExit(f"{variant} {config} failed:\n{log[-3000:]}")
-    return read_stamps(clock)
+    if run.proc.wait() != 0:
+        raise SystemExit(f"{run.variant} {run.config} failed:\n{run.log.read_text()[-3000:]}")
+    return read_stamps(run.clock)
 
 
-def run_time_sliced(started: list[tuple[str, str, subprocess.Popen, Path]], slice_s: float) -> None:
+def run_time_sliced(started: list[Started], slice_s: float) -> None:
     """Let two started runs take turns: one runs ``slice_s`` seconds while the other's process
     group is stopped (SIGSTOP; SIGCONT when its turn comes), until one of them exits; the other
     then runs alone to its end. Each variant has the whole machine in its turns, and a drift of
     the host slower than a few turns reaches both."""
-    procs = [proc for _, _, proc, _ in started]
+    procs = [run.proc for run in started]
     turn = 0
     try:
         while all(p.poll() is None for p in procs):
@@ -290,6 +299,9 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0))[:2]
     if args.side_by_side and (len(cpus) < 2 or any(CONFIGS[c][0] != 1 for c in args.configs)):
         parser.error("--side-by-side needs 2 usable CPUs and one-process configs (1p-fp32, 1p-bf16)")
+    at_once = args.side_by_side or args.time_sliced
+    pins = cpus if args.side_by_side else [None, None]  # the first variant of a round gets the first CPU
+    threads = 1 if args.side_by_side else args.threads
     sys.path.insert(0, str(REPO))
     from igniter.prepare_text import prepare_text
 
@@ -303,20 +315,17 @@ def main() -> None:
         for r in range(args.rounds):
             for config in args.configs:
                 order = ["igniter", "loop"] if (r + args.configs.index(config)) % 2 == 0 else ["loop", "igniter"]
-                if args.side_by_side:  # at once, each on its own CPU; the CPUs swap every round
+                if at_once:  # side by side: each on its own CPU, which swap every round; or taking turns
                     started = [
-                        start_variant(v, config, str(shards), args.iterations, 1, tmp, cpu=cpus[i])
-                        for i, v in enumerate(order)
+                        start_variant(v, config, str(shards), args.iterations, threads, tmp, cpu)
+                        for v, cpu in zip(order, pins)
                     ]
-                    both = dict(zip(order, overlapping(*(finish_variant(*s) for s in started), args.warmup)))
-                    warmup = 0
-                elif args.time_sliced:  # at once, taking turns on the whole machine
-                    started = [start_variant(v, config, str(shards), args.iterations, args.threads, tmp) for v in order]
-                    run_time_sliced(started, args.time_sliced)
-                    both = dict(zip(order, overlapping(*(finish_variant(*s) for s in started), args.warmup)))
+                    if args.time_sliced:
+                        run_time_sliced(started, args.time_sliced)
+                    both = dict(zip(order, overlapping(*(finish_variant(run) for run in started), args.warmup)))
                     warmup = 0
                 else:
-                    both = {v: run_variant(v, config, str(shards), args.iterations, args.threads, tmp) for v in order}
+                    both = {v: run_variant(v, config, str(shards), args.iterations, threads, tmp) for v in order}
                     warmup = args.warmup
                 for variant, stamps in both.items():
                     if len(stamps) - warmup < 10:
@@ -327,7 +336,6 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} done ({time.monotonic() - start:.0f} s)", flush=True)
 
     rows = {}
-    at_once = args.side_by_side or args.time_sliced
     timed = "the iterations both ran at once" if at_once else f"{args.iterations - args.warmup - 1} timed ones"
     print(
         f"\ntokens/s (median over {args.rounds} rounds, each the median iteration of {timed}); ratio: median over"
@@ -360,7 +368,7 @@ def main() -> None:
     meta = {
         "iterations": args.iterations,
         "warmup": args.warmup,
-        "threads": 1 if args.side_by_side else args.threads or "each variant's default",
+        "threads": threads or "each variant's default",
         "side_by_side": args.side_by_side,
         "time_sliced_s": args.time_sliced or None,
     }
