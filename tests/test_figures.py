@@ -211,6 +211,28 @@ def test_the_first_step_is_left_out_of_the_throughput_figures(profiled_run):
     assert m["model_tflops_per_s"] == pytest.approx(m["model_flops_per_step"] * 43 / m["train_time_s"] / 1e12)
 
 
+@pytest.mark.slow
+def test_every_spawned_process_and_a_resumed_one_leave_their_first_step_out(tmp_path):
+    """Two spawned processes train one epoch; the same command with ``trainer.max_epochs=2`` then
+    resumes in two fresh processes. Every process's first step sleeps 2 s: neither run's
+    ``metrics.json`` (rank 0's figures, this process's epochs only) has the sleep in its time base."""
+    from slow_first_step import FIRST_STEP_SLEEP_S
+
+    run = tmp_path / "run"
+    args = ["imports=[slow_first_step]", "model.name=mlp_slow_first_step", "runner=spawn", "runner.nproc_per_node=2"]
+    for epochs in (1, 2):
+        proc = run_igniter(
+            [*args, f"trainer.max_epochs={epochs}", "logging.progress_bar=false", f"output_dir={run}"], tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = read_metrics(run)
+        assert m["iterations"] == 44 * epochs
+        assert m["first_step_s"] >= FIRST_STEP_SLEEP_S
+        assert m["train_time_s"] < FIRST_STEP_SLEEP_S
+        assert m["samples_per_s"] == pytest.approx(43 * 32 / m["train_time_s"])
+    assert "resumed from" in proc.stdout + proc.stderr
+
+
 def test_trackers_get_the_figures_per_epoch(profiled_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
