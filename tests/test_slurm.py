@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, igniter_env, read_metrics, run_igniter
-from test_runners import COMMON, assert_same_weights, final_weights
+from test_runners import COMMON, PROBE, assert_heap, assert_same_weights, final_weights
 
 # a real SLURM cluster started by the fixture, jobs of several processes; one pytest-xdist worker
 # runs this whole file (`pytest -n 2 --dist loadfile`): the cluster is one per machine
@@ -100,13 +100,22 @@ def test_single_task_job_trains_mnist_on_slurm(slurm, tmp_path, mnist_root):
     assert "igniter sweep results" in proc.stdout and job_id in proc.stdout
 
 
-def two_task_job_matching_single_process(launcher: str, tmp_path: Path) -> Path:
+def two_task_job_matching_single_process(launcher: str, tmp_path: Path, probe_heap: bool = False) -> Path:
     """Run COMMON in one local process and as a 2-task job through ``launcher``; assert the
-    job had world size 2 and the same final weights. Returns the job's run directory."""
+    job had world size 2 and the same final weights. Returns the job's run directory.
+    ``probe_heap``: the job's tasks also run ``test_runners.PROBE``'s ``record_heap`` at start."""
     local = run_igniter([*COMMON, f"output_dir={tmp_path / 'local'}"], tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
+    job_args, env = [], None
+    if probe_heap:  # the job inherits the submitting environment (sbatch --export=ALL)
+        (tmp_path / "threads_probe.py").write_text(PROBE)
+        env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{igniter_env()['PYTHONPATH']}"}
+        job_args = ["imports=[threads_probe]", "handlers=[{name: record_heap, event: STARTED}]"]
     proc = run_igniter(
-        ["-m", f"hydra/launcher={launcher}", "runner=slurm", "runner.nproc_per_node=2", *COMMON], tmp_path, timeout=300
+        ["-m", f"hydra/launcher={launcher}", "runner=slurm", "runner.nproc_per_node=2", *COMMON, *job_args],
+        tmp_path,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = job_dirs(tmp_path)
@@ -116,7 +125,9 @@ def two_task_job_matching_single_process(launcher: str, tmp_path: Path) -> Path:
 
 
 def test_two_task_job_matches_single_process(slurm, tmp_path):
-    job = two_task_job_matching_single_process("slurm", tmp_path)
+    """Also: the job's tasks keep freed heap (:mod:`igniter.launch.cpu_heap`), as spawned ones do."""
+    job = two_task_job_matching_single_process("slurm", tmp_path, probe_heap=True)
+    assert_heap(job, kept=True)
     assert {"rank0.log", "rank1.log", "metrics.json", "checkpoints"} <= {p.name for p in job.iterdir()}
     assert len(list((job / "tb").iterdir())) == 1
 
