@@ -11,6 +11,13 @@ window of the val split (as igniter's ``token_loss``). Prints the training time 
 Also prints nanoGPT's own estimate of the final validation loss (``estimate_loss``: the mean
 over ``--eval-iters`` random batches of 12 windows), beside the exact figure.
 
+With ``--model nanogpt --nanogpt-stream`` it follows nanoGPT's ``train.py`` on this recipe: random
+numbers drawn in its order (the initialisation, the first batch before the loop, each next one
+after the forward pass, its estimate of both splits every 250 iterations), so that a seed gives
+the batches and the estimates its script prints (checked at seeds 1337 and 4 against a copy of it)::
+
+    python bench/shakespeare_hand_loop.py data/shakespeare_char --model nanogpt --nanogpt-stream --threads 2
+
 Against ``igniter experiment=shakespeare_char data.root=data/shakespeare_char trainer.seed=...``
 (README, "nanoGPT's Shakespeare recipe on CPU").
 """
@@ -86,6 +93,38 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def batch(data: torch.Tensor, ix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows at offsets ``ix`` (shape ``(B,)``): inputs and targets, each ``(B, BLOCK)``."""
+    return torch.stack([data[i : i + BLOCK] for i in ix]), torch.stack([data[i + 1 : i + 1 + BLOCK] for i in ix])
+
+
+def nanogpt_estimate(model: nn.Module, data: torch.Tensor, eval_iters: int) -> float:
+    """nanoGPT's ``estimate_loss`` for one split: the mean loss of ``eval_iters`` batches of
+    ``BATCH`` random windows (offsets with replacement, from the global generator)."""
+    model.eval()
+    with torch.no_grad():
+        losses = []
+        for _ in range(eval_iters):
+            x, y = batch(data, torch.randint(len(data) - BLOCK, (BATCH,)))
+            losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def exact_loss(model: nn.Module, val: torch.Tensor) -> tuple[float, int]:
+    """The mean loss over every non-overlapping window of ``val`` (as igniter's ``token_loss``),
+    and the number of predicted tokens."""
+    n = (len(val) - BLOCK - 1) // BLOCK + 1
+    x, y = batch(val, torch.arange(n) * BLOCK)
+    model.eval()
+    with torch.no_grad():
+        total = sum(
+            F.cross_entropy(model(x[i : i + 64]).flatten(0, 1), y[i : i + 64].flatten(), reduction="sum").item()
+            for i in range(0, n, 64)
+        )
+    return total / (n * BLOCK), n * BLOCK
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shards", type=Path, help="the directory igniter prepare-text wrote")
@@ -98,7 +137,16 @@ def main() -> None:
     parser.add_argument(
         "--eval-iters", type=int, default=20, help="batches of nanoGPT's estimate (its CPU command: 20)"
     )
+    parser.add_argument(
+        "--nanogpt-stream",
+        action="store_true",
+        help="draw random numbers in the order nanoGPT's train.py does: the first batch before the loop, "
+        "each next one right after the forward pass, and its estimate of both splits at iterations 0, "
+        "250, ..., 2000 (printed), so that a seed gives the batches nanoGPT's script gives",
+    )
     args = parser.parse_args()
+    if args.nanogpt_stream and args.without_replacement:
+        parser.error("--nanogpt-stream draws offsets with replacement, as nanoGPT does")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     load = lambda split: torch.from_numpy(
@@ -116,40 +164,37 @@ def main() -> None:
     ]
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99))
     order = torch.randperm(len(train) - BLOCK) if args.without_replacement else None
+
+    def next_batch(it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = order[it * BATCH : (it + 1) * BATCH] if order is not None else torch.randint(len(train) - BLOCK, (BATCH,))
+        return batch(train, ix)
+
+    def nanogpt_eval(it: int) -> float:
+        estimates = [nanogpt_estimate(model, data, args.eval_iters) for data in (train, val)]
+        print(f"step {it}: train loss {estimates[0]:.4f}, val loss {estimates[1]:.4f} (nanoGPT's estimate)", flush=True)
+        return estimates[1]
+
+    x, y = next_batch(0)
     start = time.perf_counter()
     for it in range(ITERS):
         for group in optimizer.param_groups:
             group["lr"] = nanogpt_lr(it)
-        ix = order[it * BATCH : (it + 1) * BATCH] if order is not None else torch.randint(len(train) - BLOCK, (BATCH,))
-        x = torch.stack([train[i : i + BLOCK] for i in ix])
-        y = torch.stack([train[i + 1 : i + 1 + BLOCK] for i in ix])
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        if args.nanogpt_stream and it % 250 == 0:
+            nanogpt_eval(it)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        x, y = next_batch(it + 1)  # as nanoGPT: the next batch right after the forward pass
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    model.eval()
-    n = (len(val) - BLOCK - 1) // BLOCK + 1
-    x = torch.stack([val[i * BLOCK : i * BLOCK + BLOCK] for i in range(n)])
-    y = torch.stack([val[i * BLOCK + 1 : i * BLOCK + BLOCK + 1] for i in range(n)])
-    with torch.no_grad():
-        total = sum(
-            torch.nn.functional.cross_entropy(
-                model(x[i : i + 64]).flatten(0, 1), y[i : i + 64].flatten(), reduction="sum"
-            ).item()
-            for i in range(0, n, 64)
-        )
-        estimate = []
-        for _ in range(args.eval_iters):  # nanoGPT's estimate_loss: random windows, with replacement
-            ix = torch.randint(len(val) - BLOCK, (BATCH,))
-            xb = torch.stack([val[i : i + BLOCK] for i in ix])
-            yb = torch.stack([val[i + 1 : i + 1 + BLOCK] for i in ix])
-            estimate.append(F.cross_entropy(model(xb).flatten(0, 1), yb.flatten()).item())
+    # with --nanogpt-stream its last estimate (both splits, at iteration 2000); exact_loss draws no random numbers
+    estimate = nanogpt_eval(ITERS) if args.nanogpt_stream else nanogpt_estimate(model, val, args.eval_iters)
+    exact, tokens = exact_loss(model, val)
     print(
         f"{args.model}, seed {args.seed}: {ITERS} iterations in {seconds:.1f} s ({seconds / ITERS * 1e3:.0f} ms each); "
-        f"validation loss {total / (n * BLOCK):.4f} over {n * BLOCK:,} tokens; nanoGPT's estimate "
-        f"({args.eval_iters} random batches) {sum(estimate) / len(estimate):.4f}"
+        f"validation loss {exact:.4f} over {tokens:,} tokens; nanoGPT's estimate "
+        f"({args.eval_iters} random batches) {estimate:.4f}"
     )
 
 
