@@ -38,6 +38,8 @@ class RunDirectory:
         self._logs: dict[str, int] = {}
         self._dirs: set[str] = set()
         self._tb_files: set[str] = set()
+        # the parents the run's mkdir will create with it (Hydra's outputs/<date>/), deepest first
+        self._new_parents = [] if self.path.exists() else [p for p in self.path.absolute().parents if not p.exists()]
         if self.existed:
             self._dirs = {rel for rel in _EARLY_DIRS if (self.path / rel).is_dir()}
             self._tb_files = {p.name for p in self.path.glob("tb/events.out.tfevents.*")}
@@ -56,9 +58,16 @@ class RunDirectory:
     def discard(self) -> None:
         """Put the directory back as the snapshot found it: remove it if it is new,
         else restore the early files, cut the rank logs back to their old length and
-        remove new empty directories. Errors are ignored (best effort, never raises)."""
+        remove new empty directories. A new directory goes with the parents that did not exist
+        when the snapshot was taken, while they are empty. Errors are ignored (best effort,
+        never raises)."""
         if not self.existed:
             shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self._new_parents:
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty: another run's (a run started in the same second), or gone
+                    break
             return
         try:
             for rel, content in self._files.items():

@@ -99,14 +99,18 @@ def test_a_run_whose_first_step_fails_prints_one_paragraph_and_exits_2(tmp_path)
     assert "Traceback" in log and "conv2d" in log, "the full traceback goes to the rank log"
 
 
-def test_a_run_that_cannot_start_leaves_no_run_directory(tmp_path):
+@pytest.mark.parametrize("where", ["output_dir", "hydra_default"])
+def test_a_run_that_cannot_start_leaves_no_run_directory(where, tmp_path):
+    """Also with Hydra's default run directory: outputs/<date>/<time> goes with outputs/<date>/
+    and outputs/, which the run created (they were empty), not only the run's own directory."""
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(4096))
-    run = tmp_path / "run"
-    proc = run_igniter([*SHORT, f"resume={garbage}", f"output_dir={run}"], tmp_path)
+    out = [f"output_dir={tmp_path / 'run'}"] if where == "output_dir" else []
+    proc = run_igniter([*SHORT, f"resume={garbage}", *out], tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "not a PyTorch checkpoint" in proc.stderr
-    assert not run.exists(), f"left behind: {sorted(p.name for p in run.rglob('*'))}"
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["garbage.pt"], f"left behind: {left}"
 
 
 def test_a_missing_data_file_leaves_no_run_directory(tmp_path):
