@@ -107,9 +107,7 @@ def test_spawn_rank_discipline_one_run_dir(spawn_job):
 def test_torchrun_matches_single(reference, tmp_path):
     """Also: torchrun's workers keep freed heap (:mod:`igniter.launch.cpu_heap`), as spawned ones do."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    (tmp_path / "threads_probe.py").write_text(PROBE)
-    env = igniter_env()
-    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    env = {**igniter_env(), "PYTHONPATH": probe_path(tmp_path)}
     cmd = [
         torchrun,
         "--nproc-per-node",
@@ -554,6 +552,13 @@ def record_heap(ctx):
 """
 
 
+def probe_path(tmp_path: Path) -> str:
+    """Write ``PROBE`` into ``tmp_path`` as the module ``threads_probe``; the PYTHONPATH that
+    imports it (``imports=[threads_probe]``) beside the test fixtures."""
+    (tmp_path / "threads_probe.py").write_text(PROBE)
+    return f"{tmp_path}{os.pathsep}{igniter_env()['PYTHONPATH']}"
+
+
 def _two_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))[:2]
 
@@ -572,10 +577,8 @@ def test_spawn_processes_share_the_cores(extra, omp, expected, heap_kept, tmp_pa
     """Every process sets its thread count, and (glibc) keeps freed heap for reuse
     (:mod:`igniter.launch.cpu_heap`): 30 MiB blocks come from the heap and stay after the free;
     with ``runner.malloc_trim_threshold_mb=null`` glibc's default serves them by mmap."""
-    (tmp_path / "threads_probe.py").write_text(PROBE)
-    env = igniter_env()
+    env = {**igniter_env(), "PYTHONPATH": probe_path(tmp_path)}
     env.pop("OMP_NUM_THREADS")
-    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
     if omp is not None:
         env["OMP_NUM_THREADS"] = omp
     run = tmp_path / "run"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, igniter_env, read_metrics, run_igniter
-from test_runners import COMMON, PROBE, assert_heap, assert_same_weights, final_weights
+from test_runners import COMMON, assert_heap, assert_same_weights, final_weights, probe_path
 
 # a real SLURM cluster started by the fixture, jobs of several processes; one pytest-xdist worker
 # runs this whole file (`pytest -n 2 --dist loadfile`): the cluster is one per machine
@@ -108,8 +108,7 @@ def two_task_job_matching_single_process(launcher: str, tmp_path: Path, probe_he
     assert local.returncode == 0, local.stderr[-3000:]
     job_args, env = [], None
     if probe_heap:  # the job inherits the submitting environment (sbatch --export=ALL)
-        (tmp_path / "threads_probe.py").write_text(PROBE)
-        env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{igniter_env()['PYTHONPATH']}"}
+        env = {"PYTHONPATH": probe_path(tmp_path)}
         job_args = ["imports=[threads_probe]", "handlers=[{name: record_heap, event: STARTED}]"]
     proc = run_igniter(
         ["-m", f"hydra/launcher={launcher}", "runner=slurm", "runner.nproc_per_node=2", *COMMON, *job_args],
