@@ -119,6 +119,15 @@ for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
 EOF
 }
 
+package_dirs() {  # the top-level source directories of pyproject.toml's packages (what the build reads)
+  "$PY" - "$REPO/pyproject.toml" <<'EOF'
+import sys, tomllib
+setup = tomllib.load(open(sys.argv[1], "rb"))["tool"]["setuptools"]
+where = setup.get("package-dir", {})
+print("\n".join(sorted({where.get(p, p.replace(".", "/")).split("/")[0] for p in setup["packages"]})))
+EOF
+}
+
 install_all() {
   rm -rf "$SITE" /tmp/gpu_build /tmp/gpu_igniter && mkdir -p "$SITE" /tmp/gpu_igniter
   echo "core wheels (always):"; ls "$WHEELS"/core/*.whl | sed 's|.*/|  |'
@@ -128,7 +137,8 @@ install_all() {
   install_wheels "$SITE" "${extra[@]}" || return 1
   # igniter from this checkout as it is now (a copy: the build leaves build/ and *.egg-info behind)
   local src=/tmp/gpu_build/src
-  mkdir -p "$src" && cp -r "$REPO"/{igniter,configs,pyproject.toml,README.md} "$src"/
+  local tops; mapfile -t tops < <(package_dirs)  # igniter, configs, hydra_plugins ...
+  mkdir -p "$src" && cp -r "${tops[@]/#/$REPO/}" "$REPO"/{pyproject.toml,README.md} "$src"/ || return 1
   find "$src" -name __pycache__ -prune -exec rm -rf {} +
   if install_wheels /tmp/gpu_build/site "$WHEELS"/build/setuptools-*.whl \
      && PYTHONPATH=/tmp/gpu_build/site "$PY" -m pip wheel -q --no-index --no-deps --no-build-isolation \
@@ -150,7 +160,7 @@ for mod, dist in [("igniter", "igniter"), ("igniter.configs", None), ("ignite", 
     print(f"  {mod:16s} {md.version(dist) if dist else '':14s} {getattr(m, '__file__', None) or list(m.__path__)[0]}")
 EOF
 }
-export -f install_wheels missing_wheels install_all
+export -f install_wheels missing_wheels package_dirs install_all
 step install 120 install_all || die "the installation from bench/gpu_wheels failed (see above)"
 export PYTHONPATH="$SITE:$REPO"
 export PATH="$SITE/bin:$PATH"
