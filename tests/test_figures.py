@@ -164,6 +164,10 @@ def test_summary_rows_for_mfu_data_wait_and_memory():
     assert "peak 1.01 GB (rank 7) to 1 GB (rank 0) over 8 ranks" in many
 
 
+#: The digits MLP whose first training step sleeps 2 s (``fixtures/slow_first_step.py``).
+SLOW_FIRST_STEP = ["imports=[slow_first_step]", "model.name=mlp_slow_first_step"]
+
+
 @pytest.fixture(scope="module")
 def profiled_run(tmp_path_factory) -> Path:
     """One epoch of the digits default (44 iterations), a CPU peak given, the profiler recording
@@ -172,8 +176,7 @@ def profiled_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("profiled")
     proc = run_igniter(
         [
-            "imports=[slow_first_step]",
-            "model.name=mlp_slow_first_step",
+            *SLOW_FIRST_STEP,
             "trainer.max_epochs=1",
             "logging.peak_tflops=0.05",
             "logging.torch_profiler={wait:1,warmup:1,active:2}",
@@ -200,14 +203,21 @@ def test_metrics_json_has_mfu_data_wait_and_peak_memory(profiled_run):
     assert "MFU         " in summary and "data wait   " in summary and "memory      peak" in summary
 
 
-def test_the_first_step_is_left_out_of_the_throughput_figures(profiled_run):
+def assert_first_step_left_out(m: dict) -> None:
+    """``metrics.json`` of a process that trained one digits epoch (44 steps of 32) of
+    ``fixtures/slow_first_step.py``: the first step's sleep is in ``first_step_s``, and the
+    throughput's time base holds the other 43 steps only."""
     from slow_first_step import FIRST_STEP_SLEEP_S
 
-    m = read_metrics(profiled_run)
     assert m["first_step_s"] >= FIRST_STEP_SLEEP_S
     # the other 43 steps of a digits MLP take milliseconds each: the sleep is not in the time base
     assert m["train_time_s"] < FIRST_STEP_SLEEP_S
     assert m["samples_per_s"] == pytest.approx(43 * 32 / m["train_time_s"])
+
+
+def test_the_first_step_is_left_out_of_the_throughput_figures(profiled_run):
+    m = read_metrics(profiled_run)
+    assert_first_step_left_out(m)
     assert m["model_tflops_per_s"] == pytest.approx(m["model_flops_per_step"] * 43 / m["train_time_s"] / 1e12)
 
 
@@ -216,10 +226,8 @@ def test_every_spawned_process_and_a_resumed_one_leave_their_first_step_out(tmp_
     """Two spawned processes train one epoch; the same command with ``trainer.max_epochs=2`` then
     resumes in two fresh processes. Every process's first step sleeps 2 s: neither run's
     ``metrics.json`` (rank 0's figures, this process's epochs only) has the sleep in its time base."""
-    from slow_first_step import FIRST_STEP_SLEEP_S
-
     run = tmp_path / "run"
-    args = ["imports=[slow_first_step]", "model.name=mlp_slow_first_step", "runner=spawn", "runner.nproc_per_node=2"]
+    args = [*SLOW_FIRST_STEP, "runner=spawn", "runner.nproc_per_node=2"]
     for epochs in (1, 2):
         proc = run_igniter(
             [*args, f"trainer.max_epochs={epochs}", "logging.progress_bar=false", f"output_dir={run}"], tmp_path
@@ -227,9 +235,7 @@ def test_every_spawned_process_and_a_resumed_one_leave_their_first_step_out(tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
         m = read_metrics(run)
         assert m["iterations"] == 44 * epochs
-        assert m["first_step_s"] >= FIRST_STEP_SLEEP_S
-        assert m["train_time_s"] < FIRST_STEP_SLEEP_S
-        assert m["samples_per_s"] == pytest.approx(43 * 32 / m["train_time_s"])
+        assert_first_step_left_out(m)
     assert "resumed from" in proc.stdout + proc.stderr
 
 

@@ -118,8 +118,7 @@ def test_torchrun_matches_single(reference, tmp_path):
         "igniter",
         *COMMON,
         "runner=torchrun",
-        "imports=[threads_probe]",
-        "handlers=[{name: record_heap, event: STARTED}]",
+        *HEAP_PROBE,
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -550,6 +549,10 @@ def record_heap(ctx):
         Path(ctx.output_dir, f"heap_rank{ctx.rank}.txt").write_text(f"{mmapped} {kept}")
     return record
 """
+
+
+#: The overrides that run ``PROBE``'s ``record_heap`` when training starts (PYTHONPATH: :func:`probe_path`).
+HEAP_PROBE = ["imports=[threads_probe]", "handlers=[{name: record_heap, event: STARTED}]"]
 
 
 def probe_path(tmp_path: Path) -> str:

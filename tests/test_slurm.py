@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, igniter_env, read_metrics, run_igniter
-from test_runners import COMMON, assert_heap, assert_same_weights, final_weights, probe_path
+from test_runners import COMMON, HEAP_PROBE, assert_heap, assert_same_weights, final_weights, probe_path
 
 # a real SLURM cluster started by the fixture, jobs of several processes; one pytest-xdist worker
 # runs this whole file (`pytest -n 2 --dist loadfile`): the cluster is one per machine
@@ -109,7 +109,7 @@ def two_task_job_matching_single_process(launcher: str, tmp_path: Path, probe_he
     job_args, env = [], None
     if probe_heap:  # the job inherits the submitting environment (sbatch --export=ALL)
         env = {"PYTHONPATH": probe_path(tmp_path)}
-        job_args = ["imports=[threads_probe]", "handlers=[{name: record_heap, event: STARTED}]"]
+        job_args = HEAP_PROBE
     proc = run_igniter(
         ["-m", f"hydra/launcher={launcher}", "runner=slurm", "runner.nproc_per_node=2", *COMMON, *job_args],
         tmp_path,
